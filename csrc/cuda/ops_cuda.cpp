@@ -1,0 +1,48 @@
+// CUDA kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp on
+// cuBLAS/cuSOLVER (torch's current stream), plus our own fused fp32-in/fp64-accumulate Gram
+// kernel (csrc/cuda/kernels.cu) for CholeskyQR. The policy never synchronizes with the host
+// inside a factorization; rsvd checks once per call whether any CholeskyQR broke down.
+#include <torch/library.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "linalg.h"
+
+namespace loraport {
+
+at::Tensor gram_fp64_cuda(const at::Tensor& Y);  // kernels.cu
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, const at::Tensor& sketch,
+                                                         int64_t rank, int64_t power_iters,
+                                                         c10::string_view method) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  RsvdPolicy policy;
+  policy.check_each_qr = false;
+  policy.parallel_over_batch = false;
+  policy.gram_fp64 = [](const at::Tensor& Y) {
+    return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
+  };
+  return rsvd_forward(A, sketch, rank, power_iters, std::string_view(method.data(), method.size()), policy);
+}
+
+std::tuple<at::Tensor, at::Tensor> project_lora_cuda(const at::Tensor& up, const at::Tensor& down,
+                                                     const at::Tensor& U, const at::Tensor& V, int64_t rank) {
+  const c10::cuda::CUDAGuard guard(up.device());
+  return project_lora_forward(up, down, U, V, rank);
+}
+
+at::Tensor subspace_similarity_cuda(const at::Tensor& U1, const at::Tensor& U2) {
+  const c10::cuda::CUDAGuard guard(U1.device());
+  return subspace_similarity_forward(U1, U2);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(loraport, CUDA, m) {
+  m.impl("rsvd", &rsvd_cuda);
+  m.impl("project_lora", &project_lora_cuda);
+  m.impl("subspace_similarity", &subspace_similarity_cuda);
+}
+
+}  // namespace loraport

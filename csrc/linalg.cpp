@@ -1,0 +1,305 @@
+// The algorithms of the three loraport ops, device-generic (ATen only).
+//
+// rsvd: Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1, with two changes that matter here:
+//   * orthonormalization by mixed-precision CholeskyQR2 (Gram and Cholesky in fp64, the
+//     triangular solve in the working precision; Yamazaki, Tomov & Dongarra 2015) instead of
+//     Householder QR: all BLAS-3, batched, and no host synchronization. A factorization whose
+//     Gram is too ill-conditioned (exactly rank-deficient sketches) falls back to Householder.
+//   * the Rayleigh-Ritz step takes the SVD of the small R of B^T = A^T Q = P R (l x l) instead
+//     of a dense SVD of the l x n matrix B.
+// method="krylov" keeps every block of [A W, (A A^T) A W, ...] (Musco & Musco 2015, block
+// Krylov) and reuses the A^T Q_i products it already computed for the Rayleigh-Ritz step, so it
+// makes exactly as many passes over A as method="power" with the same power_iters (2q + 2),
+// while searching a (q + 1)-times wider space.
+#include "linalg.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace loraport {
+namespace {
+
+using at::Tensor;
+
+std::string shape_str(const Tensor& t) { return c10::str(t.sizes()); }
+
+void check_float(const char* op, const char* arg, const Tensor& t) {
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()),
+                    "loraport.", op, ": ", arg, " must be a floating-point tensor "
+                    "(float16, bfloat16, float32 or float64), got ", t.scalar_type());
+}
+
+void check_matrix(const char* op, const char* arg, const Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() >= 2, "loraport.", op, ": ", arg,
+                    " must be [..., rows, cols] (at least 2-D), got shape ", shape_str(t));
+  TORCH_CHECK_VALUE(t.size(-1) >= 1 && t.size(-2) >= 1, "loraport.", op, ": ", arg,
+                    " must have at least one row and one column, got shape ", shape_str(t));
+}
+
+at::ScalarType compute_dtype(std::initializer_list<Tensor> ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+Method parse_method(std::string_view method) {
+  if (method == "power") return Method::Power;
+  if (method == "krylov") return Method::Krylov;
+  TORCH_CHECK_VALUE(false, "loraport.rsvd: method must be \"power\" or \"krylov\", got \"",
+                    std::string(method), "\"");
+}
+
+// Flip each singular pair so that the largest-magnitude entry of every U column is positive:
+// a deterministic sign convention, so CPU and CUDA (and reruns) agree up to rounding.
+void normalize_signs(Tensor& U /*[b,m,k]*/, Tensor& V /*[b,n,k]*/) {
+  Tensor pivot = U.gather(-2, U.abs().argmax(-2, /*keepdim=*/true));  // [b, 1, k]
+  Tensor sign = at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type());
+  U.mul_(sign);
+  V.mul_(sign);
+}
+
+// Y = Q R with orthonormal Q, for a batch of tall-skinny Y [b, m, l] (m >= l).
+class Orthonormalizer {
+ public:
+  Orthonormalizer(const RsvdPolicy& policy, int64_t batch, const at::TensorOptions& opts)
+      : policy_(policy) {
+    if (!policy_.check_each_qr) failed_ = at::zeros({batch}, opts.dtype(at::kBool));
+  }
+
+  std::tuple<Tensor, Tensor> operator()(const Tensor& Y) {
+    if (householder_only_) return at::linalg_qr(Y, "reduced");
+    auto [Q1, R1, bad1] = cholesky_qr_pass(Y, /*shift=*/true);
+    auto [Q, R2, bad2] = cholesky_qr_pass(Q1, /*shift=*/false);
+    Tensor R = at::matmul(R2, R1);
+    Tensor failed = bad1.logical_or(bad2);
+    if (!policy_.check_each_qr) {
+      failed_.logical_or_(failed);
+      return {Q, R};
+    }
+    if (failed.any().item<bool>()) {  // CPU only: cheap, and repairs just the bad matrices
+      Tensor idx = failed.nonzero().squeeze(-1);
+      auto [Qh, Rh] = at::linalg_qr(Y.index_select(0, idx), "reduced");
+      Q.index_copy_(0, idx, Qh);
+      R.index_copy_(0, idx, Rh);
+    }
+    return {Q, R};
+  }
+
+  // CUDA policy: which matrices of the batch hit a failed factorization (on the device).
+  const Tensor& failed() const { return failed_; }
+  void use_householder_only() { householder_only_ = true; }
+
+ private:
+  // One CholeskyQR step: R from the fp64 Gram, Q = Y R^{-1} in Y's precision. The shift of
+  // pass 1 (Fukaya et al. 2020, shifted CholeskyQR, with fp64 unit roundoff) keeps the
+  // Cholesky defined for numerically rank-deficient Y; pass 2 then restores orthogonality.
+  std::tuple<Tensor, Tensor, Tensor> cholesky_qr_pass(const Tensor& Y, bool shift) {
+    const int64_t m = Y.size(-2), l = Y.size(-1);
+    Tensor G = policy_.gram_fp64 ? policy_.gram_fp64(Y) : gram_fp64_aten(Y);  // [b, l, l]
+    Tensor trace = G.diagonal(0, -2, -1).sum(-1);                               // [b]
+    if (shift) {
+      const double u = std::numeric_limits<double>::epsilon() / 2;
+      Tensor s = trace * (u * double(m * l + l * (l + 1))) + std::numeric_limits<double>::min();
+      G.diagonal(0, -2, -1).add_(s.unsqueeze(-1));
+    }
+    auto [L, info] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
+    Tensor Rd = L.mT();  // [b, l, l] upper, G = R^T R
+    Tensor diag = Rd.diagonal(0, -2, -1).abs();
+    Tensor bad = info.ne(0).logical_or(Rd.isfinite().logical_not().flatten(1).any(-1));
+    // Pass 2 sees a nearly orthonormal Q1 unless Y was numerically rank-deficient; there a
+    // spread of R's diagonal means Q would keep an orthogonality error ~ u * spread.
+    if (!shift) bad.logical_or_(diag.amin(-1) * kMaxPass2Spread < diag.amax(-1));
+    Tensor R = Rd.to(Y.scalar_type());
+    Tensor Q = at::linalg_solve_triangular(R, Y, /*upper=*/true, /*left=*/false);
+    return {Q, R, bad};
+  }
+
+  static constexpr double kMaxPass2Spread = 1e2;
+
+  static Tensor gram_fp64_aten(const Tensor& Y) {
+    Tensor Yd = Y.to(at::kDouble);
+    return at::matmul(Yd.mT(), Yd);
+  }
+
+  const RsvdPolicy& policy_;
+  Tensor failed_;
+  bool householder_only_ = false;
+};
+
+// Project the columns of X [b, m, c] off the orthonormal columns of P [b, m, p].
+Tensor project_out(const Tensor& X, const Tensor& P) { return X - at::matmul(P, at::matmul(P.mT(), X)); }
+
+// The rsvd of one batch already in the working precision. A: [b, m, n], sketch: [n, l].
+std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& sketch, int64_t rank,
+                                              int64_t power_iters, Method method,
+                                              Orthonormalizer& orth) {
+  const int64_t m = A.size(-2), n = A.size(-1), l = sketch.size(-1);
+  const Tensor At = A.mT();                                       // [b, n, m]
+  Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));            // [b, m, l]
+  Tensor basis, Bt;                                               // [b, m, L], [b, n, L]
+  if (method == Method::Power) {
+    for (int64_t i = 0; i < power_iters; ++i) {
+      Tensor Z = std::get<0>(orth(at::matmul(At, Q)));            // [b, n, l]
+      Q = std::get<0>(orth(at::matmul(A, Z)));                    // [b, m, l]
+    }
+    basis = Q;
+    Bt = at::matmul(At, Q);
+  } else {
+    // Block Krylov space span[Q0, Q1, ...], Q_{i+1} = orth((I - P P^T) A orth(A^T Q_i)) with
+    // P = [Q0 .. Qi] (block Gram-Schmidt, twice for stability). The images A^T Q_i are kept:
+    // they are the blocks of B^T = A^T [Q0 .. Qq] needed by Rayleigh-Ritz.
+    const int64_t max_blocks = std::max<int64_t>(1, std::min(power_iters + 1, std::min(m, n) / l));
+    std::vector<Tensor> blocks{Q}, images;
+    for (int64_t i = 1; i < max_blocks; ++i) {
+      images.push_back(at::matmul(At, blocks.back()));           // [b, n, l]
+      Tensor Z = std::get<0>(orth(images.back()));
+      Tensor P = at::cat(blocks, -1);                              // [b, m, i*l]
+      Tensor Qi = std::get<0>(orth(project_out(at::matmul(A, Z), P)));
+      blocks.push_back(std::get<0>(orth(project_out(Qi, P))));
+    }
+    images.push_back(at::matmul(At, blocks.back()));
+    basis = at::cat(blocks, -1);
+    Bt = at::cat(images, -1);
+  }
+  // Rayleigh-Ritz: A ~= basis basis^T A = basis Bt^T = basis R^T P^T with Bt = P R.
+  auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]
+  auto [Ur, S, Vrh] = at::linalg_svd(R.mT(), /*full_matrices=*/false);
+  Tensor U = at::matmul(basis, Ur.narrow(-1, 0, rank));            // [b, m, rank]
+  Tensor V = at::matmul(P, Vrh.narrow(-2, 0, rank).mT());          // [b, n, rank]
+  normalize_signs(U, V);
+  return {U, S.narrow(-1, 0, rank), V};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& sketch,
+                                                int64_t rank, int64_t power_iters,
+                                                std::string_view method_name,
+                                                const RsvdPolicy& policy) {
+  check_matrix("rsvd", "A", A);
+  check_float("rsvd", "A", A);
+  check_float("rsvd", "sketch", sketch);
+  const Method method = parse_method(method_name);
+  const int64_t m = A.size(-2), n = A.size(-1);
+  TORCH_CHECK_VALUE(sketch.dim() == 2 && sketch.size(0) == n, "loraport.rsvd: sketch must be [n, l] = [",
+                    n, ", l] for A of shape ", shape_str(A), ", got ", shape_str(sketch));
+  const int64_t l = sketch.size(1);
+  TORCH_CHECK_VALUE(rank >= 1, "loraport.rsvd: rank must be >= 1, got ", rank);
+  TORCH_CHECK_VALUE(rank <= l && l <= std::min(m, n), "loraport.rsvd: need rank <= sketch width <= min(m, n), got rank=",
+                    rank, ", sketch width ", l, ", A of shape ", shape_str(A));
+  TORCH_CHECK_VALUE(power_iters >= 0, "loraport.rsvd: power_iters must be >= 0, got ", power_iters);
+  TORCH_CHECK_VALUE(A.device() == sketch.device(), "loraport.rsvd: A and sketch must be on the same device, got ",
+                    A.device(), " and ", sketch.device());
+
+  const at::ScalarType work = compute_dtype({A});
+  const auto opts = A.options().dtype(work);
+  std::vector<int64_t> batch_shape(A.sizes().begin(), A.sizes().end() - 2);
+  const int64_t b = c10::multiply_integers(batch_shape);
+  auto out_shape = [&](std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> s = batch_shape;
+    s.insert(s.end(), tail);
+    return s;
+  };
+  Tensor U = at::empty({b, m, rank}, opts), S = at::empty({b, rank}, opts), V = at::empty({b, n, rank}, opts);
+  if (b == 0) return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
+
+  const Tensor A3 = A.reshape({b, m, n});
+  const Tensor sk = sketch.to(work);
+
+  // Runs items [begin, end) of the batch, upcasting at most `chunk` matrices at a time.
+  auto run_range = [&](int64_t begin, int64_t end, int64_t chunk) {
+    for (int64_t s = begin; s < end; s += chunk) {
+      const int64_t c = std::min(chunk, end - s);
+      Tensor Ac = A3.narrow(0, s, c).to(work);  // a view when A is already fp32/fp64
+      Orthonormalizer orth(policy, c, opts);
+      auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth);
+      if (!policy.check_each_qr && orth.failed().any().item<bool>()) {
+        // The one host synchronization of the CUDA path: redo the (rare) matrices whose
+        // CholeskyQR broke down with Householder QR throughout.
+        Tensor idx = orth.failed().nonzero().squeeze(-1);
+        Orthonormalizer householder(policy, idx.numel(), opts);
+        householder.use_householder_only();
+        auto [Uh, Sh, Vh] = rsvd_batch(Ac.index_select(0, idx), sk, rank, power_iters, method, householder);
+        Uc.index_copy_(0, idx, Uh);
+        Sc.index_copy_(0, idx, Sh);
+        Vc.index_copy_(0, idx, Vh);
+      }
+      U.narrow(0, s, c).copy_(Uc);
+      S.narrow(0, s, c).copy_(Sc);
+      V.narrow(0, s, c).copy_(Vc);
+    }
+  };
+
+  const int64_t elem = c10::elementSize(work);
+  const int64_t chunk = A.scalar_type() == work
+                            ? b
+                            : std::max<int64_t>(1, policy.upcast_chunk_bytes / std::max<int64_t>(1, m * n * elem));
+  // Small matrices: one matrix per thread beats threading inside tiny GEMMs.
+  constexpr int64_t kSmallMatrix = int64_t(1) << 18;
+  if (policy.parallel_over_batch && b > 1 && m * n <= kSmallMatrix && at::get_num_threads() > 1) {
+    at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) { run_range(begin, end, std::min(chunk, end - begin)); });
+  } else {
+    run_range(0, b, chunk);
+  }
+  return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
+}
+
+std::tuple<Tensor, Tensor> project_lora_forward(const Tensor& up, const Tensor& down, const Tensor& U,
+                                                const Tensor& V, int64_t rank) {
+  const char* op = "project_lora";
+  for (auto [name, t] : {std::pair{"up", &up}, {"down", &down}, {"U", &U}, {"V", &V}}) {
+    check_matrix(op, name, *t);
+    check_float(op, name, *t);
+  }
+  const int64_t m = up.size(-2), r = up.size(-1), n = down.size(-1), k = U.size(-1);
+  TORCH_CHECK_VALUE(down.size(-2) == r, "loraport.project_lora: up [..., m, r] and down [..., r, n] disagree on r: up ",
+                    shape_str(up), ", down ", shape_str(down));
+  TORCH_CHECK_VALUE(U.size(-2) == m, "loraport.project_lora: U must be [..., m, k] with m = ", m, " (rows of up), got ",
+                    shape_str(U));
+  TORCH_CHECK_VALUE(V.size(-2) == n && V.size(-1) == k, "loraport.project_lora: V must be [..., n, k] = [..., ", n, ", ",
+                    k, "], got ", shape_str(V));
+  auto batch = [](const Tensor& t) { return t.sizes().slice(0, t.dim() - 2); };
+  TORCH_CHECK_VALUE(batch(up) == batch(down) && batch(up) == batch(U) && batch(up) == batch(V),
+                    "loraport.project_lora: up, down, U and V must have the same batch dims, got ", shape_str(up), ", ",
+                    shape_str(down), ", ", shape_str(U), ", ", shape_str(V));
+  TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(r, k), "loraport.project_lora: rank must be in [1, min(r, k)] = [1, ",
+                    std::min(r, k), "], got ", rank);
+
+  const at::ScalarType work = compute_dtype({up, down, U, V});
+  const at::ScalarType out_dtype = at::promote_types(up.scalar_type(), down.scalar_type());
+  const Tensor Uw = U.to(work), Vw = V.to(work);
+  // C = (U^T up)(down V) = P1 P2^T has rank <= r: factor both thin sides by QR and take the
+  // exact SVD of the small core R1 R2^T, so no k x k (let alone m x n) matrix is formed.
+  const Tensor P1 = at::matmul(Uw.mT(), up.to(work));       // [..., k, r]
+  const Tensor P2 = at::matmul(Vw.mT(), down.to(work).mT());  // [..., k, r]
+  auto [Q1, R1] = at::linalg_qr(P1, "reduced");              // [..., k, c], [..., c, r], c = min(k, r)
+  auto [Q2, R2] = at::linalg_qr(P2, "reduced");
+  auto [Um, Sm, Vmh] = at::linalg_svd(at::matmul(R1, R2.mT()), /*full_matrices=*/false);  // [..., c, c]
+  const Tensor root = Sm.narrow(-1, 0, rank).sqrt();                                      // [..., rank]
+  // Singular values split evenly: up2 = U Q1 Um sqrt(S), down2 = sqrt(S) Vm^T Q2^T V^T.
+  const Tensor left = at::matmul(Q1, Um.narrow(-1, 0, rank)) * root.unsqueeze(-2);             // [..., k, rank]
+  const Tensor right = at::matmul(Q2, Vmh.narrow(-2, 0, rank).mT()) * root.unsqueeze(-2);      // [..., k, rank]
+  Tensor up2 = at::matmul(Uw, left).to(out_dtype).contiguous();                                 // [..., m, rank]
+  Tensor down2 = at::matmul(right.mT(), Vw.mT()).to(out_dtype).contiguous();                    // [..., rank, n]
+  return {up2, down2};
+}
+
+Tensor subspace_similarity_forward(const Tensor& U1, const Tensor& U2) {
+  check_matrix("subspace_similarity", "U1", U1);
+  check_matrix("subspace_similarity", "U2", U2);
+  check_float("subspace_similarity", "U1", U1);
+  check_float("subspace_similarity", "U2", U2);
+  TORCH_CHECK_VALUE(U1.size(-2) == U2.size(-2) && U1.sizes().slice(0, U1.dim() - 2) == U2.sizes().slice(0, U2.dim() - 2),
+                    "loraport.subspace_similarity: U1 [..., m, k1] and U2 [..., m, k2] must share the batch dims and m, "
+                    "got ", shape_str(U1), " and ", shape_str(U2));
+  const at::ScalarType work = compute_dtype({U1, U2});
+  const int64_t kmin = std::min(U1.size(-1), U2.size(-1));
+  Tensor overlap = at::matmul(U1.to(work).mT(), U2.to(work));  // [..., k1, k2]
+  return overlap.square().sum({-2, -1}).div_(double(kmin)).clamp_(0.0, 1.0);
+}
+
+}  // namespace loraport

@@ -1,0 +1,40 @@
+// Device-generic math behind the loraport ops, written against ATen only: the same code runs
+// on CPU tensors (MKL/OpenBLAS GEMMs) and CUDA tensors (cuBLAS on torch's current stream). The
+// per-device files (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) choose a policy and register kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <string_view>
+#include <tuple>
+
+namespace loraport {
+
+enum class Method { Power, Krylov };
+
+// How a device runs the shared algorithm.
+struct RsvdPolicy {
+  // CPU: inspect every CholeskyQR at once and redo a failed matrix with Householder QR.
+  // CUDA: never synchronize mid-op; collect failures on the device and check once at the end.
+  bool check_each_qr = true;
+  // CPU: split a batch of small matrices over threads (at::parallel_for) instead of
+  // threading inside each small GEMM.
+  bool parallel_over_batch = false;
+  // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
+  int64_t upcast_chunk_bytes = int64_t(256) << 20;
+  // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).
+  std::function<at::Tensor(const at::Tensor&)> gram_fp64;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(
+    const at::Tensor& A, const at::Tensor& sketch, int64_t rank, int64_t power_iters,
+    std::string_view method, const RsvdPolicy& policy);
+
+std::tuple<at::Tensor, at::Tensor> project_lora_forward(
+    const at::Tensor& up, const at::Tensor& down, const at::Tensor& U, const at::Tensor& V,
+    int64_t rank);
+
+at::Tensor subspace_similarity_forward(const at::Tensor& U1, const at::Tensor& U2);
+
+}  // namespace loraport

@@ -1,0 +1,41 @@
+// THE schema file: every loraport op's signature, on one screen.
+//
+// Kernels live beside their device: csrc/cpu/ops_cpu.cpp (CPU), csrc/cuda/ops_cuda.cpp and
+// csrc/cuda/kernels.cu (CUDA); the device-generic math is in csrc/linalg.cpp. Fake (meta)
+// kernels for torch.compile are registered from Python in python/loraport/_fake.py, and the
+// pure-PyTorch float64 oracles are in python/loraport/reference.py.
+#include <torch/library.h>
+
+#include <string>
+
+namespace loraport {
+
+// Build facts, so Python can say "built for torch X, you have Y" instead of failing later.
+std::string build_info() {
+  std::string info = "torch=" LORAPORT_TORCH_VERSION;
+#ifdef LORAPORT_WITH_CUDA
+  info += ";cuda=" LORAPORT_CUDA_VERSION;
+#else
+  info += ";cuda=";
+#endif
+  return info;
+}
+
+}  // namespace loraport
+
+TORCH_LIBRARY(loraport, m) {
+  // Randomized SVD of a batch. A: [..., m, n] (fp16/bf16/fp32/fp64); sketch: [n, l] Gaussian
+  // (shared by the batch), rank <= l <= min(m, n); method: "power" or "krylov".
+  // Returns U [..., m, rank], S [..., rank] (descending), V [..., n, rank]; fp32 (fp64 for fp64 A).
+  m.def("rsvd(Tensor A, Tensor sketch, int rank, int power_iters, str method) "
+        "-> (Tensor U, Tensor S, Tensor V)");
+  // LoRA projection U U^T (up @ down) V V^T as factors, never forming the m x n product.
+  // up: [..., m, r], down: [..., r, n], U: [..., m, k], V: [..., n, k], 1 <= rank <= min(r, k).
+  // Returns up2 [..., m, rank], down2 [..., rank, n] in the dtype of up/down.
+  m.def("project_lora(Tensor up, Tensor down, Tensor U, Tensor V, int rank) "
+        "-> (Tensor up2, Tensor down2)");
+  // ||U1^T U2||_F^2 / min(k1, k2) in [0, 1]. U1: [..., m, k1], U2: [..., m, k2] -> [...].
+  m.def("subspace_similarity(Tensor U1, Tensor U2) -> Tensor");
+  // "torch=<version built against>;cuda=<nvcc version or empty>".
+  m.def("build_info() -> str", &loraport::build_info);
+}
