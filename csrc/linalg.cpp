@@ -150,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
     Bt = at::matmul(At, Q);
   } else {
     // Block Krylov space span[Q0, Q1, ...], Q_{i+1} = orth((I - P P^T) A orth(A^T Q_i)) with
-    // P = [Q0 .. Qi] (block Gram-Schmidt, twice for stability). The images A^T Q_i are kept:
+    // P = [Q0 .. Qi] (block classical Gram-Schmidt with reorthogonalization). The images A^T Q_i are kept:
     // they are the blocks of B^T = A^T [Q0 .. Qq] needed by Rayleigh-Ritz.
     const int64_t max_blocks = std::max<int64_t>(1, std::min(power_iters + 1, std::min(m, n) / l));
     std::vector<Tensor> blocks{Q}, images;
@@ -158,7 +158,11 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
       images.push_back(at::matmul(At, blocks.back()));           // [b, n, l]
       Tensor Z = std::get<0>(orth(images.back()));
       Tensor P = at::cat(blocks, -1);                              // [b, m, i*l]
-      Tensor Qi = std::get<0>(orth(project_out(at::matmul(A, Z), P)));
+      // Project twice before normalizing: once the space has converged, A Z lies almost
+      // inside span(P) and one projection leaves rounding-level components along P that
+      // normalization would blow up to O(1) (Giraud et al. 2005, "twice is enough").
+      Tensor Y = project_out(project_out(at::matmul(A, Z), P), P);
+      Tensor Qi = std::get<0>(orth(Y));
       blocks.push_back(std::get<0>(orth(project_out(Qi, P))));
     }
     images.push_back(at::matmul(At, blocks.back()));
