@@ -63,7 +63,9 @@ def rsvd(
     inputs are upcast chunk by chunk inside the op; arithmetic is float32 (float64 for float64
     input), and so are the outputs. The batch of matrices shares one sketch.
     """
-    A = _check_tensor("rsvd", "A", A)
+    # Finiteness is checked on S afterwards: any NaN/Inf in A reaches S through A @ sketch, and a
+    # full isfinite pass over A would cost as much as the decomposition's GEMMs.
+    A = _check_tensor("rsvd", "A", A, finite=False)
     rank = _check_int("rsvd", "rank", rank, 1)
     oversample = _check_int("rsvd", "oversample", oversample, 0)
     power_iters = _check_int("rsvd", "power_iters", power_iters, 0)
@@ -79,7 +81,16 @@ def rsvd(
         generator.manual_seed(_check_int("rsvd", "seed", seed, 0))
     sketch_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     sketch = torch.randn(n, width, generator=generator, device=A.device, dtype=sketch_dtype)  # [n, l]
-    return SVDResult(*torch.ops.loraport.rsvd(A, sketch, k, power_iters, method))
+    not_finite = (
+        "loraport.rsvd: A contains NaN or Inf (or values so large that its products overflow float32)"
+    )
+    try:
+        result = SVDResult(*torch.ops.loraport.rsvd(A, sketch, k, power_iters, method))
+    except torch.linalg.LinAlgError as error:  # the CPU's small SVD refuses non-finite input
+        raise ValueError(not_finite) from error
+    if not bool(torch.isfinite(result.S).all()):
+        raise ValueError(not_finite)
+    return result
 
 
 def project_lora(
