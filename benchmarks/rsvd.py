@@ -1,0 +1,228 @@
+"""Benchmark runner for loraport.rsvd against its peers, measured in the same run on the same
+matrices: torch.svd_lowrank (same rank, oversampling and iterations), torch.linalg.svd (exact;
+it also provides the truth for the error columns) and scikit-learn's randomized_svd when it is
+installed. Prints one table per shape with each method's time, speed-up over
+torch.svd_lowrank, error relative to the optimal rank-k error (Eckart-Young) and overlap of its
+top-k left subspace with the true one; then an "equal overlap" table where each method gets
+the fewest iterations that reach the target overlap.
+
+    python -m benchmarks.rsvd                 # Hunyuan Video layer shapes (minutes on 2 cores)
+    python -m benchmarks.rsvd --quick         # small shapes, seconds
+    python -m benchmarks.rsvd --device cuda   # on a GPU, plus GEMM rate and copy bandwidth
+
+Test matrices have a slowly decaying spectrum like trained weights: A = G diag(j^-1/2) with
+G Gaussian (m x n), columns in random order, so the true subspaces are not axis-aligned on the
+left. Timing: best of --repeats runs, device synchronized inside the timed region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+import loraport
+from loraport import reference as ref
+
+HUNYUAN_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
+QUICK_SHAPES = [(768, 768), (2304, 768), (768, 3072)]
+
+
+@dataclass
+class Row:
+    method: str
+    setting: str
+    seconds: float
+    error_ratio: float  # ||A - U S V^T||_F / optimal rank-k error, worst over the batch
+    overlap: float  # ||U_k^T U_true||_F^2 / k, worst over the batch
+
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [
+        f"date {datetime.date.today()}",
+        f"torch {torch.__version__}",
+        f"loraport {loraport.__version__} ({'CUDA' if loraport.cuda_built() else 'CPU-only'} build)",
+        f"CPU {cpu}, {torch.get_num_threads()} threads",
+    ]
+    if device == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
+    return "; ".join(parts)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int):
+    """(best seconds, last result) over `repeats` runs after one warm-up."""
+    result = fn()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def slow_spectrum_batch(batch: int, m: int, n: int, device: str, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    scale = torch.arange(1, n + 1, device=device, dtype=torch.float32) ** -0.5
+    scale = scale[torch.randperm(n, generator=g, device=device)]
+    return torch.randn(batch, m, n, generator=g, device=device) * scale / m**0.5
+
+
+class Truth:
+    """Exact SVD of each matrix (float64 on the CPU), for the error and overlap columns."""
+
+    def __init__(self, A: torch.Tensor):
+        U, S, _ = torch.linalg.svd(A.double().cpu(), full_matrices=False)
+        self.U, self.S, self.A = U, S, A.double().cpu()
+
+    def score(self, k: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> tuple[float, float]:
+        U, S, V = U[..., :k].cpu(), S[..., :k].cpu(), V[..., :k].cpu()
+        optimal = self.S[..., k:].square().sum(-1).sqrt()
+        error = ref.reconstruction_error(self.A, U, S, V) / optimal
+        overlap = ref.subspace_similarity(U, self.U[..., :k])
+        return error.max().item(), overlap.min().item()
+
+
+def peers(k: int, oversample: int, device: str):
+    """name -> fn(A, iters) returning (U, S, V) with at least k columns."""
+
+    def loraport_rsvd(method):
+        return lambda A, q: loraport.rsvd(A, k, oversample=oversample, power_iters=q, method=method, seed=0)
+
+    def svd_lowrank(A, q):
+        return torch.svd_lowrank(A, q=k + oversample, niter=q)
+
+    methods = {
+        "loraport power": loraport_rsvd("power"),
+        "loraport krylov": loraport_rsvd("krylov"),
+        "torch.svd_lowrank": svd_lowrank,
+    }
+    try:
+        from sklearn.utils.extmath import randomized_svd
+    except ImportError:
+        return methods
+    if device == "cpu":
+
+        def sklearn_rsvd(A, q):
+            outs = [randomized_svd(a.numpy(), k, n_oversamples=oversample, n_iter=q, random_state=0) for a in A]
+            return tuple(torch.stack([torch.from_numpy(o[i].copy()) for o in outs]) for i in range(3))
+
+        def sklearn_fix(A, q):  # randomized_svd returns Vt
+            U, S, Vt = sklearn_rsvd(A, q)
+            return U, S, Vt.mT
+
+        methods["sklearn randomized_svd"] = sklearn_fix
+    return methods
+
+
+def gemm_rate(A: torch.Tensor, width: int, device: str, repeats: int) -> float:
+    """GFLOP/s of the sketch product A @ Omega at this width (the pass every method makes)."""
+    omega = torch.randn(A.shape[-1], width, device=device)
+    seconds, _ = timed(lambda: A @ omega, device, repeats)
+    return 2 * A.numel() * width / seconds / 1e9
+
+
+def run_shape(args, m: int, n: int, k: int, writer) -> None:
+    device, p, q = args.device, args.oversample, args.power_iters
+    A = slow_spectrum_batch(args.batch, m, n, device, seed=m * 7 + n)
+    truth_start = time.perf_counter()
+    truth = Truth(A)
+    svd_seconds = (time.perf_counter() - truth_start) if device == "cpu" else None
+    if device == "cuda":
+        svd_seconds, _ = timed(lambda: torch.linalg.svd(A, full_matrices=False), device, 1)
+    methods = peers(k, p, device)
+    rows: list[Row] = []
+    for name, fn in methods.items():
+        seconds, (U, S, V) = timed(lambda: fn(A, q), device, args.repeats)
+        rows.append(Row(name, f"q={q}", seconds, *truth.score(k, U, S, V)))
+    rows.append(Row("torch.linalg.svd", "exact", svd_seconds, 1.0, 1.0))
+    base = next(r.seconds for r in rows if r.method == "torch.svd_lowrank")
+    passes = 2 * q + 2
+    gemm_flops = passes * 2 * m * n * (k + p) * args.batch
+    rate = gemm_rate(A, k + p, device, args.repeats)
+    writer(f"\n### {args.batch} x [{m}, {n}], rank {k}, oversample {p}, power_iters {q} ({passes} passes)")
+    writer(f"sketch GEMM rate A@Omega (width {k + p}): {rate:.0f} GFLOP/s")
+    writer("| method | setting | time (s) | vs svd_lowrank | GEMM GFLOP/s | error / optimal | subspace overlap |")
+    writer("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        flops = f"{gemm_flops / r.seconds / 1e9:.0f}" if r.setting.startswith("q=") else "-"
+        writer(f"| {r.method} | {r.setting} | {r.seconds:.3f} | {base / r.seconds:.2f}x | {flops} | {r.error_ratio:.4f} | {r.overlap:.3f} |")
+
+    # Equal accuracy: each method's cheapest iteration count reaching the target overlap.
+    writer(f"\nequal subspace overlap >= {args.target_overlap}: fewest iterations per method")
+    writer("| method | iterations | time (s) | vs svd_lowrank | overlap | error / optimal |")
+    writer("|---|---:|---:|---:|---:|---:|")
+    best: dict[str, Row] = {}
+    for name, fn in methods.items():
+        if name.startswith("sklearn") and args.skip_sklearn_sweep:
+            continue
+        for iters in range(0, args.max_iters + 1):
+            seconds, (U, S, V) = timed(lambda: fn(A, iters), device, args.repeats)
+            error, overlap = truth.score(k, U, S, V)
+            if overlap >= args.target_overlap:
+                best[name] = Row(name, str(iters), seconds, error, overlap)
+                break
+    reference_time = best.get("torch.svd_lowrank")
+    for name in methods:
+        if name not in best:
+            writer(f"| {name} | > {args.max_iters} | - | - | - | - |")
+            continue
+        r = best[name]
+        ratio = f"{reference_time.seconds / r.seconds:.2f}x" if reference_time else "-"
+        writer(f"| {name} | {r.setting} | {r.seconds:.3f} | {ratio} | {r.overlap:.3f} | {r.error_ratio:.4f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small shapes and one rank: seconds")
+    parser.add_argument("--shapes", nargs="*", help="m x n shapes, e.g. 3072x12288")
+    parser.add_argument("--ranks", nargs="*", type=int, help="default 32 64 (quick: 32)")
+    parser.add_argument("--batch", type=int, default=2, help="matrices per batch (default 2)")
+    parser.add_argument("--oversample", type=int, default=8)
+    parser.add_argument("--power-iters", type=int, default=2)
+    parser.add_argument("--target-overlap", type=float, default=0.97)
+    parser.add_argument("--max-iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-sklearn-sweep", action="store_true")
+    parser.add_argument("--markdown", help="also append the tables to this file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not (torch.cuda.is_available() and loraport.cuda_built()):
+        parser.error("--device cuda needs a GPU and loraport's CUDA build")
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else (
+        QUICK_SHAPES if args.quick else HUNYUAN_SHAPES
+    )
+    ranks = args.ranks or ([32] if args.quick else [32, 64])
+    out = open(args.markdown, "a") if args.markdown else None
+
+    def writer(line: str) -> None:
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+
+    writer(f"\n## rsvd benchmark ({machine_description(args.device)})")
+    for m, n in shapes:
+        for k in ranks:
+            run_shape(args, m, n, k, writer)
+    if out:
+        out.close()
+
+
+if __name__ == "__main__":
+    main()
