@@ -1,0 +1,390 @@
+"""Key maps of the model families loraport knows: which modules of each architecture carry LoRA
+adapters, under which names, and how the two naming styles of a family relate.
+
+A family has one or two naming *styles*: "original" (the names of the authors' checkpoint:
+Tencent's Hunyuan Video, BFL's Flux, Wan's own code; kohya/Musubi, ComfyUI/diffusion-pipe and
+Tencent LoRAs use them) and "diffusers" (the names of the diffusers/transformers classes; used by
+diffusers/PEFT LoRAs and diffusers folders; SD 1.5/SDXL UNets and Llama-style LLMs have only this
+one). Module names are written as templates where ``#`` stands for a block index. A `Rule` ties an
+original module to its diffusers counterpart: a rename, or a fused original weight (Hunyuan's
+``img_attn_qkv``, ``linear1``) whose output rows are split into several diffusers modules
+(``attn.to_q/to_k/to_v`` and ``proj_mlp``) in the proportions ``units``.
+
+How fused/split layouts are handled (`translate`): a LoRA module keeps its own layout. A split LoRA
+module (``attn.to_q``) on a base with the fused weight (``img_attn_qkv``) uses the matching row
+slice of the fused weight as its base weight; a fused LoRA module on a base with split weights uses
+the row concatenation of the split weights. Converting a LoRA between styles (writing a kohya file
+as diffusers, say) splits a fused LoRA exactly (row slices of ``up``, ``down`` shared) or fuses
+split parts exactly (block-diagonal ``up``, stacked ``down``: rank = sum of the parts' ranks);
+see formats.convert_style.
+
+Kohya-style names replace every '.' by '_' (``double_blocks_0_img_attn_qkv``), which is ambiguous
+for names that contain '_'; `resolve_underscored` maps them back by matching the family's templates,
+never by guessing. `detect` picks the family whose templates match most of the given names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+STYLES = ("original", "diffusers")
+# Components of a model that LoRA files address separately. "model" is the denoiser (UNet or
+# transformer) or the LLM; "te1"/"te2" are SD's text encoders.
+COMPONENTS = ("model", "te1", "te2")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """original template <-> diffusers template(s); several diffusers parts split the original's
+    output rows in proportions ``units`` (e.g. qkv -> q, k, v with units (1, 1, 1))."""
+
+    original: str
+    diffusers: tuple[str, ...]
+    units: tuple[int, ...] = (1,)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a module's base weight: rows [start, start + units) of ``total`` equal row units
+    of the base tensor ``name`` (start=0, units=total=1: the whole tensor)."""
+
+    name: str
+    start: int = 0
+    units: int = 1
+    total: int = 1
+
+    def rows(self, n_rows: int) -> slice:
+        if n_rows % self.total:
+            raise ValueError(
+                f"loraport: base weight {self.name} has {n_rows} rows, not divisible into "
+                f"{self.total} equal units as its fused layout requires"
+            )
+        unit = n_rows // self.total
+        return slice(self.start * unit, (self.start + self.units) * unit)
+
+
+def _expand(template: str) -> list[str]:
+    """Expand one level of {a,b,c} alternatives (repeatedly): "x.{q,k}" -> ["x.q", "x.k"]."""
+    m = re.search(r"\{([^{}]*)\}", template)
+    if not m:
+        return [template]
+    out = []
+    for alt in m.group(1).split(","):
+        out += _expand(template[: m.start()] + alt + template[m.end() :])
+    return out
+
+
+def _regex(template: str, underscored: bool) -> re.Pattern:
+    text = template.replace(".", "_") if underscored else template
+    return re.compile("^" + re.escape(text).replace("\\#", "#").replace("#", r"(\d+)") + "$")
+
+
+def _fill(template: str, digits: tuple[str, ...]) -> str:
+    parts = template.split("#")
+    return parts[0] + "".join(d + p for d, p in zip(digits, parts[1:], strict=True))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One model family: its LoRA-able module templates per style and component."""
+
+    name: str
+    rules: tuple[Rule, ...] = ()
+    # Templates with no counterpart in the other style: {style: {component: [templates]}}.
+    extra: dict = field(default_factory=dict)
+    diffusers_prefix: str = "transformer"  # component "model" in diffusers LoRA keys
+    kohya_style: str = "original"  # style of kohya / comfy / tencent LoRA names
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return STYLES if self.rules else ("diffusers",)
+
+    @cached_property
+    def templates(self) -> dict[str, dict[str, list[str]]]:
+        """{style: {component: [expanded templates]}}."""
+        out: dict[str, dict[str, list[str]]] = {s: {} for s in self.styles}
+        for rule in self.rules:
+            out["original"].setdefault("model", []).append(rule.original)
+            out["diffusers"].setdefault("model", []).extend(rule.diffusers)
+        for style, comps in self.extra.items():
+            for comp, temps in comps.items():
+                out[style].setdefault(comp, []).extend(t for tt in temps for t in _expand(tt))
+        return out
+
+    @cached_property
+    def _compiled(self) -> dict[tuple[str, str, bool], list[tuple[str, re.Pattern]]]:
+        return {
+            (style, comp, u): [(t, _regex(t, u)) for t in temps]
+            for style, comps in self.templates.items()
+            for comp, temps in comps.items()
+            for u in (False, True)
+        }
+
+    @cached_property
+    def _rule_index(self) -> list[tuple[Rule, re.Pattern, list[re.Pattern]]]:
+        return [(r, _regex(r.original, False), [_regex(d, False) for d in r.diffusers]) for r in self.rules]
+
+    def match(self, style: str, component: str, name: str, underscored: bool = False):
+        """(template, block digits) of the template ``name`` instantiates, or None."""
+        for template, rx in self._compiled.get((style, component, underscored), ()):
+            m = rx.match(name)
+            if m:
+                return template, m.groups()
+        return None
+
+    def style_of(self, component: str, name: str) -> str | None:
+        """The naming style a dotted module name belongs to (None: not a known module)."""
+        for style in self.styles:
+            if self.match(style, component, name):
+                return style
+        return None
+
+    def resolve_underscored(self, component: str, stem: str, style: str | None = None) -> str | None:
+        """The dotted module name of a kohya-style name ('.' written as '_'), or None."""
+        found = set()
+        for s in (style,) if style else self.styles:
+            hit = self.match(s, component, stem, underscored=True)
+            if hit:
+                found.add(_fill(*hit))
+        if len(found) > 1:
+            raise ValueError(f"loraport: {self.name}: '{stem}' matches several modules: {sorted(found)}")
+        return found.pop() if found else None
+
+    def translate(self, name: str, from_style: str, to_style: str) -> list[Piece] | None:
+        """The base-weight pieces (in ``to_style`` names) whose row concatenation is the weight
+        of module ``name`` (a ``from_style`` name); None when it has no counterpart."""
+        if from_style == to_style:
+            return [Piece(name)]
+        for rule, rx_orig, rx_diff in self._rule_index:
+            if from_style == "original":
+                m = rx_orig.match(name)
+                if m:
+                    return [Piece(_fill(d, m.groups())) for d in rule.diffusers]
+            else:
+                for i, rx in enumerate(rx_diff):
+                    m = rx.match(name)
+                    if m:
+                        total = sum(rule.units)
+                        return [Piece(_fill(rule.original, m.groups()), sum(rule.units[:i]), rule.units[i], total)]
+        return None
+
+    def split_parts(self, name: str) -> list[Piece] | None:
+        """For an original-style fused module (``img_attn_qkv``): its diffusers parts, each with
+        the rows of the fused weight it takes (start, units of total); None if not fused."""
+        for rule, rx_orig, _ in self._rule_index:
+            m = rx_orig.match(name)
+            if m and len(rule.diffusers) > 1:
+                total = sum(rule.units)
+                return [
+                    Piece(_fill(d, m.groups()), sum(rule.units[:i]), rule.units[i], total)
+                    for i, d in enumerate(rule.diffusers)
+                ]
+        return None
+
+    def fused_parent(self, name: str) -> tuple[str, int, Rule, tuple[str, ...]] | None:
+        """(original fused name, part index, rule, digits) for a diffusers split-part name."""
+        for rule, _, rx_diff in self._rule_index:
+            if len(rule.diffusers) < 2:
+                continue
+            for i, rx in enumerate(rx_diff):
+                m = rx.match(name)
+                if m:
+                    return _fill(rule.original, m.groups()), i, rule, m.groups()
+        return None
+
+
+def _pairs(lines: str) -> tuple[Rule, ...]:
+    """Rules from lines 'original -> diffusers' (braces pair up alternatives one to one) or
+    'original -> part | part | ... units a,b,...' (a fused weight split into parts)."""
+    rules = []
+    for line in lines.strip().splitlines():
+        orig, rest = (s.strip() for s in line.split("->"))
+        if "|" in rest:
+            rest, units = rest.split(" units ")
+            parts = tuple(p.strip() for p in rest.split("|"))
+            rules.append(Rule(orig, parts, tuple(int(u) for u in units.split(","))))
+            continue
+        origs, diffs = _expand(orig), _expand(rest)
+        if len(origs) != len(diffs):
+            raise AssertionError(f"key map line pairs {len(origs)} names with {len(diffs)}: {line}")
+        rules += [Rule(o, (d,)) for o, d in zip(origs, diffs, strict=True)]
+    return tuple(rules)
+
+
+_HUNYUAN_TOKEN_REFINER = "txt_in.individual_token_refiner.blocks.#"
+_HUNYUAN_REFINER_D = "context_embedder.token_refiner.refiner_blocks.#"
+HUNYUAN_VIDEO = Arch(
+    "hunyuan-video",
+    rules=_pairs(
+        f"""
+double_blocks.#.img_attn_qkv -> transformer_blocks.#.attn.to_q | transformer_blocks.#.attn.to_k | transformer_blocks.#.attn.to_v units 1,1,1
+double_blocks.#.txt_attn_qkv -> transformer_blocks.#.attn.add_q_proj | transformer_blocks.#.attn.add_k_proj | transformer_blocks.#.attn.add_v_proj units 1,1,1
+double_blocks.#.img_attn_proj -> transformer_blocks.#.attn.to_out.0
+double_blocks.#.txt_attn_proj -> transformer_blocks.#.attn.to_add_out
+double_blocks.#.img_mlp.{{fc1,fc2}} -> transformer_blocks.#.ff.{{net.0.proj,net.2}}
+double_blocks.#.txt_mlp.{{fc1,fc2}} -> transformer_blocks.#.ff_context.{{net.0.proj,net.2}}
+double_blocks.#.img_mod.linear -> transformer_blocks.#.norm1.linear
+double_blocks.#.txt_mod.linear -> transformer_blocks.#.norm1_context.linear
+single_blocks.#.linear1 -> single_transformer_blocks.#.attn.to_q | single_transformer_blocks.#.attn.to_k | single_transformer_blocks.#.attn.to_v | single_transformer_blocks.#.proj_mlp units 1,1,1,4
+single_blocks.#.linear2 -> single_transformer_blocks.#.proj_out
+single_blocks.#.modulation.linear -> single_transformer_blocks.#.norm.linear
+img_in.proj -> x_embedder.proj
+txt_in.input_embedder -> context_embedder.proj_in
+txt_in.t_embedder.mlp.{{0,2}} -> context_embedder.time_text_embed.timestep_embedder.{{linear_1,linear_2}}
+txt_in.c_embedder.{{linear_1,linear_2}} -> context_embedder.time_text_embed.text_embedder.{{linear_1,linear_2}}
+{_HUNYUAN_TOKEN_REFINER}.self_attn_qkv -> {_HUNYUAN_REFINER_D}.attn.to_q | {_HUNYUAN_REFINER_D}.attn.to_k | {_HUNYUAN_REFINER_D}.attn.to_v units 1,1,1
+{_HUNYUAN_TOKEN_REFINER}.self_attn_proj -> {_HUNYUAN_REFINER_D}.attn.to_out.0
+{_HUNYUAN_TOKEN_REFINER}.mlp.{{fc1,fc2}} -> {_HUNYUAN_REFINER_D}.ff.{{net.0.proj,net.2}}
+{_HUNYUAN_TOKEN_REFINER}.adaLN_modulation.1 -> {_HUNYUAN_REFINER_D}.norm_out.linear
+time_in.mlp.{{0,2}} -> time_text_embed.timestep_embedder.{{linear_1,linear_2}}
+vector_in.{{in_layer,out_layer}} -> time_text_embed.text_embedder.{{linear_1,linear_2}}
+guidance_in.mlp.{{0,2}} -> time_text_embed.guidance_embedder.{{linear_1,linear_2}}
+final_layer.linear -> proj_out
+"""
+    ),
+    # diffusers swaps the shift/scale halves of the final modulation: no row-exact counterpart.
+    extra={"original": {"model": ["final_layer.adaLN_modulation.1"]}, "diffusers": {"model": ["norm_out.linear"]}},
+)
+
+FLUX = Arch(
+    "flux",
+    rules=_pairs(
+        """
+double_blocks.#.img_attn.qkv -> transformer_blocks.#.attn.to_q | transformer_blocks.#.attn.to_k | transformer_blocks.#.attn.to_v units 1,1,1
+double_blocks.#.txt_attn.qkv -> transformer_blocks.#.attn.add_q_proj | transformer_blocks.#.attn.add_k_proj | transformer_blocks.#.attn.add_v_proj units 1,1,1
+double_blocks.#.img_attn.proj -> transformer_blocks.#.attn.to_out.0
+double_blocks.#.txt_attn.proj -> transformer_blocks.#.attn.to_add_out
+double_blocks.#.img_mlp.{0,2} -> transformer_blocks.#.ff.{net.0.proj,net.2}
+double_blocks.#.txt_mlp.{0,2} -> transformer_blocks.#.ff_context.{net.0.proj,net.2}
+double_blocks.#.img_mod.lin -> transformer_blocks.#.norm1.linear
+double_blocks.#.txt_mod.lin -> transformer_blocks.#.norm1_context.linear
+single_blocks.#.linear1 -> single_transformer_blocks.#.attn.to_q | single_transformer_blocks.#.attn.to_k | single_transformer_blocks.#.attn.to_v | single_transformer_blocks.#.proj_mlp units 1,1,1,4
+single_blocks.#.linear2 -> single_transformer_blocks.#.proj_out
+single_blocks.#.modulation.lin -> single_transformer_blocks.#.norm.linear
+img_in -> x_embedder
+txt_in -> context_embedder
+time_in.{in_layer,out_layer} -> time_text_embed.timestep_embedder.{linear_1,linear_2}
+vector_in.{in_layer,out_layer} -> time_text_embed.text_embedder.{linear_1,linear_2}
+guidance_in.{in_layer,out_layer} -> time_text_embed.guidance_embedder.{linear_1,linear_2}
+final_layer.linear -> proj_out
+"""
+    ),
+    extra={"original": {"model": ["final_layer.adaLN_modulation.1"]}, "diffusers": {"model": ["norm_out.linear"]}},
+)
+
+WAN = Arch(
+    "wan",
+    rules=_pairs(
+        """
+blocks.#.self_attn.{q,k,v,o} -> blocks.#.attn1.{to_q,to_k,to_v,to_out.0}
+blocks.#.cross_attn.{q,k,v,o} -> blocks.#.attn2.{to_q,to_k,to_v,to_out.0}
+blocks.#.cross_attn.{k_img,v_img} -> blocks.#.attn2.{add_k_proj,add_v_proj}
+blocks.#.ffn.{0,2} -> blocks.#.ffn.{net.0.proj,net.2}
+patch_embedding -> patch_embedding
+text_embedding.{0,2} -> condition_embedder.text_embedder.{linear_1,linear_2}
+time_embedding.{0,2} -> condition_embedder.time_embedder.{linear_1,linear_2}
+time_projection.1 -> condition_embedder.time_proj
+head.head -> proj_out
+img_emb.proj.{1,3} -> condition_embedder.image_embedder.ff.{net.0.proj,net.2}
+"""
+    ),
+)
+
+_SD_ATTN = "attentions.#.{proj_in,proj_out,transformer_blocks.#.attn1.to_q,transformer_blocks.#.attn1.to_k,transformer_blocks.#.attn1.to_v,transformer_blocks.#.attn1.to_out.0,transformer_blocks.#.attn2.to_q,transformer_blocks.#.attn2.to_k,transformer_blocks.#.attn2.to_v,transformer_blocks.#.attn2.to_out.0,transformer_blocks.#.ff.net.0.proj,transformer_blocks.#.ff.net.2}"
+_SD_RES = "resnets.#.{conv1,conv2,time_emb_proj,conv_shortcut}"
+_SD_UNET = [
+    f"{{down_blocks.#,up_blocks.#,mid_block}}.{_SD_ATTN}",
+    f"{{down_blocks.#,up_blocks.#,mid_block}}.{_SD_RES}",
+    "down_blocks.#.downsamplers.0.conv",
+    "up_blocks.#.upsamplers.0.conv",
+    "{conv_in,conv_out}",
+    "time_embedding.{linear_1,linear_2}",
+]
+_CLIP = [
+    "text_model.encoder.layers.#.{self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.out_proj,mlp.fc1,mlp.fc2}"
+]
+SD15 = Arch(
+    "sd15",
+    extra={"diffusers": {"model": _SD_UNET, "te1": _CLIP}},
+    diffusers_prefix="unet",
+    kohya_style="diffusers",
+)
+SDXL = Arch(
+    "sdxl",
+    extra={
+        "diffusers": {
+            "model": _SD_UNET + ["add_embedding.{linear_1,linear_2}"],
+            "te1": _CLIP,
+            "te2": _CLIP + ["text_projection"],
+        }
+    },
+    diffusers_prefix="unet",
+    kohya_style="diffusers",
+)
+LLAMA = Arch(
+    "llama",
+    extra={
+        "diffusers": {
+            "model": [
+                "model.layers.#.self_attn.{q_proj,k_proj,v_proj,o_proj}",
+                "model.layers.#.mlp.{gate_proj,up_proj,down_proj}",
+                "lm_head",
+            ]
+        }
+    },
+    diffusers_prefix="",
+    kohya_style="diffusers",
+)
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (HUNYUAN_VIDEO, WAN, FLUX, SD15, SDXL, LLAMA)}
+
+
+def get(name: str) -> Arch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ValueError(f"loraport: unknown architecture {name!r}; known: {', '.join(ARCHS)}") from None
+
+
+def _score(arch: Arch, names: list[tuple[str, str, bool]]) -> int:
+    """How many (component, name, underscored) entries are modules of ``arch``."""
+    hits = 0
+    for comp, name, underscored in names:
+        if any(arch.match(s, comp, name, underscored) for s in arch.styles):
+            hits += 1
+    return hits
+
+
+def _sdxl_hint(names: list[tuple[str, str, bool]]) -> bool:
+    """SDXL vs SD 1.5 share module names; SDXL has a second text encoder, add_embedding and
+    more than one transformer block per attention."""
+    for comp, name, _ in names:
+        if comp == "te2" or "add_embedding" in name or re.search(r"transformer_blocks[._][1-9]", name):
+            return True
+    return False
+
+
+def detect(lora_names: list[tuple[str, str, bool]], base_names: list[str] = ()) -> Arch:
+    """The family whose templates match the most LoRA module names (component, name,
+    underscored?) plus base-model weight names (component "model"); ties are broken by the base
+    model's names, else reported as ambiguous."""
+    base = [("model", n, False) for n in base_names]
+    scores = {a.name: (_score(a, lora_names), _score(a, base)) for a in ARCHS.values()}
+    if "sd15" in scores and scores["sd15"] == scores["sdxl"]:  # same templates but SDXL's extras
+        del scores["sdxl" if not _sdxl_hint(lora_names + base) else "sd15"]
+    ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+    (best, (lora_hits, base_hits)), rest = ranked[0], ranked[1:]
+    if lora_hits == 0 and base_hits == 0:
+        example = lora_names[0][1] if lora_names else (base_names[0] if base_names else "(no names)")
+        raise ValueError(
+            f"loraport: no known architecture has modules named like '{example}' "
+            f"(known: {', '.join(ARCHS)}); pass arch= / --arch if it is one of them"
+        )
+    ties = [name for name, s in rest if s == (lora_hits, base_hits)]
+    if ties:
+        raise ValueError(
+            f"loraport: cannot tell {best} from {', '.join(ties)} by the key names alone; "
+            "pass arch= / --arch (or give the base model)"
+        )
+    return ARCHS[best]

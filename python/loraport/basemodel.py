@@ -1,0 +1,232 @@
+"""Lazy, read-only access to a base model's weights, whatever its layout on disk: one safetensors
+file, a sharded one (``*.safetensors.index.json``), a Tencent-style pickled checkpoint (``.pt``,
+weights possibly under "module", opened with torch.load(weights_only=True, mmap=True)), a
+diffusers folder (``transformer/`` or ``unet/``, ``text_encoder/``, ``text_encoder_2/``), or an
+in-memory state dict. Nothing is read until asked: `BaseModel.shape` reads headers only, and
+`BaseModel.read` reads one tensor (or a row slice of it). Keys packed under ComfyUI's
+``model.diffusion_model.`` prefix are seen without it. `fingerprint` (sizes, mtimes and a hash of
+each file's first MiB) identifies the files cheaply, for a cache of subspaces."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+from safetensors import safe_open
+
+from .errors import InputError
+
+_STRIPPED_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# diffusers folder: component -> candidate subfolders
+_SUBFOLDERS = {"model": ("transformer", "unet"), "te1": ("text_encoder",), "te2": ("text_encoder_2",)}
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class _Store:
+    """Tensors of one component: name -> (file, key in file)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.files: list[str] = []
+        self._names: dict[str, str] = {}  # name -> key in the file
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _strip(keys) -> dict[str, str]:
+    """name -> key, without a ComfyUI packing prefix that most keys share."""
+    keys = list(keys)
+    for prefix in _STRIPPED_PREFIXES:
+        inside = [k for k in keys if k.startswith(prefix)]
+        if inside and len(inside) * 2 > len(keys):
+            return {k[len(prefix) :]: k for k in inside}
+    return {k: k for k in keys}
+
+
+class _SafetensorsStore(_Store):
+    def __init__(self, files: list[str], label: str):
+        super().__init__(label)
+        self.files = files
+        self._handles = {}
+        key_file = {}
+        for path in files:
+            f = self._open(path)
+            for k in f.keys():
+                key_file[k] = path
+        self._names = _strip(key_file)
+        self._file_of = key_file
+
+    def _open(self, path):
+        if path not in self._handles:
+            if not os.path.isfile(path):
+                raise InputError(f"{path}: no such file")
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except Exception as e:
+                raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return self._handles[path]
+
+    def _slice(self, name):
+        key = self._names[name]
+        return self._open(self._file_of[key]).get_slice(key), key
+
+    def shape(self, name):
+        return tuple(self._slice(name)[0].get_shape())
+
+    def dtype(self, name):
+        return _ST_DTYPES.get(self._slice(name)[0].get_dtype(), torch.float32)
+
+    def read(self, name, rows=None):
+        sl, key = self._slice(name)
+        try:
+            return sl[rows] if rows is not None else sl[:]
+        except Exception as e:
+            raise InputError(f"{self._file_of[key]}: cannot read tensor '{key}' ({type(e).__name__}: {e})") from None
+
+
+class _DictStore(_Store):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str):
+        super().__init__(label)
+        self._tensors = tensors
+        self._names = _strip(k for k, v in tensors.items() if isinstance(v, torch.Tensor))
+
+    def shape(self, name):
+        return tuple(self._tensors[self._names[name]].shape)
+
+    def dtype(self, name):
+        return self._tensors[self._names[name]].dtype
+
+    def read(self, name, rows=None):
+        t = self._tensors[self._names[name]]
+        return t[rows] if rows is not None else t
+
+
+def _load_pickle(path: str) -> Mapping[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):
+        obj = obj["module"]
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def _model_files(folder: str) -> list[str] | None:
+    """The safetensors files of a model folder (index.json shards or single files), or None."""
+    for index in sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json"))):
+        return _index_files(index)
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    return files or None
+
+
+def _index_files(index: str) -> list[str]:
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+    folder = os.path.dirname(index)
+    return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+
+
+class BaseModel:
+    """A base model's weights by component ("model", "te1", "te2") and name, read lazily."""
+
+    def __init__(self, src, label: str | None = None):
+        self.label = label or (os.fspath(src) if not isinstance(src, Mapping) else "<state dict>")
+        self.bytes_read = 0
+        self._stores: dict[str, _Store] = {}
+        if isinstance(src, Mapping):
+            self._stores["model"] = _DictStore(src, self.label)
+            return
+        path = os.fspath(src)
+        if os.path.isdir(path):
+            files = _model_files(path)
+            if files:
+                self._stores["model"] = _SafetensorsStore(files, self.label)
+            for comp, subs in _SUBFOLDERS.items():
+                for sub in subs:
+                    files = _model_files(os.path.join(path, sub))
+                    if files and comp not in self._stores:
+                        self._stores[comp] = _SafetensorsStore(files, f"{path}/{sub}")
+            if not self._stores:
+                raise InputError(
+                    f"{path}: folder holds no safetensors model (nor transformer/, unet/, text_encoder/ ones)"
+                )
+        elif not os.path.isfile(path):
+            raise InputError(f"{path}: no such file or folder")
+        elif path.endswith(".index.json"):
+            self._stores["model"] = _SafetensorsStore(_index_files(path), self.label)
+        elif path.endswith(".safetensors"):
+            self._stores["model"] = _SafetensorsStore([path], self.label)
+        else:
+            store = _DictStore(_load_pickle(path), self.label)
+            store.files = [path]
+            self._stores["model"] = store
+
+    def components(self) -> list[str]:
+        return list(self._stores)
+
+    def names(self, component: str = "model") -> list[str]:
+        store = self._stores.get(component)
+        return store.names() if store else []
+
+    def module_names(self, component: str = "model") -> list[str]:
+        """Names of the ``*.weight`` tensors without the suffix: the modules a LoRA can adapt."""
+        return [n[: -len(".weight")] for n in self.names(component) if n.endswith(".weight")]
+
+    def has(self, component: str, name: str) -> bool:
+        store = self._stores.get(component)
+        return store is not None and name in store._names
+
+    def shape(self, component: str, name: str) -> tuple[int, ...]:
+        return self._stores[component].shape(name)
+
+    def dtype(self, component: str, name: str) -> torch.dtype:
+        return self._stores[component].dtype(name)
+
+    def read(self, component: str, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor ``name`` (rows ``rows`` only, when given) in its stored dtype; InputError when
+        it holds NaN or Inf."""
+        t = self._stores[component].read(name, rows)
+        self.bytes_read += t.numel() * t.element_size()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{self._stores[component].label}: tensor '{name}' contains NaN or Inf")
+        return t
+
+    def files(self) -> list[str]:
+        return sorted({f for s in self._stores.values() for f in s.files})
+
+    def fingerprint(self) -> str | None:
+        """A cheap identity of the files: size, mtime and sha256 of the first MiB of each (None
+        for an in-memory state dict)."""
+        files = self.files()
+        if not files:
+            return None
+        h = hashlib.sha256()
+        for path in files:
+            st = os.stat(path)
+            h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}:".encode())
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 20))
+        return h.hexdigest()[:32]

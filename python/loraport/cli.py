@@ -1,0 +1,127 @@
+"""The ``loraport`` command: ``loraport port LORA --source SRC --target TGT -o OUT [...]`` (a thin
+shell over loraport.pipeline.port) and ``loraport inspect FILE`` (what a LoRA or base-model file is).
+Bad input ends with exit status 2 and one line on stderr naming the file and tensor; no output
+file is left behind."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from . import archs, formats
+from .basemodel import BaseModel
+from .errors import InputError
+from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraport", description="Port LoRA adapters across base-model releases (LoRA-X).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("port", help="port a LoRA from a source base model to a target one")
+    q.add_argument("lora", help="LoRA safetensors file")
+    q.add_argument("--source", required=True, help="base model the LoRA was trained on (file, index.json or folder)")
+    q.add_argument("--target", required=True, help="base model to port to")
+    q.add_argument("-o", "--out", help="output LoRA path (required unless --dry-run)")
+    q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    q.add_argument("--max-vram", default="2GB", help="bound on one batched layer group's weights (default 2GB)")
+    k = q.add_mutually_exclusive_group()
+    k.add_argument(
+        "--subspace-rank", type=int, help=f"singular vectors kept per base weight (default {DEFAULT_SUBSPACE_RANK})"
+    )
+    k.add_argument("--energy", type=float, help="keep the fewest singular vectors holding this fraction of ‖W‖²")
+    q.add_argument(
+        "--min-similarity",
+        type=float,
+        default=DEFAULT_MIN_SIMILARITY,
+        help=f"subspace similarity below which a layer is not ported (default {DEFAULT_MIN_SIMILARITY})",
+    )
+    q.add_argument("--on-dissimilar", choices=ON_DISSIMILAR, default="skip")
+    q.add_argument("--rank", type=int, help="output rank (at most the input rank)")
+    q.add_argument("--format", default="auto", choices=("auto", *formats.FORMATS))
+    q.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
+    q.add_argument("--variant", default="target", choices=VARIANTS)
+    q.add_argument("--method", default="power", choices=("power", "krylov"))
+    q.add_argument("--power-iters", type=int, default=2)
+    q.add_argument("--report", help="write the per-layer JSON report here")
+    q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
+    q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    i = sub.add_parser("inspect", help="describe a LoRA or base-model file")
+    i.add_argument("file")
+    return p
+
+
+def _port(args) -> int:
+    if args.out is None and not args.dry_run:
+        raise InputError(f"{args.lora}: give -o OUT (or --dry-run)")
+    rep = port(
+        args.lora, args.source, args.target, args.out, device=args.device, subspace_rank=args.subspace_rank,
+        energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
+        rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
+        method=args.method, max_memory=args.max_vram, report=args.report, dry_run=args.dry_run, quiet=args.quiet,
+    )  # fmt: skip
+    if not args.quiet:
+        print(rep.table())
+        if rep.out:
+            print(f"wrote {rep.out} ({rep.format_out})")
+    return 0
+
+
+def _is_lora(path: str) -> bool:
+    if not path.endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return False
+    return any(k.endswith(suffix) for k in keys for suffix in (".lora_down.weight", ".lora_A.weight", ".alpha"))
+
+
+def _inspect(args) -> int:
+    path = args.file
+    if _is_lora(path):
+        lf = formats.read_lora(path)
+        ranks = Counter(m.rank for m in lf.modules)
+        alphas = Counter(m.alpha for m in lf.modules)
+        dtypes = Counter(str(m.up.dtype).replace("torch.", "") for m in lf.modules)
+        unknown = [m.key for m in lf.modules if not m.known]
+        print(f"{path}: LoRA, format {lf.format}, arch {lf.arch.name} ({lf.style} names)")
+        print(f"  modules: {len(lf.modules)} ({sum(1 for m in lf.modules if m.kernel)} conv)")
+        print(f"  ranks: {dict(ranks)}  alphas: {dict(alphas)}  dtypes: {dict(dtypes)}")
+        for m in unknown:
+            print(f"  unknown module (not in the {lf.arch.name} key map): {m}")
+        for key in sorted(lf.metadata):
+            if key.startswith(("ss_network", "modelspec.", "loraport.")):
+                print(f"  {key}: {lf.metadata[key][:80]}")
+        return 0
+    base = BaseModel(path)
+    for comp in base.components():
+        names = base.names(comp)
+        try:
+            arch = archs.detect([], base.module_names(comp)).name if comp == "model" else "-"
+        except ValueError:
+            arch = "unknown"
+        dtypes = Counter(str(base.dtype(comp, n)).replace("torch.", "") for n in names)
+        print(f"{path}: base model component '{comp}', arch {arch}, {len(names)} tensors, dtypes {dict(dtypes)}")
+    fp = base.fingerprint()
+    if fp:
+        print(f"  fingerprint: {fp}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _port(args) if args.command == "port" else _inspect(args)
+    except (InputError, ValueError, OSError) as e:
+        print(f"loraport: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

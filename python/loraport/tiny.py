@@ -1,0 +1,234 @@
+"""Tiny stand-ins for the real thing, for tests and the README example: base models of each family
+with the real weight names and layouts at a small width (fused layers, conv patch embeddings,
+norms and biases included), a "related" target (the source plus a small perturbation, as a new
+release of the same model is), an "unrelated" one (fresh weights), and LoRAs in every format.
+Weights get a decaying spectrum so that their top singular subspaces are well defined. Writers
+put them on disk in each base-model layout (safetensors, sharded, Tencent .pt, diffusers folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from . import archs, formats
+from .reference import matrix_with_spectrum
+
+
+def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) -> dict[str, tuple[int, ...]]:
+    """{weight name: shape} of a tiny ``arch`` model in its base layout (original names where
+    the family has them) with hidden size ``width``; includes some non-adapted tensors."""
+    h, f = width, 4 * width
+    s: dict[str, tuple[int, ...]] = {}
+    if arch in ("hunyuan-video", "flux"):
+        bfl = arch == "flux"
+        qkv, proj = ("img_attn.qkv", "img_attn.proj") if bfl else ("img_attn_qkv", "img_attn_proj")
+        mlp = ("img_mlp.0", "img_mlp.2") if bfl else ("img_mlp.fc1", "img_mlp.fc2")
+        mod, smod = ("img_mod.lin", "modulation.lin") if bfl else ("img_mod.linear", "modulation.linear")
+        for i in range(blocks):
+            for side in ("img", "txt"):
+                p = f"double_blocks.{i}."
+                s[p + qkv.replace("img", side) + ".weight"] = (3 * h, h)
+                s[p + qkv.replace("img", side) + ".bias"] = (3 * h,)
+                s[p + proj.replace("img", side) + ".weight"] = (h, h)
+                s[p + mlp[0].replace("img", side) + ".weight"] = (f, h)
+                s[p + mlp[1].replace("img", side) + ".weight"] = (h, f)
+                s[p + mod.replace("img", side) + ".weight"] = (6 * h, h)
+            s[
+                f"double_blocks.{i}.img_attn_q_norm.weight"
+                if not bfl
+                else f"double_blocks.{i}.img_attn.norm.query_norm.scale"
+            ] = (h // 4,)
+            s[f"single_blocks.{i}.linear1.weight"] = (3 * h + f, h)
+            s[f"single_blocks.{i}.linear2.weight"] = (h, h + f)
+            s[f"single_blocks.{i}.{smod}.weight"] = (3 * h, h)
+        if bfl:
+            s["img_in.weight"] = (h, 4 * in_channels)
+        else:
+            s["img_in.proj.weight"] = (h, in_channels, 1, 2, 2)  # Conv3d, patch 1x2x2
+            s["img_in.proj.bias"] = (h,)
+    elif arch == "wan":
+        for i in range(blocks):
+            for att in ("self_attn", "cross_attn"):
+                for x in "qkvo":
+                    s[f"blocks.{i}.{att}.{x}.weight"] = (h, h)
+            s[f"blocks.{i}.ffn.0.weight"] = (f, h)
+            s[f"blocks.{i}.ffn.2.weight"] = (h, f)
+            s[f"blocks.{i}.norm3.weight"] = (h,)
+        s["patch_embedding.weight"] = (h, in_channels, 1, 2, 2)
+    elif arch in ("sd15", "sdxl"):
+        c, ctx = width, width + 8
+        for blk in ("down_blocks.0", "up_blocks.1", "mid_block"):
+            for t in range(blocks if arch == "sdxl" else 1):
+                p = f"{blk}.attentions.0.transformer_blocks.{t}."
+                for x in ("to_q", "to_k", "to_v", "to_out.0"):
+                    s[p + "attn1." + x + ".weight"] = (c, c)
+                s[p + "attn2.to_q.weight"] = (c, c)
+                s[p + "attn2.to_k.weight"] = (c, ctx)
+                s[p + "attn2.to_v.weight"] = (c, ctx)
+                s[p + "ff.net.0.proj.weight"] = (8 * c, c)
+                s[p + "ff.net.2.weight"] = (c, 4 * c)
+            s[f"{blk}.attentions.0.proj_in.weight"] = (c, c)
+            s[f"{blk}.resnets.0.conv1.weight"] = (c, c, 3, 3)
+            s[f"{blk}.resnets.0.time_emb_proj.weight"] = (c, 2 * c)
+    elif arch == "llama":
+        for i in range(blocks):
+            p = f"model.layers.{i}."
+            s[p + "self_attn.q_proj.weight"] = (h, h)
+            s[p + "self_attn.k_proj.weight"] = (h // 4, h)
+            s[p + "self_attn.v_proj.weight"] = (h // 4, h)
+            s[p + "self_attn.o_proj.weight"] = (h, h)
+            s[p + "mlp.gate_proj.weight"] = (f, h)
+            s[p + "mlp.up_proj.weight"] = (f, h)
+            s[p + "mlp.down_proj.weight"] = (h, f)
+            s[p + "input_layernorm.weight"] = (h,)
+        s["model.embed_tokens.weight"] = (64, h)
+    else:
+        raise ValueError(f"loraport.tiny: no tiny model for {arch!r}")
+    return s
+
+
+def _weight(shape, generator) -> torch.Tensor:
+    if len(shape) == 1:
+        return torch.randn(shape, generator=generator)
+    m, n = shape[0], int(torch.tensor(shape[1:]).prod())
+    k = min(m, n)
+    spectrum = 0.8 ** torch.arange(k, dtype=torch.float64)  # decaying, like trained weights
+    return matrix_with_spectrum(m, n, spectrum, generator=generator).float().reshape(shape)
+
+
+def base_model(arch: str, *, seed: int = 0, dtype=torch.float32, **kw) -> dict[str, torch.Tensor]:
+    """A tiny ``arch`` base model (see `shapes`) with random decaying-spectrum weights."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: _weight(shape, g).to(dtype) for name, shape in shapes(arch, **kw).items()}
+
+
+def related(weights: dict[str, torch.Tensor], *, eps: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A "new release": every tensor plus ``eps`` times its RMS in Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in weights.items():
+        noise = torch.randn(w.shape, generator=g) * w.float().pow(2).mean().sqrt()
+        out[name] = (w.float() + eps * noise).to(w.dtype)
+    return out
+
+
+def widen_input(
+    weights: dict[str, torch.Tensor], name: str, channels: int, *, seed: int = 2
+) -> dict[str, torch.Tensor]:
+    """A copy with tensor ``name``'s input channels (dim 1) extended to ``channels`` by new random
+    ones, like HunyuanVideo-I2V v1's img_in (16 -> 33 channels)."""
+    w = weights[name]
+    g = torch.Generator().manual_seed(seed)
+    extra = torch.randn((w.shape[0], channels - w.shape[1], *w.shape[2:]), generator=g) * w.float().std()
+    return {**weights, name: torch.cat([w.float(), extra], 1).to(w.dtype)}
+
+
+def to_diffusers_names(arch: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights under the family's diffusers names (fused weights split by rows).
+    Tensors with no diffusers counterpart in the key map are dropped."""
+    a = archs.get(arch)
+    if a.styles == ("diffusers",):
+        return dict(weights)
+    out = {}
+    for key, w in weights.items():
+        name, _, leaf = key.rpartition(".")
+        parts = a.split_parts(name)
+        if parts is not None:
+            for p in parts:
+                out[f"{p.name}.{leaf}"] = w[p.rows(w.shape[0])].clone()
+            continue
+        pieces = a.translate(name, "original", "diffusers") if a.style_of("model", name) else None
+        if pieces is not None:
+            out[f"{pieces[0].name}.{leaf}"] = w
+    return out
+
+
+def lora_targets(arch: str, weights: dict[str, torch.Tensor], style: str | None = None) -> list[str]:
+    """Module names of ``weights`` that a LoRA of ``arch`` can adapt (2-d or conv weights in
+    the key map), in the order of ``weights``."""
+    a = archs.get(arch)
+    style = style or a.styles[0]
+    out = []
+    for key, w in weights.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf == "weight" and w.dim() >= 2 and a.match(style, "model", name):
+            out.append(name)
+    return out
+
+
+def lora(
+    arch: str,
+    weights: dict[str, torch.Tensor],
+    *,
+    fmt: str = "kohya",
+    rank: int = 4,
+    alpha: float | None = 2.0,
+    modules: list[str] | None = None,
+    seed: int = 3,
+    dtype=torch.float32,
+) -> dict[str, torch.Tensor]:
+    """A random LoRA state dict in format ``fmt`` for the modules ``modules`` (default: every
+    adaptable one) of base ``weights`` (named in the family's first style). Conv weights get a
+    LoCon (down [r, in, *kernel], up [out, r, 1, ...])."""
+    a = archs.get(arch)
+    style = a.styles[0]
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for name in modules or lora_targets(arch, weights, style):
+        w = weights[name + ".weight"]
+        down = torch.randn((rank, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
+        up = torch.randn((w.shape[0], rank, *([1] * (w.dim() - 2))), generator=g)
+        mods.append(formats.LoraModule("model", name, up.to(dtype), down.to(dtype), alpha, name))
+    lf = formats.LoraFile(mods, fmt, a, style)
+    return formats.state_dict(lf, fmt)
+
+
+def save_base(weights: dict[str, torch.Tensor], path: str, layout: str = "safetensors") -> str:
+    """Write a base model as ``layout``: "safetensors" (one file), "sharded" (two shards plus
+    model.safetensors.index.json in folder ``path``), "pt" (Tencent's pickled {"module": ...}),
+    or "diffusers" (folder with transformer/diffusion_pytorch_model.safetensors). Returns the
+    path to hand to loraport."""
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if layout == "safetensors":
+        save_file(weights, path)
+    elif layout == "pt":
+        torch.save({"module": weights}, path)
+    elif layout == "sharded":
+        os.makedirs(path, exist_ok=True)
+        keys = list(weights)
+        half = len(keys) // 2
+        shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+        for fname, ks in shards.items():
+            save_file({k: weights[k] for k in ks}, os.path.join(path, fname))
+        index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f)
+    elif layout == "diffusers":
+        os.makedirs(os.path.join(path, "transformer"), exist_ok=True)
+        save_file(weights, os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"))
+    else:
+        raise ValueError(f"loraport.tiny: unknown layout {layout!r}")
+    return path
+
+
+def write_example(folder: str, arch: str = "hunyuan-video") -> dict[str, str]:
+    """A tiny porting example in ``folder``: source.safetensors, target.safetensors (a related
+    release) and lora.safetensors (a kohya/Musubi-style LoRA with alpha). Returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    source = base_model(arch, seed=0, dtype=torch.bfloat16)
+    target = related(source)
+    paths = {
+        "source": save_base(source, os.path.join(folder, "source.safetensors")),
+        "target": save_base(target, os.path.join(folder, "target.safetensors")),
+        "lora": os.path.join(folder, "lora.safetensors"),
+    }
+    sd = lora(arch, source, fmt="kohya", rank=4, alpha=2.0, dtype=torch.bfloat16)
+    save_file(
+        sd,
+        paths["lora"],
+        metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0", "modelspec.title": "tiny example"},
+    )
+    return paths

@@ -1,0 +1,70 @@
+"""Lazy base-model readers: every on-disk layout gives the same tensors, reads only what is
+asked, strips ComfyUI's packing prefix, fingerprints files and reports bad files cleanly."""
+
+import os
+
+import pytest
+import torch
+
+from loraport import tiny
+from loraport.basemodel import BaseModel
+from loraport.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny.base_model("wan", width=16, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "pt", "diffusers", "dict"])
+def test_every_layout_reads_the_same_tensors(tmp_path, weights, layout):
+    if layout == "dict":
+        base = BaseModel(weights)
+    else:
+        name = "m.safetensors" if layout == "safetensors" else ("m.pt" if layout == "pt" else "m")
+        base = BaseModel(tiny.save_base(weights, str(tmp_path / name), layout))
+    assert sorted(base.names()) == sorted(weights)
+    key = "blocks.1.ffn.0.weight"
+    assert base.shape("model", key) == tuple(weights[key].shape)
+    assert base.dtype("model", key) == torch.bfloat16
+    assert base.bytes_read == 0
+    rows = base.read("model", key, slice(8, 24))
+    assert torch.equal(rows, weights[key][8:24])
+    assert base.bytes_read == rows.numel() * 2
+    assert torch.equal(base.read("model", "patch_embedding.weight"), weights["patch_embedding.weight"])
+
+
+def test_comfy_prefix_is_stripped_and_nan_reported(tmp_path, weights):
+    packed = {"model.diffusion_model." + k: v for k, v in weights.items()}
+    packed["model.diffusion_model.blocks.0.ffn.2.weight"] = packed[
+        "model.diffusion_model.blocks.0.ffn.2.weight"
+    ].clone()
+    packed["model.diffusion_model.blocks.0.ffn.2.weight"][1, 1] = float("inf")
+    path = tiny.save_base(packed, str(tmp_path / "c.safetensors"))
+    base = BaseModel(path)
+    assert "blocks.0.self_attn.q.weight" in base.names()
+    with pytest.raises(InputError, match=r"c\.safetensors: tensor 'blocks\.0\.ffn\.2\.weight' contains NaN or Inf"):
+        base.read("model", "blocks.0.ffn.2.weight")
+
+
+def test_fingerprint_tracks_file_changes(tmp_path, weights):
+    path = tiny.save_base(weights, str(tmp_path / "a.safetensors"))
+    first = BaseModel(path).fingerprint()
+    assert first == BaseModel(path).fingerprint()
+    tiny.save_base(tiny.related(weights), path)
+    os.utime(path, ns=(1, 1))
+    assert BaseModel(path).fingerprint() != first
+    assert BaseModel(weights).fingerprint() is None
+
+
+def test_bad_base_files(tmp_path):
+    with pytest.raises(InputError, match="missing.safetensors: no such file"):
+        BaseModel(str(tmp_path / "missing.safetensors"))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="junk.safetensors: not a readable safetensors file"):
+        BaseModel(str(junk))
+    pt = tmp_path / "junk.pt"
+    pt.write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match="junk.pt: not a loadable torch checkpoint"):
+        BaseModel(str(pt))

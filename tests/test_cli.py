@@ -1,0 +1,85 @@
+"""The loraport command: the README's tiny example end to end in a subprocess, `inspect`, and
+bad input (exit status 2, one line naming the file and tensor, no output left behind)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loraport import formats, tiny
+from loraport.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def example(tmp_path):
+    return tiny.write_example(str(tmp_path / "tiny"))
+
+
+def test_readme_example_runs_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    folder = str(tmp_path / "tiny")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "make_tiny_example.py"), folder], check=True, env=env
+    )
+    out = os.path.join(folder, "ported.safetensors")
+    cmd = [sys.executable, "-m", "loraport", "port", os.path.join(folder, "lora.safetensors"),
+           "--source", os.path.join(folder, "source.safetensors"), "--target", os.path.join(folder, "target.safetensors"),
+           "-o", out, "--subspace-rank", "16", "--report", os.path.join(folder, "report.json")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "27 layers: 27 ported" in res.stdout
+    lf = formats.read_lora(out)
+    assert (lf.format, lf.arch.name, len(lf.modules)) == ("kohya", "hunyuan-video", 27)
+    assert lf.metadata["modelspec.title"] == "tiny example" and lf.metadata["ss_network_alpha"] == "4"
+
+
+def test_port_options_and_inspect(example, tmp_path, capsys):
+    out = str(tmp_path / "p.safetensors")
+    rc = main(["port", example["lora"], "--source", example["source"], "--target", example["target"], "-o", out,
+               "--energy", "0.95", "--rank", "2", "--format", "comfy", "--variant", "source-then-target", "--quiet"])  # fmt: skip
+    assert rc == 0 and capsys.readouterr().out == ""
+    lf = formats.read_lora(out)
+    assert lf.format == "comfy" and {m.rank for m in lf.modules} == {2}
+    assert main(["inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert "format comfy, arch hunyuan-video" in text and "ranks: {2: 27}" in text
+    assert main(["inspect", example["source"]]) == 0
+    assert "arch hunyuan-video" in capsys.readouterr().out
+
+
+def _fails(capsys, argv, pattern):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("loraport: error: ")
+    assert pattern in err, err
+
+
+def test_bad_input_exits_cleanly(example, tmp_path, capsys):
+    out = str(tmp_path / "o.safetensors")
+    common = ["--source", example["source"], "--target", example["target"], "-o", out, "--quiet"]
+    _fails(capsys, ["port", str(tmp_path / "missing.safetensors"), *common], "missing.safetensors: no such file")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(open(example["lora"], "rb").read()[:-64])
+    _fails(capsys, ["port", str(truncated), *common], "t.safetensors: not a readable safetensors file")
+    sd = formats.state_dict(formats.read_lora(example["lora"]))
+    key = "lora_unet_double_blocks_1_txt_attn_proj.lora_down.weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0] = float("inf")
+    save_file(sd, tmp_path / "inf.safetensors")
+    _fails(capsys, ["port", str(tmp_path / "inf.safetensors"), *common], f"'{key}' contains NaN or Inf")
+    flux = tiny.lora("flux", tiny.base_model("flux", width=16), fmt="diffusers")
+    flux["transformer.x_embedder.lora_A.weight"] = torch.ones(4, 16)
+    flux["transformer.x_embedder.lora_B.weight"] = torch.ones(16, 4)
+    save_file(flux, tmp_path / "flux.safetensors")
+    _fails(capsys, ["port", str(tmp_path / "flux.safetensors"), *common], "a flux LoRA, but the source base")
+    _fails(capsys, ["port", example["lora"], "--source", example["source"], "--target", example["target"],
+                    "-o", example["source"]], "the output path is an input file")  # fmt: skip
+    _fails(capsys, ["port", example["lora"], *common, "--max-vram", "lots"], "cannot read a size from 'lots'")
+    assert not os.path.exists(out)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []

@@ -1,0 +1,225 @@
+"""LoRA file formats: reading real key layouts, round trips through every writer, style
+conversion (fused <-> split), alpha conventions, metadata, atomic writes and clean errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loraport import formats, tiny
+from loraport.errors import InputError
+
+
+def delta(m: formats.LoraModule) -> torch.Tensor:
+    """The module's dense ΔW = scale · up @ down, float64 [out, in·kernel]."""
+    up, down = m.factors()
+    return up.double() @ down.double()
+
+
+def deltas(lf: formats.LoraFile) -> dict[str, torch.Tensor]:
+    return {m.name: delta(m) for m in lf.modules}
+
+
+@pytest.fixture(scope="module")
+def hunyuan():
+    return tiny.base_model("hunyuan-video", width=16)
+
+
+def test_kohya_names_resolve_against_the_key_map():
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for stem in (
+        "double_blocks_0_img_attn_qkv",
+        "double_blocks_0_txt_mlp_fc1",
+        "single_blocks_3_modulation_linear",
+        "txt_in_individual_token_refiner_blocks_1_self_attn_qkv",
+    ):
+        sd[f"lora_unet_{stem}.lora_down.weight"] = torch.randn(4, 16, generator=g)
+        sd[f"lora_unet_{stem}.lora_up.weight"] = torch.randn(48, 4, generator=g)
+        sd[f"lora_unet_{stem}.alpha"] = torch.tensor(2.0)
+    lf = formats.read_lora(sd)
+    assert (lf.format, lf.arch.name, lf.style) == ("kohya", "hunyuan-video", "original")
+    assert [m.name for m in lf.modules] == [
+        "double_blocks.0.img_attn_qkv",
+        "double_blocks.0.txt_mlp.fc1",
+        "single_blocks.3.modulation.linear",
+        "txt_in.individual_token_refiner.blocks.1.self_attn_qkv",
+    ]
+    assert all(m.known and m.scale == 0.5 for m in lf.modules)
+
+
+def test_unknown_module_is_kept_and_flagged(hunyuan):
+    sd = tiny.lora("hunyuan-video", hunyuan, fmt="kohya")
+    sd["lora_unet_double_blocks_0_img_attn_foo.lora_down.weight"] = torch.ones(4, 16)
+    sd["lora_unet_double_blocks_0_img_attn_foo.lora_up.weight"] = torch.ones(16, 4)
+    lf = formats.read_lora(sd)
+    unknown = [m for m in lf.modules if not m.known]
+    assert [m.name for m in unknown] == ["double_blocks_0_img_attn_foo"]
+    assert "lora_unet_double_blocks_0_img_attn_foo.lora_up.weight" in formats.state_dict(lf)
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_round_trip_every_format(tmp_path, hunyuan, fmt):
+    sd = tiny.lora("hunyuan-video", hunyuan, fmt=fmt, alpha=3.0, dtype=torch.bfloat16)
+    src = tmp_path / "in.safetensors"
+    save_file(sd, src, metadata={"ss_network_dim": "4", "modelspec.title": "x"})
+    lf = formats.read_lora(src)
+    assert lf.format == fmt
+    out = tmp_path / "out.safetensors"
+    formats.write_lora(lf, out)
+    with safe_open(out, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    if fmt in ("kohya", "tencent", "comfy"):  # alphas stored: the very same keys come back
+        assert keys == set(sd)
+    else:  # diffusers / PEFT fold alpha / r into up
+        assert keys == {k for k in sd if not k.endswith(".alpha")}
+    assert meta["modelspec.title"] == "x" and meta["ss_network_dim"] == "4"
+    back = formats.read_lora(out)
+    assert back.format == fmt and len(back.modules) == len(lf.modules)
+    for name, d in deltas(lf).items():
+        torch.testing.assert_close(deltas(back)[name], d, rtol=1e-2, atol=1e-4)  # bf16 fold
+    assert all(m.up.dtype == torch.bfloat16 for m in back.modules)
+
+
+@pytest.mark.parametrize("arch", ["hunyuan-video", "flux"])
+def test_fused_and_split_styles_convert_exactly(arch):
+    weights = tiny.base_model(arch, width=16)
+    lf = formats.read_lora(tiny.lora(arch, weights, fmt="kohya", alpha=2.0, modules=None))
+    as_diffusers = formats.read_lora(formats.state_dict(lf, "diffusers"), arch=arch)
+    assert as_diffusers.style == "diffusers"
+    split = deltas(as_diffusers)
+    fused = deltas(lf)
+    a = lf.arch
+    for name, d in fused.items():
+        parts = a.split_parts(name)
+        if parts:  # each split part is a row slice of the fused update
+            for p in parts:
+                torch.testing.assert_close(split[p.name], d[p.rows(d.shape[0])])
+        else:
+            assert a.translate(name, "original", "diffusers")[0].name in split
+    again = deltas(formats.read_lora(formats.state_dict(as_diffusers, "kohya"), arch=arch))
+    assert again.keys() == fused.keys()
+    for name, d in fused.items():
+        torch.testing.assert_close(again[name], d)
+
+
+def test_split_to_fused_zero_fills_absent_parts(hunyuan):
+    lf = formats.read_lora(
+        tiny.lora("hunyuan-video", hunyuan, fmt="kohya", modules=["single_blocks.0.linear1"]), arch="hunyuan-video"
+    )
+    d = formats.state_dict(lf, "diffusers")
+    only_q = {k: v for k, v in d.items() if ".attn.to_q." in k}
+    fused = formats.read_lora(
+        formats.state_dict(formats.read_lora(only_q, arch="hunyuan-video"), "kohya"), arch="hunyuan-video"
+    )
+    (m,) = fused.modules
+    full = delta(lf.modules[0])
+    q = delta(m)
+    torch.testing.assert_close(q[:16], full[:16])
+    assert q[16:].abs().max() == 0
+
+
+def test_peft_alpha_from_adapter_config(tmp_path):
+    weights = tiny.base_model("llama", width=16)
+    sd = tiny.lora("llama", weights, fmt="peft", alpha=None, rank=4)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file(sd, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"r": 4, "lora_alpha": 8, "alpha_pattern": {"model.layers.1.mlp.up_proj": 2}})
+    )
+    lf = formats.read_lora(folder / "adapter_model.safetensors")
+    scales = {m.name: m.scale for m in lf.modules}
+    assert scales["model.layers.0.self_attn.q_proj"] == 2.0
+    assert scales["model.layers.1.mlp.up_proj"] == 0.5
+    out = tmp_path / "out"
+    out.mkdir()
+    formats.write_lora(lf, out / "adapter_model.safetensors")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == cfg["r"] == 4 and cfg["alpha_pattern"] == {}
+    back = formats.read_lora(out / "adapter_model.safetensors")  # reads the new config: scale 1
+    for name, d in deltas(lf).items():
+        torch.testing.assert_close(deltas(back)[name], d)
+
+
+def test_diffusers_alpha_from_header_metadata_and_rslora(tmp_path):
+    weights = tiny.base_model("flux", width=16)
+    sd = tiny.lora("flux", weights, fmt="diffusers", alpha=None, rank=4)
+    path = tmp_path / "l.safetensors"
+    cfg = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.use_rslora": True}
+    save_file(sd, path, metadata={formats.ADAPTER_METADATA_KEY: json.dumps(cfg)})
+    lf = formats.read_lora(path)
+    assert all(abs(m.scale - 8 / 4**0.5) < 1e-12 for m in lf.modules)
+    out = tmp_path / "o.safetensors"
+    formats.write_lora(lf, out)
+    with safe_open(out, "pt") as f:
+        new_cfg = json.loads(f.metadata()[formats.ADAPTER_METADATA_KEY])
+    assert new_cfg["transformer.lora_alpha"] == 4 and new_cfg["transformer.use_rslora"] is False
+    back = formats.read_lora(out)
+    for name, d in deltas(lf).items():
+        torch.testing.assert_close(deltas(back)[name], d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "key, what",
+    [
+        ("lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a", "LoHa"),
+        ("lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "LoKr"),
+        ("lora_unet_double_blocks_0_img_attn_qkv.dora_scale", "DoRA"),
+        ("transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector", "DoRA"),
+    ],
+)
+def test_unsupported_adapters_name_file_and_tensor(tmp_path, hunyuan, key, what):
+    sd = tiny.lora("hunyuan-video", hunyuan, fmt="diffusers" if key.startswith("transformer") else "kohya")
+    sd[key] = torch.ones(4)
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, path)
+    with pytest.raises(InputError, match=rf"bad\.safetensors.*{key.replace('.', '[.]')}.*unsupported.*{what}"):
+        formats.read_lora(path)
+
+
+def test_bad_files_raise_one_clear_error(tmp_path, hunyuan):
+    sd = tiny.lora("hunyuan-video", hunyuan, fmt="kohya")
+    good = tmp_path / "good.safetensors"
+    save_file(sd, good)
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(InputError, match="trunc.safetensors: not a readable safetensors file"):
+        formats.read_lora(truncated)
+    with pytest.raises(InputError, match="nope.safetensors: no such file"):
+        formats.read_lora(tmp_path / "nope.safetensors")
+    key = "lora_unet_single_blocks_1_linear2.lora_up.weight"
+    nan = dict(sd)
+    nan[key] = sd[key].clone()
+    nan[key][0, 0] = float("nan")
+    with pytest.raises(InputError, match=rf"'{key}' contains NaN or Inf"):
+        formats.read_lora(nan)
+    mixed = {**sd, "transformer.x.lora_A.weight": torch.ones(4, 4)}
+    with pytest.raises(InputError, match="mixes LoRA formats"):
+        formats.read_lora(mixed)
+    no_up = {k: v for k, v in sd.items() if not k.startswith("lora_unet_single_blocks_1_linear2.lora_up")}
+    with pytest.raises(InputError, match="'lora_unet_single_blocks_1_linear2' has no up factor"):
+        formats.read_lora(no_up)
+
+
+def test_writes_are_atomic_and_never_overwrite_an_input(tmp_path, hunyuan, monkeypatch):
+    path = tmp_path / "in.safetensors"
+    save_file(tiny.lora("hunyuan-video", hunyuan, fmt="kohya"), path)
+    before = path.read_bytes()
+    lf = formats.read_lora(path)
+    with pytest.raises(InputError, match="is an input file"):
+        formats.write_lora(lf, path)
+    assert path.read_bytes() == before
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(formats, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        formats.write_lora(lf, tmp_path / "out.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]

@@ -1,0 +1,244 @@
+"""The porting pipeline against a dense float64 reference of the same formula (exact SVD
+subspaces of the base weights, loraport.reference.project_lora_dense), for both projection
+variants, conv and fused/split layers, widened inputs, the similarity threshold, energy-chosen
+ranks, streaming in groups, the report, and bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from loraport import formats, reference, tiny
+from loraport.errors import InputError
+from loraport.pipeline import port
+
+ARCH = "hunyuan-video"
+K = 6  # subspace rank; the LoRA rank 4 <= K keeps every projection exact
+SVD = dict(subspace_rank=K, power_iters=4, quiet=True)
+
+
+def delta(m: formats.LoraModule) -> torch.Tensor:
+    up, down = m.factors()
+    return up.double() @ down.double()  # [out, in·kernel]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+def projected(d: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """U Uᵀ d V Vᵀ with the exact top-k subspaces of w (float64)."""
+    U, _, V = reference.svd_truncated(w.flatten(1), k)
+    return reference.project_lora_dense(d, torch.eye(d.shape[1], dtype=torch.float64), U, V)
+
+
+def similarity(ws: torch.Tensor, wt: torch.Tensor, k: int) -> float:
+    Us, _, Vs = reference.svd_truncated(ws.flatten(1), k)
+    Ut, _, Vt = reference.svd_truncated(wt.flatten(1), k)
+    return float(reference.subspace_similarity(Us, Ut) + reference.subspace_similarity(Vs, Vt)) / 2
+
+
+@pytest.fixture(scope="module")
+def models():
+    source = tiny.base_model(ARCH, width=16, seed=0)
+    return {"source": source, "target": tiny.related(source), "unrelated": tiny.base_model(ARCH, width=16, seed=7)}
+
+
+@pytest.fixture(scope="module")
+def lora_sd(models):
+    return tiny.lora(ARCH, models["source"], fmt="kohya", rank=4, alpha=3.0)
+
+
+def files(tmp_path, models, lora_sd, target="target"):
+    paths = {
+        "lora": str(tmp_path / "lora.safetensors"),
+        "source": tiny.save_base(models["source"], str(tmp_path / "source.safetensors")),
+        "target": tiny.save_base(models[target], str(tmp_path / "target.safetensors")),
+        "out": str(tmp_path / "out.safetensors"),
+    }
+    tiny.save_base(lora_sd, paths["lora"])
+    return paths
+
+
+@pytest.mark.parametrize("variant", ["target", "source-then-target"])
+def test_port_matches_dense_reference(tmp_path, models, lora_sd, variant):
+    p = files(tmp_path, models, lora_sd)
+    rep = port(p["lora"], p["source"], p["target"], p["out"], variant=variant, **SVD)
+    lora_in = formats.read_lora(p["lora"], arch=ARCH)
+    lora_out = formats.read_lora(p["out"], arch=ARCH)
+    assert lora_out.format == "kohya"
+    out = {m.name: m for m in lora_out.modules}
+    rows = {r.module: r for r in rep.rows}
+    assert len(out) == len(lora_in.modules) == 27
+    assert any(m.kernel for m in lora_in.modules)  # the Conv3d img_in is among them
+    for m in lora_in.modules:
+        ws, wt = models["source"][m.name + ".weight"].double(), models["target"][m.name + ".weight"].double()
+        d = delta(m)
+        if variant == "source-then-target":
+            d = projected(d, ws, K)
+        want = projected(d, wt, K)
+        got = delta(out[m.name])
+        assert rel_err(got, want) < 1e-3, m.name
+        assert out[m.name].alpha == out[m.name].rank == 4  # scale folded: alpha = rank
+        row = rows[m.name]
+        assert row.action == "ported" and row.rank_in == row.rank_out == 4
+        assert abs(row.similarity - similarity(ws, wt, K)) < 1e-3
+        assert abs(row.rel_change - rel_err(want, delta(m))) < 1e-3
+        assert row.similarity > 0.9  # a related release
+
+
+def test_fused_lora_on_split_bases_and_split_lora_on_fused_bases(tmp_path, models, lora_sd):
+    p = files(tmp_path, models, lora_sd)
+    # kohya (fused qkv / linear1) LoRA on diffusers folders (split to_q/to_k/to_v/proj_mlp), from a
+    # .pt source; written as diffusers
+    src = tiny.save_base(tiny.to_diffusers_names(ARCH, models["source"]), str(tmp_path / "src_d"), "diffusers")
+    tgt = tiny.save_base(tiny.to_diffusers_names(ARCH, models["target"]), str(tmp_path / "tgt_d"), "diffusers")
+    out_d = str(tmp_path / "split.safetensors")
+    port(p["lora"], src, tgt, out_d, format="diffusers", **SVD)
+    split = {m.name: delta(m) for m in formats.read_lora(out_d, arch=ARCH).modules}
+    # the same LoRA converted to diffusers names, on the original (fused) bases
+    diff_lora = str(tmp_path / "lora_d.safetensors")
+    formats.write_lora(formats.read_lora(p["lora"], arch=ARCH), diff_lora, format="diffusers")
+    out_s = str(tmp_path / "slices.safetensors")
+    port(diff_lora, tiny.save_base(models["source"], str(tmp_path / "s.pt"), "pt"), p["target"], out_s, **SVD)
+    sliced = {m.name: m for m in formats.read_lora(out_s, arch=ARCH).modules}
+
+    lora_in = formats.read_lora(p["lora"], arch=ARCH)
+    split_in = {m.name: m for m in formats.read_lora(diff_lora, arch=ARCH).modules}
+    a = lora_in.arch
+    for m in lora_in.modules:
+        want = projected(delta(m), models["target"][m.name + ".weight"].double(), K)
+        parts = a.split_parts(m.name) or [None]
+        for part in parts:
+            name = part.name if part else a.translate(m.name, "original", "diffusers")[0].name
+            rows = part.rows(want.shape[0]) if part else slice(None)
+            assert rel_err(split[name], want[rows]) < 1e-3, name  # fused projection, then split
+            if part:  # split module projected on its row slice of the fused weight
+                wt = models["target"][m.name + ".weight"].double()[rows]
+                assert rel_err(delta(sliced[name]), projected(delta(split_in[name]), wt, K)) < 1e-3, name
+
+
+def test_dissimilar_layers_are_skipped_or_copied(tmp_path, models, lora_sd):
+    p = files(tmp_path, models, lora_sd, target="unrelated")
+    with pytest.raises(InputError, match="no module was ported or copied"):
+        port(p["lora"], p["source"], p["target"], p["out"], min_similarity=0.95, report=str(tmp_path / "r.json"), **SVD)
+    assert not os.path.exists(p["out"])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["summary"]["actions"] == {"skipped": 27}
+    rep = port(p["lora"], p["source"], p["target"], p["out"], min_similarity=0.95, on_dissimilar="copy", **SVD)
+    assert {r.action for r in rep.rows} == {"copied"}
+    lora_in = {m.name: delta(m) for m in formats.read_lora(p["lora"], arch=ARCH).modules}
+    for m in formats.read_lora(p["out"], arch=ARCH).modules:
+        torch.testing.assert_close(delta(m), lora_in[m.name])
+    for r in rep.rows:  # similarity of unrelated weights is far below that of related ones
+        assert r.similarity < 0.9
+
+
+def test_widened_input_channels_and_shape_mismatch(tmp_path, models, lora_sd):
+    target = tiny.widen_input(models["target"], "img_in.proj.weight", 9)  # 4 -> 9 input channels
+    narrower = target["single_blocks.0.linear2.weight"][:, :-8].contiguous()
+    target = {**target, "single_blocks.0.linear2.weight": narrower}
+    models = {**models, "wide": target}
+    p = files(tmp_path, models, lora_sd, target="wide")
+    rep = port(p["lora"], p["source"], p["target"], p["out"], **SVD)
+    rows = {r.module: r for r in rep.rows}
+    assert rows["img_in.proj"].action == "padded" and rows["img_in.proj"].target_shape == [16, 9, 1, 2, 2]
+    assert rows["single_blocks.0.linear2"].action == "shape-mismatch"
+    out = {m.name: m for m in formats.read_lora(p["out"], arch=ARCH).modules}
+    assert "single_blocks.0.linear2" not in out
+    conv = [m for m in formats.read_lora(p["lora"], arch=ARCH).modules if m.name == "img_in.proj"][0]
+    up, down = conv.factors()
+    down_pad = torch.cat([conv.down.double(), torch.zeros(4, 5, 1, 2, 2, dtype=torch.float64)], 1).flatten(1)
+    want = projected(up.double() @ down_pad, target["img_in.proj.weight"].double(), K)
+    assert out["img_in.proj"].down.shape == (4, 9, 1, 2, 2)
+    assert rel_err(delta(out["img_in.proj"]), want) < 1e-3
+    ws = torch.cat(
+        [models["source"]["img_in.proj.weight"].double(), torch.zeros(16, 5, 1, 2, 2, dtype=torch.float64)], 1
+    )
+    assert abs(rows["img_in.proj"].similarity - similarity(ws, target["img_in.proj.weight"].double(), K)) < 1e-3
+
+
+def test_energy_rank_and_output_rank(tmp_path, models, lora_sd):
+    p = files(tmp_path, models, lora_sd)
+    rep = port(p["lora"], p["source"], p["target"], p["out"], energy=0.9, rank=2, power_iters=4, quiet=True)
+    out = {m.name: m for m in formats.read_lora(p["out"], arch=ARCH).modules}
+    for m in formats.read_lora(p["lora"], arch=ARCH).modules:
+        row = next(r for r in rep.rows if r.module == m.name)
+        wt = models["target"][m.name + ".weight"].double().flatten(1)
+        s2 = torch.linalg.svdvals(wt).square()
+        k_ref = int((torch.cumsum(s2, 0) < 0.9 * s2.sum()).sum()) + 1
+        assert abs(row.subspace_rank[1] - k_ref) <= 1, m.name
+        assert out[m.name].rank == row.rank_out == min(2, row.subspace_rank[1])
+        want = reference.best_rank(projected(delta(m), wt, row.subspace_rank[1]), row.rank_out)
+        assert rel_err(delta(out[m.name]), want) < 1e-3, m.name
+
+
+def test_streaming_in_small_groups_gives_the_same_result(tmp_path, models, lora_sd):
+    p = files(tmp_path, models, lora_sd)
+    port(p["lora"], p["source"], p["target"], p["out"], **SVD)
+    one = str(tmp_path / "one.safetensors")
+    port(p["lora"], p["source"], p["target"], one, max_memory=1, **SVD)
+    big = {m.name: delta(m) for m in formats.read_lora(p["out"], arch=ARCH).modules}
+    for m in formats.read_lora(one, arch=ARCH).modules:
+        torch.testing.assert_close(delta(m), big[m.name], rtol=1e-4, atol=1e-6)
+
+
+def test_dry_run_and_report(tmp_path, models, lora_sd):
+    p = files(tmp_path, models, lora_sd)
+    rep = port(p["lora"], p["source"], p["target"], dry_run=True, report=str(tmp_path / "r.json"), quiet=True)
+    assert {r.action for r in rep.rows} == {"planned"} and rep.bytes_read == 0
+    assert sorted(os.listdir(tmp_path)) == ["lora.safetensors", "r.json", "source.safetensors", "target.safetensors"]
+    rep = port(p["lora"], p["source"], p["target"], p["out"], report=str(tmp_path / "r.json"), **SVD)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert len(doc["layers"]) == 27 and doc["summary"]["actions"] == {"ported": 27}
+    assert doc["arch"] == ARCH and doc["format_out"] == "kohya" and doc["bytes_read"] == rep.bytes_read > 0
+    assert json.loads(rep.to_json())["summary"] == doc["summary"]
+    assert "27 layers: 27 ported" in rep.table()
+
+
+def test_bad_input(tmp_path, models, lora_sd):
+    p = files(tmp_path, models, lora_sd)
+    before = sorted(os.listdir(tmp_path))
+    wan = tiny.base_model("wan", width=16)
+    wan_lora = tiny.save_base(tiny.lora("wan", wan, fmt="kohya"), str(tmp_path / "wan.safetensors"))
+    with pytest.raises(
+        InputError,
+        match=r"wan\.safetensors: a wan LoRA, but the source base .*source\.safetensors is a hunyuan-video model",
+    ):
+        port(wan_lora, p["source"], p["target"], p["out"], **SVD)
+    with pytest.raises(InputError, match="the output path is an input file"):
+        port(p["lora"], p["source"], p["target"], p["target"], **SVD)
+    bad = dict(models["target"])
+    bad["single_blocks.1.linear1.weight"] = bad["single_blocks.1.linear1.weight"].clone()
+    bad["single_blocks.1.linear1.weight"][3, 3] = float("nan")
+    nan_target = tiny.save_base(bad, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(
+        InputError, match=r"nan\.safetensors: tensor 'single_blocks\.1\.linear1\.weight' contains NaN or Inf"
+    ):
+        port(p["lora"], p["source"], nan_target, p["out"], **SVD)
+    # a LoRA that does not fit its source
+    wrong = tiny.save_base(
+        tiny.lora(ARCH, tiny.base_model(ARCH, width=8), fmt="kohya"), str(tmp_path / "w8.safetensors")
+    )
+    with pytest.raises(
+        InputError, match=r"w8\.safetensors: module 'lora_unet_\w+' is \[\d+, 8\] .* source weight is \[\d+, 16\]"
+    ):
+        port(wrong, p["source"], p["target"], p["out"], **SVD)
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["wan.safetensors", "nan.safetensors", "w8.safetensors"])
+
+
+def test_unknown_and_missing_modules_are_reported_not_dropped_silently(tmp_path, models, lora_sd):
+    sd = dict(lora_sd)
+    sd["lora_unet_double_blocks_0_img_attn_foo.lora_down.weight"] = torch.ones(4, 16)
+    sd["lora_unet_double_blocks_0_img_attn_foo.lora_up.weight"] = torch.ones(16, 4)
+    target = {k: v for k, v in models["target"].items() if not k.startswith("single_blocks.1.linear2")}
+    p = files(tmp_path, {**models, "cut": target}, sd, target="cut")
+    rep = port(p["lora"], p["source"], p["target"], p["out"], **SVD)
+    rows = {r.module: r for r in rep.rows}
+    assert rows["double_blocks_0_img_attn_foo"].action == "unknown"
+    assert rows["single_blocks.1.linear2"].action == "missing"
+    assert "has no 'single_blocks.1.linear2.weight'" in rows["single_blocks.1.linear2"].note
+    assert rep.summary()["actions"] == {"ported": 26, "unknown": 1, "missing": 1}
+    assert "unknown        double_blocks_0_img_attn_foo" in rep.table()
+    assert len(formats.read_lora(p["out"], arch=ARCH).modules) == 26
