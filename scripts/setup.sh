@@ -18,5 +18,9 @@ echo "== building loraport against $("$venv/bin/python" -c 'import torch; print(
 # --no-build-isolation: compile against the torch installed above, not a fresh download.
 "$venv/bin/pip" install -q --no-build-isolation .
 "$venv/bin/python" -c 'import loraport; print("loraport", loraport.__version__, "built:", loraport.BUILD_INFO)'
-echo "== running the bundled example"
-"$venv/bin/python" examples/quickstart.py
+echo "== the main job on the bundled example: port a tiny Hunyuan-Video-shaped LoRA"
+"$venv/bin/python" examples/make_tiny_example.py examples/out
+"$venv/bin/loraport" port examples/out/lora.safetensors --source examples/out/source.safetensors \
+    --target examples/out/target.safetensors -o examples/out/ported.safetensors \
+    --subspace-rank 16 --report examples/out/report.json
+"$venv/bin/loraport" inspect examples/out/ported.safetensors
