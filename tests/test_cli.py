@@ -21,16 +21,15 @@ def example(tmp_path):
 
 
 def test_readme_example_runs_end_to_end(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     folder = str(tmp_path / "tiny")
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "make_tiny_example.py"), folder], check=True, env=env
+        [sys.executable, os.path.join(ROOT, "examples", "make_tiny_example.py"), folder], check=True
     )
     out = os.path.join(folder, "ported.safetensors")
     cmd = [sys.executable, "-m", "loraport", "port", os.path.join(folder, "lora.safetensors"),
            "--source", os.path.join(folder, "source.safetensors"), "--target", os.path.join(folder, "target.safetensors"),
            "-o", out, "--subspace-rank", "16", "--report", os.path.join(folder, "report.json")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "27 layers: 27 ported" in res.stdout
     lf = formats.read_lora(out)
