@@ -99,7 +99,10 @@ class Orthonormalizer {
   // Cholesky defined for numerically rank-deficient Y; pass 2 then restores orthogonality.
   std::tuple<Tensor, Tensor, Tensor> cholesky_qr_pass(const Tensor& Y, bool shift) {
     const int64_t m = Y.size(-2), l = Y.size(-1);
-    Tensor G = policy_.gram_fp64 ? policy_.gram_fp64(Y) : gram_fp64_aten(Y);  // [b, l, l]
+    // Pass 1 needs the fp64 Gram (cond(Y) up to ~1/u32); pass 2 sees a nearly orthonormal Q1,
+    // whose Gram is accurate in the working precision at a fraction of the fp64 GEMM's cost.
+    Tensor G = !shift ? at::matmul(Y.mT(), Y).to(at::kDouble)
+               : policy_.gram_fp64 ? policy_.gram_fp64(Y) : gram_fp64_aten(Y);  // [b, l, l]
     Tensor trace = G.diagonal(0, -2, -1).sum(-1);                               // [b]
     if (shift) {
       const double u = std::numeric_limits<double>::epsilon() / 2;
