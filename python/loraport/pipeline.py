@@ -370,27 +370,29 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
     def load(chunk):
         t0 = time.perf_counter()
         channels = chunk[0].tgt_shape[1]
-        ws = torch.stack([_read(src, p.module.component, p.src_pieces, channels) for p in chunk])  # [G, m, n]
-        wt = torch.stack([_read(tgt, p.module.component, p.tgt_pieces, channels) for p in chunk])  # [G, m, n]
-        return ws, wt, time.perf_counter() - t0
+        # Sources then targets in one tensor, so both releases go through one batched rsvd call.
+        weights = [_read(src, p.module.component, p.src_pieces, channels) for p in chunk]
+        weights += [_read(tgt, p.module.component, p.tgt_pieces, channels) for p in chunk]
+        return torch.stack(weights), time.perf_counter() - t0  # [2G, m, n]
 
     with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
-            ws, wt, t_read = pending.result()
+            weights, t_read = pending.result()
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             seconds["read"] += t_read
-            _port_chunk(chunk, ws, wt, settings, seconds)
+            _port_chunk(chunk, weights, settings, seconds)
             bar.update(len(chunk))
             bar.set_postfix_str(f"{(src.bytes_read + tgt.bytes_read) / 1e9:.2f} GB read")
 
 
-def _port_chunk(chunk: list[_Plan], ws: torch.Tensor, wt: torch.Tensor, settings: dict, seconds: dict):
+def _port_chunk(chunk: list[_Plan], weights: torch.Tensor, settings: dict, seconds: dict):
     """Subspaces of one batch of same-shape layers, then similarity and projection per layer
-    (sets each plan's row and result). ws, wt: [G, m, n] float32 source / target weights."""
+    (sets each plan's row and result). weights: [2G, m, n] float32, G sources then G targets."""
     device = settings["device"]
     t0 = time.perf_counter()
-    m, n = ws.shape[-2:]
+    G, (m, n) = len(chunk), weights.shape[-2:]
+    ws, wt = weights[:G], weights[G:]  # [G, m, n] each
     k_max = min(settings["subspace_rank"] or min(m, n), m, n)
     svd = dict(
         oversample=settings["oversample"],
@@ -398,8 +400,8 @@ def _port_chunk(chunk: list[_Plan], ws: torch.Tensor, wt: torch.Tensor, settings
         method=settings["method"],
         seed=settings["seed"],
     )
-    Us, Ss, Vs = rsvd(ws.to(device), k_max, **svd)  # [G, m, k], [G, k], [G, n, k]
-    Ut, St, Vt = rsvd(wt.to(device), k_max, **svd)
+    U, S, V = rsvd(weights.to(device), k_max, **svd)  # [2G, m, k], [2G, k], [2G, n, k]
+    (Us, Ut), (Ss, St), (Vs, Vt) = U.split(G), S.split(G), V.split(G)
     seconds["svd"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
