@@ -119,15 +119,12 @@ def peers(k: int, oversample: int, device: str):
         return methods
     if device == "cpu":
 
-        def sklearn_rsvd(A, q):
+        def sklearn_rsvd(A, q):  # one matrix at a time; randomized_svd returns (U, S, Vt)
             outs = [randomized_svd(a.numpy(), k, n_oversamples=oversample, n_iter=q, random_state=0) for a in A]
-            return tuple(torch.stack([torch.from_numpy(o[i].copy()) for o in outs]) for i in range(3))
-
-        def sklearn_fix(A, q):  # randomized_svd returns Vt
-            U, S, Vt = sklearn_rsvd(A, q)
+            U, S, Vt = (torch.stack([torch.from_numpy(o[i].copy()) for o in outs]) for i in range(3))
             return U, S, Vt.mT
 
-        methods["sklearn randomized_svd"] = sklearn_fix
+        methods["sklearn randomized_svd"] = sklearn_rsvd
     return methods
 
 
