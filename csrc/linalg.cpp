@@ -10,12 +10,17 @@
 // method="krylov" keeps every block of [A W, (A A^T) A W, ...] (Musco & Musco 2015, block
 // Krylov) and reuses the A^T Q_i products it already computed for the Rayleigh-Ritz step, so it
 // makes exactly as many passes over A as method="power" with the same power_iters (2q + 2),
-// while searching a (q + 1)-times wider space.
+// while searching a (q + 1)-times wider space. Its block may be narrower than the rank (the
+// space only has to be as wide as the rank): the cost of a pass is proportional to the block
+// width, and a narrow block with more iterations reaches a given subspace accuracy with fewer
+// GEMM flops (benchmarks/RESULTS.md).
+// Wide matrices (m < n) are decomposed as A^T, so the sketch is [min(m, n), l].
 #include "linalg.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -123,9 +128,21 @@ class Orthonormalizer {
 
   static constexpr double kMaxPass2Spread = 1e2;
 
+  // Y^T Y in fp64, accumulated over row tiles of ~4 MiB: no fp64 copy of the whole Y (an
+  // n x L Rayleigh-Ritz basis would otherwise mean allocating and faulting in tens of MB).
   static Tensor gram_fp64_aten(const Tensor& Y) {
-    Tensor Yd = Y.to(at::kDouble);
-    return at::matmul(Yd.mT(), Yd);
+    const int64_t rows = Y.size(-2), l = Y.size(-1);
+    const int64_t tile = std::max<int64_t>(256, (int64_t(4) << 20) / (8 * l));
+    if (rows <= tile) {
+      Tensor Yd = Y.to(at::kDouble);
+      return at::matmul(Yd.mT(), Yd);
+    }
+    Tensor G = at::zeros({Y.size(0), l, l}, Y.options().dtype(at::kDouble));  // [b, l, l]
+    for (int64_t s = 0; s < rows; s += tile) {
+      Tensor Yd = Y.narrow(-2, s, std::min(tile, rows - s)).to(at::kDouble);  // [b, tile, l]
+      G.baddbmm_(Yd.mT(), Yd);
+    }
+    return G;
   }
 
   const RsvdPolicy& policy_;
@@ -136,7 +153,13 @@ class Orthonormalizer {
 // Project the columns of X [b, m, c] off the orthonormal columns of P [b, m, p].
 Tensor project_out(const Tensor& X, const Tensor& P) { return X - at::matmul(P, at::matmul(P.mT(), X)); }
 
-// The rsvd of one batch already in the working precision. A: [b, m, n], sketch: [n, l].
+// Blocks of the Krylov space [Q0, Q1, ...]: power_iters + 1, but never wider than the matrix.
+int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block) {
+  return std::max<int64_t>(1, std::min(power_iters + 1, min_dim / block));
+}
+
+// The rsvd of one batch already in the working precision. A: [b, m, n] with m >= n (the op
+// hands wide matrices over transposed), sketch: [n, l]. Signs are left to the caller.
 std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& sketch, int64_t rank,
                                               int64_t power_iters, Method method,
                                               Orthonormalizer& orth) {
@@ -155,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
     // Block Krylov space span[Q0, Q1, ...], Q_{i+1} = orth((I - P P^T) A orth(A^T Q_i)) with
     // P = [Q0 .. Qi] (block classical Gram-Schmidt with reorthogonalization). The images A^T Q_i are kept:
     // they are the blocks of B^T = A^T [Q0 .. Qq] needed by Rayleigh-Ritz.
-    const int64_t max_blocks = std::max<int64_t>(1, std::min(power_iters + 1, std::min(m, n) / l));
+    const int64_t max_blocks = krylov_blocks(power_iters, std::min(m, n), l);
     std::vector<Tensor> blocks{Q}, images;
     for (int64_t i = 1; i < max_blocks; ++i) {
       images.push_back(at::matmul(At, blocks.back()));           // [b, n, l]
@@ -177,7 +200,6 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   auto [Ur, S, Vrh] = at::linalg_svd(R.mT(), /*full_matrices=*/false);
   Tensor U = at::matmul(basis, Ur.narrow(-1, 0, rank));            // [b, m, rank]
   Tensor V = at::matmul(P, Vrh.narrow(-2, 0, rank).mT());          // [b, n, rank]
-  normalize_signs(U, V);
   return {U, S.narrow(-1, 0, rank), V};
 }
 
@@ -191,14 +213,24 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   check_float("rsvd", "A", A);
   check_float("rsvd", "sketch", sketch);
   const Method method = parse_method(method_name);
-  const int64_t m = A.size(-2), n = A.size(-1);
-  TORCH_CHECK_VALUE(sketch.dim() == 2 && sketch.size(0) == n, "loraport.rsvd: sketch must be [n, l] = [",
-                    n, ", l] for A of shape ", shape_str(A), ", got ", shape_str(sketch));
+  const int64_t m = A.size(-2), n = A.size(-1), short_side = std::min(m, n);
+  TORCH_CHECK_VALUE(sketch.dim() == 2 && sketch.size(0) == short_side,
+                    "loraport.rsvd: sketch must be [min(m, n), l] = [", short_side, ", l] for A of shape ",
+                    shape_str(A), ", got ", shape_str(sketch));
   const int64_t l = sketch.size(1);
   TORCH_CHECK_VALUE(rank >= 1, "loraport.rsvd: rank must be >= 1, got ", rank);
-  TORCH_CHECK_VALUE(rank <= l && l <= std::min(m, n), "loraport.rsvd: need rank <= sketch width <= min(m, n), got rank=",
-                    rank, ", sketch width ", l, ", A of shape ", shape_str(A));
   TORCH_CHECK_VALUE(power_iters >= 0, "loraport.rsvd: power_iters must be >= 0, got ", power_iters);
+  TORCH_CHECK_VALUE(l <= short_side, "loraport.rsvd: the sketch width must be <= min(m, n), got width ", l,
+                    " for A of shape ", shape_str(A));
+  if (method == Method::Power) {
+    TORCH_CHECK_VALUE(rank <= l, "loraport.rsvd: method \"power\" needs rank <= sketch width, got rank=", rank,
+                      ", sketch width ", l);
+  } else {
+    const int64_t space = krylov_blocks(power_iters, short_side, l) * l;
+    TORCH_CHECK_VALUE(rank <= space, "loraport.rsvd: method \"krylov\" needs rank <= (power_iters + 1) * block "
+                      "(and at most min(m, n) / block blocks); got rank=", rank, ", block ", l, ", power_iters ",
+                      power_iters, ": a Krylov space of ", space, " columns");
+  }
   TORCH_CHECK_VALUE(A.device() == sketch.device(), "loraport.rsvd: A and sketch must be on the same device, got ",
                     A.device(), " and ", sketch.device());
 
@@ -214,8 +246,12 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   Tensor U = at::empty({b, m, rank}, opts), S = at::empty({b, rank}, opts), V = at::empty({b, n, rank}, opts);
   if (b == 0) return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
 
-  const Tensor A3 = A.reshape({b, m, n});
-  const Tensor sk = sketch.to(work);
+  // Work on the tall orientation (a transposed view of a wide A; BLAS takes either layout):
+  // the Krylov basis then lives on the long side and the Rayleigh-Ritz factorization of
+  // A^T basis, the costliest step after the GEMMs, on the short side.
+  const bool wide = m < n;
+  const Tensor A3 = wide ? A.reshape({b, m, n}).mT() : A.reshape({b, m, n});  // [b, long, short]
+  const Tensor sk = sketch.to(work);                                          // [short, l]
 
   // Runs items [begin, end) of the batch, upcasting at most `chunk` matrices at a time.
   auto run_range = [&](int64_t begin, int64_t end, int64_t chunk) {
@@ -235,16 +271,19 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
         Sc.index_copy_(0, idx, Sh);
         Vc.index_copy_(0, idx, Vh);
       }
+      if (wide) std::swap(Uc, Vc);  // the SVD of A^T is V S U^T
+      normalize_signs(Uc, Vc);
       U.narrow(0, s, c).copy_(Uc);
       S.narrow(0, s, c).copy_(Sc);
       V.narrow(0, s, c).copy_(Vc);
     }
   };
 
+  // LORAPORT_UPCAST_CHUNK_BYTES overrides the policy's bound (tests use it to run the loop).
+  int64_t chunk_bytes = policy.upcast_chunk_bytes;
+  if (const char* env = std::getenv("LORAPORT_UPCAST_CHUNK_BYTES")) chunk_bytes = std::max<int64_t>(1, std::atoll(env));
   const int64_t elem = c10::elementSize(work);
-  const int64_t chunk = A.scalar_type() == work
-                            ? b
-                            : std::max<int64_t>(1, policy.upcast_chunk_bytes / std::max<int64_t>(1, m * n * elem));
+  const int64_t chunk = A.scalar_type() == work ? b : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, m * n * elem));
   // Small matrices: one matrix per thread beats threading inside tiny GEMMs.
   constexpr int64_t kSmallMatrix = int64_t(1) << 18;
   if (policy.parallel_over_batch && b > 1 && m * n <= kSmallMatrix && at::get_num_threads() > 1) {

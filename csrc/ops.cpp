@@ -24,8 +24,9 @@ std::string build_info() {
 }  // namespace loraport
 
 TORCH_LIBRARY(loraport, m) {
-  // Randomized SVD of a batch. A: [..., m, n] (fp16/bf16/fp32/fp64); sketch: [n, l] Gaussian
-  // (shared by the batch), rank <= l <= min(m, n); method: "power" or "krylov".
+  // Randomized SVD of a batch. A: [..., m, n] (fp16/bf16/fp32/fp64); sketch: [min(m, n), l]
+  // Gaussian (shared by the batch; it sketches A, or A^T when m < n), l <= min(m, n);
+  // method "power" (rank <= l) or "krylov" (block size l; rank <= the Krylov space's width).
   // Returns U [..., m, rank], S [..., rank] (descending), V [..., n, rank]; fp32 (fp64 for fp64 A).
   m.def("rsvd(Tensor A, Tensor sketch, int rank, int power_iters, str method) "
         "-> (Tensor U, Tensor S, Tensor V)");

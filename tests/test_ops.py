@@ -65,11 +65,15 @@ def test_rsvd_subspace_overlap_krylov_beats_power(generator):
     assert overlap["power", 1] > 0.5
 
 
-@pytest.mark.parametrize("method", ["power", "krylov"])
-def test_rsvd_matches_reference_algorithm(method, generator):
-    """Same sketch, same subspace as the textbook float64 algorithm (Householder QR)."""
-    A = spectrum_matrix(250, 180, SLOW, generator).double()
-    sketch = torch.randn(180, 20, dtype=torch.float64, generator=generator)
+@pytest.mark.parametrize(
+    "method, width", [("power", 20), ("krylov", 20), ("krylov", 8)], ids=["power", "krylov", "krylov-narrow-block"]
+)
+@pytest.mark.parametrize("m, n", [(250, 180), (180, 250)], ids=["tall", "wide"])
+def test_rsvd_matches_reference_algorithm(method, width, m, n, generator):
+    """Same sketch, same subspace as the textbook float64 algorithm (Householder QR); wide
+    matrices are decomposed as A^T and a Krylov block may be narrower than the rank (8 < 12)."""
+    A = spectrum_matrix(m, n, SLOW, generator).double()
+    sketch = torch.randn(min(m, n), width, dtype=torch.float64, generator=generator)
     U, S, V = torch.ops.loraport.rsvd(A, sketch, 12, 2, method)
     U_ref, S_ref, V_ref = ref.rsvd(A, sketch, 12, 2, method)
     assert torch.allclose(S, S_ref, rtol=1e-9)
@@ -96,6 +100,34 @@ def test_rsvd_bf16_batched_equals_single(generator):
         Ui, Si, Vi = loraport.rsvd(A[i], 8, seed=5)
         assert torch.allclose(S[i], Si, rtol=1e-5)
         assert loraport.subspace_similarity(U[i], Ui).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_rsvd_narrow_krylov_block_beats_power_at_equal_flops(generator):
+    """A pass costs in proportion to the block width: krylov with block 8 and power_iters=5
+    (12 passes x 8 columns) must find a closer top-16 subspace than power with its 24-column
+    sketch at power_iters=2 (6 passes x 24 columns, 1.5x the flops), and stay near-optimal."""
+    A = spectrum_matrix(400, 300, SLOW, generator).float()
+    k = 16
+    U_true, _, V_true = ref.svd_truncated(A, k)
+    U, S, V = loraport.rsvd(A, k, power_iters=5, method="krylov", block_size=8, seed=3)
+    U_p, _, _ = loraport.rsvd(A, k, power_iters=2, method="power", seed=3)
+    narrow, power = (loraport.subspace_similarity(u, U_true.float()).item() for u in (U, U_p))
+    assert narrow > power + 0.03, (narrow, power)
+    assert (ref.reconstruction_error(A, U, S, V) / ref.optimal_error(A, k)).item() <= 1.05
+    assert orthogonality_error(U) <= 1e-5 and orthogonality_error(V) <= 1e-5
+
+
+def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch):
+    """A bf16 batch larger than one upcast chunk is decomposed chunk by chunk (here 1 matrix per
+    chunk, set through LORAPORT_UPCAST_CHUNK_BYTES) with the same result as in one chunk."""
+    A = spectrum_matrix(120, 90, SLOW, generator, batch=(5,)).bfloat16()
+    whole = loraport.rsvd(A, 8, seed=5, method="krylov")
+    monkeypatch.setenv("LORAPORT_UPCAST_CHUNK_BYTES", str(120 * 90 * 4 + 100))  # one fp32 matrix
+    chunked = loraport.rsvd(A, 8, seed=5, method="krylov")
+    torch.testing.assert_close(chunked.S, whole.S, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked.U, whole.U, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.V, whole.V, rtol=1e-4, atol=1e-4)
+    assert (ref.reconstruction_error(A, *chunked) / ref.optimal_error(A, 8)).max() <= 1.2
 
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
@@ -242,7 +274,10 @@ def test_subspace_similarity_against_reference(generator):
         (lambda A: loraport.rsvd(A[0], 4), r"\[\.\.\., rows, cols\]"),
         (lambda A: loraport.rsvd(A[:, :0], 4), "rows, cols >= 1"),
         (lambda A: torch.ops.loraport.rsvd(A, torch.randn(7, 4), 4, 1, "power"), "sketch must be"),
-        (lambda A: torch.ops.loraport.rsvd(A, torch.randn(20, 4), 5, 1, "power"), "rank <= sketch width"),
+        (lambda A: torch.ops.loraport.rsvd(A, torch.randn(10, 4), 5, 1, "power"), "rank <= sketch width"),
+        (lambda A: torch.ops.loraport.rsvd(A, torch.randn(10, 4), 9, 1, "krylov"), "Krylov space of 8 columns"),
+        (lambda A: loraport.rsvd(A, 9, power_iters=1, method="krylov", block_size=4), "narrower than rank 9"),
+        (lambda A: loraport.rsvd(A, 4, block_size=4), "block_size is a setting of"),
         (lambda A: loraport.project_lora(A[:, :3], torch.randn(4, 20), A[:, :5], torch.randn(20, 5)), "disagree on r"),
         (lambda A: loraport.project_lora(A[:, :3], torch.randn(3, 20), A[:7, :5], torch.randn(20, 5)), "U must be"),
         (lambda A: loraport.project_lora(A[:, :3], torch.randn(3, 20), A[:, :5], torch.randn(20, 5), rank=4), "rank must be in"),

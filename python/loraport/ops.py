@@ -52,6 +52,7 @@ def rsvd(
     power_iters: int = 2,
     method: str = "power",
     seed: int | None = None,
+    block_size: int | None = None,
 ) -> SVDResult:
     """Truncated SVD of every matrix in ``A`` ([..., m, n]) by randomized subspace iteration.
 
@@ -62,6 +63,13 @@ def rsvd(
     and finds more accurate singular subspaces on slowly decaying spectra. float16/bfloat16
     inputs are upcast chunk by chunk inside the op; arithmetic is float32 (float64 for float64
     input), and so are the outputs. The batch of matrices shares one sketch.
+
+    ``block_size`` (krylov only) sets the width of each Krylov block, default ``rank +
+    oversample``; it may be smaller than ``rank`` as long as the space is wide enough,
+    ``(power_iters + 1) * block_size >= rank``. A pass costs in proportion to the block width,
+    so a narrow block with more iterations reaches a given subspace accuracy with fewer flops
+    (e.g. rank 64: block 48 with power_iters=3, or block 32 with power_iters=5; see
+    benchmarks/RESULTS.md).
     """
     # Finiteness is checked on S afterwards: any NaN/Inf in A reaches S through A @ sketch, and a
     # full isfinite pass over A would cost as much as the decomposition's GEMMs.
@@ -72,15 +80,28 @@ def rsvd(
     if method not in METHODS:
         raise ValueError(f"loraport.rsvd: method must be one of {METHODS}, got {method!r}")
     m, n = A.shape[-2:]
-    k = min(rank, m, n)
-    width = min(k + oversample, m, n)
+    short_side = min(m, n)
+    k = min(rank, short_side)
+    if block_size is None:
+        width = min(k + oversample, short_side)
+    elif method != "krylov":
+        raise ValueError('loraport.rsvd: block_size is a setting of method="krylov" (power uses rank + oversample)')
+    else:
+        width = min(_check_int("rsvd", "block_size", block_size, 1), short_side)
+        blocks = max(1, min(power_iters + 1, short_side // width))
+        if blocks * width < k:
+            raise ValueError(
+                f"loraport.rsvd: a Krylov space of {blocks} blocks of {width} columns is narrower than rank {k}; "
+                f"raise block_size or power_iters so that (power_iters + 1) * block_size >= rank"
+            )
     generator = torch.Generator(device=A.device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(_check_int("rsvd", "seed", seed, 0))
     sketch_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    sketch = torch.randn(n, width, generator=generator, device=A.device, dtype=sketch_dtype)  # [n, l]
+    # The op sketches the tall orientation (A, or A^T when m < n) from its short side.
+    sketch = torch.randn(short_side, width, generator=generator, device=A.device, dtype=sketch_dtype)  # [min(m,n), l]
     not_finite = (
         "loraport.rsvd: A contains NaN or Inf (or values so large that its products overflow float32)"
     )

@@ -28,7 +28,11 @@ def rsvd(
     A: torch.Tensor, sketch: torch.Tensor, rank: int, power_iters: int, method: str = "power"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Textbook randomized SVD with Householder QR in float64, given the same sketch as the op
-    (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1; block Krylov: Musco & Musco 2015)."""
+    (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1; block Krylov: Musco & Musco 2015). Like the
+    op, a wide A (m < n) is decomposed as A^T with sketch [m, l]."""
+    if A.shape[-2] < A.shape[-1]:
+        V, S, U = rsvd(A.mT, sketch, rank, power_iters, method)
+        return U, S, V
     A = A.double()
     orth = lambda X: torch.linalg.qr(X).Q  # noqa: E731
     Q = orth(A @ sketch.double())
