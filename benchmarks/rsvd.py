@@ -156,20 +156,29 @@ def gemm_rate(A: torch.Tensor, width: int, device: str, repeats: int) -> float:
     return 2 * A.numel() * width / seconds / 1e9
 
 
-def run_shape(args, m: int, n: int, k: int, writer) -> None:
-    device, p, q = args.device, args.oversample, args.power_iters
+def run_shape(args, m: int, n: int, ranks: list[int], writer) -> None:
+    """All tables of one shape: one test batch and one exact SVD, shared by every rank."""
+    device = args.device
     A = slow_spectrum_batch(args.batch, m, n, device, seed=m * 7 + n)
     truth_start = time.perf_counter()
     truth = Truth(A)
-    svd_seconds = (time.perf_counter() - truth_start) if device == "cpu" else None
+    # On the CPU the exact SVD that provides the truth (float64) is the torch.linalg.svd row.
+    svd = ("exact (float64)", time.perf_counter() - truth_start)
     if device == "cuda":
-        svd_seconds, _ = timed(lambda: torch.linalg.svd(A, full_matrices=False), device, 1)
+        svd = ("exact (float32)", timed(lambda: torch.linalg.svd(A, full_matrices=False), device, 1)[0])
+    for k in ranks:
+        run_rank(args, A, truth, svd, k, writer)
+
+
+def run_rank(args, A: torch.Tensor, truth: Truth, svd: tuple[str, float], k: int, writer) -> None:
+    device, p, q = args.device, args.oversample, args.power_iters
+    m, n = A.shape[-2:]
     methods = peers(k, p, device)
     rows: list[Row] = []
     same = timed_together({name: (lambda fn=fn: fn(A, q)) for name, fn in methods.items()}, device, args.repeats)
     for name, (seconds, (U, S, V)) in same.items():
         rows.append(Row(name, f"q={q}", seconds, *truth.score(k, U, S, V)))
-    rows.append(Row("torch.linalg.svd", "exact", svd_seconds, 1.0, 1.0))
+    rows.append(Row("torch.linalg.svd", svd[0], svd[1], 1.0, 1.0))
     base = next(r.seconds for r in rows if r.method == "torch.svd_lowrank")
     passes = 2 * q + 2
     gemm_flops = passes * 2 * m * n * (k + p) * args.batch
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small shapes and one rank: seconds")
     parser.add_argument("--shapes", nargs="*", help="m x n shapes, e.g. 3072x12288")
-    parser.add_argument("--ranks", nargs="*", type=int, help="default 32 64 (quick: 32)")
+    parser.add_argument("--ranks", nargs="*", type=int, help="default 32 64 128 256 (quick: 32)")
     parser.add_argument("--batch", type=int, default=2, help="matrices per batch (default 2)")
     parser.add_argument("--oversample", type=int, default=8)
     parser.add_argument("--power-iters", type=int, default=2)
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else (
         QUICK_SHAPES if args.quick else HUNYUAN_SHAPES
     )
-    ranks = args.ranks or ([32] if args.quick else [32, 64])
+    ranks = args.ranks or ([32] if args.quick else [32, 64, 128, 256])
     out = open(args.markdown, "a") if args.markdown else None
 
     def writer(line: str) -> None:
@@ -246,8 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
     writer(f"\n## rsvd benchmark ({machine_description(args.device)})")
     for m, n in shapes:
-        for k in ranks:
-            run_shape(args, m, n, k, writer)
+        run_shape(args, m, n, ranks, writer)
     if out:
         out.close()
 
