@@ -53,13 +53,16 @@ def test_translate_fused_and_split_both_ways():
     (slice_,) = a.translate("single_transformer_blocks.3.proj_mlp", "diffusers", "original")
     assert slice_.name == "single_blocks.3.linear1"
     assert slice_.rows(7 * 16) == slice(48, 112)  # q, k, v: 16 rows each; mlp: 64
-    assert a.translate("final_layer.adaLN_modulation.1", "original", "diffusers") is None
+    (final,) = a.translate("final_layer.adaLN_modulation.1", "original", "diffusers")
+    assert final.name == "norm_out.linear" and final.swap_halves
+    (back,) = a.translate("norm_out.linear", "diffusers", "original")
+    assert back.name == "final_layer.adaLN_modulation.1" and back.swap_halves
     assert (
         archs.WAN.translate("blocks.2.cross_attn.k_img", "original", "diffusers")[0].name == "blocks.2.attn2.add_k_proj"
     )
 
 
-@pytest.mark.parametrize("arch", ["hunyuan-video", "flux", "wan"])
+@pytest.mark.parametrize("arch", ["hunyuan-video", "flux", "wan", "sd15", "sdxl"])
 def test_diffusers_names_cover_the_original_weights(arch):
     """Every adaptable original weight is the row concatenation of its diffusers pieces."""
     original = tiny.base_model(arch, width=16)
@@ -67,5 +70,8 @@ def test_diffusers_names_cover_the_original_weights(arch):
     a = archs.get(arch)
     for name in tiny.lora_targets(arch, original):
         pieces = a.translate(name, "original", "diffusers")
-        rebuilt = torch.cat([diffusers[p.name + ".weight"] for p in pieces], 0)
+        rebuilt = torch.cat([p.arrange(diffusers[p.name + ".weight"]) for p in pieces], 0)
         torch.testing.assert_close(rebuilt, original[name + ".weight"])
+    back = tiny.to_original_names(arch, diffusers)
+    for key, w in back.items():  # and back again, exactly
+        torch.testing.assert_close(w, original[key], rtol=0, atol=0)
