@@ -120,10 +120,16 @@ def _weight(shape, generator) -> torch.Tensor:
     return matrix_with_spectrum(m, n, spectrum, generator=generator).float().reshape(shape)
 
 
+def random_weights(shapes: dict[str, tuple[int, ...]], *, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights of the given shapes: matrices (and conv kernels, flattened) with a decaying
+    spectrum, vectors Gaussian. Also fills a real model's state dict (diffusers' tiny models)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: _weight(tuple(shape), g).to(dtype) for name, shape in shapes.items()}
+
+
 def base_model(arch: str, *, seed: int = 0, dtype=torch.float32, **kw) -> dict[str, torch.Tensor]:
     """A tiny ``arch`` base model (see `shapes`) with random decaying-spectrum weights."""
-    g = torch.Generator().manual_seed(seed)
-    return {name: _weight(shape, g).to(dtype) for name, shape in shapes(arch, **kw).items()}
+    return random_weights(shapes(arch, **kw), seed=seed, dtype=dtype)
 
 
 def related(weights: dict[str, torch.Tensor], *, eps: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
