@@ -111,6 +111,22 @@ def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) ->
     return s
 
 
+def clip_shapes(width: int = 16, layers: int = 2, projection: bool = False) -> dict[str, tuple[int, ...]]:
+    """{weight name: shape} of a tiny CLIP text encoder with Hugging Face names (SD's text
+    encoders; ``projection``: SDXL's second one, CLIPTextModelWithProjection)."""
+    s: dict[str, tuple[int, ...]] = {"text_model.embeddings.token_embedding.weight": (64, width)}
+    for i in range(layers):
+        p = f"text_model.encoder.layers.{i}."
+        for x in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            s[p + f"self_attn.{x}.weight"] = (width, width)
+        s[p + "mlp.fc1.weight"] = (4 * width, width)
+        s[p + "mlp.fc2.weight"] = (width, 4 * width)
+        s[p + "layer_norm1.weight"] = (width,)
+    if projection:
+        s["text_projection.weight"] = (width, width)
+    return s
+
+
 def _weight(shape, generator) -> torch.Tensor:
     if len(shape) == 1:
         return torch.randn(shape, generator=generator)
@@ -195,15 +211,17 @@ def to_original_names(arch: str, weights: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def lora_targets(arch: str, weights: dict[str, torch.Tensor], style: str | None = None) -> list[str]:
-    """Module names of ``weights`` that a LoRA of ``arch`` can adapt (2-d or conv weights in
-    the key map), in the order of ``weights``."""
+def lora_targets(
+    arch: str, weights: dict[str, torch.Tensor], style: str | None = None, component: str = "model"
+) -> list[str]:
+    """Module names of ``weights`` (a ``component``'s) that a LoRA of ``arch`` can adapt (2-d
+    or conv weights in the key map), in the order of ``weights``."""
     a = archs.get(arch)
     style = style or a.styles[0]
     out = []
     for key, w in weights.items():
         name, _, leaf = key.rpartition(".")
-        if leaf == "weight" and w.dim() >= 2 and a.match(style, "model", name):
+        if leaf == "weight" and w.dim() >= 2 and a.match(style, component, name):
             out.append(name)
     return out
 
@@ -218,19 +236,21 @@ def lora(
     modules: list[str] | None = None,
     seed: int = 3,
     dtype=torch.float32,
+    component: str = "model",
 ) -> dict[str, torch.Tensor]:
     """A random LoRA state dict in format ``fmt`` for the modules ``modules`` (default: every
-    adaptable one) of base ``weights`` (named in the family's first style). Conv weights get a
-    LoCon (down [r, in, *kernel], up [out, r, 1, ...])."""
+    adaptable one) of base ``weights`` (named in the family's first style; a ``component``'s:
+    "te1"/"te2" for SD's text encoders). Conv weights get a LoCon (down [r, in, *kernel],
+    up [out, r, 1, ...])."""
     a = archs.get(arch)
     style = a.styles[0]
     g = torch.Generator().manual_seed(seed)
     mods = []
-    for name in modules or lora_targets(arch, weights, style):
+    for name in modules or lora_targets(arch, weights, style, component):
         w = weights[name + ".weight"]
         down = torch.randn((rank, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
         up = torch.randn((w.shape[0], rank, *([1] * (w.dim() - 2))), generator=g)
-        mods.append(formats.LoraModule("model", name, up.to(dtype), down.to(dtype), alpha, name))
+        mods.append(formats.LoraModule(component, name, up.to(dtype), down.to(dtype), alpha, name))
     lf = formats.LoraFile(mods, fmt, a, style)
     return formats.state_dict(lf, fmt)
 
