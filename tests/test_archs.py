@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraport import archs, formats, reference, tiny
+from loraport.errors import InputError
 from loraport.pipeline import port
 
 
@@ -196,3 +197,12 @@ def test_sdxl_kohya_ldm_unet_and_both_text_encoders(tmp_path):
         w = targets[m.component][m.name + ".weight"].flatten(1)
         want = _projected(ref[(m.component, m.name)], w, k)
         assert torch.linalg.matrix_norm(_delta(m) - want) < 1e-3 * torch.linalg.matrix_norm(want), m.name
+
+
+def test_llama_has_no_diffusers_format_only_peft():
+    weights = tiny.base_model("llama", width=16)
+    lf = formats.read_lora(tiny.lora("llama", weights, fmt="peft"))
+    with pytest.raises(InputError, match="llama LoRAs have no diffusers format; write them as peft"):
+        formats.state_dict(lf, "diffusers")
+    keys = formats.state_dict(lf, "peft")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys

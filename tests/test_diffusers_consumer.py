@@ -39,7 +39,14 @@ def tiny_flux():
     )  # fmt: skip
 
 
-MODELS = {"hunyuan-video": tiny_hunyuan, "flux": tiny_flux}
+def tiny_wan():  # an I2V one: cross-attention image keys (attn2.add_k_proj/add_v_proj) and image embedder
+    return diffusers.WanTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+        ffn_dim=32, num_layers=2, image_dim=16, added_kv_proj_dim=16, rope_max_seq_len=32,
+    )  # fmt: skip
+
+
+MODELS = {"hunyuan-video": tiny_hunyuan, "flux": tiny_flux, "wan": tiny_wan}
 
 
 def delta(m: formats.LoraModule) -> torch.Tensor:

@@ -329,8 +329,9 @@ def _component_prefix(fmt: str, comp: str, arch: archs.Arch, label: str) -> str:
                 "te2": "lora_te2_",
             }
     elif fmt == "diffusers":
-        model = arch.diffusers_prefix + "." if arch.diffusers_prefix else ""
-        prefixes = {"model": model, "te1": "text_encoder.", "te2": "text_encoder_2."}
+        if not arch.diffusers_prefix:  # unprefixed keys would be unreadable (no known LoRA prefix)
+            raise InputError(f"{label}: {arch.name} LoRAs have no diffusers format; write them as peft")
+        prefixes = {"model": arch.diffusers_prefix + ".", "te1": "text_encoder.", "te2": "text_encoder_2."}
     elif fmt == "peft":
         prefixes = {"model": "base_model.model."}
     elif fmt == "comfy":
