@@ -98,6 +98,11 @@ def _regex(template: str, underscored: bool) -> re.Pattern:
     return re.compile("^" + re.escape(text).replace("\\#", "#").replace("#", r"(\d+)") + "$")
 
 
+def _first_segment(name: str, underscored: bool) -> str:
+    """The text before the first separator ('_' for kohya-style names, else '.')."""
+    return (name.replace(".", "_") if underscored else name).split("_" if underscored else ".", 1)[0]
+
+
 def _fill(template: str, digits: tuple[str, ...]) -> str:
     parts = template.split("#")
     return parts[0] + "".join(d + p for d, p in zip(digits, parts[1:], strict=True))
@@ -131,13 +136,17 @@ class Arch:
         return out
 
     @cached_property
-    def _compiled(self) -> dict[tuple[str, str, bool], list[tuple[str, re.Pattern]]]:
-        return {
-            (style, comp, u): [(t, _regex(t, u)) for t in temps]
-            for style, comps in self.templates.items()
-            for comp, temps in comps.items()
-            for u in (False, True)
-        }
+    def _compiled(self) -> dict[tuple[str, str, bool], dict[str, list[tuple[str, re.Pattern]]]]:
+        """{(style, component, underscored): {first name segment: [(template, regex)]}}: a name
+        is only tried against the templates that start like it (SD has ~300 templates)."""
+        out: dict = {}
+        for style, comps in self.templates.items():
+            for comp, temps in comps.items():
+                for u in (False, True):
+                    buckets = out.setdefault((style, comp, u), {})
+                    for t in temps:
+                        buckets.setdefault(_first_segment(t, u), []).append((t, _regex(t, u)))
+        return out
 
     @cached_property
     def _rule_index(self) -> list[tuple[Rule, re.Pattern, list[re.Pattern]]]:
@@ -145,7 +154,8 @@ class Arch:
 
     def match(self, style: str, component: str, name: str, underscored: bool = False):
         """(template, block digits) of the template ``name`` instantiates, or None."""
-        for template, rx in self._compiled.get((style, component, underscored), ()):
+        buckets = self._compiled.get((style, component, underscored), {})
+        for template, rx in buckets.get(_first_segment(name, underscored), ()):
             m = rx.match(name)
             if m:
                 return template, m.groups()
