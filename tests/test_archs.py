@@ -172,6 +172,11 @@ def test_sdxl_kohya_ldm_unet_and_both_text_encoders(tmp_path):
         assert key in dsd, key
     as_d = formats.read_lora(dsd)
     assert (as_d.arch.name, as_d.style) == ("sdxl", "diffusers")
+    # kohya SDXL files in diffusers UNet names exist too: read as such, written back as such
+    kohya_d = formats.state_dict(formats.LoraFile(as_d.modules, "kohya", as_d.arch, "diffusers"))
+    assert "lora_unet_down_blocks_2_attentions_1_transformer_blocks_1_attn2_to_k.alpha" in kohya_d
+    assert formats.read_lora(kohya_d).style == "diffusers"
+    assert formats.state_dict(formats.read_lora(kohya_d)).keys() == kohya_d.keys()
     again = formats.state_dict(formats.read_lora(formats.state_dict(as_d, "kohya")), "kohya")
     assert again.keys() == formats.state_dict(lf, "kohya").keys()
     ref = {(m.component, m.name): _delta(m) for m in lf.modules}
@@ -206,3 +211,48 @@ def test_llama_has_no_diffusers_format_only_peft():
         formats.state_dict(lf, "diffusers")
     keys = formats.state_dict(lf, "peft")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_single_file_ldm_checkpoints_with_packed_text_encoders(arch, tmp_path):
+    """Stability's single-file layout: UNet under model.diffusion_model. (LDM names), the CLIP
+    text encoder under cond_stage_model.transformer. (SD 1.x) or conditioner.embedders.0.transformer.
+    (SDXL). A kohya LoRA (SD 1.5: diffusers names and lora_te_; SDXL: LDM names and lora_te1_,
+    lora_te2_) ports from one such file to another; SDXL's second (OpenCLIP) encoder is not mapped,
+    so its modules are reported missing."""
+    xl = arch == "sdxl"
+    unet, te1 = tiny.base_model(arch, width=16), tiny.random_weights(tiny.clip_shapes(16), seed=1)
+    sd = tiny.lora(arch, unet, fmt="kohya", alpha=2.0)
+    sd.update(tiny.lora(arch, te1, fmt="kohya", alpha=2.0, component="te1"))
+    te_prefix = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
+    if xl:
+        te2 = tiny.random_weights(tiny.clip_shapes(24), seed=2)
+        sd.update(tiny.lora(arch, te2, fmt="kohya", alpha=2.0, component="te2"))
+    assert any(k.startswith("lora_te1_" if xl else "lora_te_") for k in sd)
+    assert any(k.startswith("lora_unet_input_blocks_" if xl else "lora_unet_down_blocks_") for k in sd)
+
+    def checkpoint(path, unet_w, te_w):
+        w = {"model.diffusion_model." + k: v for k, v in unet_w.items()}
+        w.update({te_prefix + k: v for k, v in te_w.items()})
+        w["first_stage_model.decoder.conv_in.weight"] = torch.randn(4, 4, 3, 3)  # the VAE, not adapted
+        return tiny.save_base(w, str(path))
+
+    targets = {"model": tiny.related(unet), "te1": tiny.related(te1)}
+    src = checkpoint(tmp_path / "src.safetensors", unet, te1)
+    tgt = checkpoint(tmp_path / "tgt.safetensors", *targets.values())
+    out, k = str(tmp_path / "ported.safetensors"), 6
+    rep = port(sd, src, tgt, out, subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0)
+    lf = formats.read_lora(sd)
+    ref = {(m.component, m.name): _delta(m) for m in lf.modules}
+    missing = {r.module for r in rep.rows if r.action == "missing"}
+    assert missing == {m.name for m in lf.modules if m.component == "te2"}
+    assert {r.action for r in rep.rows} == ({"ported", "missing"} if xl else {"ported"})
+    ported = formats.read_lora(out)
+    assert ported.style == lf.style == ("original" if xl else "diffusers")
+    assert {m.component for m in ported.modules} == {"model", "te1"}
+    a = lf.arch
+    for m in ported.modules:
+        (piece,) = a.translate(m.name, lf.style, "original") if m.component == "model" else [archs.Piece(m.name)]
+        w = targets[m.component][piece.name + ".weight"].flatten(1)
+        want = _projected(ref[(m.component, m.name)], w, k)
+        assert torch.linalg.matrix_norm(_delta(m) - want) < 1e-3 * torch.linalg.matrix_norm(want), m.name

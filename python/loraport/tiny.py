@@ -251,7 +251,9 @@ def lora(
         down = torch.randn((rank, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
         up = torch.randn((w.shape[0], rank, *([1] * (w.dim() - 2))), generator=g)
         mods.append(formats.LoraModule(component, name, up.to(dtype), down.to(dtype), alpha, name))
-    lf = formats.LoraFile(mods, fmt, a, style)
+    # in the naming the format has for this family (SD 1.5 kohya: diffusers names; SDXL kohya: LDM)
+    to_style = formats.format_style(fmt, a)
+    lf = formats.LoraFile(formats.convert_style(formats.LoraFile(mods, fmt, a, style), to_style), fmt, a, to_style)
     return formats.state_dict(lf, fmt)
 
 
