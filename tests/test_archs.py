@@ -9,6 +9,8 @@ from loraport import archs, formats, reference, tiny
 from loraport.errors import InputError
 from loraport.pipeline import port
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("arch", list(archs.ARCHS))
 def test_detect_every_family_from_its_lora(arch):
