@@ -186,7 +186,8 @@ def test_sdxl_kohya_ldm_unet_and_both_text_encoders(tmp_path):
         torch.testing.assert_close(_delta(m), ref[(m.component, m.name)])
 
     def folder(path, unet_w, te1_w, te2_w):
-        for sub, w in (("unet", tiny.to_diffusers_names("sdxl", unet_w)), ("text_encoder", te1_w), ("text_encoder_2", te2_w)):
+        unet_d = tiny.to_diffusers_names("sdxl", unet_w)
+        for sub, w in (("unet", unet_d), ("text_encoder", te1_w), ("text_encoder_2", te2_w)):
             (path / sub).mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in w.items()}, str(path / sub / "model.safetensors"))
         return str(path)

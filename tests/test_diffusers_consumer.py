@@ -23,7 +23,8 @@ from loraport.pipeline import port  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 K = 6  # subspace rank; LoRA rank 4 <= K
-SVD = dict(subspace_rank=K, power_iters=8, quiet=True)  # tiny layers: cheap; fused weights of separately drawn parts have a slower spectrum
+# 8 iterations: cheap at these sizes, and a fused weight of separately drawn parts decays slower
+SVD = dict(subspace_rank=K, power_iters=8, quiet=True)
 
 
 def tiny_hunyuan():
@@ -68,6 +69,28 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _load_every_key(model, sd: dict, prefix: str, adapter: str) -> None:
+    """model.load_lora_adapter, failing on diffusers' warning about unexpected or missing LoRA keys
+    (diffusers' logger does not propagate to pytest's caplog)."""
+    log, warnings = logging.getLogger("diffusers"), _Warnings()
+    log.addHandler(warnings)
+    try:
+        model.load_lora_adapter(sd, prefix=prefix, adapter_name=adapter)
+    finally:
+        log.removeHandler(warnings)
+    assert not [w for w in warnings.messages if "unexpected" in w or "missing" in w], warnings.messages
+
+
+def _fused_change(model, adapter: str, before: dict) -> dict[str, torch.Tensor]:
+    """{module: W_after − W_before [out, in·kernel] float64} over the PEFT-injected layers."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n: mod for n, mod in model.named_modules() if isinstance(mod, LoraLayer)}
+    model.fuse_lora(adapter_names=[adapter])
+    after = {n: mod.get_base_layer().weight.detach() for n, mod in layers.items()}
+    return {n: (w - before[n + ".weight"]).double().flatten(1) for n, w in after.items()}
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def ported(request, tmp_path_factory):
     """(arch, model, target weights, source weights, input LoRA, ported diffusers file, ported kohya file)."""
@@ -94,28 +117,20 @@ def test_every_key_is_consumed_and_the_weights_change_as_ported(ported):
     # the LoRA covered every adaptable module, so the output names every LoRA-able layer of the model
     assert set(file_modules) == set(tiny.lora_targets(arch, target, "diffusers"))
 
-    log, warnings = logging.getLogger("diffusers"), _Warnings()
-    log.addHandler(warnings)
-    try:
-        model.load_lora_adapter(sd, prefix="transformer", adapter_name="ported")
-    finally:
-        log.removeHandler(warnings)
-    assert not [w for w in warnings.messages if "unexpected" in w or "missing" in w], warnings.messages
+    _load_every_key(model, sd, "transformer", "ported")
 
     from peft.tuners.lora import LoraLayer
 
     injected = {n: mod for n, mod in model.named_modules() if isinstance(mod, LoraLayer)}
     assert set(injected) == set(file_modules)  # one PEFT layer per module, none extra
     for name, layer in injected.items():  # every tensor landed, unchanged, at scale 1
-        torch.testing.assert_close(layer.lora_A["ported"].weight, sd[f"transformer.{name}.lora_A.weight"], rtol=0, atol=0)
-        torch.testing.assert_close(layer.lora_B["ported"].weight, sd[f"transformer.{name}.lora_B.weight"], rtol=0, atol=0)
+        for factor, peft_layer in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            torch.testing.assert_close(peft_layer["ported"].weight, sd[f"transformer.{name}.{factor}.weight"], rtol=0, atol=0)
         assert layer.scaling["ported"] == 1.0
 
-    model.fuse_lora(adapter_names=["ported"])
-    change = {n: (layer.get_base_layer().weight.detach() - target[n + ".weight"]).double() for n, layer in injected.items()}
+    change = _fused_change(model, "ported", target)
     for name, m in file_modules.items():
-        d = delta(m)
-        assert rel_err(change[name].flatten(1), d) < 1e-5, name  # fp32 fuse of the file's ΔW
+        assert rel_err(change[name], delta(m)) < 1e-5, name  # fp32 fuse of the file's ΔW
 
     # ... and that ΔW is the dense LoRA-X reference of the fused original layer, in diffusers' layout
     target_original = tiny.to_original_names(arch, target)
@@ -124,7 +139,7 @@ def test_every_key_is_consumed_and_the_weights_change_as_ported(ported):
         want = reference.project_lora_dense(delta(m), torch.eye(delta(m).shape[1], dtype=torch.float64), U, V)
         for part in a.split_parts(m.name) or a.translate(m.name, "original", "diffusers"):
             expected = part.arrange(want[part.rows(want.shape[0])])  # row slice / norm_out.linear halves
-            assert rel_err(change[part.name].flatten(1), expected) < 1e-3, part.name
+            assert rel_err(change[part.name], expected) < 1e-3, part.name
 
 
 def test_ported_files_round_trip(ported, tmp_path):
@@ -154,15 +169,6 @@ def tiny_sdxl_unet():
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
         use_linear_projection=True,
     ).eval()  # fmt: skip
-
-
-def _fused_change(unet, adapter: str, before: dict) -> dict[str, torch.Tensor]:
-    """{module: W_after − W_before [out, in·kernel] float64} over the PEFT-injected layers."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = {n: mod for n, mod in unet.named_modules() if isinstance(mod, LoraLayer)}
-    unet.fuse_lora(adapter_names=[adapter])
-    return {n: (mod.get_base_layer().weight.detach() - before[n + ".weight"]).double().flatten(1) for n, mod in layers.items()}
 
 
 def test_sdxl_kohya_ldm_names_mean_to_diffusers_what_they_mean_to_loraport(tmp_path):
@@ -197,13 +203,7 @@ def test_sdxl_kohya_ldm_names_mean_to_diffusers_what_they_mean_to_loraport(tmp_p
     assert {r.action for r in rep.rows} == {"ported"}
     sd = load_file(out)
     assert all(k.startswith("unet.") for k in sd)
-    log, warnings = logging.getLogger("diffusers"), _Warnings()
-    log.addHandler(warnings)
-    try:
-        unet.load_lora_adapter(sd, prefix="unet", adapter_name="ported")
-    finally:
-        log.removeHandler(warnings)
-    assert not [w for w in warnings.messages if "unexpected" in w or "missing" in w], warnings.messages
+    _load_every_key(unet, sd, "unet", "ported")
     change = _fused_change(unet, "ported", target)
     ported = {m.name: delta(m) for m in formats.read_lora(out).modules}
     assert set(change) == set(ported) == set(ours)

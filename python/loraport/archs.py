@@ -352,7 +352,11 @@ def _sd_unet_rules(down: tuple, up: tuple, sdxl: bool) -> tuple[Rule, ...]:
     """LDM <-> diffusers rules of a UNet whose down/up blocks are (has attentions, has a
     down/upsampler), with 2 layers per down block and 3 per up block."""
     ldm_res, diff_res = (t.strip() for t in _SD_RES.split("->"))
-    lines = ["input_blocks.0.0 -> conv_in", "out.2 -> conv_out", "time_embed.{0,2} -> time_embedding.{linear_1,linear_2}"]
+    lines = [
+        "input_blocks.0.0 -> conv_in",
+        "out.2 -> conv_out",
+        "time_embed.{0,2} -> time_embedding.{linear_1,linear_2}",
+    ]
     if sdxl:
         lines.append("label_emb.0.{0,2} -> add_embedding.{linear_1,linear_2}")
     for i, (attn, sampler) in enumerate(down):

@@ -136,7 +136,9 @@ def _weight(shape, generator) -> torch.Tensor:
     return matrix_with_spectrum(m, n, spectrum, generator=generator).float().reshape(shape)
 
 
-def random_weights(shapes: dict[str, tuple[int, ...]], *, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def random_weights(
+    shapes: dict[str, tuple[int, ...]], *, seed: int = 0, dtype=torch.float32
+) -> dict[str, torch.Tensor]:
     """Random weights of the given shapes: matrices (and conv kernels, flattened) with a decaying
     spectrum, vectors Gaussian. Also fills a real model's state dict (diffusers' tiny models)."""
     g = torch.Generator().manual_seed(seed)
