@@ -2,10 +2,11 @@
 adapters, under which names, and how the two naming styles of a family relate.
 
 A family has one or two naming *styles*: "original" (the names of the authors' checkpoint:
-Tencent's Hunyuan Video, BFL's Flux, Wan's own code; kohya/Musubi, ComfyUI/diffusion-pipe and
-Tencent LoRAs use them) and "diffusers" (the names of the diffusers/transformers classes; used by
-diffusers/PEFT LoRAs and diffusers folders; SD 1.5/SDXL UNets and Llama-style LLMs have only this
-one). Module names are written as templates where ``#`` stands for a block index. A `Rule` ties an
+Tencent's Hunyuan Video, BFL's Flux, Wan's own code, Stability's LDM UNet; kohya/Musubi,
+ComfyUI/diffusion-pipe and Tencent LoRAs use them, except kohya SD 1.x LoRAs, which use diffusers
+names) and "diffusers" (the names of the diffusers/transformers classes; used by diffusers/PEFT
+LoRAs and diffusers folders; Llama-style LLMs have only this one). Names that are the same in
+both styles (SD's CLIP text encoders) translate to themselves. Module names are written as templates where ``#`` stands for a block index. A `Rule` ties an
 original module to its diffusers counterpart: a rename, or a fused original weight (Hunyuan's
 ``img_attn_qkv``, ``linear1``) whose output rows are split into several diffusers modules
 (``attn.to_q/to_k/to_v`` and ``proj_mlp``) in the proportions ``units``, or a rename whose two
