@@ -31,9 +31,9 @@ def test_readme_example_runs_end_to_end(tmp_path):
            "-o", out, "--subspace-rank", "16", "--report", os.path.join(folder, "report.json")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "27 layers: 27 ported" in res.stdout
+    assert "29 layers: 29 ported" in res.stdout
     lf = formats.read_lora(out)
-    assert (lf.format, lf.arch.name, len(lf.modules)) == ("kohya", "hunyuan-video", 27)
+    assert (lf.format, lf.arch.name, len(lf.modules)) == ("kohya", "hunyuan-video", 29)
     assert lf.metadata["modelspec.title"] == "tiny example" and lf.metadata["ss_network_alpha"] == "4"
 
 
@@ -46,7 +46,7 @@ def test_port_options_and_inspect(example, tmp_path, capsys):
     assert lf.format == "comfy" and {m.rank for m in lf.modules} == {2}
     assert main(["inspect", out]) == 0
     text = capsys.readouterr().out
-    assert "format comfy, arch hunyuan-video" in text and "ranks: {2: 27}" in text
+    assert "format comfy, arch hunyuan-video" in text and "ranks: {2: 29}" in text
     assert main(["inspect", example["source"]]) == 0
     assert "arch hunyuan-video" in capsys.readouterr().out
 

@@ -2,13 +2,16 @@
 adapters, under which names, and how the two naming styles of a family relate.
 
 A family has one or two naming *styles*: "original" (the names of the authors' checkpoint:
-Tencent's Hunyuan Video, BFL's Flux, Wan's own code; kohya/Musubi, ComfyUI/diffusion-pipe and
-Tencent LoRAs use them) and "diffusers" (the names of the diffusers/transformers classes; used by
-diffusers/PEFT LoRAs and diffusers folders; SD 1.5/SDXL UNets and Llama-style LLMs have only this
-one). Module names are written as templates where ``#`` stands for a block index. A `Rule` ties an
+Tencent's Hunyuan Video, BFL's Flux, Wan's own code, Stability's LDM UNet; kohya/Musubi,
+ComfyUI/diffusion-pipe and Tencent LoRAs use them, except kohya SD 1.x LoRAs, which use diffusers
+names) and "diffusers" (the names of the diffusers/transformers classes; used by diffusers/PEFT
+LoRAs and diffusers folders; Llama-style LLMs have only this one). Names that are the same in
+both styles (SD's CLIP text encoders) translate to themselves. Module names are written as templates where ``#`` stands for a block index. A `Rule` ties an
 original module to its diffusers counterpart: a rename, or a fused original weight (Hunyuan's
 ``img_attn_qkv``, ``linear1``) whose output rows are split into several diffusers modules
-(``attn.to_q/to_k/to_v`` and ``proj_mlp``) in the proportions ``units``.
+(``attn.to_q/to_k/to_v`` and ``proj_mlp``) in the proportions ``units``, or a rename whose two
+halves of output rows trade places (``final_layer.adaLN_modulation.1`` <-> ``norm_out.linear``:
+(shift, scale) vs (scale, shift)); `Piece.arrange` applies that swap to a weight or an ``up``.
 
 How fused/split layouts are handled (`translate`): a LoRA module keeps its own layout. A split LoRA
 module (``attn.to_q``) on a base with the fused weight (``img_attn_qkv``) uses the matching row
@@ -28,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import torch
+
 STYLES = ("original", "diffusers")
 # Components of a model that LoRA files address separately. "model" is the denoiser (UNet or
 # transformer) or the LLM; "te1"/"te2" are SD's text encoders.
@@ -42,17 +47,31 @@ class Rule:
     original: str
     diffusers: tuple[str, ...]
     units: tuple[int, ...] = (1,)
+    swap_halves: bool = False  # the two halves of the output rows are swapped between the styles
 
 
 @dataclass(frozen=True)
 class Piece:
     """Part of a module's base weight: rows [start, start + units) of ``total`` equal row units
-    of the base tensor ``name`` (start=0, units=total=1: the whole tensor)."""
+    of the base tensor ``name`` (start=0, units=total=1: the whole tensor), with the two halves
+    of those rows swapped when ``swap_halves`` (see `arrange`)."""
 
     name: str
     start: int = 0
     units: int = 1
     total: int = 1
+    swap_halves: bool = False
+
+    def arrange(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` [rows, ...] (a weight or a LoRA up factor) with its row halves swapped when
+        ``swap_halves``: [a; b] -> [b; a]. The swap is its own inverse, so the same call maps
+        either style's layout to the other's."""
+        if not self.swap_halves:
+            return t
+        if t.shape[0] % 2:
+            raise ValueError(f"loraport: {self.name} has {t.shape[0]} rows; its layout swaps two equal halves")
+        first, second = t.chunk(2, 0)
+        return torch.cat([second, first], 0)
 
     def rows(self, n_rows: int) -> slice:
         if n_rows % self.total:
@@ -78,6 +97,11 @@ def _expand(template: str) -> list[str]:
 def _regex(template: str, underscored: bool) -> re.Pattern:
     text = template.replace(".", "_") if underscored else template
     return re.compile("^" + re.escape(text).replace("\\#", "#").replace("#", r"(\d+)") + "$")
+
+
+def _first_segment(name: str, underscored: bool) -> str:
+    """The text before the first separator ('_' for kohya-style names, else '.')."""
+    return (name.replace(".", "_") if underscored else name).split("_" if underscored else ".", 1)[0]
 
 
 def _fill(template: str, digits: tuple[str, ...]) -> str:
@@ -113,13 +137,17 @@ class Arch:
         return out
 
     @cached_property
-    def _compiled(self) -> dict[tuple[str, str, bool], list[tuple[str, re.Pattern]]]:
-        return {
-            (style, comp, u): [(t, _regex(t, u)) for t in temps]
-            for style, comps in self.templates.items()
-            for comp, temps in comps.items()
-            for u in (False, True)
-        }
+    def _compiled(self) -> dict[tuple[str, str, bool], dict[str, list[tuple[str, re.Pattern]]]]:
+        """{(style, component, underscored): {first name segment: [(template, regex)]}}: a name
+        is only tried against the templates that start like it (SD has ~300 templates)."""
+        out: dict = {}
+        for style, comps in self.templates.items():
+            for comp, temps in comps.items():
+                for u in (False, True):
+                    buckets = out.setdefault((style, comp, u), {})
+                    for t in temps:
+                        buckets.setdefault(_first_segment(t, u), []).append((t, _regex(t, u)))
+        return out
 
     @cached_property
     def _rule_index(self) -> list[tuple[Rule, re.Pattern, list[re.Pattern]]]:
@@ -127,7 +155,8 @@ class Arch:
 
     def match(self, style: str, component: str, name: str, underscored: bool = False):
         """(template, block digits) of the template ``name`` instantiates, or None."""
-        for template, rx in self._compiled.get((style, component, underscored), ()):
+        buckets = self._compiled.get((style, component, underscored), {})
+        for template, rx in buckets.get(_first_segment(name, underscored), ()):
             m = rx.match(name)
             if m:
                 return template, m.groups()
@@ -160,14 +189,21 @@ class Arch:
             if from_style == "original":
                 m = rx_orig.match(name)
                 if m:
-                    return [Piece(_fill(d, m.groups())) for d in rule.diffusers]
+                    return [Piece(_fill(d, m.groups()), swap_halves=rule.swap_halves) for d in rule.diffusers]
             else:
                 for i, rx in enumerate(rx_diff):
                     m = rx.match(name)
                     if m:
                         total = sum(rule.units)
-                        return [Piece(_fill(rule.original, m.groups()), sum(rule.units[:i]), rule.units[i], total)]
+                        start, units = sum(rule.units[:i]), rule.units[i]
+                        return [Piece(_fill(rule.original, m.groups()), start, units, total, rule.swap_halves)]
+        if self._shared(name, from_style, to_style):  # e.g. SD's text encoders: same names in both styles
+            return [Piece(name)]
         return None
+
+    def _shared(self, name: str, *styles: str) -> bool:
+        """Whether ``name`` is a module name of every one of ``styles`` (any component)."""
+        return all(any(self.match(s, comp, name) for comp in COMPONENTS) for s in styles)
 
     def split_parts(self, name: str) -> list[Piece] | None:
         """For an original-style fused module (``img_attn_qkv``): its diffusers parts, each with
@@ -195,11 +231,15 @@ class Arch:
 
 
 def _pairs(lines: str) -> tuple[Rule, ...]:
-    """Rules from lines 'original -> diffusers' (braces pair up alternatives one to one) or
+    """Rules from lines 'original -> diffusers' (braces pair up alternatives one to one),
+    'original -> diffusers swap halves' (a rename whose output row halves trade places) or
     'original -> part | part | ... units a,b,...' (a fused weight split into parts)."""
     rules = []
     for line in lines.strip().splitlines():
         orig, rest = (s.strip() for s in line.split("->"))
+        if rest.endswith(" swap halves"):
+            rules.append(Rule(orig, (rest.removesuffix(" swap halves"),), swap_halves=True))
+            continue
         if "|" in rest:
             rest, units = rest.split(" units ")
             parts = tuple(p.strip() for p in rest.split("|"))
@@ -212,6 +252,9 @@ def _pairs(lines: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+# final_layer.adaLN_modulation.1 (Hunyuan, Flux): the original splits its output as (shift, scale),
+# diffusers' AdaLayerNormContinuous (norm_out.linear) as (scale, shift); diffusers' conversion
+# scripts swap the halves, so the rule does too. Every other modulation keeps its order.
 _HUNYUAN_TOKEN_REFINER = "txt_in.individual_token_refiner.blocks.#"
 _HUNYUAN_REFINER_D = "context_embedder.token_refiner.refiner_blocks.#"
 HUNYUAN_VIDEO = Arch(
@@ -241,10 +284,9 @@ time_in.mlp.{{0,2}} -> time_text_embed.timestep_embedder.{{linear_1,linear_2}}
 vector_in.{{in_layer,out_layer}} -> time_text_embed.text_embedder.{{linear_1,linear_2}}
 guidance_in.mlp.{{0,2}} -> time_text_embed.guidance_embedder.{{linear_1,linear_2}}
 final_layer.linear -> proj_out
+final_layer.adaLN_modulation.1 -> norm_out.linear swap halves
 """
     ),
-    # diffusers swaps the shift/scale halves of the final modulation: no row-exact counterpart.
-    extra={"original": {"model": ["final_layer.adaLN_modulation.1"]}, "diffusers": {"model": ["norm_out.linear"]}},
 )
 
 FLUX = Arch(
@@ -268,9 +310,9 @@ time_in.{in_layer,out_layer} -> time_text_embed.timestep_embedder.{linear_1,line
 vector_in.{in_layer,out_layer} -> time_text_embed.text_embedder.{linear_1,linear_2}
 guidance_in.{in_layer,out_layer} -> time_text_embed.guidance_embedder.{linear_1,linear_2}
 final_layer.linear -> proj_out
+final_layer.adaLN_modulation.1 -> norm_out.linear swap halves
 """
     ),
-    extra={"original": {"model": ["final_layer.adaLN_modulation.1"]}, "diffusers": {"model": ["norm_out.linear"]}},
 )
 
 WAN = Arch(
@@ -291,36 +333,78 @@ img_emb.proj.{1,3} -> condition_embedder.image_embedder.ff.{net.0.proj,net.2}
     ),
 )
 
-_SD_ATTN = "attentions.#.{proj_in,proj_out,transformer_blocks.#.attn1.to_q,transformer_blocks.#.attn1.to_k,transformer_blocks.#.attn1.to_v,transformer_blocks.#.attn1.to_out.0,transformer_blocks.#.attn2.to_q,transformer_blocks.#.attn2.to_k,transformer_blocks.#.attn2.to_v,transformer_blocks.#.attn2.to_out.0,transformer_blocks.#.ff.net.0.proj,transformer_blocks.#.ff.net.2}"
-_SD_RES = "resnets.#.{conv1,conv2,time_emb_proj,conv_shortcut}"
-_SD_UNET = [
-    f"{{down_blocks.#,up_blocks.#,mid_block}}.{_SD_ATTN}",
-    f"{{down_blocks.#,up_blocks.#,mid_block}}.{_SD_RES}",
-    "down_blocks.#.downsamplers.0.conv",
-    "up_blocks.#.upsamplers.0.conv",
-    "{conv_in,conv_out}",
-    "time_embedding.{linear_1,linear_2}",
-]
+# SD 1.5 / SDXL UNets. "diffusers": UNet2DConditionModel names (kohya SD 1.x LoRAs use them too);
+# "original": the LDM names of Stability's single-file checkpoints (under model.diffusion_model.),
+# which kohya SDXL LoRAs use (sd-scripts' SDXL UNet keeps them). Down block i, layer j is
+# input_blocks.{3i+j+1} (.0 resnet, .1 attention), its downsampler input_blocks.{3i+3}.0.op;
+# up block i, layer j is output_blocks.{3i+j}, its upsampler output_blocks.{3i+2}.{1 or 2}.conv
+# (2 when the block has attentions); middle_block.{0,1,2} = resnet 0, attention, resnet 1.
+# Text encoders: Hugging Face CLIP names in both styles (kohya lora_te1_/lora_te2_ included).
+_SD_ATTN = (
+    "{proj_in,proj_out,transformer_blocks.#.attn1.to_q,transformer_blocks.#.attn1.to_k,"
+    "transformer_blocks.#.attn1.to_v,transformer_blocks.#.attn1.to_out.0,transformer_blocks.#.attn2.to_q,"
+    "transformer_blocks.#.attn2.to_k,transformer_blocks.#.attn2.to_v,transformer_blocks.#.attn2.to_out.0,"
+    "transformer_blocks.#.ff.net.0.proj,transformer_blocks.#.ff.net.2}"
+)
+_SD_RES = "{in_layers.2,out_layers.3,emb_layers.1,skip_connection} -> {conv1,conv2,time_emb_proj,conv_shortcut}"
+
+
+def _sd_unet_rules(down: tuple, up: tuple, sdxl: bool) -> tuple[Rule, ...]:
+    """LDM <-> diffusers rules of a UNet whose down/up blocks are (has attentions, has a
+    down/upsampler), with 2 layers per down block and 3 per up block."""
+    ldm_res, diff_res = (t.strip() for t in _SD_RES.split("->"))
+    lines = [
+        "input_blocks.0.0 -> conv_in",
+        "out.2 -> conv_out",
+        "time_embed.{0,2} -> time_embedding.{linear_1,linear_2}",
+    ]
+    if sdxl:
+        lines.append("label_emb.0.{0,2} -> add_embedding.{linear_1,linear_2}")
+    for i, (attn, sampler) in enumerate(down):
+        for j in range(2):
+            lines.append(f"input_blocks.{3 * i + j + 1}.0.{ldm_res} -> down_blocks.{i}.resnets.{j}.{diff_res}")
+            if attn:
+                lines.append(f"input_blocks.{3 * i + j + 1}.1.{_SD_ATTN} -> down_blocks.{i}.attentions.{j}.{_SD_ATTN}")
+        if sampler:
+            lines.append(f"input_blocks.{3 * i + 3}.0.op -> down_blocks.{i}.downsamplers.0.conv")
+    lines.append(f"middle_block.{{0,2}}.{ldm_res} -> mid_block.resnets.{{0,1}}.{diff_res}")
+    lines.append(f"middle_block.1.{_SD_ATTN} -> mid_block.attentions.0.{_SD_ATTN}")
+    for i, (attn, sampler) in enumerate(up):
+        for j in range(3):
+            lines.append(f"output_blocks.{3 * i + j}.0.{ldm_res} -> up_blocks.{i}.resnets.{j}.{diff_res}")
+            if attn:
+                lines.append(f"output_blocks.{3 * i + j}.1.{_SD_ATTN} -> up_blocks.{i}.attentions.{j}.{_SD_ATTN}")
+        if sampler:
+            lines.append(f"output_blocks.{3 * i + 2}.{2 if attn else 1}.conv -> up_blocks.{i}.upsamplers.0.conv")
+    return _pairs("\n".join(lines))
+
+
 _CLIP = [
     "text_model.encoder.layers.#.{self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.out_proj,mlp.fc1,mlp.fc2}"
 ]
+_SD15_TE = {"te1": _CLIP}
 SD15 = Arch(
     "sd15",
-    extra={"diffusers": {"model": _SD_UNET, "te1": _CLIP}},
+    rules=_sd_unet_rules(
+        down=((True, True), (True, True), (True, True), (False, False)),
+        up=((False, True), (True, True), (True, True), (True, False)),
+        sdxl=False,
+    ),
+    extra={"original": _SD15_TE, "diffusers": _SD15_TE},
     diffusers_prefix="unet",
     kohya_style="diffusers",
 )
+_SDXL_TE = {"te1": _CLIP, "te2": _CLIP + ["text_projection"]}
 SDXL = Arch(
     "sdxl",
-    extra={
-        "diffusers": {
-            "model": _SD_UNET + ["add_embedding.{linear_1,linear_2}"],
-            "te1": _CLIP,
-            "te2": _CLIP + ["text_projection"],
-        }
-    },
+    rules=_sd_unet_rules(
+        down=((False, True), (True, True), (True, False)),
+        up=((True, True), (True, True), (False, False)),
+        sdxl=True,
+    ),
+    extra={"original": _SDXL_TE, "diffusers": _SDXL_TE},
     diffusers_prefix="unet",
-    kohya_style="diffusers",
+    kohya_style="original",
 )
 LLAMA = Arch(
     "llama",

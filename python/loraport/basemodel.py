@@ -4,8 +4,10 @@ weights possibly under "module", opened with torch.load(weights_only=True, mmap=
 diffusers folder (``transformer/`` or ``unet/``, ``text_encoder/``, ``text_encoder_2/``), or an
 in-memory state dict. Nothing is read until asked: `BaseModel.shape` reads headers only, and
 `BaseModel.read` reads one tensor (or a row slice of it). Keys packed under ComfyUI's
-``model.diffusion_model.`` prefix are seen without it. `fingerprint` (sizes, mtimes and a hash of
-each file's first MiB) identifies the files cheaply, for a cache of subspaces."""
+``model.diffusion_model.`` prefix are seen without it; an LDM checkpoint's CLIP text encoder
+(``cond_stage_model.transformer.``, ``conditioner.embedders.0.transformer.``) is component
+"te1". `fingerprint` (sizes, mtimes and a hash of each file's first MiB) identifies the files
+cheaply, for a cache of subspaces."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ from safetensors import safe_open
 from .errors import InputError
 
 _STRIPPED_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Text encoders packed in a single-file SD checkpoint (LDM layout) under Hugging Face CLIP names:
+# SD 1.x's, and SDXL's first one. (SDXL's second one, conditioner.embedders.1.model.*, uses
+# OpenCLIP names with a fused in_proj and is not mapped.)
+_PACKED_COMPONENTS = {"te1": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")}
 # diffusers folder: component -> candidate subfolders
 _SUBFOLDERS = {"model": ("transformer", "unet"), "te1": ("text_encoder",), "te2": ("text_encoder_2",)}
 _ST_DTYPES = {
@@ -51,9 +57,12 @@ class _Store:
         raise NotImplementedError
 
 
-def _strip(keys) -> dict[str, str]:
-    """name -> key, without a ComfyUI packing prefix that most keys share."""
+def _strip(keys, prefix: str | None = None) -> dict[str, str]:
+    """name -> key, without a ComfyUI packing prefix that most keys share (or, given
+    ``prefix``, only the keys under it, without it)."""
     keys = list(keys)
+    if prefix is not None:
+        return {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
     for prefix in _STRIPPED_PREFIXES:
         inside = [k for k in keys if k.startswith(prefix)]
         if inside and len(inside) * 2 > len(keys):
@@ -62,7 +71,7 @@ def _strip(keys) -> dict[str, str]:
 
 
 class _SafetensorsStore(_Store):
-    def __init__(self, files: list[str], label: str):
+    def __init__(self, files: list[str], label: str, prefix: str | None = None):
         super().__init__(label)
         self.files = files
         self._handles = {}
@@ -71,7 +80,7 @@ class _SafetensorsStore(_Store):
             f = self._open(path)
             for k in f.keys():
                 key_file[k] = path
-        self._names = _strip(key_file)
+        self._names = _strip(key_file, prefix)
         self._file_of = key_file
 
     def _open(self, path):
@@ -103,10 +112,10 @@ class _SafetensorsStore(_Store):
 
 
 class _DictStore(_Store):
-    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str, prefix: str | None = None):
         super().__init__(label)
         self._tensors = tensors
-        self._names = _strip(k for k, v in tensors.items() if isinstance(v, torch.Tensor))
+        self._names = _strip((k for k, v in tensors.items() if isinstance(v, torch.Tensor)), prefix)
 
     def shape(self, name):
         return tuple(self._tensors[self._names[name]].shape)
@@ -158,6 +167,7 @@ class BaseModel:
         self._stores: dict[str, _Store] = {}
         if isinstance(src, Mapping):
             self._stores["model"] = _DictStore(src, self.label)
+            self._add_packed(lambda prefix: _DictStore(src, self.label, prefix))
             return
         path = os.fspath(src)
         if os.path.isdir(path):
@@ -175,14 +185,25 @@ class BaseModel:
                 )
         elif not os.path.isfile(path):
             raise InputError(f"{path}: no such file or folder")
-        elif path.endswith(".index.json"):
-            self._stores["model"] = _SafetensorsStore(_index_files(path), self.label)
-        elif path.endswith(".safetensors"):
-            self._stores["model"] = _SafetensorsStore([path], self.label)
+        elif path.endswith((".index.json", ".safetensors")):
+            files = _index_files(path) if path.endswith(".index.json") else [path]
+            self._stores["model"] = _SafetensorsStore(files, self.label)
+            self._add_packed(lambda prefix: _SafetensorsStore(files, self.label, prefix))
         else:
-            store = _DictStore(_load_pickle(path), self.label)
+            tensors = _load_pickle(path)
+            store = _DictStore(tensors, self.label)
             store.files = [path]
             self._stores["model"] = store
+            self._add_packed(lambda prefix: _DictStore(tensors, self.label, prefix))
+
+    def _add_packed(self, view) -> None:
+        """Components packed into the model's own file(s) (SD's text encoders in LDM
+        checkpoints): ``view(prefix)`` is a store of the keys under ``prefix``."""
+        for comp, prefixes in _PACKED_COMPONENTS.items():
+            for prefix in prefixes:
+                store = view(prefix)
+                if store.names() and comp not in self._stores:
+                    self._stores[comp] = store
 
     def components(self) -> list[str]:
         return list(self._stores)

@@ -225,9 +225,9 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
     elif isinstance(arch, str):
         arch = archs.get(arch)
 
-    underscored = parsed[0][2]
-    if underscored:
-        style = arch.kohya_style
+    if parsed[0][2]:  # kohya-style names: the style most of them resolve in, ties to the usual one
+        hits = {s: sum(arch.match(s, c, n, u) is not None for c, n, u, *_ in parsed) for s in arch.styles}
+        style = max(arch.styles, key=lambda s: (hits[s], s == arch.kohya_style))
     else:
         votes = [arch.style_of(c, n) for c, n, *_ in parsed]
         style = max(arch.styles, key=votes.count)
@@ -265,9 +265,10 @@ def format_style(fmt: str, arch: archs.Arch) -> str:
 
 
 def convert_style(lora: LoraFile, to_style: str) -> list[LoraModule]:
-    """The modules of ``lora`` renamed to ``to_style``: renames; fused -> split (rows of up
-    sliced by the rule's units, down shared: exact); split -> fused (up block-diagonal, downs
-    stacked, scales folded: exact, rank = sum of parts, absent parts zero)."""
+    """The modules of ``lora`` renamed to ``to_style``: renames (up's row halves swapped where
+    the key map says the layouts differ so); fused -> split (rows of up sliced by the rule's
+    units, down shared: exact); split -> fused (up block-diagonal, downs stacked, scales folded:
+    exact, rank = sum of parts, absent parts zero)."""
     if lora.style == to_style:
         return list(lora.modules)
     arch = lora.arch
@@ -297,7 +298,7 @@ def convert_style(lora: LoraFile, to_style: str) -> list[LoraModule]:
             raise InputError(
                 f"{lora.label}: module '{m.key}' has no {to_style}-style counterpart in the {arch.name} key map"
             )
-        out.append(replace(m, name=pieces[0].name))
+        out.append(replace(m, name=pieces[0].name, up=pieces[0].arrange(m.up)))  # rows in to_style's order
     for fused_name, (rule, parts, first) in fused.items():
         unit = next(p.up.shape[0] // rule.units[i] for i, p in parts.items())
         ups, downs = [], []
@@ -328,8 +329,9 @@ def _component_prefix(fmt: str, comp: str, arch: archs.Arch, label: str) -> str:
                 "te2": "lora_te2_",
             }
     elif fmt == "diffusers":
-        model = arch.diffusers_prefix + "." if arch.diffusers_prefix else ""
-        prefixes = {"model": model, "te1": "text_encoder.", "te2": "text_encoder_2."}
+        if not arch.diffusers_prefix:  # unprefixed keys would be unreadable (no known LoRA prefix)
+            raise InputError(f"{label}: {arch.name} LoRAs have no diffusers format; write them as peft")
+        prefixes = {"model": arch.diffusers_prefix + ".", "te1": "text_encoder.", "te2": "text_encoder_2."}
     elif fmt == "peft":
         prefixes = {"model": "base_model.model."}
     elif fmt == "comfy":
@@ -344,7 +346,8 @@ def _component_prefix(fmt: str, comp: str, arch: archs.Arch, label: str) -> str:
 def state_dict(lora: LoraFile, fmt: str | None = None) -> dict[str, torch.Tensor]:
     """The LoRA's tensors keyed as format ``fmt`` (default: the format it was read in)."""
     fmt = fmt or lora.format
-    modules = convert_style(lora, format_style(fmt, lora.arch))
+    # the input's own format keeps its naming style (an SDXL kohya LoRA in diffusers names stays so)
+    modules = convert_style(lora, lora.style if fmt == lora.format else format_style(fmt, lora.arch))
     underscored = fmt in ("kohya", "tencent")
     out: dict[str, torch.Tensor] = {}
     for m in modules:

@@ -160,7 +160,7 @@ def parse_bytes(value) -> int:
 
 
 def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style: str):
-    """([(name, rows)], shape) of the module's weight in ``base``, or (None, why)."""
+    """([(name, rows, archs.Piece)], shape) of the module's weight in ``base``, or (None, why)."""
     pieces = arch.translate(m.name, style, base_style)
     if pieces is None:
         return None, f"no {base_style}-style counterpart in the key map"
@@ -177,7 +177,7 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
         if rest is not None and tuple(shape[1:]) != rest:
             return None, f"split weights of {m.name} differ in input shape"
         rest = tuple(shape[1:])
-        out.append((name, rows if p.total > 1 else None))
+        out.append((name, rows if p.total > 1 else None, p))
         rows_total += rows.stop - rows.start
     return out, (rows_total, *rest)
 
@@ -185,7 +185,8 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
 def _read(base: BaseModel, component: str, pieces, channels: int) -> torch.Tensor:
     """The module's weight as float32 [out, channels·kernel] (zero input channels appended up
     to ``channels``)."""
-    w = torch.cat([base.read(component, name, rows).float() for name, rows in pieces], 0)  # [out, in, *k]
+    # [out, in, *k]; piece.arrange puts the rows in the LoRA's layout (archs.Piece.swap_halves)
+    w = torch.cat([piece.arrange(base.read(component, name, rows)).float() for name, rows, piece in pieces], 0)
     if w.shape[1] < channels:
         w = torch.cat([w, w.new_zeros(w.shape[0], channels - w.shape[1], *w.shape[2:])], 1)
     return w.flatten(1)

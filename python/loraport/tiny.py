@@ -49,6 +49,9 @@ def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) ->
         else:
             s["img_in.proj.weight"] = (h, in_channels, 1, 2, 2)  # Conv3d, patch 1x2x2
             s["img_in.proj.bias"] = (h,)
+        s["final_layer.linear.weight"] = (4 * in_channels, h)
+        s["final_layer.adaLN_modulation.1.weight"] = (2 * h, h)  # rows: shift, scale
+        s["final_layer.adaLN_modulation.1.bias"] = (2 * h,)
     elif arch == "wan":
         for i in range(blocks):
             for att in ("self_attn", "cross_attn"):
@@ -59,10 +62,17 @@ def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) ->
             s[f"blocks.{i}.norm3.weight"] = (h,)
         s["patch_embedding.weight"] = (h, in_channels, 1, 2, 2)
     elif arch in ("sd15", "sdxl"):
-        c, ctx = width, width + 8
-        for blk in ("down_blocks.0", "up_blocks.1", "mid_block"):
-            for t in range(blocks if arch == "sdxl" else 1):
-                p = f"{blk}.attentions.0.transformer_blocks.{t}."
+        # LDM names (Stability's checkpoints, without the model.diffusion_model. prefix); where
+        # they sit in diffusers' UNet is in the comments (see archs._sd_unet_rules).
+        c, ctx, xl = width, width + 8, arch == "sdxl"
+        attentions = (
+            ("input_blocks.8.1", "middle_block.1", "output_blocks.2.1")  # down 2 / attn 1, mid, up 0 / attn 2
+            if xl
+            else ("input_blocks.2.1", "middle_block.1", "output_blocks.3.1")  # down 0 / attn 1, mid, up 1 / attn 0
+        )
+        for blk in attentions:
+            for t in range(blocks if xl else 1):
+                p = f"{blk}.transformer_blocks.{t}."
                 for x in ("to_q", "to_k", "to_v", "to_out.0"):
                     s[p + "attn1." + x + ".weight"] = (c, c)
                 s[p + "attn2.to_q.weight"] = (c, c)
@@ -70,9 +80,20 @@ def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) ->
                 s[p + "attn2.to_v.weight"] = (c, ctx)
                 s[p + "ff.net.0.proj.weight"] = (8 * c, c)
                 s[p + "ff.net.2.weight"] = (c, 4 * c)
-            s[f"{blk}.attentions.0.proj_in.weight"] = (c, c)
-            s[f"{blk}.resnets.0.conv1.weight"] = (c, c, 3, 3)
-            s[f"{blk}.resnets.0.time_emb_proj.weight"] = (c, 2 * c)
+                s[p + "norm1.weight"] = (c,)
+            s[f"{blk}.proj_in.weight"] = (c, c)
+        s["input_blocks.0.0.weight"] = (c, in_channels, 3, 3)  # conv_in
+        for res in ("input_blocks.1.0", "middle_block.2", "output_blocks.5.0"):  # down 0/0, mid 1, up 1/2
+            s[f"{res}.in_layers.0.weight"] = (c,)  # GroupNorm
+            s[f"{res}.in_layers.2.weight"] = (c, c, 3, 3)  # conv1
+            s[f"{res}.emb_layers.1.weight"] = (c, 4 * c)  # time_emb_proj
+            s[f"{res}.out_layers.3.weight"] = (c, c, 3, 3)  # conv2
+        s["output_blocks.5.0.skip_connection.weight"] = (c, 2 * c, 1, 1)  # conv_shortcut
+        s["input_blocks.3.0.op.weight"] = (c, c, 3, 3)  # down 0 downsampler
+        s[f"output_blocks.2.{2 if xl else 1}.conv.weight"] = (c, c, 3, 3)  # up 0 upsampler
+        s["time_embed.0.weight"] = (4 * c, c)
+        if xl:
+            s["label_emb.0.0.weight"] = (4 * c, 2 * c)  # add_embedding.linear_1
     elif arch == "llama":
         for i in range(blocks):
             p = f"model.layers.{i}."
@@ -90,6 +111,22 @@ def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) ->
     return s
 
 
+def clip_shapes(width: int = 16, layers: int = 2, projection: bool = False) -> dict[str, tuple[int, ...]]:
+    """{weight name: shape} of a tiny CLIP text encoder with Hugging Face names (SD's text
+    encoders; ``projection``: SDXL's second one, CLIPTextModelWithProjection)."""
+    s: dict[str, tuple[int, ...]] = {"text_model.embeddings.token_embedding.weight": (64, width)}
+    for i in range(layers):
+        p = f"text_model.encoder.layers.{i}."
+        for x in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            s[p + f"self_attn.{x}.weight"] = (width, width)
+        s[p + "mlp.fc1.weight"] = (4 * width, width)
+        s[p + "mlp.fc2.weight"] = (width, 4 * width)
+        s[p + "layer_norm1.weight"] = (width,)
+    if projection:
+        s["text_projection.weight"] = (width, width)
+    return s
+
+
 def _weight(shape, generator) -> torch.Tensor:
     if len(shape) == 1:
         return torch.randn(shape, generator=generator)
@@ -99,10 +136,18 @@ def _weight(shape, generator) -> torch.Tensor:
     return matrix_with_spectrum(m, n, spectrum, generator=generator).float().reshape(shape)
 
 
+def random_weights(
+    shapes: dict[str, tuple[int, ...]], *, seed: int = 0, dtype=torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random weights of the given shapes: matrices (and conv kernels, flattened) with a decaying
+    spectrum, vectors Gaussian. Also fills a real model's state dict (diffusers' tiny models)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: _weight(tuple(shape), g).to(dtype) for name, shape in shapes.items()}
+
+
 def base_model(arch: str, *, seed: int = 0, dtype=torch.float32, **kw) -> dict[str, torch.Tensor]:
     """A tiny ``arch`` base model (see `shapes`) with random decaying-spectrum weights."""
-    g = torch.Generator().manual_seed(seed)
-    return {name: _weight(shape, g).to(dtype) for name, shape in shapes(arch, **kw).items()}
+    return random_weights(shapes(arch, **kw), seed=seed, dtype=dtype)
 
 
 def related(weights: dict[str, torch.Tensor], *, eps: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -142,19 +187,43 @@ def to_diffusers_names(arch: str, weights: dict[str, torch.Tensor]) -> dict[str,
             continue
         pieces = a.translate(name, "original", "diffusers") if a.style_of("model", name) else None
         if pieces is not None:
-            out[f"{pieces[0].name}.{leaf}"] = w
+            out[f"{pieces[0].name}.{leaf}"] = pieces[0].arrange(w)
     return out
 
 
-def lora_targets(arch: str, weights: dict[str, torch.Tensor], style: str | None = None) -> list[str]:
-    """Module names of ``weights`` that a LoRA of ``arch`` can adapt (2-d or conv weights in
-    the key map), in the order of ``weights``."""
+def to_original_names(arch: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `to_diffusers_names`: diffusers-named weights under the family's original
+    names (split weights concatenated by rows into the fused one). Tensors with no original
+    counterpart in the key map, or fused weights with a part absent, are dropped."""
+    a = archs.get(arch)
+    out, fused = {}, {}
+    for key, w in weights.items():
+        name, _, leaf = key.rpartition(".")
+        parent = a.fused_parent(name)
+        if parent is not None:
+            fused_name, index, rule, _ = parent
+            fused.setdefault((fused_name, leaf), [None] * len(rule.diffusers))[index] = w
+            continue
+        pieces = a.translate(name, "diffusers", "original") if a.style_of("model", name) else None
+        if pieces is not None:
+            out[f"{pieces[0].name}.{leaf}"] = pieces[0].arrange(w)
+    for (name, leaf), parts in fused.items():
+        if all(p is not None for p in parts):
+            out[f"{name}.{leaf}"] = torch.cat(parts, 0)
+    return out
+
+
+def lora_targets(
+    arch: str, weights: dict[str, torch.Tensor], style: str | None = None, component: str = "model"
+) -> list[str]:
+    """Module names of ``weights`` (a ``component``'s) that a LoRA of ``arch`` can adapt (2-d
+    or conv weights in the key map), in the order of ``weights``."""
     a = archs.get(arch)
     style = style or a.styles[0]
     out = []
     for key, w in weights.items():
         name, _, leaf = key.rpartition(".")
-        if leaf == "weight" and w.dim() >= 2 and a.match(style, "model", name):
+        if leaf == "weight" and w.dim() >= 2 and a.match(style, component, name):
             out.append(name)
     return out
 
@@ -169,20 +238,24 @@ def lora(
     modules: list[str] | None = None,
     seed: int = 3,
     dtype=torch.float32,
+    component: str = "model",
 ) -> dict[str, torch.Tensor]:
     """A random LoRA state dict in format ``fmt`` for the modules ``modules`` (default: every
-    adaptable one) of base ``weights`` (named in the family's first style). Conv weights get a
-    LoCon (down [r, in, *kernel], up [out, r, 1, ...])."""
+    adaptable one) of base ``weights`` (named in the family's first style; a ``component``'s:
+    "te1"/"te2" for SD's text encoders). Conv weights get a LoCon (down [r, in, *kernel],
+    up [out, r, 1, ...])."""
     a = archs.get(arch)
     style = a.styles[0]
     g = torch.Generator().manual_seed(seed)
     mods = []
-    for name in modules or lora_targets(arch, weights, style):
+    for name in modules or lora_targets(arch, weights, style, component):
         w = weights[name + ".weight"]
         down = torch.randn((rank, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
         up = torch.randn((w.shape[0], rank, *([1] * (w.dim() - 2))), generator=g)
-        mods.append(formats.LoraModule("model", name, up.to(dtype), down.to(dtype), alpha, name))
-    lf = formats.LoraFile(mods, fmt, a, style)
+        mods.append(formats.LoraModule(component, name, up.to(dtype), down.to(dtype), alpha, name))
+    # in the naming the format has for this family (SD 1.5 kohya: diffusers names; SDXL kohya: LDM)
+    to_style = formats.format_style(fmt, a)
+    lf = formats.LoraFile(formats.convert_style(formats.LoraFile(mods, fmt, a, style), to_style), fmt, a, to_style)
     return formats.state_dict(lf, fmt)
 
 
