@@ -76,7 +76,8 @@ class Orthonormalizer {
   }
 
   std::tuple<Tensor, Tensor> operator()(const Tensor& Y) {
-    if (householder_only_) return at::linalg_qr(Y, "reduced");
+    if (householder_only_ || Y.size(-2) * Y.size(-1) <= policy_.householder_max_elements)
+      return at::linalg_qr(Y, "reduced");
     auto [Q1, R1, bad1] = cholesky_qr_pass(Y, /*shift=*/true);
     auto [Q, R2, bad2] = cholesky_qr_pass(Q1, /*shift=*/false);
     Tensor R = at::matmul(R2, R1);

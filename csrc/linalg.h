@@ -21,6 +21,9 @@ struct RsvdPolicy {
   // CPU: split a batch of small matrices over threads (at::parallel_for) instead of
   // threading inside each small GEMM.
   bool parallel_over_batch = false;
+  // Householder QR (one LAPACK call) for Y with at most this many elements: on small matrices
+  // CholeskyQR2's two dozen small ops cost more than the factorization itself. 0 = never.
+  int64_t householder_max_elements = 0;
   // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).

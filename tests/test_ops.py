@@ -170,10 +170,12 @@ def test_rsvd_rank_at_or_above_min_dim_is_exact(generator):
 
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
-def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, generator):
-    """A rank-5 matrix asked for rank 20: the sketch is numerically rank-deficient, CholeskyQR
-    breaks down, and the fallback must still return orthonormal U and V and an exact fit."""
-    A = (torch.randn(4, 120, 5, generator=generator) @ torch.randn(4, 5, 90, generator=generator))
+@pytest.mark.parametrize("m", [120, 3000], ids=["small-householder", "large-choleskyqr"])
+def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, generator):
+    """A rank-5 matrix asked for rank 20: the sketch is numerically rank-deficient. Small blocks
+    are factored by Householder QR directly; on the 3000-row side CholeskyQR breaks down and the
+    fallback must still return orthonormal U and V and an exact fit."""
+    A = (torch.randn(4, m, 5, generator=generator) @ torch.randn(4, 5, 90, generator=generator))
     U, S, V = loraport.rsvd(A, 20, power_iters=3, method=method, seed=0)
     assert orthogonality_error(U) <= 1e-5 and orthogonality_error(V) <= 1e-5
     assert (ref.reconstruction_error(A, U, S, V) / A.double().norm(dim=(-2, -1))).max() <= 1e-5
