@@ -71,18 +71,18 @@ def widen(w: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def bases(s: Setup, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """v1 and the four upgrades {"v1", "a", "b", "c", "d"}, all trained here from ``seed``."""
+def bases(s: Setup, seed: int, upgrades=tuple(UPGRADES)) -> dict[str, dict[str, torch.Tensor]]:
+    """v1 and the ``upgrades`` of it ({"v1", "a", ...}), all trained here from ``seed``."""
     cfg = s.cfg
     v1 = M.train(M.init_weights(cfg, seed), cfg, _recipe(s, BASE_TASKS, s.pretrain_steps, seed))
     more = (*BASE_TASKS, "sort")
-    return {
-        "v1": v1,
-        "a": M.train(v1, cfg, _recipe(s, more, s.upgrade_steps, seed + 10, skew=1.0, lr=s.upgrade_lr)),
-        "b": M.train(v1, cfg, _recipe(s, ("sort",), s.upgrade_steps, seed + 20, lr=s.upgrade_lr)),
-        "c": M.train(M.init_weights(cfg, seed + 1000), cfg, _recipe(s, BASE_TASKS, s.pretrain_steps, seed + 1000)),
-        "d": M.train(widen(v1, s.widen_channels), cfg, _recipe(s, more, s.upgrade_steps, seed + 10, skew=1.0, lr=s.upgrade_lr)),
+    recipes = {  # upgrade -> (starting weights, recipe)
+        "a": (v1, _recipe(s, more, s.upgrade_steps, seed + 10, skew=1.0, lr=s.upgrade_lr)),
+        "b": (v1, _recipe(s, ("sort",), s.upgrade_steps, seed + 20, lr=s.upgrade_lr)),
+        "c": (M.init_weights(cfg, seed + 1000), _recipe(s, BASE_TASKS, s.pretrain_steps, seed + 1000)),
+        "d": (widen(v1, s.widen_channels), _recipe(s, more, s.upgrade_steps, seed + 10, skew=1.0, lr=s.upgrade_lr)),
     }
+    return {"v1": v1, **{u: M.train(*recipes[u][:1], cfg, recipes[u][1]) for u in upgrades}}
 
 
 def lora_state_dict(factors: dict[str, tuple], fmt: str) -> dict[str, torch.Tensor]:
@@ -153,7 +153,7 @@ def run_seed(s: Setup, seed: int, folder: str, *, sweeps: bool = True, cli: bool
     """Everything for one seed, files in ``folder``; returns a SeedResult."""
     torch.manual_seed(seed)
     cfg = s.cfg
-    models = bases(s, seed)
+    models = bases(s, seed, upgrades)
     paths = {k: tiny.save_base(w, os.path.join(folder, f"{k}.safetensors")) for k, w in models.items()}
     lora_recipe = _recipe(s, (LORA_TASK,), s.lora_steps, seed + 7, lr=s.lora_lr)
     trained = M.train_lora(models["v1"], cfg, lora_recipe, s.lora_rank)
