@@ -1,11 +1,13 @@
 """Run the transfer-quality benchmark and write its results next to this file:
 
     python -m benchmarks.quality               # 3 seeds, full sweeps (minutes on 2 CPU cores)
-    python -m benchmarks.quality --quick       # 1 seed, the test-suite model size, no sweeps
+    python -m benchmarks.quality --quick       # 1 seed, a smaller model, no sweeps; prints only
     python -m benchmarks.quality --seeds 5 --out /tmp/q
 
 Writes results.md (tables), results.json (every measurement) and retention.png,
-similarity.png, sweeps.png. See benchmarks/quality/README.md for what is measured and why."""
+similarity.png, sweeps.png to --out (default: this folder; with --quick, nothing unless --out
+is given, so a quick run never replaces the recorded results). See benchmarks/quality/README.md
+for what is measured and why."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, tiny model, no sweeps (seconds to a minute)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 1 with --quick)")
-    ap.add_argument("--out", default=HERE, help="folder for results.md, results.json and the PNGs")
+    ap.add_argument("--out", help="folder for results.md, results.json and the PNGs (default: this folder)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,14 +63,16 @@ def main(argv=None) -> int:
         "seconds_cpu": round(time.process_time() - t_cpu),
         "loraport": loraport.__version__,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"facts": facts, "seeds": [asdict(r) for r in results]}, f, indent=1)
     text = report.markdown(results, facts, setup)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    report.plots(results, setup, args.out)
     print(text)
+    out = args.out or (None if args.quick else HERE)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"facts": facts, "seeds": [asdict(r) for r in results]}, f, indent=1)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(text)
+        print("wrote", ", ".join(report.plots(results, setup, out)), "and results.md, results.json in", out)
     return 0
 
 
