@@ -3,6 +3,7 @@
     python -m benchmarks.quality               # 3 seeds, full sweeps (minutes on 2 CPU cores)
     python -m benchmarks.quality --quick       # 1 seed, a smaller model, no sweeps; prints only
     python -m benchmarks.quality --seeds 5 --out /tmp/q
+    python -m benchmarks.quality --render      # tables and plots again from results.json
 
 Writes results.md (tables), results.json (every measurement) and retention.png,
 similarity.png, sweeps.png to --out (default: this folder; with --quick, nothing unless --out
@@ -37,7 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 1 with --quick)")
     ap.add_argument("--out", help="folder for results.md, results.json and the PNGs (default: this folder)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--render", action="store_true", help="no run: rewrite results.md and the PNGs from results.json")
     args = ap.parse_args(argv)
+    if args.render:
+        return _render(args.out or HERE)
     torch.set_num_threads(args.threads)
     setup = E.QUICK if args.quick else E.FULL
     seeds = range(args.seeds or (1 if args.quick else 3))
@@ -73,6 +77,18 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(text)
         print("wrote", ", ".join(report.plots(results, setup, out)), "and results.md, results.json in", out)
+    return 0
+
+
+def _render(folder: str) -> int:
+    with open(os.path.join(folder, "results.json")) as f:
+        doc = json.load(f)
+    facts = doc["facts"]
+    setup = E.Setup(**{**facts["setup"], "cfg": E.M.Config(**facts["setup"]["cfg"])})
+    results = [E.SeedResult(**r) for r in doc["seeds"]]
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(report.markdown(results, facts, setup))
+    print("wrote", ", ".join(report.plots(results, setup, folder)), "and results.md in", folder)
     return 0
 
 

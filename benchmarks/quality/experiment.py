@@ -24,7 +24,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -132,18 +132,24 @@ class SeedResult:
 
 
 def cli_port(lora: str, source: str, target: str, out: str, *args: str) -> dict:
-    """``python -m loraport port`` in a subprocess (the real CLI); returns its JSON report."""
+    """``python -m loraport port`` in a subprocess (the real CLI); returns its JSON report, with
+    "out" None when the similarity gate skipped every layer (exit status 2, no file)."""
     report = out + ".json"
     env = dict(os.environ)
     pkg = os.path.dirname(os.path.dirname(loraport.__file__))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as many threads as the caller
     cmd = [sys.executable, "-m", "loraport", "port", lora, "--source", source, "--target", target,
            "-o", out, "--report", report, "--quiet", *args]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
+    skipped_all = proc.returncode == 2 and "no module was ported" in proc.stderr
+    if proc.returncode != 0 and not skipped_all:
         raise RuntimeError(f"loraport port failed ({proc.returncode}): {proc.stderr.strip()}")
     with open(report) as f:
-        return json.load(f)
+        doc = json.load(f)
+    if skipped_all:
+        doc["out"] = None  # the gate skipped every layer: no file written
+    return doc
 
 
 VARIANT_GRID = [(v, m) for v in pipeline.VARIANTS for m in ("power", "krylov")]
@@ -166,23 +172,29 @@ def run_seed(s: Setup, seed: int, folder: str, *, sweeps: bool = True, cli: bool
         return M.accuracy(w, cfg, LORA_TASK, lora_factors, n=s.eval_sequences)
 
     res = SeedResult(seed)
-    res.scores["v1"] = {"alone": score(models["v1"]), "lora": score(models["v1"], load_lora(lora["kohya"], models["v1"]))}
-    modules = M.lora_modules(models["v1"], cfg)
+    v1 = models["v1"]
+    res.scores["v1"] = {"alone": score(v1), "lora": score(v1, load_lora(lora["kohya"], v1))}
+    modules = M.lora_modules(v1, cfg)
     for up in upgrades:
         v2 = models[up]
+
+        def ported(lora_path, out, **options):  # a port that skips every layer leaves v2 alone
+            try:
+                loraport.port(lora_path, paths["v1"], paths[up], out, quiet=True, **options)
+            except errors.InputError:
+                return score(v2)
+            return score(v2, load_lora(out, v2))
+
         ceiling = M.train_lora(v2, cfg, lora_recipe, s.lora_rank)
         sc = {"alone": score(v2), "copied": score(v2, load_lora(lora["kohya"], v2)), "retrained": score(v2, ceiling)}
         for variant, method in VARIANT_GRID:
             out = os.path.join(folder, f"port_{up}_{variant}_{method}.safetensors")
-            loraport.port(lora["kohya"], paths["v1"], paths[up], out, variant=variant, method=method, quiet=True)
-            sc[f"{variant}/{method}"] = score(v2, load_lora(out, v2))
-        out = os.path.join(folder, f"port_{up}_peft.safetensors")
-        loraport.port(lora["peft"], paths["v1"], paths[up], out, quiet=True)
-        sc["default (peft file)"] = score(v2, load_lora(out, v2))
+            sc[f"{variant}/{method}"] = ported(lora["kohya"], out, variant=variant, method=method)
+        sc["default (peft file)"] = ported(lora["peft"], os.path.join(folder, f"port_{up}_peft.safetensors"))
         if cli:  # the main result through the real command line, with the CLI's defaults
             out = os.path.join(folder, f"cli_{up}.safetensors")
             rep = cli_port(lora["kohya"], paths["v1"], paths[up], out)
-            sc["default (CLI)"] = score(v2, load_lora(out, v2)) if os.path.exists(out) else sc["alone"]
+            sc["default (CLI)"] = score(v2, load_lora(out, v2)) if rep["out"] else sc["alone"]
             res.similarity[up] = [r["similarity"] for r in rep["layers"] if r["similarity"] is not None]
             res.facts.setdefault(up, {})["cli_actions"] = rep["summary"]["actions"]
         res.scores[up] = sc
