@@ -73,11 +73,22 @@ def main(argv=None) -> int:
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump({"facts": facts, "seeds": [asdict(r) for r in results]}, f, indent=1)
+            json.dump(_rounded({"facts": facts, "seeds": [asdict(r) for r in results]}), f, separators=(",", ":"))
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(text)
         print("wrote", ", ".join(report.plots(results, setup, out)), "and results.md, results.json in", out)
     return 0
+
+
+def _rounded(obj):
+    """``obj`` with every float rounded to 6 decimals (accuracies are multiples of 1/3072)."""
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v) for v in obj]
+    return obj
 
 
 def _render(folder: str) -> int:
