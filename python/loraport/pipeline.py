@@ -44,8 +44,8 @@ from .ops import project_lora, rsvd, subspace_similarity
 
 VARIANTS = ("target", "source-then-target")
 ON_DISSIMILAR = ("skip", "copy")
-DEFAULT_SUBSPACE_RANK = 64
-DEFAULT_MIN_SIMILARITY = 0.5  # a placeholder until the quality benchmark picks one
+DEFAULT_SUBSPACE_RANK = 64  # gate-safe (k/n <= 1/4 on real widths); retention wants more: benchmarks/quality
+DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.86) from unrelated (<= 0.27) layers: benchmarks/quality
 DEFAULT_MAX_MEMORY = 2 << 30
 
 
