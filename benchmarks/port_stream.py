@@ -178,7 +178,7 @@ def port_child(args_json: str) -> None:
     a = json.loads(args_json)
     t0 = time.perf_counter()
     rep = loraport.port(a["lora"], a["source"], a["target"], a["out"], device=a["device"], cache_dir=a["cache"],
-                        max_memory=a["max_vram"], subspace_rank=a["subspace_rank"], quiet=True)  # fmt: skip
+                        max_memory=a["max_vram"], subspace_rank=a["subspace_rank"])  # fmt: skip  (bar on stderr)
     wall = time.perf_counter() - t0
     print(rep.table(), file=sys.stderr, flush=True)
     with open("/proc/self/status") as f:
@@ -238,7 +238,8 @@ def main(argv=None) -> None:
     state = lambda cold: "cold (page cache dropped)" if cold else "warm (page cache not dropped)"  # noqa: E731
     lines = [
         f"\n## port_stream: Hunyuan Video shapes, {args.blocks_double} double + {args.blocks_single} single blocks, "
-        f"bf16, rank-32 LoRA on 240-module layout, subspace rank {args.subspace_rank}, --max-vram {args.max_vram}, "
+        f"bf16, rank-32 LoRA on {len(lora_modules(model_shapes(args.blocks_double, args.blocks_single)))} modules "
+        f"(Musubi's layout), subspace rank {args.subspace_rank}, --max-vram {args.max_vram}, "
         f"device {args.device}",
         f"({machine_description(args.device)})",
         "",
