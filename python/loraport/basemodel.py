@@ -104,8 +104,13 @@ class _SafetensorsStore(_Store):
         return _ST_DTYPES.get(self._slice(name)[0].get_dtype(), torch.float32)
 
     def read(self, name, rows=None):
-        sl, key = self._slice(name)
+        key = self._names[name]
+        self._open(self._file_of[key])  # errors as for the headers
         try:
+            # A fresh handle, not the cached one: the tensor is a view of the file's memory map,
+            # and a mapping that lived as long as the cached handle would keep every page ever
+            # read in the process's RSS (tens of GB for a 13B pair). This one goes with the tensor.
+            sl = safe_open(self._file_of[key], framework="pt").get_slice(key)
             return sl[rows] if rows is not None else sl[:]
         except Exception as e:
             raise InputError(f"{self._file_of[key]}: cannot read tensor '{key}' ({type(e).__name__}: {e})") from None

@@ -25,7 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--target", required=True, help="base model to port to")
     q.add_argument("-o", "--out", help="output LoRA path (required unless --dry-run)")
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    q.add_argument("--max-vram", default="2GB", help="bound on one batched layer group's weights (default 2GB)")
+    q.add_argument(
+        "--max-vram",
+        default="2GB",
+        help="bound on what one chunk of layers holds at once: weights, rsvd workspace, subspaces; "
+        "VRAM with --device cuda, host memory on the CPU (default 2GB)",
+    )
+    q.add_argument("--cache-dir", help="subspace cache folder: a second LoRA for the same bases skips the SVDs")
     k = q.add_mutually_exclusive_group()
     k.add_argument(
         "--subspace-rank", type=int, help=f"singular vectors kept per base weight (default {DEFAULT_SUBSPACE_RANK})"
@@ -60,7 +66,7 @@ def _port(args) -> int:
         args.lora, args.source, args.target, args.out, device=args.device, subspace_rank=args.subspace_rank,
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
-        method=args.method, max_memory=args.max_vram, report=args.report, dry_run=args.dry_run, quiet=args.quiet,
+        method=args.method, max_memory=args.max_vram, cache_dir=args.cache_dir, report=args.report, dry_run=args.dry_run, quiet=args.quiet,
     )  # fmt: skip
     if not args.quiet:
         print(rep.table())

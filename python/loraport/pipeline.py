@@ -23,7 +23,10 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
     LoRA), then the layer is ported as usual (the projection may move some of the update onto
     the new channels). Any other difference is "shape-mismatch" and the layer is skipped.
     Modules missing in a base ("missing") or absent from the key map ("unknown") are skipped.
-``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output)."""
+``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
+Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
+``cache_dir`` each base weight's U, S, V and ‖W‖_F² come from (or go to) loraport.cache, and a
+weight found there is neither read nor decomposed."""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch
 
 from . import archs, formats
 from .basemodel import BaseModel
+from .cache import SubspaceCache
 from .errors import InputError
 from .ops import project_lora, rsvd, subspace_similarity
 
@@ -66,6 +70,7 @@ class LayerRow:
     similarity_right: float | None = None
     rel_change: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
     note: str = ""
+    subspaces_from_cache: int = 0  # 0, 1 or 2 of [source, target] read from the subspace cache
 
 
 @dataclass
@@ -88,14 +93,22 @@ class PortReport:
         counts: dict[str, int] = {}
         for r in self.rows:
             counts[r.action] = counts.get(r.action, 0) + 1
-        sims = [r.similarity for r in self.rows if r.similarity is not None]
+        sims = sorted(r.similarity for r in self.rows if r.similarity is not None)
         changes = [r.rel_change for r in self.rows if r.rel_change is not None]
+        ranks: dict[str, int] = {}  # "r_in -> r_out" -> layers
+        for r in self.rows:
+            if r.rank_out is not None:
+                ranks[f"{r.rank_in} -> {r.rank_out}"] = ranks.get(f"{r.rank_in} -> {r.rank_out}", 0) + 1
         return {
             "layers": len(self.rows),
             "actions": counts,
             "similarity_mean": sum(sims) / len(sims) if sims else None,
-            "similarity_min": min(sims) if sims else None,
+            "similarity_median": (sims[(len(sims) - 1) // 2] + sims[len(sims) // 2]) / 2 if sims else None,
+            "similarity_min": sims[0] if sims else None,
             "rel_change_mean": sum(changes) / len(changes) if changes else None,
+            "ranks": ranks,
+            "layers_from_cache": sum(1 for r in self.rows if r.subspaces_from_cache == 2),
+            "subspaces_from_cache": sum(r.subspaces_from_cache for r in self.rows),
             "gb_read": self.bytes_read / 1e9,
             "seconds": self.seconds,
         }
@@ -116,22 +129,44 @@ class PortReport:
         return text
 
     def table(self) -> str:
-        """A human-readable summary: one line per non-ported layer, then totals."""
-        lines = []
-        for r in self.rows:
-            if r.action not in ("ported", "planned"):
-                sim = f" similarity {r.similarity:.3f}" if r.similarity is not None else ""
-                lines.append(f"  {r.action:<14} {r.module}{sim} {r.note}".rstrip())
-        s = self.summary()
-        acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items()))
-        sim = (
-            f"; similarity mean {s['similarity_mean']:.3f}, min {s['similarity_min']:.3f}"
-            if s["similarity_mean"] is not None
-            else ""
-        )
-        secs = self.seconds.get("total")
-        tail = f"; {s['gb_read']:.3f} GB read" + (f" in {secs:.1f} s" if secs is not None else "")
-        lines.append(f"{s['layers']} layers: {acts}{sim}{tail}")
+        """The human-readable summary: a totals line, a table (actions, similarity, ranks, time
+        split, read throughput, cache use), then every layer that was not ported."""
+        s, sec = self.summary(), self.seconds
+        acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items(), key=lambda x: -x[1]))
+        lines = [f"{s['layers']} layers: {acts}"]
+        rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
+        if s["similarity_mean"] is not None:
+            rows.append(
+                ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
+                 f"mean {s['similarity_mean']:.3f}")
+            )  # fmt: skip
+        if s["ranks"]:
+            rows.append(("rank in -> out", ", ".join(f"{k} ({n})" for k, n in sorted(s["ranks"].items()))))
+        ks = [r.subspace_rank for r in self.rows if r.subspace_rank]
+        if ks:
+            spans = [sorted({k[i] for k in ks}) for i in (0, 1)]
+            rows.append(("subspace rank", ", ".join(
+                f"{side} {v[0]}" + (f"..{v[-1]}" if len(v) > 1 else "") for side, v in zip(("source", "target"), spans)
+            )))  # fmt: skip
+        if "total" in sec:
+            parts = "  ".join(f"{name} {sec.get(name, 0.0):.2f}" for name in ("read", "svd", "project", "write", "cache"))
+            rows.append(("seconds", f"total {sec['total']:.2f} = {parts} (reading overlaps compute)"))
+        gb = s["gb_read"]
+        rate = f", {gb / sec['read']:.3g} GB/s while reading" if gb and sec.get("read") else ""
+        overall = f", {gb / sec['total']:.3g} GB/s over the port" if gb and sec.get("total") else ""
+        amount = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.3g} MB"
+        rows.append(("base weights", f"{amount} read{rate}{overall}"))
+        if self.settings.get("cache_dir"):
+            rows.append(("subspace cache", f"{s['layers_from_cache']} layers from the cache "
+                         f"({s['subspaces_from_cache']} subspaces) in {self.settings['cache_dir']}"))  # fmt: skip
+        width = max(len(name) for name, _ in rows)
+        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        others = [r for r in self.rows if r.action not in ("ported", "planned")]
+        if others:
+            lines.append(f"not ported or changed ({len(others)}):")
+        for r in others:
+            sim = f" similarity {r.similarity:.3f}" if r.similarity is not None else ""
+            lines.append(f"  {r.action:<14} {r.module}{sim} {r.note}".rstrip())
         return "\n".join(lines)
 
 
@@ -141,7 +176,7 @@ class _Plan:
 
     module: formats.LoraModule
     row: LayerRow
-    src_pieces: list = field(default_factory=list)  # [(base name, row slice)]
+    src_pieces: list = field(default_factory=list)  # [(base name, row slice, archs.Piece)]
     tgt_pieces: list = field(default_factory=list)
     src_shape: tuple = ()
     tgt_shape: tuple = ()
@@ -182,14 +217,30 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
     return out, (rows_total, *rest)
 
 
-def _read(base: BaseModel, component: str, pieces, channels: int) -> torch.Tensor:
-    """The module's weight as float32 [out, channels·kernel] (zero input channels appended up
-    to ``channels``)."""
-    # [out, in, *k]; piece.arrange puts the rows in the LoRA's layout (archs.Piece.swap_halves)
-    w = torch.cat([piece.arrange(base.read(component, name, rows)).float() for name, rows, piece in pieces], 0)
-    if w.shape[1] < channels:
-        w = torch.cat([w, w.new_zeros(w.shape[0], channels - w.shape[1], *w.shape[2:])], 1)
-    return w.flatten(1)
+def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> torch.Tensor:
+    """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
+    channels beyond the stored ones zero; returns ‖W‖_F² (float64 scalar, for energy ranks)."""
+    row = 0
+    for name, rows, piece in pieces:
+        # [rows, in, *kernel] in the stored dtype; piece.arrange puts the rows in the LoRA's
+        # layout (archs.Piece.swap_halves)
+        w = piece.arrange(base.read(component, name, rows))
+        out[row : row + w.shape[0], : w.shape[1]].copy_(w)
+        row += w.shape[0]
+    out[:, w.shape[1] :].zero_()
+    frob2 = torch.zeros((), dtype=torch.float64)
+    for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
+        frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
+    return frob2
+
+
+def _stack_dtype(dtypes) -> torch.dtype:
+    """bf16 (or fp16) weights stay in their dtype: rsvd upcasts them exactly, a chunk at a time,
+    so the host holds half the bytes. Anything else (or a mix) is stacked as float32."""
+    dtypes = set(dtypes)
+    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
+        return dtypes.pop()
+    return torch.float32
 
 
 def _frob2(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -230,6 +281,8 @@ def port(
     oversample: int = 8,
     seed: int = 0,
     max_memory=DEFAULT_MAX_MEMORY,
+    max_vram=None,
+    cache_dir=None,
     report=None,
     dry_run: bool = False,
     quiet: bool = False,
@@ -238,8 +291,12 @@ def port(
     safetensors file, sharded index, .pt checkpoint or diffusers folder, or state dicts), write
     it to ``out`` (in ``format``, default the input's) unless ``dry_run``, write the JSON report
     to ``report`` if given, and return the PortReport. See the module docstring for the method.
-    ``max_memory`` (bytes or "2GB") bounds the float32 weights of one batched group on
-    ``device``."""
+    ``max_memory`` (bytes or "2GB"; ``max_vram`` is an alias) bounds what one chunk of layers
+    holds at once on ``device`` (host memory on the CPU), as estimated by `group_bytes`.
+    ``cache_dir``: folder of the subspace cache (loraport.cache); bases given as state dicts are
+    never cached."""
+    if max_vram is not None:
+        max_memory = max_vram
     if variant not in VARIANTS:
         raise ValueError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
     if on_dissimilar not in ON_DISSIMILAR:
@@ -257,6 +314,7 @@ def port(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, oversample=oversample, seed=seed, max_memory=parse_bytes(max_memory), dry_run=dry_run,
+        cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
     )  # fmt: skip
     t_start = time.perf_counter()
 
@@ -270,7 +328,7 @@ def port(
             raise InputError(f"{out}: output folder {os.path.dirname(out)} does not exist")
     styles = _base_styles(lf, src, tgt)
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
-    seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0)
+    seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
         _run([p for p in plans if p.row.action == "planned"], src, tgt, settings, seconds, quiet)
 
@@ -354,67 +412,195 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
     return plan
 
 
+UPCAST_CHUNK_BYTES = 256 << 20  # csrc/linalg.h, RsvdPolicy::upcast_chunk_bytes
+
+
+def group_bytes(
+    layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
+    elem: int, lora_rank: int, device: str = "cpu",
+) -> int:  # fmt: skip
+    """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
+    stacked element) holds at once on ``device``, following csrc/linalg.cpp's rsvd:
+
+      weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
+                                         on the CPU twice that plus one tensor being read
+                                         (the next chunk is read meanwhile, into host memory)
+      upcast     b·m·n·4                 bf16/fp16 input: rsvd upcasts b = min(2G, 256 MiB /
+                                         (4mn)) matrices at a time (at least 1); fp32 input is
+                                         used in place and b = 2G
+      workspace  b·(4·(3(m+n)L + 3·max(m,n)·l) + 8·max(m,n)·l)
+                                         per matrix in flight, l = min(k + oversample, m, n)
+                                         sketch columns, L = l (power) or the Krylov basis width
+                                         l·min(q + 1, min(m, n)/l): the basis [m, L], Bᵀ [n, L]
+                                         and its orthonormal factor P [n, L] (krylov also keeps
+                                         the block list beside its concatenation: 3(m+n)L covers
+                                         both), CholeskyQR2's input, Q1 and Q ([max(m,n), l] each)
+                                         and its float64 copy for the Gram matrix
+      outputs    2G·4·(m + n + 1)·k      U [2G, m, k], S [2G, k], V [2G, n, k] in float32
+      factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
+
+    Small terms (the sketch, l×l Grams, cuBLAS workspace, the Householder redo of a matrix
+    whose CholeskyQR broke down) are left out; the budget is an estimate, not an allocator cap."""
+    l = min(k + oversample, m, n)
+    L = l * (max(1, min(power_iters + 1, min(m, n) // l)) if method == "krylov" else 1)
+    matrices = 2 * layers
+    weights = matrices * m * n * elem
+    if not str(device).startswith("cuda"):
+        weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
+    batch = matrices if elem == 4 else min(matrices, max(1, UPCAST_CHUNK_BYTES // (4 * m * n)))
+    upcast = 0 if elem == 4 else batch * m * n * 4
+    workspace = batch * (4 * (3 * (m + n) * L + 3 * max(m, n) * l) + 8 * max(m, n) * l)
+    outputs = matrices * 4 * (m + n + 1) * k
+    factors = 4 * 2 * (m + n) * lora_rank
+    return weights + upcast + workspace + outputs + factors
+
+
+@dataclass
+class _Chunk:
+    """Same-shape layers ported together: one batched rsvd over the weights not in the cache."""
+
+    plans: list[_Plan]
+    dtype: torch.dtype  # stacking dtype of the weights read
+    rank: int  # subspace rank k computed (the largest kept)
+
+
+def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -> list[_Chunk]:
+    """Group the layers by shape and dtype and cut each group into the largest chunks whose
+    `group_bytes` fits ``max_memory``; InputError when not even one layer fits."""
+    groups: dict[tuple, list[_Plan]] = {}
+    for p in work:
+        c = p.module.component
+        dtype = _stack_dtype(
+            [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
+        )
+        groups.setdefault((p.src_shape, p.tgt_shape, dtype), []).append(p)
+    budget, chunks = settings["max_memory"], []
+    for (_, tshape, dtype), group in groups.items():
+        m, n = tshape[0], math.prod(tshape[1:])
+        k = min(settings["subspace_rank"] or min(m, n), m, n)
+
+        def need(layers):
+            return group_bytes(
+                layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
+                method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.module.rank for p in group),
+                device=settings["device"],
+            )  # fmt: skip
+
+        if need(1) > budget:
+            raise InputError(
+                f"{group[0].row.module}: one layer of shape [{m}, {n}] needs about {need(1) / 2**20:.1f} MiB "
+                f"at subspace rank {k} (two {dtype} weights + rsvd workspace), more than max memory "
+                f"{budget / 2**20:.1f} MiB; raise --max-vram or lower --subspace-rank"
+            )
+        size = 1
+        while size < len(group) and need(size + 1) <= budget:
+            size += 1
+        chunks += [_Chunk(group[i : i + size], dtype, k) for i in range(0, len(group), size)]
+    return chunks
+
+
+@dataclass
+class _Loaded:
+    """What the reader thread prepared for one chunk."""
+
+    found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²) from the cache
+    todo: list  # [(layer index, side)] to decompose, in the order of ``weights``
+    weights: torch.Tensor  # [len(todo), out, channels, *kernel]
+    frob2: list  # ‖W‖_F² per weight in ``weights``
+    keys: dict  # (layer index, side) -> cache key (bases with a fingerprint only)
+    seconds_read: float = 0.0
+    seconds_cache: float = 0.0
+
+
 def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seconds: dict, quiet: bool) -> None:
-    """Stream the planned layers: same-shape groups, cut to the memory budget, each read on a
-    background thread while the previous one is computed."""
+    """Stream the planned layers: same-shape chunks sized by `group_bytes` to ``max_memory``,
+    each read (or taken from the subspace cache) on a background thread while the previous one
+    is computed."""
     from tqdm.auto import tqdm
 
-    by_shape: dict[tuple, list[_Plan]] = {}
-    for p in work:
-        by_shape.setdefault((p.src_shape, p.tgt_shape), []).append(p)
-    chunks = []
-    for (_, tshape), group in by_shape.items():
-        per_layer = 4 * 3 * math.prod(tshape)  # float32 source + target + rsvd workspace
-        size = max(1, settings["max_memory"] // per_layer)
-        chunks += [group[i : i + size] for i in range(0, len(group), size)]
+    cache = SubspaceCache(settings["cache_dir"]) if settings["cache_dir"] else None
+    bases = {"source": src, "target": tgt}
+    fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
+    chunks = _chunks(work, src, tgt, settings)
+    t_start = time.perf_counter()
+    pin = str(settings["device"]).startswith("cuda")  # page-locked buffers: asynchronous copies
 
-    def load(chunk):
+    def load(chunk: _Chunk) -> _Loaded:
         t0 = time.perf_counter()
-        channels = chunk[0].tgt_shape[1]
-        # Sources then targets in one tensor, so both releases go through one batched rsvd call.
-        weights = [_read(src, p.module.component, p.src_pieces, channels) for p in chunk]
-        weights += [_read(tgt, p.module.component, p.tgt_pieces, channels) for p in chunk]
-        return torch.stack(weights), time.perf_counter() - t0  # [2G, m, n]
+        shape = chunk.plans[0].tgt_shape
+        m, n = shape[0], math.prod(shape[1:])
+        found, keys, todo = {}, {}, []
+        for g, p in enumerate(chunk.plans):
+            for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
+                if fingerprints.get(side) is not None:
+                    keys[g, side] = cache.key(
+                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, settings
+                    )
+                    hit = cache.get(keys[g, side], m, n, chunk.rank)
+                    if hit is not None:
+                        found[g, side] = hit
+                        continue
+                todo.append((g, side))
+        t1 = time.perf_counter()
+        weights = torch.empty((len(todo), *shape), dtype=chunk.dtype, pin_memory=pin and bool(todo))
+        frob2 = []
+        for i, (g, side) in enumerate(todo):
+            p = chunk.plans[g]
+            pieces = p.src_pieces if side == "source" else p.tgt_pieces
+            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
+        return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
-            weights, t_read = pending.result()
+            loaded = pending.result()
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
-            seconds["read"] += t_read
-            _port_chunk(chunk, weights, settings, seconds)
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{(src.bytes_read + tgt.bytes_read) / 1e9:.2f} GB read")
+            seconds["read"] += loaded.seconds_read
+            seconds["cache"] += loaded.seconds_cache
+            _port_chunk(chunk, loaded, cache, settings, seconds)
+            bar.update(len(chunk.plans))
+            gb = (src.bytes_read + tgt.bytes_read) / 1e9
+            hits = sum(r.row.subspaces_from_cache for r in work) // 2
+            rate = gb / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
 
-def _port_chunk(chunk: list[_Plan], weights: torch.Tensor, settings: dict, seconds: dict):
-    """Subspaces of one batch of same-shape layers, then similarity and projection per layer
-    (sets each plan's row and result). weights: [2G, m, n] float32, G sources then G targets."""
+def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict):
+    """Subspaces of one chunk of same-shape layers (one batched rsvd over the weights not in the
+    cache), then similarity and projection per layer (sets each plan's row and result)."""
     device = settings["device"]
     t0 = time.perf_counter()
-    G, (m, n) = len(chunk), weights.shape[-2:]
-    ws, wt = weights[:G], weights[G:]  # [G, m, n] each
-    k_max = min(settings["subspace_rank"] or min(m, n), m, n)
-    svd = dict(
-        oversample=settings["oversample"],
-        power_iters=settings["power_iters"],
-        method=settings["method"],
-        seed=settings["seed"],
-    )
-    U, S, V = rsvd(weights.to(device), k_max, **svd)  # [2G, m, k], [2G, k], [2G, n, k]
-    (Us, Ut), (Ss, St), (Vs, Vt) = U.split(G), S.split(G), V.split(G)
+    k_max = chunk.rank
+    subspaces = dict(loaded.found)  # (layer index, side) -> (U [m, k], S [k], V [n, k], ‖W‖_F²)
+    if loaded.todo:
+        weights = loaded.weights.flatten(2).to(device, non_blocking=True)  # [M, m, n]
+        svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
+        U, S, V = rsvd(weights, k_max, **svd)  # [M, m, k], [M, k], [M, n, k]
+        del weights
+        for i, job in enumerate(loaded.todo):
+            subspaces[job] = (U[i], S[i], V[i], loaded.frob2[i])
     seconds["svd"] += time.perf_counter() - t0
+    if cache is not None:
+        t0 = time.perf_counter()
+        for job in loaded.todo:
+            if job in loaded.keys:
+                cache.put(loaded.keys[job], *subspaces[job])
+        seconds["cache"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     energy = settings["energy"]
-    for g, plan in enumerate(chunk):
+    for g, plan in enumerate(chunk.plans):
         row, mod = plan.row, plan.module
+        row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
+        Us, Ss, Vs, frob2_s = subspaces[g, "source"]
+        Ut, St, Vt, frob2_t = subspaces[g, "target"]
         if energy is None:
             ks = kt = k_max
         else:
-            ks = _energy_rank(Ss[g].cpu(), ws[g].double().square().sum(), energy)
-            kt = _energy_rank(St[g].cpu(), wt[g].double().square().sum(), energy)
-        us, vs, ut, vt = Us[g, :, :ks], Vs[g, :, :ks], Ut[g, :, :kt], Vt[g, :, :kt]
+            ks = _energy_rank(Ss.cpu(), frob2_s, energy)
+            kt = _energy_rank(St.cpu(), frob2_t, energy)
+        us, vs = Us[:, :ks].to(device), Vs[:, :ks].to(device)
+        ut, vt = Ut[:, :kt].to(device), Vt[:, :kt].to(device)
         left, right = float(subspace_similarity(us, ut)), float(subspace_similarity(vs, vt))
         row.subspace_rank, row.similarity_left, row.similarity_right = [ks, kt], left, right
         row.similarity = (left + right) / 2

@@ -1,0 +1,86 @@
+"""The subspace cache: the truncated SVD (U, S, V) of one base weight and its ‖W‖_F², stored as one
+safetensors file per base weight in a cache folder, so that porting a second LoRA for the same
+model pair skips both the rSVD and the reading of that weight.
+
+An entry is identified by everything its value depends on: the base files' fingerprint
+(BaseModel.fingerprint: sizes, mtimes and a hash of each file's first MiB), the component, the
+weight's tensor names and row slices (fused/split layouts), the zero-padded input channels, the
+subspace rank and the rsvd settings (method, power_iters, oversample, seed). That key is hashed into
+the file name and also stored in the file's header; a file whose stored key, shapes or values
+do not check out (truncated, corrupt, a hash collision) is ignored with a warning and recomputed.
+Files are written to a temporary name and renamed, so a crash never leaves a half entry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import formats
+
+FORMAT_VERSION = 1  # bump when the meaning of an entry changes
+_KEY = "loraport.subspace_key"
+
+
+class SubspaceCache:
+    """Get and put (U [m, k], S [k], V [n, k], ‖W‖_F² []) entries in ``folder`` (created if needed)."""
+
+    def __init__(self, folder):
+        self.folder = os.path.abspath(os.fspath(folder))
+        os.makedirs(self.folder, exist_ok=True)
+
+    @staticmethod
+    def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict) -> str:
+        """The entry key as canonical JSON. pieces: [(tensor name, row slice or None, archs.Piece)]
+        (a piece read with its row halves swapped has other left singular vectors, so the swap is
+        part of the key); svd: the rsvd settings (method, power_iters, oversample, seed)."""
+        doc = {
+            "version": FORMAT_VERSION,
+            "base": fingerprint,
+            "component": component,
+            "pieces": [
+                [name, None if rows is None else [rows.start, rows.stop], piece.swap_halves] for name, rows, piece in pieces
+            ],
+            "channels": channels,
+            "rank": rank,
+            "svd": {k: svd[k] for k in ("method", "power_iters", "oversample", "seed")},
+        }
+        return json.dumps(doc, sort_keys=True)
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:40] + ".safetensors")
+
+    def get(self, key: str, m: int, n: int, k: int):
+        """(U [m, k], S [k], V [n, k], frob2 [] float64) on the CPU, or None when there is no
+        valid entry (a broken one is reported with a warning)."""
+        path = self.path(key)
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                if (f.metadata() or {}).get(_KEY) != key:
+                    raise ValueError("its stored key differs (another entry under the same hash?)")
+                U, S, V, frob2 = (f.get_tensor(name) for name in ("U", "S", "V", "frob2"))
+            shapes = [list(t.shape) for t in (U, S, V, frob2)]
+            if shapes != [[m, k], [k], [n, k], []]:
+                raise ValueError(f"shapes {shapes}, expected {[[m, k], [k], [n, k], []]}")
+            if not all(bool(torch.isfinite(t).all()) for t in (U, S, V, frob2)):
+                raise ValueError("it holds NaN or Inf")
+        except Exception as e:  # any unreadable entry is recomputed, never trusted
+            warnings.warn(f"loraport: ignoring the broken subspace cache entry {path} ({type(e).__name__}: {e})")
+            return None
+        return U, S, V, frob2
+
+    def put(self, key: str, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, frob2: torch.Tensor) -> None:
+        tensors = {
+            "U": U.detach().to("cpu", torch.float32).contiguous(),  # [m, k]
+            "S": S.detach().to("cpu", torch.float32).contiguous(),  # [k]
+            "V": V.detach().to("cpu", torch.float32).contiguous(),  # [n, k]
+            "frob2": frob2.detach().to("cpu", torch.float64).reshape(()),  # ‖W‖_F²
+        }
+        formats.atomic_write(self.path(key), lambda tmp: save_file(tensors, tmp, metadata={_KEY: key}))
