@@ -126,7 +126,8 @@ def test_merge_concat_is_exact_and_svd_is_optimal(tmp_path, bases):
     for n, w in want.items():
         assert norm(delta(got[n]) - w) < 1e-6 * norm(w), n
     rows = {r.module: r for r in rep.rows}
-    assert rows["single_blocks.1.linear2"].note == "in a.safetensors only" and rows["single_blocks.1.linear2"].rank_out == 6
+    partial = rows["single_blocks.1.linear2"]
+    assert partial.note == "in a.safetensors only" and partial.rank_out == 6
     assert rows["double_blocks.0.img_attn_qkv"].rank_out == 6 + 9  # b's q/k/v fused: 3 x rank 3
 
     rep = merge([f"{a}:0.7", f"{b}:-0.5"], str(tmp_path / "s.safetensors"), rank=4, report=str(tmp_path / "r.json"),
@@ -187,6 +188,20 @@ def test_extract_is_near_optimal(tmp_path, pair, arch):
     if arch == ARCH:
         assert rows["double_blocks.0.txt_mod.linear"].action == "unchanged"
         assert got["img_in.proj"].down.shape == (4, 4, 1, 2, 2)
+
+
+@pytest.mark.parametrize("method", ["auto", "power"])
+def test_extract_on_wider_layers_krylov_or_power(tmp_path, method):
+    base = tiny.base_model(ARCH, width=48, blocks=1, seed=5)  # wide enough for the whole Krylov space
+    tuned = tiny.finetuned(base, decay=0.9)
+    paths = [tiny.save_base(w, str(tmp_path / f"{n}.safetensors")) for n, w in (("b", base), ("t", tuned))]
+    rep = extract(*paths, str(tmp_path / "x.safetensors"), rank=4, include=r"proj|fc1", method=method, quiet=True)
+    assert rep.settings["method"] == method
+    got = modules(str(tmp_path / "x.safetensors"))
+    assert len(got) == 5  # img/txt attn_proj and fc1, img_in.proj
+    for name, m in got.items():
+        d = (tuned[name + ".weight"].double() - base[name + ".weight"].double()).flatten(1)
+        assert norm(delta(m) - d) <= 1.01 * float(reference.optimal_error(d, 4)), name
 
 
 def test_extract_energy_filters_and_threshold(tmp_path, pair):

@@ -70,7 +70,7 @@ def _toolbox_parsers(sub) -> None:
     def ranks(q, sv_ratio=True):
         q.add_argument("--rank", type=int, help="output rank (with --energy/--sv-ratio: the most per layer)")
         k = q.add_mutually_exclusive_group()
-        k.add_argument("--energy", type=float, help="per layer, the fewest singular values holding this fraction of ‖ΔW‖²")
+        k.add_argument("--energy", type=float, help="per layer, the fewest singular values holding this share of ‖ΔW‖²")
         if sv_ratio:
             k.add_argument("--sv-ratio", type=float, help="per layer, keep singular values >= the largest / X")
 
@@ -84,9 +84,9 @@ def _toolbox_parsers(sub) -> None:
     ranks(e, sv_ratio=False)
     e.add_argument("--include", help="regex: only modules whose name matches")
     e.add_argument("--exclude", help="regex: skip modules whose name matches")
-    e.add_argument("--min-diff", type=float, default=0.0, help="skip layers with ‖ΔW‖/‖W‖ below this (default 0)")
+    e.add_argument("--min-diff", type=float, default=0.0, help="skip layers with ‖ΔW‖/‖W‖ below this")
     e.add_argument("--no-conv", action="store_true", help="linear layers only")
-    e.add_argument("--method", default="power", choices=("power", "krylov"))
+    e.add_argument("--method", default="auto", choices=("auto", "power", "krylov"))
     e.add_argument("--power-iters", type=int, default=2)
     common(e, "kohya")
     m = sub.add_parser("merge", help="merge weighted LoRAs (A.safetensors:0.7 B.safetensors:0.5 ...) into one")
