@@ -141,6 +141,10 @@ def test_merge_concat_is_exact_and_svd_is_optimal(tmp_path, bases):
     assert doc["job"] == "merge" and doc["summary"]["actions"] == {"merged": 27}
     meta = formats.read_lora(str(tmp_path / "s.safetensors")).metadata
     assert json.loads(meta["loraport.merge"]) == [["a.safetensors", 0.7], ["b.safetensors", -0.5]]
+    # a LoRA merged with itself: rank-deficient stacked factors, still exact
+    rep = merge([f"{a}:0.25", f"{a}:0.75"], str(tmp_path / "self.safetensors"), rank=6, quiet=True)
+    for n, m in modules(str(tmp_path / "self.safetensors")).items():
+        assert m.rank == 6 and norm(delta(m) - da[n]) < 1e-5 * norm(da[n]), n
     # default rank: the largest input rank of each module
     rep = merge([a, b], str(tmp_path / "d.safetensors"), quiet=True)
     assert {r.rank_out for r in rep.rows} == {6}
