@@ -129,6 +129,7 @@ def worker(args) -> dict:
     times: dict[str, float] = {}
     errors: dict[str, float] = {}
     optimal: dict[str, float] = {}
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # output factors of the checked layers
     wall = None
     if args.job == "resize":
         if args.method == "loraport":
@@ -158,9 +159,13 @@ def worker(args) -> dict:
             if args.method != "loraport":
                 times[name] = time.perf_counter() - t0
             if name in dense_names:
-                errors[name] = frob_error(up @ down, new_up, new_down)
+                kept[name] = (new_up, new_down)
         if args.method == "dense svd_lowrank":
             wall = time.perf_counter() - start
+        peak = vm_kib("VmHWM")  # before the error evaluation below
+        for name, (new_up, new_down) in kept.items():
+            up, down = lora_in[name].factors()
+            errors[name] = frob_error(up @ down, new_up, new_down)
     else:
         if args.method == "loraport":
             start = time.perf_counter()
@@ -174,6 +179,9 @@ def worker(args) -> dict:
         for name, _, _ in layer_list:
             if args.method != "dense svd_lowrank" and name not in dense_names:
                 continue
+            if args.method == "loraport":
+                kept[name] = got[name].factors()
+                continue
             t_read = time.perf_counter()
             w_base = base.read("model", name + ".weight").float()
             delta = tuned.read("model", name + ".weight").float() - w_base  # [m, n]
@@ -186,17 +194,19 @@ def worker(args) -> dict:
             elif args.method == "dense svd_lowrank":
                 U, S, V = torch.svd_lowrank(delta, q=rank + OVERSAMPLE, niter=2)
                 new_up, new_down = U[:, :rank] * S[:rank], V[:, :rank].mT
-            else:
-                new_up, new_down = got[name].factors()
-            if args.method != "loraport":
-                times[name] = time.perf_counter() - t0
-                times[name + "+read"] = time.perf_counter() - t_read
+            times[name] = time.perf_counter() - t0
+            times[name + "+read"] = time.perf_counter() - t_read
             if name in dense_names:
-                errors[name] = frob_error(delta, new_up, new_down)
+                kept[name] = (new_up, new_down)
+            del delta
         if args.method == "dense svd_lowrank":
             wall = time.perf_counter() - start
+        peak = vm_kib("VmHWM")  # before the error evaluation below
+        for name, (new_up, new_down) in kept.items():
+            delta = tuned.read("model", name + ".weight").float() - base.read("model", name + ".weight").float()
+            errors[name] = frob_error(delta, new_up, new_down)
     return dict(times=times, errors=errors, optimal=optimal, wall=wall, kinds=kinds,
-                peak_kib=vm_kib("VmHWM"), baseline_kib=baseline)  # fmt: skip
+                peak_kib=peak, baseline_kib=baseline)  # fmt: skip
 
 
 def run_method(args, job: str, method: str, paths: dict, folder: str) -> dict:
