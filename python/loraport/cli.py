@@ -13,6 +13,7 @@ from . import archs, formats
 from .basemodel import BaseModel
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
+from .toolbox import MERGE_MODES, extract, merge, resize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +57,69 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a LoRA or base-model file")
     i.add_argument("file")
+    _toolbox_parsers(sub)
     return p
+
+
+def _toolbox_parsers(sub) -> None:
+    """resize, extract, merge (loraport.toolbox)."""
+
+    def common(q, fmt_default="auto"):
+        q.add_argument("-o", "--out", required=True, help="output LoRA path")
+        q.add_argument("--format", default=fmt_default, choices=("auto", *formats.FORMATS))
+        q.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
+        q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        q.add_argument("--max-vram", default="2GB", help="bound on one batched layer group (default 2GB)")
+        q.add_argument("--report", help="write the per-layer JSON report here")
+        q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    def ranks(q, sv_ratio=True):
+        q.add_argument("--rank", type=int, help="output rank (with --energy/--sv-ratio: the most per layer)")
+        k = q.add_mutually_exclusive_group()
+        k.add_argument("--energy", type=float, help="per layer, the fewest singular values holding this share of ‖ΔW‖²")
+        if sv_ratio:
+            k.add_argument("--sv-ratio", type=float, help="per layer, keep singular values >= the largest / X")
+
+    r = sub.add_parser("resize", help="lower a LoRA's rank (Frobenius-optimal per layer)")
+    r.add_argument("lora")
+    ranks(r)
+    common(r)
+    e = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
+    e.add_argument("--base", required=True, help="the base model (file, index.json or folder)")
+    e.add_argument("--tuned", required=True, help="the fine-tuned model")
+    ranks(e, sv_ratio=False)
+    e.add_argument("--include", help="regex: only modules whose name matches")
+    e.add_argument("--exclude", help="regex: skip modules whose name matches")
+    e.add_argument("--min-diff", type=float, default=0.0, help="skip layers with ‖ΔW‖/‖W‖ below this")
+    e.add_argument("--no-conv", action="store_true", help="linear layers only")
+    e.add_argument("--method", default="auto", choices=("auto", "power", "krylov"))
+    e.add_argument("--power-iters", type=int, default=2)
+    common(e, "kohya")
+    m = sub.add_parser("merge", help="merge weighted LoRAs (A.safetensors:0.7 B.safetensors:0.5 ...) into one")
+    m.add_argument("loras", nargs="+", help="LoRA files, each optionally :weight (default 1)")
+    m.add_argument("--mode", default="svd", choices=MERGE_MODES, help="svd: best rank-R; concat: exact, ranks add")
+    ranks(m)
+    common(m)
+
+
+def _toolbox(args) -> int:
+    common = dict(format=args.format, arch=args.arch, device=args.device, max_memory=args.max_vram,
+                  report=args.report, quiet=args.quiet)  # fmt: skip
+    if args.command == "resize":
+        rep = resize(args.lora, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio, **common)
+    elif args.command == "extract":
+        rep = extract(
+            args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, conv=not args.no_conv,
+            include=args.include, exclude=args.exclude, min_rel_diff=args.min_diff, method=args.method,
+            power_iters=args.power_iters, **common,
+        )  # fmt: skip
+    else:
+        rep = merge(args.loras, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio,
+                    mode=args.mode, **common)  # fmt: skip
+    if not args.quiet:
+        print(rep.table())
+        print(f"wrote {rep.out} ({rep.format_out})")
+    return 0
 
 
 def _port(args) -> int:
@@ -123,6 +186,8 @@ def _inspect(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("resize", "extract", "merge"):
+            return _toolbox(args)
         return _port(args) if args.command == "port" else _inspect(args)
     except (InputError, ValueError, OSError) as e:
         print(f"loraport: error: {e}", file=sys.stderr)

@@ -160,6 +160,26 @@ def related(weights: dict[str, torch.Tensor], *, eps: float = 0.05, seed: int = 
     return out
 
 
+def finetuned(
+    weights: dict[str, torch.Tensor], *, rel_diff: float = 0.05, decay: float = 0.7, seed: int = 4
+) -> dict[str, torch.Tensor]:
+    """A "fine-tune": every matrix or conv weight plus an update with singular values decaying
+    like ``decay``**j and norm ``rel_diff`` · ‖W‖_F (what `loraport extract` recovers); other
+    tensors unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in weights.items():
+        if w.dim() < 2:
+            out[name] = w
+            continue
+        m, n = w.shape[0], w[0].numel()
+        spectrum = decay ** torch.arange(min(m, n), dtype=torch.float64)
+        spectrum *= rel_diff * float(w.double().norm()) / float(spectrum.norm())
+        update = matrix_with_spectrum(m, n, spectrum, generator=g).reshape(w.shape)
+        out[name] = (w.double() + update).to(w.dtype)
+    return out
+
+
 def widen_input(
     weights: dict[str, torch.Tensor], name: str, channels: int, *, seed: int = 2
 ) -> dict[str, torch.Tensor]:
