@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from safetensors import safe_open
@@ -432,6 +432,24 @@ def atomic_write(path: str, write, *, protect=()) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def report_json(report, path=None, *, protect=()) -> str:
+    """A run report (a dataclass with ``rows`` and ``summary()``: pipeline.PortReport,
+    toolbox.ToolReport) as JSON: its fields, the summary and one entry per layer; written
+    atomically to ``path`` when given, never over a file in ``protect``."""
+    doc = {k: v for k, v in asdict(report).items() if k != "rows"}
+    doc["summary"] = report.summary()
+    doc["layers"] = [asdict(r) for r in report.rows]
+    text = json.dumps(doc, indent=2)
+    if path is not None:
+
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(path, dump, protect=protect)
+    return text
 
 
 def write_lora(lora: LoraFile, path, *, format: str | None = None, metadata=None, protect=()) -> str:

@@ -30,13 +30,12 @@ weight found there is neither read nor decomposed."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -115,18 +114,7 @@ class PortReport:
 
     def to_json(self, path=None) -> str:
         """The report as JSON (written atomically to ``path`` when given)."""
-        doc = {k: v for k, v in asdict(self).items() if k != "rows"}
-        doc["summary"] = self.summary()
-        doc["layers"] = [asdict(r) for r in self.rows]
-        text = json.dumps(doc, indent=2)
-        if path is not None:
-
-            def dump(tmp):
-                with open(tmp, "w") as f:
-                    f.write(text)
-
-            formats.atomic_write(path, dump, protect=(self.lora, self.source, self.target))
-        return text
+        return formats.report_json(self, path, protect=(self.lora, self.source, self.target))
 
     def table(self) -> str:
         """The human-readable summary: a totals line, a table (actions, similarity, ranks, time

@@ -35,7 +35,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,18 +101,7 @@ class ToolReport:
 
     def to_json(self, path=None) -> str:
         """The report as JSON (written atomically to ``path`` when given, never over an input)."""
-        doc = {k: v for k, v in asdict(self).items() if k != "rows"}
-        doc["summary"] = self.summary()
-        doc["layers"] = [asdict(r) for r in self.rows]
-        text = json.dumps(doc, indent=2)
-        if path is not None:
-
-            def dump(tmp):
-                with open(tmp, "w") as f:
-                    f.write(text)
-
-            formats.atomic_write(path, dump, protect=self.inputs)
-        return text
+        return formats.report_json(self, path, protect=self.inputs)
 
     def table(self) -> str:
         """One line per layer that was not processed normally, then the totals."""
