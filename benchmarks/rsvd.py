@@ -18,6 +18,7 @@ left. Timing: best of --repeats runs, device synchronized inside the timed regio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import time
@@ -57,6 +58,23 @@ def machine_description(device: str) -> str:
     if device == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def markdown_tee(path: str | None):
+    """A writer(line) that prints each line and, with ``path``, also appends it to that file."""
+    out = open(path, "a") if path else None
+
+    def writer(line: str) -> None:
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+
+    try:
+        yield writer
+    finally:
+        if out:
+            out.close()
 
 
 def synchronize(device: str) -> None:
@@ -246,18 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         QUICK_SHAPES if args.quick else HUNYUAN_SHAPES
     )
     ranks = args.ranks or ([32] if args.quick else [32, 64, 128, 256])
-    out = open(args.markdown, "a") if args.markdown else None
-
-    def writer(line: str) -> None:
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-
-    writer(f"\n## rsvd benchmark ({machine_description(args.device)})")
-    for m, n in shapes:
-        run_shape(args, m, n, ranks, writer)
-    if out:
-        out.close()
+    with markdown_tee(args.markdown) as writer:
+        writer(f"\n## rsvd benchmark ({machine_description(args.device)})")
+        for m, n in shapes:
+            run_shape(args, m, n, ranks, writer)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import loraport
 from loraport import archs, formats
 from loraport.basemodel import BaseModel
 
-from .rsvd import machine_description
+from .rsvd import machine_description, markdown_tee
 
 TYPES = ("qkv", "proj", "fc1", "fc2", "linear1", "linear2")
 FULL_COUNTS = {t: 40 for t in TYPES}  # Hunyuan Video: 20 double blocks x img/txt, 40 single blocks
@@ -290,24 +289,16 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     args.width = args.width or (768 if args.quick else 3072)
-    out = open(args.markdown, "a") if args.markdown else None
-
-    def writer(line: str) -> None:
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-
-    writer(f"\n## toolbox benchmark ({machine_description('cpu')})")
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="loraport-bench-") as folder:
-        paths = make_inputs(folder, args.width, args.blocks, args.lora_rank)
-        writer(f"inputs written in {time.perf_counter() - started:.0f} s")
-        for job in args.jobs:
-            results = {m: run_method(args, job, m, paths, folder) for m in args.methods}
-            report(args, job, results, writer)
-    writer(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")
-    if out:
-        out.close()
+    with markdown_tee(args.markdown) as writer:
+        writer(f"\n## toolbox benchmark ({machine_description('cpu')})")
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="loraport-bench-") as folder:
+            paths = make_inputs(folder, args.width, args.blocks, args.lora_rank)
+            writer(f"inputs written in {time.perf_counter() - started:.0f} s")
+            for job in args.jobs:
+                results = {m: run_method(args, job, m, paths, folder) for m in args.methods}
+                report(args, job, results, writer)
+        writer(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
