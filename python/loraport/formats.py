@@ -403,6 +403,32 @@ def _updated_metadata(lora: LoraFile, fmt: str, tensors: dict[str, torch.Tensor]
     return meta
 
 
+def check_output(out, inputs) -> str:
+    """The absolute output path, after checking it is none of the ``inputs`` and its folder
+    exists (InputError otherwise)."""
+    out = os.path.abspath(os.fspath(out))
+    check_not_input(out, inputs)
+    if not os.path.isdir(os.path.dirname(out)):
+        raise InputError(f"{out}: output folder {os.path.dirname(out)} does not exist")
+    return out
+
+
+def module_from_factors(component, name, key, up, down, in_shape, dtype, known=True) -> LoraModule:
+    """A scale-1 LoraModule on the CPU in ``dtype`` from factors up [out, k] and down
+    [k, in·kernel] (device, float32), laid out for a weight of input shape ``in_shape`` =
+    (in, *kernel): up [out, k, 1...], down [k, in, *kernel]. The inverse of LoraModule.factors."""
+    k, (channels, *kernel) = up.shape[1], in_shape
+    return LoraModule(
+        component,
+        name,
+        up.reshape(up.shape[0], k, *([1] * len(kernel))).to("cpu", dtype),  # [out, k, 1...]
+        down.reshape(k, channels, *kernel).to("cpu", dtype),  # [k, in, *kernel]
+        None,
+        key,
+        known,
+    )
+
+
 def check_not_input(path, inputs) -> None:
     """InputError when ``path`` is (a link to) one of the ``inputs`` files."""
     path = os.path.abspath(os.fspath(path))

@@ -310,10 +310,7 @@ def port(
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
-        out = os.path.abspath(os.fspath(out))
-        formats.check_not_input(out, inputs)
-        if not os.path.isdir(os.path.dirname(out)):
-            raise InputError(f"{out}: output folder {os.path.dirname(out)} does not exist")
+        out = formats.check_output(out, inputs)
     styles = _base_styles(lf, src, tgt)
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
@@ -616,13 +613,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
             row.action = "padded" if mod.down.shape[1] < channels else "ported"
             row.rank_out = new_up.shape[1]
             row.rel_change = _rel_change(up, down, new_up, new_down)
-        r_out, dtype = new_up.shape[1], mod.up.dtype
-        plan.result = formats.LoraModule(
-            mod.component,
-            mod.name,
-            new_up.reshape(new_up.shape[0], r_out, *([1] * len(kernel))).to("cpu", dtype),  # [out, r', 1...]
-            new_down.reshape(r_out, channels, *kernel).to("cpu", dtype),  # [r', in, *kernel]
-            None,
-            mod.key,
+        plan.result = formats.module_from_factors(
+            mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
         )
     seconds["project"] += time.perf_counter() - t0

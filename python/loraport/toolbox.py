@@ -161,15 +161,8 @@ class _Factors:
 
 def _module(template: formats.LoraModule, up: torch.Tensor, down: torch.Tensor, dtype) -> formats.LoraModule:
     """A scale-1 LoraModule from factors up [m, k], down [k, in·kernel] in the template's layout."""
-    k, (channels, *kernel) = up.shape[1], template.down.shape[1:]
-    return formats.LoraModule(
-        template.component,
-        template.name,
-        up.reshape(up.shape[0], k, *([1] * len(kernel))).to("cpu", dtype),  # [out, k, 1...]
-        down.reshape(k, channels, *kernel).to("cpu", dtype),  # [k, in, *kernel]
-        None,
-        template.key,
-        template.known,
+    return formats.module_from_factors(
+        template.component, template.name, template.key, up, down, template.down.shape[1:], dtype, template.known
     )
 
 
@@ -221,14 +214,6 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
                 it.row.rel_error = math.sqrt(float(s2[k:].sum()) / total) if total > 0 else 0.0
             seconds["svd"] = seconds.get("svd", 0.0) + share * len(chunk)
             bar.update(len(chunk))
-
-
-def _prepare_out(out, inputs: list[str]) -> str:
-    out = os.path.abspath(os.fspath(out))
-    formats.check_not_input(out, inputs)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise InputError(f"{out}: output folder {os.path.dirname(out)} does not exist")
-    return out
 
 
 def _rank_metadata(modules: list[formats.LoraModule], source_meta: dict, fmt: str) -> dict[str, str]:
@@ -283,7 +268,7 @@ def resize(
         raise ValueError("loraport.resize: give rank, energy or sv_ratio")
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
-    out = _prepare_out(out, [lf.path])
+    out = formats.check_output(out, [lf.path])
     settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory))
     items = []
     for m in lf.modules:
@@ -348,7 +333,7 @@ def merge(
     t_start = time.perf_counter()
     files = [formats.read_lora(path, arch=arch) for path, _ in entries]
     first = files[0]
-    out = _prepare_out(out, [lf.path for lf in files])
+    out = formats.check_output(out, [lf.path for lf in files])
     for lf in files[1:]:
         if lf.arch.name != first.arch.name:
             raise InputError(f"{lf.label}: a {lf.arch.name} LoRA, but {first.label} is a {first.arch.name} LoRA")
@@ -479,7 +464,7 @@ def extract(
     t_start = time.perf_counter()
     b, t = BaseModel(base), BaseModel(tuned)
     inputs = [*b.files(), *t.files()]
-    out = _prepare_out(out, inputs)
+    out = formats.check_output(out, inputs)
     if arch == "auto":
         try:
             arch = archs.detect([], b.module_names())
