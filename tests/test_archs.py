@@ -78,6 +78,7 @@ def test_diffusers_names_cover_the_original_weights(arch):
         rebuilt = torch.cat([p.arrange(diffusers[p.name + ".weight"]) for p in pieces], 0)
         torch.testing.assert_close(rebuilt, original[name + ".weight"])
     back = tiny.to_original_names(arch, diffusers)
+    assert {n + ".weight" for n in tiny.lora_targets(arch, original)} <= back.keys()
     for key, w in back.items():  # and back again, exactly
         torch.testing.assert_close(w, original[key], rtol=0, atol=0)
 

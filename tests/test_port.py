@@ -181,7 +181,9 @@ def test_streaming_in_small_groups_gives_the_same_result(tmp_path, models, lora_
     rep = port(p["lora"], p["source"], p["target"], one, max_memory=160_000, **SVD)  # 1-2 layers a chunk
     assert rep.settings["max_memory"] == 160_000
     big = {m.name: delta(m) for m in formats.read_lora(p["out"], arch=ARCH).modules}
-    for m in formats.read_lora(one, arch=ARCH).modules:
+    small = formats.read_lora(one, arch=ARCH).modules
+    assert {m.name for m in small} == big.keys()
+    for m in small:
         torch.testing.assert_close(delta(m), big[m.name], rtol=1e-4, atol=1e-6)
 
 

@@ -455,7 +455,7 @@ def detect(lora_names: list[tuple[str, str, bool]], base_names: list[str] = ()) 
     model's names, else reported as ambiguous."""
     base = [("model", n, False) for n in base_names]
     scores = {a.name: (_score(a, lora_names), _score(a, base)) for a in ARCHS.values()}
-    if "sd15" in scores and scores["sd15"] == scores["sdxl"]:  # same templates but SDXL's extras
+    if scores["sd15"] == scores["sdxl"]:  # same templates but SDXL's extras
         del scores["sdxl" if not _sdxl_hint(lora_names + base) else "sd15"]
     ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
     (best, (lora_hits, base_hits)), rest = ranked[0], ranked[1:]
