@@ -43,7 +43,10 @@ from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError
-from .ops import project_lora, rsvd, subspace_similarity
+from .ops import rsvd
+
+_similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
+_project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
 
 VARIANTS = ("target", "source-then-target")
 ON_DISSIMILAR = ("skip", "copy")
@@ -586,7 +589,10 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
             kt = _energy_rank(St.cpu(), frob2_t, energy)
         us, vs = Us[:, :ks].to(device), Vs[:, :ks].to(device)
         ut, vt = Ut[:, :kt].to(device), Vt[:, :kt].to(device)
-        left, right = float(subspace_similarity(us, ut)), float(subspace_similarity(vs, vt))
+        # The ops directly, not the checking wrappers: every input here is already known to be
+        # finite (LoRA factors on read, rsvd's S, cache entries), and each wrapper check would be
+        # a full isfinite scan and a host sync per tensor per layer. One sync for both values.
+        left, right = torch.stack([_similarity(us, ut), _similarity(vs, vt)]).tolist()
         row.subspace_rank, row.similarity_left, row.similarity_right = [ks, kt], left, right
         row.similarity = (left + right) / 2
 
@@ -606,10 +612,10 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
         else:
             r_out = min(settings["rank"] or mod.rank, mod.rank, kt)
             if settings["variant"] == "source-then-target":
-                u1, d1 = project_lora(up, down, us, vs)
-                new_up, new_down = project_lora(u1, d1, ut, vt, rank=r_out)
+                u1, d1 = _project(up, down, us, vs, min(mod.rank, ks))
+                new_up, new_down = _project(u1, d1, ut, vt, r_out)
             else:
-                new_up, new_down = project_lora(up, down, ut, vt, rank=r_out)
+                new_up, new_down = _project(up, down, ut, vt, r_out)
             row.action = "padded" if mod.down.shape[1] < channels else "ported"
             row.rank_out = new_up.shape[1]
             row.rel_change = _rel_change(up, down, new_up, new_down)
