@@ -123,24 +123,13 @@ class Orthonormalizer {
   // pass 1 (Fukaya et al. 2020, shifted CholeskyQR, with fp64 unit roundoff) keeps the
   // Cholesky defined for numerically rank-deficient Y; pass 2 then restores orthogonality.
   std::tuple<Tensor, Tensor, Tensor> cholesky_qr_pass(const Tensor& Y, bool shift) {
-    const int64_t m = Y.size(-2), l = Y.size(-1);
     // Pass 1 needs the fp64 Gram (cond(Y) up to ~1/u32); pass 2 sees a nearly orthonormal Q1,
     // whose Gram is accurate in the working precision at a fraction of the fp64 GEMM's cost.
-    Tensor G = !shift ? at::matmul(Y.mT(), Y).to(at::kDouble)
-               : policy_.gram_fp64 ? policy_.gram_fp64(Y) : gram_fp64_aten(Y);  // [b, l, l]
-    Tensor trace = G.diagonal(0, -2, -1).sum(-1);                               // [b]
-    if (shift) {
-      const double u = std::numeric_limits<double>::epsilon() / 2;
-      Tensor s = trace * (u * double(m * l + l * (l + 1))) + std::numeric_limits<double>::min();
-      G.diagonal(0, -2, -1).add_(s.unsqueeze(-1));
-    }
-    auto [L, info] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
-    Tensor Rd = L.mT();  // [b, l, l] upper, G = R^T R
-    Tensor diag = Rd.diagonal(0, -2, -1).abs();
-    Tensor bad = info.ne(0).logical_or(Rd.isfinite().logical_not().flatten(1).any(-1));
+    auto [Rd, bad] = !shift ? cholesky_of(at::matmul(Y.mT(), Y).to(at::kDouble), Y.size(-2), false)
+                            : first_pass_cholesky(Y);
     // Pass 2 sees a nearly orthonormal Q1 unless Y was numerically rank-deficient; there a
     // spread of R's diagonal means Q would keep an orthogonality error ~ u * spread.
-    if (!shift) bad.logical_or_(diag.amin(-1) * kMaxPass2Spread < diag.amax(-1));
+    if (!shift) bad.logical_or_(diagonal_spread(Rd).le(kMaxPass2Spread).logical_not());
     // Q = Y R^{-1} as a GEMM with the explicit inverse (inverted in fp64, l x l): on CPU a
     // batched triangular solve with a tall right-hand side ran at ~1/5 of the GEMM rate
     // (profile of 2 x [3072, 3072], block 48). Its rounding error, ~u * cond(R) relative, is
@@ -151,7 +140,44 @@ class Orthonormalizer {
     return {Q, Rd.to(Y.scalar_type()), bad};
   }
 
+  // R (fp64, upper, G = R^T R) of pass 1 and which matrices failed. On the CPU an fp32 Y first
+  // tries the fp32 Gram (a third of the fp64 one's cost: no fp64 copy, twice the GEMM rate):
+  // its error ~u32 * l * ||Y||^2 leaves Q1 an orthogonality error ~u32 * l * cond(Y)^2, which
+  // pass 2 removes while that is well below 1. A diagonal spread of R below kFp32GramSpread
+  // (cond(Y) >= spread, and an fp32 Gram makes any Y with cond(Y) >~ 1/sqrt(u32 * l) look at least
+  // that spread) is accepted; otherwise the batch is redone from the fp64 Gram. CUDA skips the
+  // attempt: deciding would synchronize with the host.
+  std::tuple<Tensor, Tensor> first_pass_cholesky(const Tensor& Y) {
+    const int64_t m = Y.size(-2);
+    if (policy_.check_each_qr && Y.scalar_type() == at::kFloat) {
+      auto [Rd, bad] = cholesky_of(at::matmul(Y.mT(), Y).to(at::kDouble), m, true);
+      if (!bad.logical_or(diagonal_spread(Rd).le(kFp32GramSpread).logical_not()).any().item<bool>()) return {Rd, bad};
+    }
+    return cholesky_of(policy_.gram_fp64 ? policy_.gram_fp64(Y) : gram_fp64_aten(Y), m, true);
+  }
+
+  // Cholesky factor R of the Gram G [b, l, l] (fp64) of an m-row matrix, shifted for pass 1.
+  static std::tuple<Tensor, Tensor> cholesky_of(Tensor G, int64_t m, bool shift) {
+    const int64_t l = G.size(-1);
+    if (shift) {
+      const double u = std::numeric_limits<double>::epsilon() / 2;
+      Tensor trace = G.diagonal(0, -2, -1).sum(-1);  // [b]
+      Tensor s = trace * (u * double(m * l + l * (l + 1))) + std::numeric_limits<double>::min();
+      G.diagonal(0, -2, -1).add_(s.unsqueeze(-1));
+    }
+    auto [L, info] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
+    Tensor Rd = L.mT();  // [b, l, l] upper, G = R^T R
+    Tensor bad = info.ne(0).logical_or(Rd.isfinite().logical_not().flatten(1).any(-1));
+    return {Rd, bad};
+  }
+
+  static Tensor diagonal_spread(const Tensor& R) {
+    Tensor diag = R.diagonal(0, -2, -1).abs();
+    return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
+  }
+
   static constexpr double kMaxPass2Spread = 1e2;
+  static constexpr double kFp32GramSpread = 30;
 
   // Y^T Y in fp64, accumulated over row tiles of ~4 MiB: no fp64 copy of the whole Y (an
   // n x L Rayleigh-Ritz basis would otherwise mean allocating and faulting in tens of MB).
