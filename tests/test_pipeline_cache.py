@@ -87,7 +87,9 @@ def test_cache_key_follows_base_files_and_settings(paths, models, tmp_path, deco
     tiny.save_base(tiny.related(models["source"], seed=6), paths["target"])
     rep = pipeline.port(paths["lora"], paths["source"], paths["target"], out, cache_dir=paths["cache"], **SVD)
     assert decomposed[0] == N and {r.subspaces_from_cache for r in rep.rows} == {1}
-    for change in (dict(power_iters=4), dict(seed=1), dict(method="krylov"), dict(subspace_rank=5), dict(oversample=4)):
+    changes = (dict(power_iters=4), dict(seed=1), dict(method="krylov"), dict(method="krylov", block_size=4),
+               dict(subspace_rank=5), dict(oversample=4))  # fmt: skip
+    for change in changes:
         decomposed[0] = 0
         opts = {**SVD, **change}
         pipeline.port(paths["lora"], paths["source"], paths["target"], out, cache_dir=paths["cache"], **opts)
@@ -97,6 +99,19 @@ def test_cache_key_follows_base_files_and_settings(paths, models, tmp_path, deco
     empty = str(tmp_path / "empty")
     pipeline.port(paths["lora"], models["source"], models["target"], out, cache_dir=empty, **SVD)
     assert decomposed[0] == 2 * N and os.listdir(empty) == []
+
+
+def test_cache_key_without_block_size_is_unchanged():
+    """Entries written before the block_size setting existed keep their keys."""
+    from loraport.archs import Piece
+    from loraport.cache import SubspaceCache
+
+    pieces = [("w.weight", None, Piece("w"))]
+    svd = dict(method="krylov", power_iters=3, oversample=8, seed=0)
+    plain = SubspaceCache.key("fp", "transformer", pieces, 16, 6, svd)
+    assert SubspaceCache.key("fp", "transformer", pieces, 16, 6, {**svd, "block_size": None}) == plain
+    assert '"block_size"' not in plain
+    assert SubspaceCache.key("fp", "transformer", pieces, 16, 6, {**svd, "block_size": 4}) != plain
 
 
 def test_cache_key_records_swapped_row_halves():
@@ -148,6 +163,10 @@ def test_group_bytes_counts_weights_workspace_and_outputs():
     assert bf16 < fp32  # half the weights, upcast 2 of 8 matrices at a time (256 MiB / 113 MB)
     krylov = pipeline.group_bytes(4, m, n, method="krylov", elem=2, device="cuda", **common)
     assert krylov > bf16  # the Krylov basis is (q + 1) l wide
+    narrow = pipeline.group_bytes(4, m, n, method="krylov", elem=2, device="cuda", block_size=48, **common)
+    # per matrix in flight (2: the bf16 upcast batch), L = 3 blocks of 48 instead of 3 of 72
+    dl = 72 - 48
+    assert krylov - narrow == 2 * (4 * (3 * (m + n) * 3 * dl + 3 * m * dl) + 8 * m * dl)
     cpu = pipeline.group_bytes(4, m, n, method="power", elem=2, device="cpu", **common)
     assert cpu - bf16 == 8 * m * n * 2 + m * n * 3  # the prefetched chunk and the tensor being read
     # the default budget holds at least one layer of Hunyuan Video's widest weight on either device

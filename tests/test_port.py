@@ -174,6 +174,35 @@ def test_energy_rank_and_output_rank(tmp_path, models, lora_sd):
         assert rel_err(delta(out[m.name]), want) < 1e-3, m.name
 
 
+def test_krylov_block_size_reaches_rsvd_and_falls_back_where_too_narrow(tmp_path, models, lora_sd, monkeypatch):
+    """block_size goes to every rsvd call whose rank fits (power_iters + 1) blocks, the default
+    width elsewhere; the result still matches the dense reference."""
+    from loraport import pipeline
+
+    blocks = []
+    real = pipeline.rsvd
+
+    def spy(A, rank, **kw):
+        blocks.append((min(A.shape[-2:]), rank, kw["block_size"]))
+        return real(A, rank, **kw)
+
+    monkeypatch.setattr(pipeline, "rsvd", spy)
+    p = files(tmp_path, models, lora_sd)
+    # 4 blocks of 4 span a 16-wide matrix: exact subspaces, as in test_port_matches_dense_reference
+    rep = port(p["lora"], p["source"], p["target"], p["out"], method="krylov", block_size=4, **SVD)
+    assert rep.settings["block_size"] == 4 and {b for *_, b in blocks} == {4}
+    out = {m.name: m for m in formats.read_lora(p["out"], arch=ARCH).modules}
+    for m in formats.read_lora(p["lora"], arch=ARCH).modules:
+        want = projected(delta(m), models["target"][m.name + ".weight"].double(), K)
+        assert rel_err(delta(out[m.name]), want) < 1e-3, m.name
+    # 5 blocks of 1 column cannot hold rank 6: the default width is used instead of an error
+    blocks.clear()
+    port(p["lora"], p["source"], p["target"], p["out"], method="krylov", block_size=1, **SVD)
+    assert blocks and {b for *_, b in blocks} == {None}
+    with pytest.raises(ValueError, match='block_size is a setting of method="krylov"'):
+        port(p["lora"], p["source"], p["target"], p["out"], block_size=4, **SVD)
+
+
 def test_streaming_in_small_groups_gives_the_same_result(tmp_path, models, lora_sd):
     p = files(tmp_path, models, lora_sd)
     port(p["lora"], p["source"], p["target"], p["out"], **SVD)

@@ -38,7 +38,8 @@ class SubspaceCache:
     def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict) -> str:
         """The entry key as canonical JSON. pieces: [(tensor name, row slice or None, archs.Piece)]
         (a piece read with its row halves swapped has other left singular vectors, so the swap is
-        part of the key); svd: the rsvd settings (method, power_iters, oversample, seed)."""
+        part of the key); svd: the rsvd settings (method, power_iters, oversample, seed, and the
+        Krylov block_size where one is set: keys without it stay those of earlier versions)."""
         doc = {
             "version": FORMAT_VERSION,
             "base": fingerprint,
@@ -50,6 +51,8 @@ class SubspaceCache:
             "rank": rank,
             "svd": {k: svd[k] for k in ("method", "power_iters", "oversample", "seed")},
         }
+        if svd.get("block_size") is not None:
+            doc["svd"]["block_size"] = svd["block_size"]
         return json.dumps(doc, sort_keys=True)
 
     def path(self, key: str) -> str:

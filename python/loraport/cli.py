@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--variant", default="target", choices=VARIANTS)
     q.add_argument("--method", default="power", choices=("power", "krylov"))
     q.add_argument("--power-iters", type=int, default=2)
+    q.add_argument(
+        "--block-size",
+        type=int,
+        help="krylov only: width of each Krylov block (default subspace rank + oversample; "
+        "e.g. 3/4 of the subspace rank with --power-iters 3, see benchmarks/RESULTS.md)",
+    )
     q.add_argument("--report", help="write the per-layer JSON report here")
     q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -129,7 +135,8 @@ def _port(args) -> int:
         args.lora, args.source, args.target, args.out, device=args.device, subspace_rank=args.subspace_rank,
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
-        method=args.method, max_memory=args.max_vram, cache_dir=args.cache_dir, report=args.report, dry_run=args.dry_run, quiet=args.quiet,
+        method=args.method, block_size=args.block_size, max_memory=args.max_vram, cache_dir=args.cache_dir,
+        report=args.report, dry_run=args.dry_run, quiet=args.quiet,
     )  # fmt: skip
     if not args.quiet:
         print(rep.table())

@@ -44,6 +44,13 @@ def _check_int(op: str, name: str, value: object, minimum: int) -> int:
     return value
 
 
+def krylov_blocks(short_side: int, width: int, power_iters: int) -> int:
+    """Blocks of the Krylov space rsvd builds from blocks of ``width`` columns on a matrix whose
+    short side is ``short_side``: power_iters + 1, but never wider than the matrix (the op's
+    krylov_blocks in csrc/linalg.cpp)."""
+    return max(1, min(power_iters + 1, short_side // width))
+
+
 def rsvd(
     A: torch.Tensor,
     rank: int,
@@ -88,7 +95,7 @@ def rsvd(
         raise ValueError('loraport.rsvd: block_size is a setting of method="krylov" (power uses rank + oversample)')
     else:
         width = min(_check_int("rsvd", "block_size", block_size, 1), short_side)
-        blocks = max(1, min(power_iters + 1, short_side // width))
+        blocks = krylov_blocks(short_side, width, power_iters)
         if blocks * width < k:
             raise ValueError(
                 f"loraport.rsvd: a Krylov space of {blocks} blocks of {width} columns is narrower than rank {k}; "

@@ -43,7 +43,7 @@ from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError
-from .ops import rsvd
+from .ops import krylov_blocks, rsvd
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
@@ -269,6 +269,7 @@ def port(
     variant: str = "target",
     power_iters: int = 2,
     method: str = "power",
+    block_size: int | None = None,
     oversample: int = 8,
     seed: int = 0,
     max_memory=DEFAULT_MAX_MEMORY,
@@ -285,7 +286,9 @@ def port(
     ``max_memory`` (bytes or "2GB"; ``max_vram`` is an alias) bounds what one chunk of layers
     holds at once on ``device`` (host memory on the CPU), as estimated by `group_bytes`.
     ``cache_dir``: folder of the subspace cache (loraport.cache); bases given as state dicts are
-    never cached."""
+    never cached. ``block_size`` (method="krylov" only): width of each Krylov block, as in
+    `loraport.rsvd`; a layer whose subspace rank needs a wider Krylov space than
+    (power_iters + 1) blocks of it uses the default width, rank + oversample."""
     if max_vram is not None:
         max_memory = max_vram
     if variant not in VARIANTS:
@@ -296,15 +299,18 @@ def port(
         raise ValueError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
     if energy is None and subspace_rank is None:
         subspace_rank = DEFAULT_SUBSPACE_RANK
-    for name, value in (("subspace_rank", subspace_rank), ("rank", rank)):
+    for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"loraport.port: {name} must be a positive integer, got {value!r}")
+    if block_size is not None and method != "krylov":
+        raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
     if out is None and not dry_run:
         raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
     settings = dict(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
-        method=method, oversample=oversample, seed=seed, max_memory=parse_bytes(max_memory), dry_run=dry_run,
+        method=method, block_size=block_size, oversample=oversample, seed=seed,
+        max_memory=parse_bytes(max_memory), dry_run=dry_run,
         cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
     )  # fmt: skip
     t_start = time.perf_counter()
@@ -359,10 +365,8 @@ def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel) -> dict[s
             base_arch = a.name
         if base_arch != a.name and {base_arch, a.name} != {"sd15", "sdxl"}:
             raise InputError(f"{lf.label}: a {a.name} LoRA, but the {which} base {base.label} is a {base_arch} model")
-        names = base.module_names()
-        hits = {s: sum(1 for n in names if a.match(s, "model", n)) for s in a.styles}
-        styles[which] = max(hits, key=hits.get)
-        if not hits[styles[which]]:
+        styles[which] = a.base_style(base.module_names())
+        if styles[which] is None:
             example = next(iter(base.names()), "(no tensors)")
             raise InputError(
                 f"{base.label}: the {which} base has no {a.name} weights (first tensor '{example}') "
@@ -405,7 +409,7 @@ UPCAST_CHUNK_BYTES = 256 << 20  # csrc/linalg.h, RsvdPolicy::upcast_chunk_bytes
 
 def group_bytes(
     layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
-    elem: int, lora_rank: int, device: str = "cpu",
+    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None,
 ) -> int:  # fmt: skip
     """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
     stacked element) holds at once on ``device``, following csrc/linalg.cpp's rsvd:
@@ -418,19 +422,20 @@ def group_bytes(
                                          used in place and b = 2G
       workspace  b·(4·(3(m+n)L + 3·max(m,n)·l) + 8·max(m,n)·l)
                                          per matrix in flight, l = min(k + oversample, m, n)
-                                         sketch columns, L = l (power) or the Krylov basis width
+                                         sketch columns (krylov: the block_size, if given),
+                                         L = l (power) or the Krylov basis width
                                          l·min(q + 1, min(m, n)/l): the basis [m, L], Bᵀ [n, L]
-                                         and its orthonormal factor P [n, L] (krylov also keeps
-                                         the block list beside its concatenation: 3(m+n)L covers
-                                         both), CholeskyQR2's input, Q1 and Q ([max(m,n), l] each)
+                                         and its orthonormal factor P [n, L] (3(m+n)L also covers
+                                         the Krylov loop's projection temporaries),
+                                         CholeskyQR2's input, Q1 and Q ([max(m,n), l] each)
                                          and its float64 copy for the Gram matrix
       outputs    2G·4·(m + n + 1)·k      U [2G, m, k], S [2G, k], V [2G, n, k] in float32
       factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
 
     Small terms (the sketch, l×l Grams, cuBLAS workspace, the Householder redo of a matrix
     whose CholeskyQR broke down) are left out; the budget is an estimate, not an allocator cap."""
-    l = min(k + oversample, m, n)
-    L = l * (max(1, min(power_iters + 1, min(m, n) // l)) if method == "krylov" else 1)
+    l = min(k + oversample if block_size is None else block_size, m, n)
+    L = l * (krylov_blocks(min(m, n), l, power_iters) if method == "krylov" else 1)
     matrices = 2 * layers
     weights = matrices * m * n * elem
     if not str(device).startswith("cuda"):
@@ -441,6 +446,17 @@ def group_bytes(
     outputs = matrices * 4 * (m + n + 1) * k
     factors = 4 * 2 * (m + n) * lora_rank
     return weights + upcast + workspace + outputs + factors
+
+
+def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
+    """The Krylov block width rsvd gets for rank-k subspaces of [m, n] weights: the block_size
+    setting where its (power_iters + 1) blocks hold k columns, else None (rank + oversample)."""
+    block = settings.get("block_size")
+    if settings["method"] != "krylov" or block is None:
+        return None
+    short_side = min(m, n)
+    width = min(block, short_side)
+    return block if krylov_blocks(short_side, width, settings["power_iters"]) * width >= min(k, short_side) else None
 
 
 @dataclass
@@ -471,7 +487,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
             return group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
                 method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.module.rank for p in group),
-                device=settings["device"],
+                device=settings["device"], block_size=_krylov_block(settings, k, m, n),
             )  # fmt: skip
 
         if need(1) > budget:
@@ -518,11 +534,12 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
+        svd = {**settings, "block_size": _krylov_block(settings, chunk.rank, m, n)}
         for g, p in enumerate(chunk.plans):
             for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = cache.key(
-                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, settings
+                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd
                     )
                     hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
@@ -563,6 +580,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
     if loaded.todo:
         weights = loaded.weights.flatten(2).to(device, non_blocking=True)  # [M, m, n]
         svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
+        svd["block_size"] = _krylov_block(settings, k_max, *weights.shape[-2:])
         U, S, V = rsvd(weights, k_max, **svd)  # [M, m, k], [M, k], [M, n, k]
         del weights
         for i, job in enumerate(loaded.todo):
