@@ -155,12 +155,12 @@ def peers(k: int, oversample: int, device: str):
 
 
 def narrow_krylov(k: int, device: str):
-    """Krylov with blocks of k/2 and 3k/4 columns (more iterations, fewer flops per pass)."""
+    """Krylov with blocks of k/2 to 7k/8 columns (more iterations, fewer flops per pass)."""
 
     def run(block):
         return lambda A, q: loraport.rsvd(A, k, power_iters=q, method="krylov", block_size=block, seed=0)
 
-    return {f"loraport krylov block {b}": run(b) for b in (k // 2, 3 * k // 4)}
+    return {f"loraport krylov block {b}": run(b) for b in (k // 2, 5 * k // 8, 3 * k // 4, 7 * k // 8)}
 
 
 def narrow_block(name: str) -> int | None:
