@@ -61,6 +61,28 @@ def test_unknown_module_is_kept_and_flagged(hunyuan):
     assert "lora_unet_double_blocks_0_img_attn_foo.lora_up.weight" in formats.state_dict(lf)
 
 
+def test_network_dim_metadata_follows_kohya_convention(tmp_path, hunyuan):
+    """ss_network_dim/alpha: the rank and alpha when every module shares them, "Dynamic" when
+    the ranks or the alphas differ (as kohya's resize writes)."""
+    lf = formats.read_lora(tiny.lora("hunyuan-video", hunyuan, fmt="kohya", rank=4, alpha=3.0))
+
+    def written_meta(lora):
+        out = tmp_path / "meta.safetensors"
+        formats.write_lora(lora, out)
+        with safe_open(out, "pt") as f:
+            return f.metadata()
+
+    meta = written_meta(lf)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "3")
+    first = lf.modules[0]
+    first.alpha = 2.0
+    meta = written_meta(lf)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "Dynamic")
+    first.up, first.down = first.up[:, :2], first.down[:2]
+    meta = written_meta(lf)
+    assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
+
+
 @pytest.mark.parametrize("fmt", formats.FORMATS)
 def test_round_trip_every_format(tmp_path, hunyuan, fmt):
     sd = tiny.lora("hunyuan-video", hunyuan, fmt=fmt, alpha=3.0, dtype=torch.bfloat16)

@@ -169,6 +169,14 @@ class Arch:
                 return style
         return None
 
+    def base_style(self, module_names) -> str | None:
+        """The naming style most of a base model's module names follow (None: none of them is a
+        module of this architecture)."""
+        names = list(module_names)
+        hits = {s: sum(1 for n in names if self.match(s, "model", n)) for s in self.styles}
+        style = max(hits, key=hits.get)
+        return style if hits[style] else None
+
     def resolve_underscored(self, component: str, stem: str, style: str | None = None) -> str | None:
         """The dotted module name of a kohya-style name ('.' written as '_'), or None."""
         found = set()

@@ -389,9 +389,13 @@ def _updated_metadata(lora: LoraFile, fmt: str, tensors: dict[str, torch.Tensor]
     meta = dict(lora.metadata)
     ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith((".lora_down.weight", ".lora_A.weight"))})
     if ranks and ("ss_network_dim" in meta or fmt in ("kohya", "tencent")):
-        meta["ss_network_dim"] = str(ranks[-1])
+        # kohya's convention: "Dynamic" when the ranks (or the alphas) differ between modules
         alphas = sorted({float(t) for k, t in tensors.items() if k.endswith(".alpha")})
-        meta["ss_network_alpha"] = (f"{alphas[0]:g}" if len(alphas) == 1 else "dynamic") if alphas else str(ranks[-1])
+        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+        if len(ranks) > 1 or len(alphas) > 1:
+            meta["ss_network_alpha"] = "Dynamic"
+        else:
+            meta["ss_network_alpha"] = f"{alphas[0]:g}" if alphas else str(ranks[0])
     if ADAPTER_METADATA_KEY in meta and fmt in ("diffusers", "peft") and ranks:
         cfg = json.loads(meta[ADAPTER_METADATA_KEY])
         fields = _peft_scale_one(tensors)

@@ -216,14 +216,6 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
             bar.update(len(chunk))
 
 
-def _rank_metadata(modules: list[formats.LoraModule], source_meta: dict, fmt: str) -> dict[str, str]:
-    """ss_network_dim / ss_network_alpha "Dynamic" when the ranks vary (kohya's convention)."""
-    ranks = {m.rank for m in modules}
-    if len(ranks) > 1 and ("ss_network_dim" in source_meta or fmt in ("kohya", "tencent")):
-        return {"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
-    return {}
-
-
 def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
     """Write the output LoRA and the report; InputError (report still written) when no layer
     produced anything."""
@@ -237,7 +229,6 @@ def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, prot
         raise InputError(f"{rep.inputs[0]}: {rep.job} produced no layer ({actions}); nothing written to {out}")
     t0 = time.perf_counter()
     lf.modules = results
-    meta = {**meta, **_rank_metadata(results, lf.metadata, fmt)}
     formats.write_lora(lf, out, format=fmt, metadata=meta, protect=protect)
     rep.seconds["write"] = time.perf_counter() - t0
     rep.seconds["total"] = time.perf_counter() - t_start
@@ -472,10 +463,8 @@ def extract(
             raise InputError(f"{b.label}: {str(e).removeprefix('loraport: ')}") from None
     elif isinstance(arch, str):
         arch = archs.get(arch)
-    names = b.module_names()
-    hits = {s: sum(1 for n in names if arch.match(s, "model", n)) for s in arch.styles}
-    style = max(hits, key=hits.get)
-    if not hits[style]:
+    style = arch.base_style(b.module_names())
+    if style is None:
         raise InputError(f"{b.label}: no {arch.name} weights (first tensor '{next(iter(b.names()), '')}')")
     settings = dict(
         rank=rank, energy=energy, conv=conv, include=include, exclude=exclude, min_rel_diff=min_rel_diff,
@@ -502,10 +491,13 @@ def extract(
         """ΔW of the chunk's layers that changed enough, stacked: ([G', m, n] float32, ‖ΔW‖_F² per
         layer), and the read time."""
         t0 = time.perf_counter()
-        diffs, totals = [], []
+        shape = chunk[0].shape
+        diffs = torch.empty(len(chunk), shape[0], math.prod(shape[1:]))  # [G, m, in·kernel], filled in place
+        totals = []
         for la in chunk:
             w_base = b.read(la.component, la.name + ".weight").float()
-            diff = (t.read(la.component, la.name + ".weight").float() - w_base).flatten(1)  # [m, in·kernel]
+            diff = diffs[len(totals)]
+            diff.copy_(t.read(la.component, la.name + ".weight").flatten(1)).sub_(w_base.flatten(1))
             total = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
             norm = float(torch.linalg.vector_norm(w_base, dtype=torch.float64))
             la.row.rel_diff = math.sqrt(total) / norm if norm > 0 else math.inf
@@ -513,9 +505,8 @@ def extract(
                 la.row.action = "unchanged"
                 la.row.note = f"relative difference {la.row.rel_diff:.3g} < {min_rel_diff:g}" if total else "identical"
                 continue
-            diffs.append(diff)
             totals.append(total)
-        return (torch.stack(diffs) if diffs else None), totals, time.perf_counter() - t0
+        return (diffs[: len(totals)] if totals else None), totals, time.perf_counter() - t0
 
     results = []
     from tqdm.auto import tqdm
