@@ -3,8 +3,10 @@
 // rsvd: Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1, with two changes that matter here:
 //   * orthonormalization by mixed-precision CholeskyQR2 (Gram and Cholesky in fp64, Q = Y R^{-1}
 //     as a GEMM in the working precision; Yamazaki, Tomov & Dongarra 2015) instead of
-//     Householder QR: all BLAS-3, batched, and no host synchronization. A factorization whose
-//     Gram is too ill-conditioned (exactly rank-deficient sketches) falls back to Householder.
+//     Householder QR: all BLAS-3, batched, and no host synchronization on CUDA. On the CPU a
+//     well-conditioned Y gets its first Gram in fp32 (Orthonormalizer::first_pass_cholesky). A
+//     factorization whose Gram is too ill-conditioned (exactly rank-deficient sketches) falls
+//     back to Householder.
 //   * the Rayleigh-Ritz step takes the SVD of the small R of B^T = A^T Q = P R (l x l) instead
 //     of a dense SVD of the l x n matrix B.
 // method="krylov" keeps every block of [A W, (A A^T) A W, ...] (Musco & Musco 2015, block
