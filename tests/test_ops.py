@@ -29,7 +29,9 @@ def orthogonality_error(Q):
 # ---------------------------------------------------------------- rsvd accuracy (float64 oracle)
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("spectrum, bound", [(FAST, 1.05), (SLOW, 1.2)], ids=["fast", "slow"])
-@pytest.mark.parametrize("m, n", [(300, 200), (200, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize(
+    "m, n", [(300, 200), (200, 300), (3000, 200)], ids=["tall", "wide", "tall-choleskyqr"]
+)  # 3000 rows: the CPU's blocks exceed its Householder size, so CholeskyQR2 runs (fp32 first Gram or its fp64 fallback)
 def test_rsvd_error_vs_optimal(method, spectrum, bound, m, n, generator):
     A = spectrum_matrix(m, n, spectrum, generator, batch=(3,)).float()
     k = 16
