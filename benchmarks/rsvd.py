@@ -87,14 +87,23 @@ def timed(fn, device: str, repeats: int):
     return timed_together({"": fn}, device, repeats)[""]
 
 
+# Pause between timed calls. scikit-learn runs on numpy's OpenBLAS, whose threads keep spinning
+# for a while after a call: on the 2-core VM, loraport.rsvd (2 x [3072, 3072], rank 64, q=2) took
+# 0.25-0.27 s right after a randomized_svd call and 0.17-0.21 s half a second later, so whichever
+# method followed sklearn in a round was timed against busy cores.
+SETTLE_SECONDS = 0.5
+
+
 def timed_together(fns: dict, device: str, repeats: int) -> dict:
     """name -> (best seconds, last result). The methods take turns, round by round, so a burst of
-    load from other processes on a shared machine hits them alike instead of one of them."""
+    load from other processes on a shared machine hits them alike instead of one of them; each
+    timed call starts after a short pause (SETTLE_SECONDS) so none inherits another's threads."""
     results = {name: fn() for name, fn in fns.items()}  # warm-up
     synchronize(device)
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             results[name] = fn()
             synchronize(device)
