@@ -466,6 +466,7 @@ class _Chunk:
     plans: list[_Plan]
     dtype: torch.dtype  # stacking dtype of the weights read
     rank: int  # subspace rank k computed (the largest kept)
+    block_size: int | None  # rsvd's Krylov block width (`_krylov_block`), None: its default
 
 
 def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -> list[_Chunk]:
@@ -482,12 +483,13 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
     for (_, tshape, dtype), group in groups.items():
         m, n = tshape[0], math.prod(tshape[1:])
         k = min(settings["subspace_rank"] or min(m, n), m, n)
+        block = _krylov_block(settings, k, m, n)
 
         def need(layers):
             return group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
                 method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.module.rank for p in group),
-                device=settings["device"], block_size=_krylov_block(settings, k, m, n),
+                device=settings["device"], block_size=block,
             )  # fmt: skip
 
         if need(1) > budget:
@@ -499,7 +501,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
         size = 1
         while size < len(group) and need(size + 1) <= budget:
             size += 1
-        chunks += [_Chunk(group[i : i + size], dtype, k) for i in range(0, len(group), size)]
+        chunks += [_Chunk(group[i : i + size], dtype, k, block) for i in range(0, len(group), size)]
     return chunks
 
 
@@ -534,7 +536,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
-        svd = {**settings, "block_size": _krylov_block(settings, chunk.rank, m, n)}
+        svd = {**settings, "block_size": chunk.block_size}
         for g, p in enumerate(chunk.plans):
             for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
                 if fingerprints.get(side) is not None:
@@ -555,6 +557,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
         return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
+    cached_subspaces = 0  # for the progress bar
     with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
@@ -565,7 +568,8 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             _port_chunk(chunk, loaded, cache, settings, seconds)
             bar.update(len(chunk.plans))
             gb = (src.bytes_read + tgt.bytes_read) / 1e9
-            hits = sum(r.row.subspaces_from_cache for r in work) // 2
+            cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
+            hits = cached_subspaces // 2
             rate = gb / max(time.perf_counter() - t_start, 1e-9)
             bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
@@ -580,8 +584,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
     if loaded.todo:
         weights = loaded.weights.flatten(2).to(device, non_blocking=True)  # [M, m, n]
         svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
-        svd["block_size"] = _krylov_block(settings, k_max, *weights.shape[-2:])
-        U, S, V = rsvd(weights, k_max, **svd)  # [M, m, k], [M, k], [M, n, k]
+        U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **svd)  # [M, m, k], [M, k], [M, n, k]
         del weights
         for i, job in enumerate(loaded.todo):
             subspaces[job] = (U[i], S[i], V[i], loaded.frob2[i])
