@@ -274,3 +274,27 @@ def test_unknown_and_missing_modules_are_reported_not_dropped_silently(tmp_path,
     assert rep.summary()["actions"] == {"ported": 28, "unknown": 1, "missing": 1}
     assert "unknown        double_blocks_0_img_attn_foo" in rep.table()
     assert len(formats.read_lora(p["out"], arch=ARCH).modules) == 28
+
+
+def test_an_unwritable_output_format_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Llama LoRAs have no diffusers format: port, resize and extract say so up front instead of
+    after the SVDs (no rsvd call, no output file)."""
+    from loraport import pipeline, toolbox
+
+    def no_rsvd(*args, **kw):
+        raise AssertionError("rsvd ran before the format was checked")
+
+    monkeypatch.setattr(pipeline, "rsvd", no_rsvd)
+    monkeypatch.setattr(toolbox, "rsvd", no_rsvd)
+    source = tiny.base_model("llama", width=16, seed=0)
+    src = tiny.save_base(source, str(tmp_path / "s.safetensors"))
+    tgt = tiny.save_base(tiny.related(source), str(tmp_path / "t.safetensors"))
+    lora = tiny.save_base(tiny.lora("llama", source, fmt="peft", rank=2), str(tmp_path / "l.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    with pytest.raises(InputError, match="llama LoRAs have no diffusers format; write them as peft"):
+        port(lora, src, tgt, out, format="diffusers", quiet=True)
+    with pytest.raises(InputError, match="llama LoRAs have no diffusers format"):
+        toolbox.resize(lora, out, rank=1, format="diffusers", quiet=True)
+    with pytest.raises(InputError, match="llama LoRAs have no diffusers format"):
+        toolbox.extract(src, tgt, out, rank=2, format="diffusers", quiet=True)
+    assert not os.path.exists(out)

@@ -318,6 +318,13 @@ def convert_style(lora: LoraFile, to_style: str) -> list[LoraModule]:
     return out
 
 
+def check_format(fmt: str, arch: archs.Arch, components, label: str) -> None:
+    """InputError when modules of ``arch`` and these ``components`` cannot be written as
+    ``fmt``: jobs call it before their work, not after it."""
+    for comp in sorted(set(components)):
+        _component_prefix(fmt, comp, arch, label)
+
+
 def _component_prefix(fmt: str, comp: str, arch: archs.Arch, label: str) -> str:
     if fmt in ("kohya", "tencent"):
         if fmt == "tencent":

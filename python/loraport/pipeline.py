@@ -317,6 +317,8 @@ def port(
 
     src, tgt = BaseModel(source), BaseModel(target)
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
+    format_out = lf.format if format in (None, "auto") else format
+    formats.check_format(format_out, lf.arch, [m.component for m in lf.modules], lf.label)
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
         out = formats.check_output(out, inputs)
@@ -328,7 +330,7 @@ def port(
 
     rep = PortReport(
         rows=[p.row for p in plans], arch=lf.arch.name, format_in=lf.format,
-        format_out=None if dry_run else (lf.format if format in (None, "auto") else format),
+        format_out=None if dry_run else format_out,
         lora=lf.label, source=src.label, target=tgt.label, out=None if dry_run else out,
         settings=settings, seconds=seconds, bytes_read=src.bytes_read + tgt.bytes_read,
     )  # fmt: skip

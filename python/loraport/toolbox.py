@@ -260,6 +260,8 @@ def resize(
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
     out = formats.check_output(out, [lf.path])
+    formats.check_format(lf.format if format in (None, "auto") else format, lf.arch,
+                         [m.component for m in lf.modules], lf.label)  # fmt: skip
     settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory))
     items = []
     for m in lf.modules:
@@ -328,6 +330,8 @@ def merge(
     for lf in files[1:]:
         if lf.arch.name != first.arch.name:
             raise InputError(f"{lf.label}: a {lf.arch.name} LoRA, but {first.label} is a {first.arch.name} LoRA")
+    formats.check_format(first.format if format in (None, "auto") else format, first.arch,
+                         [m.component for lf in files for m in lf.modules], first.label)  # fmt: skip
     if mode == "svd" and rank is None and energy is None and sv_ratio is None:
         select = _rank_rule(max(m.rank for lf in files for m in lf.modules), None, None, "merge")
     settings = dict(
@@ -472,6 +476,7 @@ def extract(
         max_memory=parse_bytes(max_memory),
     )  # fmt: skip
     layers = _extract_layers(arch, b, t, include, exclude, conv)
+    formats.check_format(format, arch, [la.component for la in layers], t.label)
     work = [la for la in layers if la.row.action == "extracted"]
     rep = ToolReport("extract", [la.row for la in layers], arch.name, format, [b.label, t.label], out, settings)
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
