@@ -178,7 +178,7 @@ def port_child(args_json: str) -> None:
     a = json.loads(args_json)
     t0 = time.perf_counter()
     rep = loraport.port(a["lora"], a["source"], a["target"], a["out"], device=a["device"], cache_dir=a["cache"],
-                        max_memory=a["max_vram"], subspace_rank=a["subspace_rank"])  # fmt: skip  (bar on stderr)
+                        max_memory=a["max_vram"], subspace_rank=a["subspace_rank"], variant=a["variant"])  # fmt: skip
     wall = time.perf_counter() - t0
     print(rep.table(), file=sys.stderr, flush=True)
     with open("/proc/self/status") as f:
@@ -196,7 +196,7 @@ def run_port(folder: str, lora: int, args) -> dict:
         "lora": os.path.join(folder, f"lora{lora}.safetensors"), "source": os.path.join(folder, "source"),
         "target": os.path.join(folder, "target"), "out": os.path.join(folder, f"ported{lora}.safetensors"),
         "cache": os.path.join(folder, "cache"), "device": args.device, "max_vram": args.max_vram,
-        "subspace_rank": args.subspace_rank,
+        "subspace_rank": args.subspace_rank, "variant": args.variant,
     }  # fmt: skip
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.port_stream", "--child", json.dumps(spec)],
@@ -216,6 +216,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-vram", default="2GB")
     p.add_argument("--subspace-rank", type=int, default=64)
+    p.add_argument("--variant", default="target", help="port variant (default target: the projection, as recorded in "
+                   "RESULTS.md; loraport's default, copy, skips that step)")  # fmt: skip
     p.add_argument("--markdown", help="also append the table to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -3,7 +3,7 @@ kohya/Musubi-style LoRA, all a few hundred KB) into a folder, for the README's f
 
     python examples/make_tiny_example.py tiny
     loraport port tiny/lora.safetensors --source tiny/source.safetensors \
-        --target tiny/target.safetensors -o tiny/ported.safetensors --subspace-rank 16
+        --target tiny/target.safetensors -o tiny/ported.safetensors
 """
 
 import argparse

@@ -22,5 +22,5 @@ echo "== the main job on the bundled example: port a tiny Hunyuan-Video-shaped L
 "$venv/bin/python" examples/make_tiny_example.py examples/out
 "$venv/bin/loraport" port examples/out/lora.safetensors --source examples/out/source.safetensors \
     --target examples/out/target.safetensors -o examples/out/ported.safetensors \
-    --subspace-rank 16 --report examples/out/report.json
+    --report examples/out/report.json
 "$venv/bin/loraport" inspect examples/out/ported.safetensors

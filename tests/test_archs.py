@@ -121,7 +121,7 @@ def test_final_modulation_halves_swap_between_styles(arch, tmp_path):
     assert back.name == name
     torch.testing.assert_close(_delta(back), _delta(mo))
 
-    svd = dict(subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0)
+    svd = dict(subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0, variant="target")
     out = str(tmp_path / "o.safetensors")
     # original-named LoRA, diffusers-named target: the target is read back in the LoRA's layout
     port(kohya, source, target_d, out, **svd)
@@ -135,6 +135,11 @@ def test_final_modulation_halves_swap_between_styles(arch, tmp_path):
     assert got.name == d_name
     want = _projected(_delta(md), _swap_halves(target[name + ".weight"]), k)
     assert torch.linalg.matrix_norm(_delta(got) - want) < 1e-3 * torch.linalg.matrix_norm(want)
+    # the default variant carries the LoRA over: written in diffusers names, its halves swapped
+    port(kohya, source, target_d, out, format="diffusers", quiet=True, min_similarity=0.0)
+    (got,) = formats.read_lora(out, arch=arch).modules
+    assert got.name == d_name
+    torch.testing.assert_close(_delta(got), _swap_halves(_delta(mo)))
 
 
 def test_sdxl_kohya_ldm_unet_and_both_text_encoders(tmp_path):
@@ -198,7 +203,7 @@ def test_sdxl_kohya_ldm_unet_and_both_text_encoders(tmp_path):
     tgt = folder(tmp_path / "tgt", *targets.values())
     out = str(tmp_path / "ported.safetensors")
     k = 6
-    rep = port(sd, src, tgt, out, subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0)
+    rep = port(sd, src, tgt, out, subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0, variant="target")
     assert {r.action for r in rep.rows} == {"ported"} and len(rep.rows) == len(lf.modules)
     ported = formats.read_lora(out)
     assert (ported.format, ported.style) == ("kohya", "original")
@@ -245,7 +250,7 @@ def test_single_file_ldm_checkpoints_with_packed_text_encoders(arch, tmp_path):
     src = checkpoint(tmp_path / "src.safetensors", unet, te1)
     tgt = checkpoint(tmp_path / "tgt.safetensors", *targets.values())
     out, k = str(tmp_path / "ported.safetensors"), 6
-    rep = port(sd, src, tgt, out, subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0)
+    rep = port(sd, src, tgt, out, subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0, variant="target")
     lf = formats.read_lora(sd)
     ref = {(m.component, m.name): _delta(m) for m in lf.modules}
     missing = {r.module for r in rep.rows if r.action == "missing"}

@@ -24,7 +24,7 @@ from loraport.pipeline import port  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 K = 6  # subspace rank; LoRA rank 4 <= K
 # 8 iterations: cheap at these sizes, and a fused weight of separately drawn parts decays slower
-SVD = dict(subspace_rank=K, power_iters=8, quiet=True)
+SVD = dict(subspace_rank=K, power_iters=8, quiet=True, variant="target")  # the projection (the default variant copies)
 
 
 def tiny_hunyuan():

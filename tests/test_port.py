@@ -11,11 +11,11 @@ import torch
 
 from loraport import formats, reference, tiny
 from loraport.errors import InputError
-from loraport.pipeline import port
+from loraport.pipeline import VARIANTS, default_subspace_rank, port
 
 ARCH = "hunyuan-video"
 K = 6  # subspace rank; the LoRA rank 4 <= K keeps every projection exact
-SVD = dict(subspace_rank=K, power_iters=4, quiet=True)
+SVD = dict(subspace_rank=K, power_iters=4, quiet=True, variant="target")  # the projection (the default variant copies)
 
 
 def delta(m: formats.LoraModule) -> torch.Tensor:
@@ -61,10 +61,10 @@ def files(tmp_path, models, lora_sd, target="target"):
     return paths
 
 
-@pytest.mark.parametrize("variant", ["target", "source-then-target"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_port_matches_dense_reference(tmp_path, models, lora_sd, variant):
     p = files(tmp_path, models, lora_sd)
-    rep = port(p["lora"], p["source"], p["target"], p["out"], variant=variant, **SVD)
+    rep = port(p["lora"], p["source"], p["target"], p["out"], **{**SVD, "variant": variant})
     lora_in = formats.read_lora(p["lora"], arch=ARCH)
     lora_out = formats.read_lora(p["out"], arch=ARCH)
     assert lora_out.format == "kohya"
@@ -77,7 +77,7 @@ def test_port_matches_dense_reference(tmp_path, models, lora_sd, variant):
         d = delta(m)
         if variant == "source-then-target":
             d = projected(d, ws, K)
-        want = projected(d, wt, K)
+        want = d if variant == "copy" else projected(d, wt, K)
         got = delta(out[m.name])
         assert rel_err(got, want) < 1e-3, m.name
         assert out[m.name].alpha == out[m.name].rank == 4  # scale folded: alpha = rank
@@ -161,7 +161,8 @@ def test_widened_input_channels_and_shape_mismatch(tmp_path, models, lora_sd):
 
 def test_energy_rank_and_output_rank(tmp_path, models, lora_sd):
     p = files(tmp_path, models, lora_sd)
-    rep = port(p["lora"], p["source"], p["target"], p["out"], energy=0.9, rank=2, power_iters=4, quiet=True)
+    rep = port(p["lora"], p["source"], p["target"], p["out"], energy=0.9, rank=2, power_iters=4, quiet=True,
+               variant="target")  # fmt: skip
     out = {m.name: m for m in formats.read_lora(p["out"], arch=ARCH).modules}
     for m in formats.read_lora(p["lora"], arch=ARCH).modules:
         row = next(r for r in rep.rows if r.module == m.name)
@@ -172,6 +173,36 @@ def test_energy_rank_and_output_rank(tmp_path, models, lora_sd):
         assert out[m.name].rank == row.rank_out == min(2, row.subspace_rank[1])
         want = reference.best_rank(projected(delta(m), wt, row.subspace_rank[1]), row.rank_out)
         assert rel_err(delta(out[m.name]), want) < 1e-3, m.name
+
+
+def test_defaults_copy_where_the_gate_passes_at_a_quarter_of_the_width(tmp_path, models, lora_sd):
+    """No variant, no subspace rank: each layer gets k = min(64, min(m, n) // 4), is gated on
+    the similarity at that k and carried over unchanged; rank= truncates optimally."""
+    p = files(tmp_path, models, lora_sd)
+    rep = port(p["lora"], p["source"], p["target"], p["out"], power_iters=4, quiet=True)
+    assert rep.settings["variant"] == "copy" and "variant" in rep.table() and "copy" in rep.table()
+    lora_in = {m.name: m for m in formats.read_lora(p["lora"], arch=ARCH).modules}
+    out = {m.name: m for m in formats.read_lora(p["out"], arch=ARCH).modules}
+    assert out.keys() == lora_in.keys()
+    for r in rep.rows:
+        ws, wt = (models[side][r.module + ".weight"].double() for side in ("source", "target"))
+        k = min(64, min(wt.shape[0], wt[0].numel()) // 4)
+        assert r.subspace_rank == [k, k] == [default_subspace_rank(wt.shape[0], wt[0].numel())] * 2
+        assert abs(r.similarity - similarity(ws, wt, k)) < 1e-3, r.module
+        assert r.action == "ported" and r.rel_change == 0.0 and r.rank_out == 4
+        torch.testing.assert_close(delta(out[r.module]), delta(lora_in[r.module]))
+    assert default_subspace_rank(3072, 21504) == 64 and default_subspace_rank(64, 3072) == 16
+    assert default_subspace_rank(3, 3) == 1
+    # rank=2: the best rank-2 factors of each ΔW (Eckart–Young), scale folded
+    rep = port(p["lora"], p["source"], p["target"], p["out"], rank=2, power_iters=4, quiet=True)
+    for m in formats.read_lora(p["out"], arch=ARCH).modules:
+        assert m.rank == m.alpha == 2
+        want = reference.best_rank(delta(lora_in[m.name]), 2)
+        assert rel_err(delta(m), want) < 1e-5, m.name
+    # the unrelated release is told apart at this k: every layer under the default gate
+    p = files(tmp_path, models, lora_sd, target="unrelated")
+    with pytest.raises(InputError, match="no module was ported or copied"):
+        port(p["lora"], p["source"], p["target"], p["out"], power_iters=4, quiet=True)
 
 
 def test_krylov_block_size_reaches_rsvd_and_falls_back_where_too_narrow(tmp_path, models, lora_sd, monkeypatch):

@@ -3,10 +3,12 @@ a LoRA trained on v1 for a task v1 lacks, written as a kohya file and ported by 
 a continued-trained v2 (related) and to a v2 from another seed (unrelated). Scores are exact
 accuracies on a fixed evaluation set, deterministic for the fixed seeds and one torch thread.
 
-What it asserts is what benchmarks/quality measured (benchmarks/quality/README.md): the ported
-LoRA keeps a clear part of its effect on the related v2; it does not beat copying the LoRA
-unchanged (a projection can only remove parts of ΔW), and at full subspace rank it IS the copy;
-the subspace similarity separates the unrelated pair, whose layers the gate skips."""
+What it asserts is what benchmarks/quality measured (benchmarks/quality/README.md): a projected
+LoRA keeps a clear part of its effect on the related v2 at full subspace rank, where it IS the
+copy on square layers, and less at a quarter of the width; it never beats copying the LoRA
+unchanged (a projection can only remove parts of ΔW). So loraport's defaults gate at
+k = width/4, where the subspace similarity separates the unrelated pair, and copy the LoRA where
+the gate passes: on the related v2 that scores exactly the copy, the unrelated one is skipped."""
 
 import os
 
@@ -65,12 +67,23 @@ def test_ported_lora_keeps_its_effect_on_a_related_upgrade(trained):
         assert ported > 0.4 * gain_v1, (variant, ported, gain_v1)
         assert ported > 0.5 * copied, (variant, ported, copied)
         assert ported < copied + 0.05, (variant, ported, copied)  # a projection cannot add to the effect
+    # at a quarter of the width, where the gate works, the projection keeps much less
+    out = str(folder / "quarter.safetensors")
+    port(paths["lora"], paths["v1"], paths["a"], out, variant="target", subspace_rank=WIDTH // 4, quiet=True)
+    quarter = score(v2, E.load_lora(out, v2)) - alone
+    assert quarter < 0.6 * copied, (quarter, copied)
+    # the defaults (through the real CLI): every layer passes the gate and is carried over
+    out = str(folder / "default.safetensors")
+    rep = E.cli_port(paths["lora"], paths["v1"], paths["a"], out)
+    assert {r["action"] for r in rep["layers"]} == {"ported"} and rep["settings"]["variant"] == "copy"
+    assert score(v2, E.load_lora(out, v2)) - alone == copied
 
 
 def test_port_at_full_subspace_rank_copies_square_layers_only(trained):
     models, paths, folder = trained
     out = str(folder / "full.safetensors")
-    port(paths["lora"], paths["v1"], paths["a"], out, subspace_rank=2 * WIDTH, min_similarity=0.0, quiet=True)
+    port(paths["lora"], paths["v1"], paths["a"], out, variant="target", subspace_rank=2 * WIDTH, min_similarity=0.0,
+         quiet=True)  # fmt: skip
     copied, ported = E.load_lora(paths["lora"], models["a"]), E.load_lora(out, models["a"])
     for name, (up, down) in copied.items():
         dw, dw_ported = up.double() @ down.double(), ported[name][0].double() @ ported[name][1].double()
@@ -86,9 +99,11 @@ def test_similarity_gate_tells_related_from_unrelated(trained):
     k = WIDTH // 4  # similarity of random k-dim subspaces of R^n is about k/n: 0.25 here
     related = port(paths["lora"], paths["v1"], paths["a"], str(folder / "rel.safetensors"), subspace_rank=k, quiet=True)
     assert all(r.similarity > 0.9 and r.action == "ported" for r in related.rows)
-    # The unrelated pair through the real CLI: every layer under the gate, exit status 2, no file.
+    # The unrelated pair through the real CLI with its defaults (k = min(64, width / 4) = k here,
+    # min similarity 0.5): every layer under the gate, exit status 2, no file.
     out = str(folder / "unrelated.safetensors")
-    rep = E.cli_port(paths["lora"], paths["v1"], paths["c"], out, "--subspace-rank", str(k), "--min-similarity", "0.5")
+    rep = E.cli_port(paths["lora"], paths["v1"], paths["c"], out)
+    assert all(r["subspace_rank"] == [k, k] for r in rep["layers"])
     assert rep["out"] is None and not os.path.exists(out)
     assert len(rep["layers"]) == 14
     assert all(r["action"] == "skipped" and r["similarity"] < 0.5 for r in rep["layers"])

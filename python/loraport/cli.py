@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--cache-dir", help="subspace cache folder: a second LoRA for the same bases skips the SVDs")
     k = q.add_mutually_exclusive_group()
     k.add_argument(
-        "--subspace-rank", type=int, help=f"singular vectors kept per base weight (default {DEFAULT_SUBSPACE_RANK})"
+        "--subspace-rank",
+        type=int,
+        help=f"singular vectors kept per base weight (default {DEFAULT_SUBSPACE_RANK}, "
+        "at most a quarter of the weight's shorter side)",
     )
     k.add_argument("--energy", type=float, help="keep the fewest singular vectors holding this fraction of ‖W‖²")
     q.add_argument(
@@ -48,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--rank", type=int, help="output rank (at most the input rank)")
     q.add_argument("--format", default="auto", choices=("auto", *formats.FORMATS))
     q.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
-    q.add_argument("--variant", default="target", choices=VARIANTS)
+    q.add_argument(
+        "--variant",
+        default=VARIANTS[0],
+        choices=VARIANTS,
+        help="what a layer that passes the similarity gate gets: 'copy' (default) carries the LoRA over "
+        "unchanged, the projections keep only its part in the target's subspaces (LoRA-X); "
+        "the quality benchmark measured copy keeping the most, see README",
+    )
     q.add_argument("--method", default="power", choices=("power", "krylov"))
     q.add_argument("--power-iters", type=int, default=2)
     q.add_argument(

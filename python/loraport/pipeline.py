@@ -7,16 +7,23 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
     shape are stacked into one batched call, one group at a time (the next group is read on a
     background thread meanwhile); k = ``subspace_rank``, or with ``energy`` the smallest k whose
     singular values keep that fraction of ‖W‖_F² (searched up to ``subspace_rank``, default
-    min(m, n)).
+    min(m, n)); with neither, k = min(64, min(m, n) // 4) (`default_subspace_rank`: the gate
+    tells related from unrelated bases only where k / min(m, n) <= 1/4, benchmarks/quality).
   * similarity = (sim(U_s, U_t) + sim(V_s, V_t)) / 2 with sim = ‖U_sᵀU_t‖_F² / k ∈ [0, 1]: the
     mean of the column- and row-space overlaps, since ΔW is projected on both sides.
   * below ``min_similarity``: "skipped" (left out of the output) or, with on_dissimilar="copy",
     "copied" unchanged; always reported.
-  * otherwise ΔW = scale·up·down is projected with loraport.project_lora, never formed densely:
-    variant "target": U_t U_tᵀ ΔW V_t V_tᵀ; "source-then-target": the same applied to
-    U_s U_sᵀ ΔW V_s V_sᵀ. The scale is folded into the factors, so the output has scale 1
-    (kohya: alpha = rank) and its ΔW equals the projected ΔW whatever the input's alpha
-    convention. Output rank = min(``rank`` or r, r, k).
+  * otherwise, by ``variant``: "copy" (the default) carries ΔW = scale·up·down over unchanged
+    (renamed to the target's keys, padded as below); "target" projects it with
+    loraport.project_lora, never formed densely, to U_t U_tᵀ ΔW V_t V_tᵀ; "source-then-target"
+    applies that to U_s U_sᵀ ΔW V_s V_sᵀ. "copy" is the default because it kept the most of a
+    LoRA's effect in the quality benchmark (benchmarks/quality/README.md): a projection only
+    removes the parts of ΔW outside the bases' dominant subspaces, which is where a LoRA trained
+    the usual way acts, so at any k < min(m, n) it kept less, and at full rank it equals the copy.
+    The scale is folded into the factors, so the output has scale 1 (kohya: alpha = rank) and its
+    ΔW equals the carried or projected ΔW whatever the input's alpha convention. Output rank =
+    min(``rank`` or r, r) for "copy" (optimal truncation when ``rank`` < r), min(``rank`` or r,
+    r, k) for the projections.
   * shapes: a target weight with more input channels (dim 1, same outputs and kernel; e.g.
     HunyuanVideo-I2V v1's img_in, 16 -> 33 channels) is "padded": the LoRA's down factor and the
     source weight get zero columns for the new channels (what diffusers does when it loads such a
@@ -48,10 +55,10 @@ from .ops import krylov_blocks, rsvd
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
 
-VARIANTS = ("target", "source-then-target")
+VARIANTS = ("copy", "target", "source-then-target")  # the first is the default: benchmarks/quality
 ON_DISSIMILAR = ("skip", "copy")
-DEFAULT_SUBSPACE_RANK = 64  # gate-safe (k/n <= 1/4 on real widths); retention wants more: benchmarks/quality
-DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.86) from unrelated (<= 0.27) layers: benchmarks/quality
+DEFAULT_SUBSPACE_RANK = 64  # capped at min(m, n) // 4, where the gate still works: `default_subspace_rank`
+DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.855) from unrelated (<= 0.268) layers: benchmarks/quality
 DEFAULT_MAX_MEMORY = 2 << 30
 
 
@@ -126,6 +133,10 @@ class PortReport:
         acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items(), key=lambda x: -x[1]))
         lines = [f"{s['layers']} layers: {acts}"]
         rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
+        variant = self.settings.get("variant")
+        if variant is not None:
+            what = "LoRA carried over unchanged" if variant == "copy" else "projected onto the subspaces"
+            rows.append(("variant", f"{variant} ({what} where similarity >= {self.settings['min_similarity']})"))
         if s["similarity_mean"] is not None:
             rows.append(
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
@@ -246,6 +257,15 @@ def _rel_change(up_in, down_in, up_out, down_out) -> float:
     return float(diff.clamp_min(0).sqrt() / denom.sqrt()) if denom > 0 else 0.0
 
 
+def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors of up @ down (up [m, r], down [r, n]), never forming m×n:
+    project_lora onto orthonormal bases of up's columns and down's rows is exact
+    (Q_u Q_uᵀ up = up, down Q_d Q_dᵀ = down) and truncates the r×r core by its SVD."""
+    q_up = torch.linalg.qr(up).Q  # [m, r]
+    q_down = torch.linalg.qr(down.mT).Q  # [n, r]
+    return _project(up, down, q_up, q_down, rank)
+
+
 def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
     """Smallest k with sum(S[:k]²) >= energy · total (``total`` = ‖W‖_F²), at most len(S)."""
     kept = torch.cumsum(S.double().square(), 0)
@@ -266,7 +286,7 @@ def port(
     rank: int | None = None,
     format: str = "auto",
     arch: str = "auto",
-    variant: str = "target",
+    variant: str = VARIANTS[0],
     power_iters: int = 2,
     method: str = "power",
     block_size: int | None = None,
@@ -297,8 +317,6 @@ def port(
         raise ValueError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
-    if energy is None and subspace_rank is None:
-        subspace_rank = DEFAULT_SUBSPACE_RANK
     for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"loraport.port: {name} must be a positive integer, got {value!r}")
@@ -450,6 +468,21 @@ def group_bytes(
     return weights + upcast + workspace + outputs + factors
 
 
+def default_subspace_rank(m: int, n: int) -> int:
+    """k for [m, n] weights when neither subspace_rank nor energy is given: 64, but at most a
+    quarter of min(m, n). Similarity of random k-dim subspaces of R^n is about k/n, and the
+    quality benchmark measured related (>= 0.855) and unrelated (<= 0.268) layers apart at
+    k = n/4 but overlapping at k = n; on real widths (>= 256) this is 64."""
+    return max(1, min(DEFAULT_SUBSPACE_RANK, min(m, n) // 4))
+
+
+def _subspace_rank(settings: dict, m: int, n: int) -> int:
+    """The largest subspace rank computed for [m, n] weights (energy searches below it)."""
+    if settings["subspace_rank"] is not None:
+        return min(settings["subspace_rank"], m, n)
+    return min(m, n) if settings["energy"] is not None else default_subspace_rank(m, n)
+
+
 def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
     """The Krylov block width rsvd gets for rank-k subspaces of [m, n] weights: the block_size
     setting where its (power_iters + 1) blocks hold k columns, else None (rank + oversample)."""
@@ -484,7 +517,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
     budget, chunks = settings["max_memory"], []
     for (_, tshape, dtype), group in groups.items():
         m, n = tshape[0], math.prod(tshape[1:])
-        k = min(settings["subspace_rank"] or min(m, n), m, n)
+        k = _subspace_rank(settings, m, n)
         block = _krylov_block(settings, k, m, n)
 
         def need(layers):
@@ -633,12 +666,14 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
             row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
             new_up, new_down = up, down
         else:
-            r_out = min(settings["rank"] or mod.rank, mod.rank, kt)
-            if settings["variant"] == "source-then-target":
+            r_out = min(settings["rank"] or mod.rank, mod.rank)
+            if settings["variant"] == "copy":
+                new_up, new_down = (up, down) if r_out == mod.rank else _truncate(up, down, r_out)
+            elif settings["variant"] == "source-then-target":
                 u1, d1 = _project(up, down, us, vs, min(mod.rank, ks))
-                new_up, new_down = _project(u1, d1, ut, vt, r_out)
+                new_up, new_down = _project(u1, d1, ut, vt, min(r_out, kt))
             else:
-                new_up, new_down = _project(up, down, ut, vt, r_out)
+                new_up, new_down = _project(up, down, ut, vt, min(r_out, kt))
             row.action = "padded" if mod.down.shape[1] < channels else "ported"
             row.rank_out = new_up.shape[1]
             row.rel_change = _rel_change(up, down, new_up, new_down)
