@@ -60,7 +60,10 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": args.threads,
         "loraport defaults": dict(
-            subspace_rank=pipeline.DEFAULT_SUBSPACE_RANK, min_similarity=pipeline.DEFAULT_MIN_SIMILARITY
+            subspace_rank=f"min({pipeline.DEFAULT_SUBSPACE_RANK}, width/4) = "
+            f"{pipeline.default_subspace_rank(setup.cfg.width, setup.cfg.width)}",
+            min_similarity=pipeline.DEFAULT_MIN_SIMILARITY,
+            variant=pipeline.VARIANTS[0],
         ),
         "setup": asdict(setup),
         "seconds_wall": round(time.perf_counter() - t_wall),

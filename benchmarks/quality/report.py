@@ -85,8 +85,10 @@ def markdown(results, facts, setup) -> str:
         f"LoRA rank {setup.lora_rank} on the 7 projections of every layer ({setup.lora_steps} steps), "
         f"task '{E.LORA_TASK}'. Accuracy = exact fraction of output digits right on {setup.eval_sequences} "
         "held-out sequences. loraport settings of the main table: the port() defaults "
-        f"(subspace rank {defaults['subspace_rank']}, min similarity {defaults['min_similarity']}) "
-        "except the variant/method named.",
+        f"(subspace rank {defaults['subspace_rank']}, min similarity {defaults['min_similarity']}, "
+        f"variant {defaults.get('variant', 'target')}) except the variant/method named; "
+        "'copied' is the v1 LoRA loaded unchanged, 'copy/…' is loraport's variant \"copy\" "
+        "(the same LoRA where the similarity gate passes, left out where it does not).",
         "",
         "## Accuracy on the LoRA's task (mean ± std over seeds)",
         "",
@@ -150,12 +152,12 @@ def markdown(results, facts, setup) -> str:
             kept = _ms(_sweep(results, u, "min_similarity").get(t, []), pct=True)
             row += [kept, f"{statistics.fmean(ported):.1f} / 14"]
         rows.append(row)
-    L += [f"### min similarity (at subspace rank {width // 4} = width/4; layers under it skipped)", ""]
+    L += [f"### min similarity (at subspace rank {width // 4} = width/4, default variant; layers under it skipped)", ""]
     L += _table(["threshold", *[f"({u}) {what}" for u in ups for what in ("retention", "layers ported")]], rows)
 
     rows = [[f"{m}, {q}"] + [_ms(_sweep(results, u, "power_iters", method=m).get(q, []), pct=True) for u in ups]
             for m in ("power", "krylov") for q in E.SWEEP_ITERS]  # fmt: skip
-    L += ["", f"### power iterations (at subspace rank {width // 2} = width/2, default variant)", ""]
+    L += ["", f"### power iterations (at subspace rank {width // 2} = width/2, variant target)", ""]
     L += _table(["method, q", *[f"({u})" for u in ups]], rows)
     return "\n".join(L) + "\n"
 
