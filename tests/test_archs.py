@@ -265,3 +265,14 @@ def test_single_file_ldm_checkpoints_with_packed_text_encoders(arch, tmp_path):
         w = targets[m.component][piece.name + ".weight"].flatten(1)
         want = _projected(ref[(m.component, m.name)], w, k)
         assert torch.linalg.matrix_norm(_delta(m) - want) < 1e-3 * torch.linalg.matrix_norm(want), m.name
+
+    # ComfyUI files hold the UNet only: a LoRA whose text-encoder modules would be written is
+    # refused before any SVD; between UNet-only checkpoints those modules are "missing" and the
+    # UNet part is written.
+    with pytest.raises(InputError, match="the comfy format has no key prefix for component 'te1'"):
+        port(sd, src, tgt, out, format="comfy", quiet=True)
+    src_unet = checkpoint(tmp_path / "src_unet.safetensors", unet, {})
+    tgt_unet = checkpoint(tmp_path / "tgt_unet.safetensors", targets["model"], {})
+    rep = port(sd, src_unet, tgt_unet, out, format="comfy", quiet=True)
+    assert {r.action for r in rep.rows} == {"ported", "missing"}
+    assert {m.component for m in formats.read_lora(out).modules} == {"model"}

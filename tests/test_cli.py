@@ -31,7 +31,7 @@ def test_readme_example_runs_end_to_end(tmp_path):
            "-o", out, "--report", os.path.join(folder, "report.json")]  # fmt: skip  (setup.sh's main job)
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "29 layers: 29 ported" in res.stdout and "copy (LoRA carried over unchanged" in res.stdout
+    assert "29 layers: 29 ported" in res.stdout and "copy: the LoRA's ΔW kept where similarity >= 0.5" in res.stdout
     lf = formats.read_lora(out)
     assert (lf.format, lf.arch.name, len(lf.modules)) == ("kohya", "hunyuan-video", 29)
     assert lf.metadata["modelspec.title"] == "tiny example" and lf.metadata["ss_network_alpha"] == "4"

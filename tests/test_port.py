@@ -1,6 +1,6 @@
 """The porting pipeline against a dense float64 reference of the same formula (exact SVD
-subspaces of the base weights, loraport.reference.project_lora_dense), for both projection
-variants, conv and fused/split layers, widened inputs, the similarity threshold, energy-chosen
+subspaces of the base weights, loraport.reference.project_lora_dense), for every variant (copy
+and the two projections), conv and fused/split layers, widened inputs, the similarity threshold, energy-chosen
 ranks, streaming in groups, the report, and bad input."""
 
 import json
@@ -157,6 +157,12 @@ def test_widened_input_channels_and_shape_mismatch(tmp_path, models, lora_sd):
         [models["source"]["img_in.proj.weight"].double(), torch.zeros(16, 5, 1, 2, 2, dtype=torch.float64)], 1
     )
     assert abs(rows["img_in.proj"].similarity - similarity(ws, target["img_in.proj.weight"].double(), K)) < 1e-3
+    # the default variant: the same LoRA, its down factor zero-padded on the new channels
+    rep = port(p["lora"], p["source"], p["target"], p["out"], **{**SVD, "variant": "copy"})
+    assert {r.module: r.action for r in rep.rows}["img_in.proj"] == "padded"
+    (got,) = [m for m in formats.read_lora(p["out"], arch=ARCH).modules if m.name == "img_in.proj"]
+    assert got.down.shape == (4, 9, 1, 2, 2)
+    torch.testing.assert_close(delta(got), up.double() @ down_pad)
 
 
 def test_energy_rank_and_output_rank(tmp_path, models, lora_sd):
@@ -180,7 +186,8 @@ def test_defaults_copy_where_the_gate_passes_at_a_quarter_of_the_width(tmp_path,
     the similarity at that k and carried over unchanged; rank= truncates optimally."""
     p = files(tmp_path, models, lora_sd)
     rep = port(p["lora"], p["source"], p["target"], p["out"], power_iters=4, quiet=True)
-    assert rep.settings["variant"] == "copy" and "variant" in rep.table() and "copy" in rep.table()
+    assert rep.settings["variant"] == "copy"
+    assert "copy: the LoRA's ΔW kept where similarity >= 0.5, else skipped" in rep.table()
     lora_in = {m.name: m for m in formats.read_lora(p["lora"], arch=ARCH).modules}
     out = {m.name: m for m in formats.read_lora(p["out"], arch=ARCH).modules}
     assert out.keys() == lora_in.keys()
@@ -195,10 +202,17 @@ def test_defaults_copy_where_the_gate_passes_at_a_quarter_of_the_width(tmp_path,
     assert default_subspace_rank(3, 3) == 1
     # rank=2: the best rank-2 factors of each ΔW (Eckart–Young), scale folded
     rep = port(p["lora"], p["source"], p["target"], p["out"], rank=2, power_iters=4, quiet=True)
+    assert "its best rank-2 factors where r > 2" in rep.table()
     for m in formats.read_lora(p["out"], arch=ARCH).modules:
         assert m.rank == m.alpha == 2
         want = reference.best_rank(delta(lora_in[m.name]), 2)
         assert rel_err(delta(m), want) < 1e-5, m.name
+    # a LoRA of rank 20 on 16-wide layers ([48, 16], [96, 16], ...): truncated to 10 all the same
+    wide = tiny.lora(ARCH, models["source"], fmt="kohya", rank=20, alpha=5.0)
+    rep = port(wide, p["source"], p["target"], p["out"], rank=10, power_iters=4, quiet=True)
+    for m in formats.read_lora(wide, arch=ARCH).modules:
+        got = next(x for x in formats.read_lora(p["out"], arch=ARCH).modules if x.name == m.name)
+        assert got.rank == 10 and rel_err(delta(got), reference.best_rank(delta(m), 10)) < 1e-5, m.name
     # the unrelated release is told apart at this k: every layer under the default gate
     p = files(tmp_path, models, lora_sd, target="unrelated")
     with pytest.raises(InputError, match="no module was ported or copied"):

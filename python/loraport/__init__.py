@@ -1,5 +1,6 @@
-"""loraport: carry LoRA adapters across base-model releases (LoRA-X projection onto the new
-base's singular subspaces, found with batched randomized SVD).
+"""loraport: carry LoRA adapters across base-model releases: the singular subspaces of both
+bases (batched randomized SVD) decide where a LoRA still fits; there it is carried over
+unchanged (the default) or projected onto the new base's subspaces (LoRA-X).
 
 Public API (a contract for the tools that import loraport):
     rsvd(A, rank, *, oversample=8, power_iters=2, method="power", seed=None) -> (U, S, V)

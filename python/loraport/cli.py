@@ -17,7 +17,10 @@ from .toolbox import MERGE_MODES, extract, merge, resize
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loraport", description="Port LoRA adapters across base-model releases (LoRA-X).")
+    p = argparse.ArgumentParser(
+        prog="loraport",
+        description="Port LoRA adapters across base-model releases (subspace similarity gate; copy or LoRA-X projection).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("port", help="port a LoRA from a source base model to a target one")
@@ -37,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--subspace-rank",
         type=int,
-        help=f"singular vectors kept per base weight (default {DEFAULT_SUBSPACE_RANK}, "
-        "at most a quarter of the weight's shorter side)",
+        help=f"singular vectors kept per base weight (default min({DEFAULT_SUBSPACE_RANK}, "
+        "a quarter of the weight's shorter side))",
     )
     k.add_argument("--energy", type=float, help="keep the fewest singular vectors holding this fraction of ‖W‖²")
     q.add_argument(

@@ -1,5 +1,5 @@
-"""The porting pipeline (LoRA-X): LoRA file -> key map -> layer groups (streamed) -> subspaces ->
-projection -> writer, returning a `PortReport`.
+"""The porting pipeline: LoRA file -> key map -> layer groups (streamed) -> subspaces (LoRA-X) ->
+similarity gate -> copy or projection -> writer, returning a `PortReport`.
 
 Per adapted layer, with W_s, W_t the source and target base weights (conv weights flattened to
 [out, in·kernel]; fused/split layouts mapped by archs.Arch.translate):
@@ -135,8 +135,7 @@ class PortReport:
         rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
         variant = self.settings.get("variant")
         if variant is not None:
-            what = "LoRA carried over unchanged" if variant == "copy" else "projected onto the subspaces"
-            rows.append(("variant", f"{variant} ({what} where similarity >= {self.settings['min_similarity']})"))
+            rows.append(("variant", _variant_line(self.settings)))
         if s["similarity_mean"] is not None:
             rows.append(
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
@@ -257,13 +256,30 @@ def _rel_change(up_in, down_in, up_out, down_out) -> float:
     return float(diff.clamp_min(0).sqrt() / denom.sqrt()) if denom > 0 else 0.0
 
 
+def _variant_line(settings: dict) -> str:
+    """What a layer gets, in words, for the summary table."""
+    variant, rank = settings["variant"], settings["rank"]
+    if variant == "copy":
+        what = "the LoRA's ΔW kept" + (f" (its best rank-{rank} factors where r > {rank})" if rank else "")
+    else:
+        what = "ΔW projected onto the subspaces" + (f" (at most rank {rank})" if rank else "")
+    other = "skipped" if settings["on_dissimilar"] == "skip" else "copied unchanged"
+    return f"{variant}: {what} where similarity >= {settings['min_similarity']}, else {other}"
+
+
 def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``rank`` factors of up @ down (up [m, r], down [r, n]), never forming m×n:
-    project_lora onto orthonormal bases of up's columns and down's rows is exact
-    (Q_u Q_uᵀ up = up, down Q_d Q_dᵀ = down) and truncates the r×r core by its SVD."""
-    q_up = torch.linalg.qr(up).Q  # [m, r]
-    q_down = torch.linalg.qr(down.mT).Q  # [n, r]
-    return _project(up, down, q_up, q_down, rank)
+    """The best rank-``rank`` factors of up @ down (up [m, r], down [r, n]; Eckart–Young), never
+    forming m×n: up = Q_u R_u, downᵀ = Q_d R_d (reduced QR), so up @ down = Q_u (R_u R_dᵀ) Q_dᵀ
+    and the SVD of the small core R_u R_dᵀ [min(m, r), min(n, r)] gives the singular triplets.
+    The singular values are split evenly (√S on each side), as project_lora does."""
+    q_up, r_up = torch.linalg.qr(up.double())  # [m, p], [p, r]
+    q_down, r_down = torch.linalg.qr(down.mT.double())  # [n, q], [q, r]
+    u, s, vh = torch.linalg.svd(r_up @ r_down.mT)  # [p, p], [min(p, q)], [q, q]
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    new_up = q_up @ (u[:, :k] * root)  # [m, k]
+    new_down = (root[:, None] * vh[:k]) @ q_down.mT  # [k, n]
+    return new_up.to(up.dtype), new_down.to(down.dtype)
 
 
 def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
@@ -336,12 +352,14 @@ def port(
     src, tgt = BaseModel(source), BaseModel(target)
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
     format_out = lf.format if format in (None, "auto") else format
-    formats.check_format(format_out, lf.arch, [m.component for m in lf.modules], lf.label)
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
         out = formats.check_output(out, inputs)
     styles = _base_styles(lf, src, tgt)
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
+    # before any SVD: can the modules that will be written (not the missing ones) take format_out?
+    written = [p.module.component for p in plans if p.row.action == "planned"]
+    formats.check_format(format_out, lf.arch, written, lf.label)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
         _run([p for p in plans if p.row.action == "planned"], src, tgt, settings, seconds, quiet)

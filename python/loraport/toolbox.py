@@ -476,8 +476,8 @@ def extract(
         max_memory=parse_bytes(max_memory),
     )  # fmt: skip
     layers = _extract_layers(arch, b, t, include, exclude, conv)
-    formats.check_format(format, arch, [la.component for la in layers], t.label)
     work = [la for la in layers if la.row.action == "extracted"]
+    formats.check_format(format, arch, [la.component for la in work], t.label)
     rep = ToolReport("extract", [la.row for la in layers], arch.name, format, [b.label, t.label], out, settings)
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
     if method not in ("auto", "power", "krylov"):
