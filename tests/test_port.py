@@ -86,6 +86,11 @@ def test_port_matches_dense_reference(tmp_path, models, lora_sd, variant):
         assert abs(row.similarity - similarity(ws, wt, K)) < 1e-3
         assert abs(row.rel_change - rel_err(want, delta(m))) < 1e-3
         assert row.similarity > 0.9  # a related release
+    changes = [r.rel_change for r in rep.rows]
+    if variant == "copy":
+        assert max(changes) == 0.0 and "ΔW changed by" not in rep.table()
+    else:  # the table says how much of ΔW the projection changed
+        assert f"ΔW changed by   mean {sum(changes) / len(changes):.3f}  max {max(changes):.3f}" in rep.table()
 
 
 def test_fused_lora_on_split_bases_and_split_lora_on_fused_bases(tmp_path, models, lora_sd):

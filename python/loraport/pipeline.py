@@ -115,6 +115,7 @@ class PortReport:
             "similarity_median": (sims[(len(sims) - 1) // 2] + sims[len(sims) // 2]) / 2 if sims else None,
             "similarity_min": sims[0] if sims else None,
             "rel_change_mean": sum(changes) / len(changes) if changes else None,
+            "rel_change_max": max(changes) if changes else None,
             "ranks": ranks,
             "layers_from_cache": sum(1 for r in self.rows if r.subspaces_from_cache == 2),
             "subspaces_from_cache": sum(r.subspaces_from_cache for r in self.rows),
@@ -141,6 +142,9 @@ class PortReport:
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
                  f"mean {s['similarity_mean']:.3f}")
             )  # fmt: skip
+        if s["rel_change_max"]:  # a projection or truncation changed ΔW: say by how much
+            rows.append(("ΔW changed by", f"mean {s['rel_change_mean']:.3f}  max {s['rel_change_max']:.3f} "
+                         "(‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F per layer)"))  # fmt: skip
         if s["ranks"]:
             rows.append(("rank in -> out", ", ".join(f"{k} ({n})" for k, n in sorted(s["ranks"].items()))))
         ks = [r.subspace_rank for r in self.rows if r.subspace_rank]
