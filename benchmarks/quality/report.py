@@ -113,9 +113,9 @@ def markdown(results, facts, setup) -> str:
 
     L += ["", "## Per-layer subspace similarity (the gate)", ""]
     L += _table(
-        ["upgrade", "CLI defaults: min / mean / max", "CLI actions (seed 0)", "k = width/4: min / mean / max"],
+        ["upgrade", "CLI defaults: min / mean / max", "CLI actions (seed 0)", "k = full width: min / mean / max"],
         [[name[u], spread([x for r in results for x in r.similarity.get(u, [])]),
-          str(results[0].facts[u].get("cli_actions")), spread(_sims(results, [u], "min_similarity", 0.0))]
+          str(results[0].facts[u].get("cli_actions")), spread(_sims(results, [u], "subspace_rank", 1, variant="target"))]
          for u in ups],
     )  # fmt: skip
     if not any(r.sweeps for r in results):
@@ -194,8 +194,10 @@ def plots(results, setup, folder: str) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     panels = (
-        ("CLI defaults", lambda u: [x for r in results for x in r.similarity.get(u, [])]),
-        (f"subspace rank {width // 4} (width/4)", lambda u: _sims(results, [u], "min_similarity", 0.0)),
+        (f"CLI defaults (subspace rank {E.pipeline.default_subspace_rank(width, width)})",
+         lambda u: [x for r in results for x in r.similarity.get(u, [])]),
+        (f"subspace rank {width} (full width: square layers always score 1)",
+         lambda u: _sims(results, [u], "subspace_rank", 1, variant="target")),
     )
     for ax, (title, sims) in zip(axes, panels):
         for j, u in enumerate(ups):
