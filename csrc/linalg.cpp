@@ -319,10 +319,20 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   const Tensor sk = sketch.to(work);                                          // [short, l]
 
   // Runs items [begin, end) of the batch, upcasting at most `chunk` matrices at a time.
+  const bool upcast = A.scalar_type() != work;
   auto run_range = [&](int64_t begin, int64_t end, int64_t chunk) {
+    // bf16/fp16: one staging buffer for the range, refilled chunk after chunk. A fresh
+    // allocation per chunk cost 8x the conversion itself in first-touch page faults on the CPU
+    // (0.36 s vs 0.045 s for 4 x [21504, 3072]).
+    const Tensor staging = upcast ? at::empty({std::min(chunk, end - begin), m, n}, opts) : Tensor();
     for (int64_t s = begin; s < end; s += chunk) {
       const int64_t c = std::min(chunk, end - s);
-      Tensor Ac = A3.narrow(0, s, c).to(work);  // a view when A is already fp32/fp64
+      Tensor Ac = A3.narrow(0, s, c);  // a view when A is already fp32/fp64
+      if (upcast) {
+        Tensor dst = staging.narrow(0, 0, c);  // [c, m, n], A's own orientation
+        dst.copy_(A.reshape({b, m, n}).narrow(0, s, c));
+        Ac = wide ? dst.mT() : dst;  // [c, long, short]
+      }
       Orthonormalizer orth(policy, c, opts);
       auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth);
       if (!policy.check_each_qr && orth.failed().any().item<bool>()) {

@@ -119,12 +119,15 @@ def test_rsvd_narrow_krylov_block_beats_power_at_equal_flops(generator):
     assert orthogonality_error(U) <= 1e-5 and orthogonality_error(V) <= 1e-5
 
 
-def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch):
-    """A bf16 batch larger than one upcast chunk is decomposed chunk by chunk (here 1 matrix per
-    chunk, set through LORAPORT_UPCAST_CHUNK_BYTES) with the same result as in one chunk."""
-    A = spectrum_matrix(120, 90, SLOW, generator, batch=(5,)).bfloat16()
+@pytest.mark.parametrize("m, n", [(120, 90), (90, 120)])
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_chunk):
+    """A bf16 batch larger than one upcast chunk is decomposed chunk by chunk (1 or 2 matrices per
+    chunk, set through LORAPORT_UPCAST_CHUNK_BYTES; with 2, the last chunk half-fills the reused
+    staging buffer), tall and wide, with the same result as in one chunk."""
+    A = spectrum_matrix(m, n, SLOW, generator, batch=(5,)).bfloat16()
     whole = loraport.rsvd(A, 8, seed=5, method="krylov")
-    monkeypatch.setenv("LORAPORT_UPCAST_CHUNK_BYTES", str(120 * 90 * 4 + 100))  # one fp32 matrix
+    monkeypatch.setenv("LORAPORT_UPCAST_CHUNK_BYTES", str(per_chunk * m * n * 4 + 100))  # fp32 matrices
     chunked = loraport.rsvd(A, 8, seed=5, method="krylov")
     torch.testing.assert_close(chunked.S, whole.S, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.U, whole.U, rtol=1e-4, atol=1e-4)
