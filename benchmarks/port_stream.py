@@ -17,8 +17,9 @@ Steps, each timed and reported:
   2. I/O floor: read every byte of both bases once (sequential 64 MiB reads), after dropping the
      page cache when this process may (root: /proc/sys/vm/drop_caches); otherwise the table says
      "warm" and the number is a page-cache rate, not a disk rate.
-  3. port LoRA 1 with an empty subspace cache, in a fresh process (peak RSS is VmHWM of that
-     process, peak VRAM torch.cuda.max_memory_allocated), page cache dropped first;
+  3. port LoRA 1 with an empty subspace cache, in a fresh process with THP_MEM_ALLOC_ENABLE=1
+     as the loraport CLI has (peak RSS is VmHWM of that process, peak VRAM
+     torch.cuda.max_memory_allocated), page cache dropped first;
   4. port LoRA 2 with the cache that run 3 filled (no base weight is read, no rSVD runs).
 The generated files are deleted at the end unless --keep."""
 
@@ -198,9 +199,10 @@ def run_port(folder: str, lora: int, args) -> dict:
         "cache": os.path.join(folder, "cache"), "device": args.device, "max_vram": args.max_vram,
         "subspace_rank": args.subspace_rank, "variant": args.variant,
     }  # fmt: skip
+    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ}  # as the loraport CLI sets for itself
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.port_stream", "--child", json.dumps(spec)],
-        stdout=subprocess.PIPE, text=True, check=True,
+        stdout=subprocess.PIPE, text=True, check=True, env=env,
     )  # fmt: skip
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["cold"] = cold

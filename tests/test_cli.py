@@ -82,3 +82,19 @@ def test_bad_input_exits_cleanly(example, tmp_path, capsys):
     _fails(capsys, ["port", example["lora"], *common, "--max-vram", "lots"], "cannot read a size from 'lots'")
     assert not os.path.exists(out)
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+
+
+def test_only_loraports_own_processes_turn_on_huge_pages_for_torch():
+    """The CLI (console script or python -m loraport) sets THP_MEM_ALLOC_ENABLE before torch's
+    first allocation; a program that merely imports loraport keeps its allocator as it was."""
+    from loraport import _is_cli_process
+
+    assert _is_cli_process(["/usr/bin/python3", "-m", "loraport", "port", "x.safetensors"])
+    assert _is_cli_process(["/venv/bin/python", "/venv/bin/loraport", "port"])
+    assert not _is_cli_process(["/usr/bin/python3", "-m", "pytest", "tests"])
+    assert not _is_cli_process(["/usr/bin/python3", "train.py", "--loraport"])
+    assert not _is_cli_process(["/usr/bin/python3"])
+    code = "import os, loraport; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert res.stdout.strip() == "None"
