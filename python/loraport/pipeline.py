@@ -50,6 +50,7 @@ from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError
+from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
@@ -269,21 +270,6 @@ def _variant_line(settings: dict) -> str:
         what = "ΔW projected onto the subspaces" + (f" (at most rank {rank})" if rank else "")
     other = "skipped" if settings["on_dissimilar"] == "skip" else "copied unchanged"
     return f"{variant}: {what} where similarity >= {settings['min_similarity']}, else {other}"
-
-
-def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``rank`` factors of up @ down (up [m, r], down [r, n]; Eckart–Young), never
-    forming m×n: up = Q_u R_u, downᵀ = Q_d R_d (reduced QR), so up @ down = Q_u (R_u R_dᵀ) Q_dᵀ
-    and the SVD of the small core R_u R_dᵀ [min(m, r), min(n, r)] gives the singular triplets.
-    The singular values are split evenly (√S on each side), as project_lora does."""
-    q_up, r_up = torch.linalg.qr(up.double())  # [m, p], [p, r]
-    q_down, r_down = torch.linalg.qr(down.mT.double())  # [n, q], [q, r]
-    u, s, vh = torch.linalg.svd(r_up @ r_down.mT)  # [p, p], [min(p, q)], [q, q]
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    new_up = q_up @ (u[:, :k] * root)  # [m, k]
-    new_down = (root[:, None] * vh[:k]) @ q_down.mT  # [k, n]
-    return new_up.to(up.dtype), new_down.to(down.dtype)
 
 
 def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
@@ -690,7 +676,10 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
         else:
             r_out = min(settings["rank"] or mod.rank, mod.rank)
             if settings["variant"] == "copy":
-                new_up, new_down = (up, down) if r_out == mod.rank else _truncate(up, down, r_out)
+                if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
+                    new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
+                else:
+                    new_up, new_down = up, down
             elif settings["variant"] == "source-then-target":
                 u1, d1 = _project(up, down, us, vs, min(mod.rank, ks))
                 new_up, new_down = _project(u1, d1, ut, vt, min(r_out, kt))

@@ -5,14 +5,10 @@ atomic writes, never over an input, InputError on bad input.
 
 The math (ΔW = scale · up @ down, the scale always folded into the factors; outputs have scale 1,
 kohya files alpha = rank):
-  * Low-rank truncation from factors (resize; merge "svd"): with up = Q_u R_u and downᵀ = Q_d R_d
-    (Q orthonormal, R p×p), ΔW = Q_u (R_u R_dᵀ) Q_dᵀ, so the SVD of the small p×p core
-    C = R_u R_dᵀ = U_c Σ V_cᵀ gives the exact SVD ΔW = (Q_u U_c) Σ (Q_d V_c)ᵀ without forming the
-    m×n ΔW. Keeping the top k triplets is the best rank-k approximation of ΔW in Frobenius norm
-    (Eckart–Young); the error is sqrt(Σ_{i>k} σ_i²). Factors: up' = Q_u U_c[:, :k] Σ_k^½,
-    down' = Σ_k^½ V_c[:, :k]ᵀ Q_dᵀ. R comes from the float64 Gram matrix (`_orthogonal_factor`)
-    and Q = X R⁺ is applied implicitly, so each layer costs two m·p² Gram products, a p×p
-    eigendecomposition and SVD, and one product per output factor. Layers of the same (m, p, n)
+  * Low-rank truncation from factors (resize; merge "svd"): the exact SVD of ΔW from the SVD of
+    the small p×p core of the factors (`lowrank.ProductSVD`, math in loraport/lowrank.py), never
+    forming the m×n ΔW. Keeping the top k triplets is the best rank-k approximation of ΔW in
+    Frobenius norm (Eckart–Young); the error is sqrt(Σ_{i>k} σ_i²). Layers of the same (m, p, n)
     go through one batched call.
   * Rank per layer: ``rank`` (a fixed rank, or the cap of the dynamic rules), ``energy`` (the
     fewest σ holding that fraction of ‖ΔW‖_F²), ``sv_ratio`` (σ_i ≥ σ_1 / sv_ratio, as kohya's
@@ -42,6 +38,7 @@ import torch
 from . import archs, formats
 from .basemodel import BaseModel
 from .errors import InputError
+from .lowrank import ProductSVD
 from .ops import rsvd
 from .pipeline import DEFAULT_MAX_MEMORY, _energy_rank, parse_bytes
 
@@ -166,21 +163,6 @@ def _module(template: formats.LoraModule, up: torch.Tensor, down: torch.Tensor, 
     )
 
 
-def _orthogonal_factor(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """X = Q R with Q = X W orthonormal, without forming Q: from the float64 Gram matrix
-    XᵀX = V Λ Vᵀ, R = Λ^½ Vᵀ and W = V Λ^-½ (pseudo-inverse: directions with λ <= p·eps·λ_max,
-    i.e. rank-deficient stacks such as a LoRA merged with itself, get 0). X: [G, m, p];
-    returns W, R: [G, p, p] float64. Tens of times faster than Householder QR of a tall X on a
-    CPU; accurate to float64 rounding of the Gram, far below the factors' own precision."""
-    X = X.double()
-    lam, V = torch.linalg.eigh(X.mT @ X)  # [G, p] ascending, [G, p, p]
-    lam = lam.clamp_min(0)
-    root = lam.sqrt()
-    keep = lam > lam[..., -1:] * X.shape[-1] * torch.finfo(torch.float64).eps
-    inv_root = torch.where(keep, 1 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(root))
-    return V * inv_root[..., None, :], root[..., :, None] * V.mT
-
-
 def _truncate(items: list[_Factors], select, device: str, max_memory: int, seconds: dict, bar) -> None:
     """Best rank-k factors of every item's up @ down (k from ``select``), from the factors only:
     same-shape items stacked into one batched call, cut to ``max_memory``."""
@@ -194,16 +176,10 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
             t0 = time.perf_counter()
             up = torch.stack([it.up for it in chunk]).to(device)  # [G, m, p]
             down = torch.stack([it.down for it in chunk]).to(device)  # [G, p, n]
-            Wu, Ru = _orthogonal_factor(up)  # up = (up Wu) Ru
-            Wd, Rd = _orthogonal_factor(down.mT)  # downᵀ = (downᵀ Wd) Rd
-            # ΔW = Qu (Ru Rdᵀ) Qdᵀ with orthonormal Qu, Qd: the p×p core's SVD is ΔW's SVD.
-            Uc, S, Vch = torch.linalg.svd(Ru @ Rd.mT, full_matrices=False)  # [G, p, p], [G, p], [G, p, p]
-            S_host = S.cpu()
+            svd = ProductSVD(up, down)
+            S_host = svd.S.cpu()  # [G, p]
             ks = [select(s, s.square().sum()) for s in S_host]
-            k_max = max(ks)
-            root = S[:, :k_max].sqrt()  # [G, k]
-            new_up = up @ (Wu @ (Uc[..., :k_max] * root[:, None, :])).to(up.dtype)  # Qu Uc √Σ: [G, m, k]
-            new_down = ((Vch[:, :k_max, :] * root[..., None]) @ Wd.mT).to(down.dtype) @ down  # √Σ Vcᵀ Qdᵀ: [G, k, n]
+            new_up, new_down = svd.factors(max(ks))  # [G, m, k_max], [G, k_max, n]
             share = (time.perf_counter() - t0) / len(chunk)
             for g, it in enumerate(chunk):
                 s2, k = S_host[g].square(), ks[g]
