@@ -315,7 +315,8 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   // the Krylov basis then lives on the long side and the Rayleigh-Ritz factorization of
   // A^T basis, the costliest step after the GEMMs, on the short side.
   const bool wide = m < n;
-  const Tensor A3 = wide ? A.reshape({b, m, n}).mT() : A.reshape({b, m, n});  // [b, long, short]
+  const Tensor Abmn = A.reshape({b, m, n});
+  const Tensor A3 = wide ? Abmn.mT() : Abmn;  // [b, long, short]
   const Tensor sk = sketch.to(work);                                          // [short, l]
 
   // Runs items [begin, end) of the batch, upcasting at most `chunk` matrices at a time.
@@ -330,7 +331,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
       Tensor Ac = A3.narrow(0, s, c);  // a view when A is already fp32/fp64
       if (upcast) {
         Tensor dst = staging.narrow(0, 0, c);  // [c, m, n], A's own orientation
-        dst.copy_(A.reshape({b, m, n}).narrow(0, s, c));
+        dst.copy_(Abmn.narrow(0, s, c));
         Ac = wide ? dst.mT() : dst;  // [c, long, short]
       }
       Orthonormalizer orth(policy, c, opts);

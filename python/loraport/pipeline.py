@@ -135,8 +135,7 @@ class PortReport:
         acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items(), key=lambda x: -x[1]))
         lines = [f"{s['layers']} layers: {acts}"]
         rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
-        variant = self.settings.get("variant")
-        if variant is not None:
+        if "variant" in self.settings:
             rows.append(("variant", _variant_line(self.settings)))
         if s["similarity_mean"] is not None:
             rows.append(
@@ -687,7 +686,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
                 new_up, new_down = _project(up, down, ut, vt, min(r_out, kt))
             row.action = "padded" if mod.down.shape[1] < channels else "ported"
             row.rank_out = new_up.shape[1]
-            row.rel_change = _rel_change(up, down, new_up, new_down)
+            row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
         plan.result = formats.module_from_factors(
             mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
         )
