@@ -19,8 +19,6 @@
 // Wide matrices (m < n) are decomposed as A^T, so the sketch is [min(m, n), l].
 #include "linalg.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
@@ -360,13 +358,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   if (const char* env = std::getenv("LORAPORT_UPCAST_CHUNK_BYTES")) chunk_bytes = std::max<int64_t>(1, std::atoll(env));
   const int64_t elem = c10::elementSize(work);
   const int64_t chunk = A.scalar_type() == work ? b : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, m * n * elem));
-  // Small matrices: one matrix per thread beats threading inside tiny GEMMs.
-  constexpr int64_t kSmallMatrix = int64_t(1) << 18;
-  if (policy.parallel_over_batch && b > 1 && m * n <= kSmallMatrix && at::get_num_threads() > 1) {
-    at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) { run_range(begin, end, std::min(chunk, end - begin)); });
-  } else {
-    run_range(0, b, chunk);
-  }
+  run_range(0, b, chunk);
   return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
 }
 

@@ -18,9 +18,6 @@ struct RsvdPolicy {
   // CPU: inspect every CholeskyQR at once and redo a failed matrix with Householder QR.
   // CUDA: never synchronize mid-op; collect failures on the device and check once at the end.
   bool check_each_qr = true;
-  // CPU: split a batch of small matrices over threads (at::parallel_for) instead of
-  // threading inside each small GEMM.
-  bool parallel_over_batch = false;
   // Householder QR (one LAPACK call) for Y with at most this many elements: on small matrices
   // CholeskyQR2's two dozen small ops cost more than the factorization itself. 0 = never.
   int64_t householder_max_elements = 0;
