@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ class Truth:
         return error.max().item(), overlap.min().item()
 
 
+# Rows of the same-settings table only: the same iteration as "loraport power", another engine.
+SAME_SETTINGS_ONLY = {"loraport power, unfused"}
+
+
 def peers(k: int, oversample: int, device: str):
     """name -> fn(A, iters) returning (U, S, V) with at least k columns."""
 
@@ -143,11 +148,24 @@ def peers(k: int, oversample: int, device: str):
         torch.manual_seed(0)  # its sketch comes from the global generator: same sketch every run
         return torch.svd_lowrank(A, q=k + oversample, niter=q)
 
+    def one_gemm_per_product(A, q):  # the CPU's fused pass off (LORAPORT_GRAM_PASS=0)
+        previous = os.environ.get("LORAPORT_GRAM_PASS")
+        os.environ["LORAPORT_GRAM_PASS"] = "0"
+        try:
+            return loraport_rsvd("power")(A, q)
+        finally:
+            if previous is None:
+                del os.environ["LORAPORT_GRAM_PASS"]
+            else:
+                os.environ["LORAPORT_GRAM_PASS"] = previous
+
     methods = {
         "loraport power": loraport_rsvd("power"),
         "loraport krylov": loraport_rsvd("krylov"),
         "torch.svd_lowrank": svd_lowrank,
     }
+    if device == "cpu":
+        methods["loraport power, unfused"] = one_gemm_per_product
     try:
         from sklearn.utils.extmath import randomized_svd
     except ImportError:
@@ -223,7 +241,7 @@ def run_rank(args, A: torch.Tensor, truth: Truth, svd: tuple[str, float], k: int
     writer(f"\nequal subspace overlap >= {args.target_overlap}: fewest iterations per method")
     writer("| method | iterations | GEMM columns (passes x width) | time (s) | vs svd_lowrank | overlap | error / optimal |")
     writer("|---|---:|---:|---:|---:|---:|---:|")
-    methods = {**methods, **narrow_krylov(k, device)}
+    methods = {name: fn for name, fn in {**methods, **narrow_krylov(k, device)}.items() if name not in SAME_SETTINGS_ONLY}
     width = {name: narrow_block(name) or k + p for name in methods}
     best: dict[str, Row] = {}
     for name, fn in methods.items():

@@ -9,6 +9,9 @@
 //     back to Householder.
 //   * the Rayleigh-Ritz step takes the SVD of the small R of B^T = A^T Q = P R (l x l) instead
 //     of a dense SVD of the l x n matrix B.
+//   * on a CPU with AVX2, the power method pairs its products: A X and A^T (A X) share one read
+//     of A (csrc/cpu/gram_pass_avx2.cpp), 3 reads instead of 6 at power_iters=2, with the
+//     orthonormalization between them folded into the next one (power_range_fused).
 // method="krylov" keeps every block of [A W, (A A^T) A W, ...] (Musco & Musco 2015, block
 // Krylov) and reuses the A^T Q_i products it already computed for the Rayleigh-Ritz step, so it
 // makes exactly as many passes over A as method="power" with the same power_iters (2q + 2),
@@ -20,6 +23,7 @@
 #include "linalg.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -65,6 +69,12 @@ void normalize_signs(Tensor& U /*[b,m,k]*/, Tensor& V /*[b,n,k]*/) {
   Tensor sign = at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type());
   U.mul_(sign);
   V.mul_(sign);
+}
+
+// max |R_ii| / min |R_ii| of upper-triangular R [b, l, l]: a cheap lower estimate of cond(R).
+Tensor diagonal_spread(const Tensor& R) {
+  Tensor diag = R.diagonal(0, -2, -1).abs();
+  return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
 }
 
 // Y = Q R with orthonormal Q, for a batch of tall-skinny Y [b, m, l] (m >= l).
@@ -171,11 +181,6 @@ class Orthonormalizer {
     return {Rd, bad};
   }
 
-  static Tensor diagonal_spread(const Tensor& R) {
-    Tensor diag = R.diagonal(0, -2, -1).abs();
-    return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
-  }
-
   static constexpr double kMaxPass2Spread = 1e2;
   static constexpr double kFp32GramSpread = 30;
 
@@ -215,22 +220,96 @@ int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block) {
   return std::max<int64_t>(1, std::min(power_iters + 1, min_dim / block));
 }
 
+// Power iteration (Halko et al. Alg. 4.4): the range basis Q [b, m, l] of (A A^T)^q A sketch
+// and B^T = A^T Q [b, n, l], one GEMM per product (2q + 2 passes over A).
+std::pair<Tensor, Tensor> power_range(const Tensor& A, const Tensor& sketch, int64_t power_iters, Orthonormalizer& orth) {
+  Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));            // [b, m, l]
+  for (int64_t i = 0; i < power_iters; ++i) {
+    Tensor Z = std::get<0>(orth(adjoint_times(A, Q)));            // [b, n, l]
+    Q = std::get<0>(orth(at::matmul(A, Z)));                      // [b, m, l]
+  }
+  return {Q, adjoint_times(A, Q)};
+}
+
+// The largest estimated condition number (diagonal spread of its R) of a product that the
+// fused pass feeds on unorthonormalized: there the fp32 rounding of the second product, ~u
+// relative to its largest column, is ~u * cond relative to the weakest direction of the block,
+// instead of ~u * sqrt(cond) with a separate orthonormalization. 1e4 keeps that under 1e-3,
+// far below the iteration's own error in those directions (overlap 0.9 at q = 2).
+constexpr double kGramPassMaxCond = 1e4;
+
+// power_range with the CPU's fused pass {M X, M^T (M X)} (RsvdPolicy::gram_pass), where M is
+// A's row-major storage. The products of the power iteration alternate A., A^T.; an M-product
+// followed by an M^T-product shares one read of M, and the second product is applied to the
+// unorthonormalized first one, X instead of orth(X) = X R^{-1}: the same range, hence the same
+// iteration, for every intermediate. Tall A (M = A): pairs (A X, A^T A X), 3 reads at q = 2;
+// the last pair's A^T Y is turned into A^T Q = (A^T Y) R^{-1} with Y = Q R. Wide A (M = A^T,
+// the op hands wide matrices over as transposed views): pairs (A^T Q, A A^T Q) with a single
+// A sketch first (ATen) and A^T Q = M Q last (the kernel's first half), 4 reads at q = 2.
+// Returns the basis, B^T, and [b] bool: the matrices whose products were too ill-conditioned
+// for the fused pass (fast-decaying spectra), which the caller redoes with power_range.
+std::tuple<Tensor, Tensor, Tensor> power_range_fused(const Tensor& A, const Tensor& sketch, int64_t power_iters,
+                                                     Orthonormalizer& orth, const RsvdPolicy& policy) {
+  const bool tall = A.stride(-1) == 1;
+  Tensor rejected = at::zeros({A.size(0)}, A.options().dtype(at::kBool));
+  auto reject_above = [&](const Tensor& R, double bound) {
+    rejected.logical_or_(diagonal_spread(R).le(bound).logical_not());
+  };
+  if (tall) {
+    Tensor X = sketch;                                              // [n, l], then [b, n, l]
+    for (int64_t i = 0;; ++i) {
+      auto [Y, W] = policy.gram_pass(A, X, /*with_w=*/true);        // A X [b, m, l], A^T A X [b, n, l]
+      if (i == power_iters) {
+        auto [Q, R] = orth(Y);                                      // Y = Q R
+        // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
+        reject_above(R, std::sqrt(kGramPassMaxCond));
+        const Tensor eye = at::eye(R.size(-1), R.options().dtype(at::kDouble));
+        const Tensor R_inv = at::linalg_solve_triangular(R.to(at::kDouble), eye, /*upper=*/true).to(W.scalar_type());
+        return {Q, at::matmul(W, R_inv), rejected};
+      }
+      auto [P, R] = orth(W);
+      reject_above(R, kGramPassMaxCond);
+      X = P;
+    }
+  }
+  const Tensor M = A.mT();                                          // [b, n, m] row-major
+  Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));              // [b, m, l]
+  for (int64_t i = 0; i < power_iters; ++i) {
+    auto [Z, Y] = policy.gram_pass(M, Q, /*with_w=*/true);          // A^T Q [b, n, l], A A^T Q [b, m, l]
+    auto [Qn, R] = orth(Y);
+    reject_above(R, kGramPassMaxCond);
+    Q = Qn;
+  }
+  return {Q, policy.gram_pass(M, Q, /*with_w=*/false).first, rejected};  // A^T Q = M Q
+}
+
+bool gram_pass_applies(const RsvdPolicy& policy, const Tensor& A, Method method) {
+  if (!policy.gram_pass || method != Method::Power || A.scalar_type() != at::kFloat) return false;
+  // Row-major storage, either orientation; below 64K elements the extra passes cost nothing.
+  const bool row_major = A.stride(-1) == 1 || A.stride(-2) == 1;
+  return row_major && A.size(-2) * A.size(-1) >= (int64_t(1) << 16);
+}
+
 // The rsvd of one batch already in the working precision. A: [b, m, n] with m >= n (the op
 // hands wide matrices over transposed), sketch: [n, l]. Signs are left to the caller.
 std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& sketch, int64_t rank,
                                               int64_t power_iters, Method method,
-                                              Orthonormalizer& orth) {
+                                              Orthonormalizer& orth, const RsvdPolicy& policy) {
   const int64_t m = A.size(-2), n = A.size(-1), l = sketch.size(-1), b = A.size(0);
-  Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));            // [b, m, l]
   Tensor basis, Bt;                                               // [b, m, L], [b, n, L]
-  if (method == Method::Power) {
-    for (int64_t i = 0; i < power_iters; ++i) {
-      Tensor Z = std::get<0>(orth(adjoint_times(A, Q)));          // [b, n, l]
-      Q = std::get<0>(orth(at::matmul(A, Z)));                    // [b, m, l]
+  if (gram_pass_applies(policy, A, method)) {
+    Tensor rejected;
+    std::tie(basis, Bt, rejected) = power_range_fused(A, sketch, power_iters, orth, policy);
+    if (rejected.any().item<bool>()) {
+      const Tensor idx = rejected.nonzero().squeeze(-1);
+      auto [Qp, Btp] = power_range(A.index_select(0, idx), sketch, power_iters, orth);
+      basis.index_copy_(0, idx, Qp);
+      Bt.index_copy_(0, idx, Btp);
     }
-    basis = Q;
-    Bt = adjoint_times(A, Q);
+  } else if (method == Method::Power) {
+    std::tie(basis, Bt) = power_range(A, sketch, power_iters, orth);
   } else {
+    Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));          // [b, m, l]
     // Block Krylov space span[Q0, Q1, ...], Q_{i+1} = orth((I - P P^T) A orth(A^T Q_i)) with
     // P = [Q0 .. Qi] (block classical Gram-Schmidt with reorthogonalization). The images
     // A^T Q_i are kept: they are the blocks of B^T = A^T [Q0 .. Qq] needed by Rayleigh-Ritz.
@@ -333,14 +412,14 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
         Ac = wide ? dst.mT() : dst;  // [c, long, short]
       }
       Orthonormalizer orth(policy, c, opts);
-      auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth);
+      auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth, policy);
       if (!policy.check_each_qr && orth.failed().any().item<bool>()) {
         // The one host synchronization of the CUDA path: redo the (rare) matrices whose
         // CholeskyQR broke down with Householder QR throughout.
         Tensor idx = orth.failed().nonzero().squeeze(-1);
         Orthonormalizer householder(policy, idx.numel(), opts);
         householder.use_householder_only();
-        auto [Uh, Sh, Vh] = rsvd_batch(Ac.index_select(0, idx), sk, rank, power_iters, method, householder);
+        auto [Uh, Sh, Vh] = rsvd_batch(Ac.index_select(0, idx), sk, rank, power_iters, method, householder, policy);
         Uc.index_copy_(0, idx, Uh);
         Sc.index_copy_(0, idx, Sh);
         Vc.index_copy_(0, idx, Vh);

@@ -3,6 +3,7 @@ optimal error, exact subspaces), their contracts (opcheck, torch.compile, fake k
 and dtype handling, bad input, and CPU against CUDA when a GPU is there."""
 
 import math
+import platform
 
 import pytest
 import torch
@@ -161,6 +162,76 @@ def test_rsvd_non_contiguous_inputs(generator):
         U_c, S_c, V_c = loraport.rsvd(A.contiguous(), 8, seed=2)
         torch.testing.assert_close(S, S_c, rtol=1e-5, atol=1e-6, msg=name)
         assert (ref.reconstruction_error(A, U, S, V) / ref.optimal_error(A, 8)).max() <= 1.2, name
+
+
+def _cpu_has_avx2_fma():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+needs_gram_pass = pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="the fused CPU pass needs x86-64 with AVX2 and FMA")
+
+
+def _rsvd_plain(monkeypatch, A, rank, **kw):
+    """rsvd with the fused CPU pass turned off: one GEMM per product."""
+    with monkeypatch.context() as mp:
+        mp.setenv("LORAPORT_GRAM_PASS", "0")
+        return loraport.rsvd(A, rank, **kw)
+
+
+@needs_gram_pass
+@pytest.mark.parametrize("q", [0, 1, 2])
+@pytest.mark.parametrize(
+    "batch, m, n, k",
+    [
+        ((), 1001, 203, 13),  # tall, sketch width 21: one 24-wide panel with 3 zero columns
+        ((3,), 1003, 257, 32),  # a batch (threaded over matrices), width 40: panels of 24 + 16
+        ((2,), 257, 1003, 5),  # wide: A^T's row-major storage is the fused pass's M; width 13
+        ((), 4099, 66, 3),  # rows and columns not multiples of the 4-row tile, width 11
+    ],
+)
+def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, q, batch, m, n, k):
+    """The fused CPU pass (csrc/cpu/gram_pass_avx2.cpp: M X and M^T (M X) in one read of M) is
+    the same power iteration as one GEMM per product, up to fp32 rounding, on shapes that hit
+    every edge of its tiling; and it does run (the results are not bit-identical)."""
+    A = spectrum_matrix(m, n, SLOW, generator, batch=batch).float()
+    fused = loraport.rsvd(A, k, power_iters=q, seed=4)
+    plain = _rsvd_plain(monkeypatch, A, k, power_iters=q, seed=4)
+    assert not torch.equal(fused.S, plain.S) or not torch.equal(fused.U, plain.U)
+    torch.testing.assert_close(fused.S, plain.S, rtol=1e-5, atol=1e-6)
+    for Uf, Up in ((fused.U, plain.U), (fused.V, plain.V)):
+        sim = loraport.subspace_similarity(Uf, Up)
+        assert (sim > 1 - 1e-5).all(), sim
+    err_fused = ref.reconstruction_error(A, *fused) / ref.optimal_error(A, k)
+    err_plain = ref.reconstruction_error(A, *plain) / ref.optimal_error(A, k)
+    torch.testing.assert_close(err_fused, err_plain, rtol=1e-4, atol=0)
+    assert orthogonality_error(fused.U) <= 1e-5 and orthogonality_error(fused.V) <= 1e-5
+
+
+@needs_gram_pass
+@pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
+def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, m, n):
+    """On a spectrum decaying by 2x per singular value, applying M^T to an unorthonormalized M X
+    would lose the weaker sketch directions to fp32 rounding: the op sees the ill-conditioning
+    and redoes the matrix with one GEMM per product, giving exactly the plain path's result. In
+    a batch, only that matrix is redone."""
+    fast = 0.5 ** torch.arange(300, dtype=torch.float64)
+    A = spectrum_matrix(m, n, fast, generator).float()
+    fused = loraport.rsvd(A, 12, power_iters=2, seed=1)
+    plain = _rsvd_plain(monkeypatch, A, 12, power_iters=2, seed=1)
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+    mixed = torch.stack([spectrum_matrix(m, n, SLOW, generator), A.double(), spectrum_matrix(m, n, SLOW, generator)]).float()
+    U, S, V = loraport.rsvd(mixed, 12, power_iters=2, seed=1)
+    ratio = ref.reconstruction_error(mixed, U, S, V) / ref.optimal_error(mixed, 12)
+    assert ratio.max() <= 1.2, ratio
+    torch.testing.assert_close(S[1], plain.S, rtol=1e-5, atol=1e-6)
 
 
 def test_rsvd_rank_at_or_above_min_dim_is_exact(generator):

@@ -1,0 +1,221 @@
+// Fused pass Y = M X, W = M^T Y over a row-major fp32 M in ONE read of M (AVX2 + FMA).
+//
+// Why: on the 2-core EPYC CI machine an rsvd pass is a GEMM of a 28-113 MB matrix with a
+// 40-72 column block, 2 * 72 flops per 4-byte element. MKL runs it at 80-110 GFLOP/s against
+// a 197 GFLOP/s FMA peak (measured with this file's microkernel on L1-resident data) and a
+// ~6.7 GB/s read bandwidth: memory and compute are of the same order, and MKL packs M for each
+// product separately. This kernel streams each block of kb rows of M from memory once, computes
+// Y_blk = M_blk X with M_blk's rows broadcast (no packing), then W += M_blk^T Y_blk while M_blk
+// is still in L2. A prototype of this pass ran the pair at 110-142 GFLOP/s against 82-110 for
+// MKL's two GEMMs on the same matrices ([9216 | 3072 | 21504] x 3072, width 72, interleaved);
+// rsvd end to end: benchmarks/RESULTS.md.
+//
+// Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
+// the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
+// split over torch.get_num_threads() threads in contiguous ranges (contiguous reads); each
+// thread accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
+#include "gram_pass.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace loraport {
+namespace {
+
+constexpr int64_t kMR = 4;          // output rows per microkernel tile
+constexpr int64_t kDepthBlock = 512;  // depth slice of the Y = M X product (keeps X's panel slice in L2)
+
+// C[4, 8 NV] (=|+=) sum_k a(r, k) b(k, :), a(r, k) = a[r * ars + k * aks], b's rows contiguous
+// with stride ldb, C's rows with stride ldc.
+template <int NV>
+inline void micro(const float* __restrict a, int64_t ars, int64_t aks, const float* __restrict b, int64_t ldb,
+                  int64_t depth, float* __restrict c, int64_t ldc, bool accumulate) {
+  static_assert(NV >= 1 && NV <= 3, "tile width 8, 16 or 24");
+  auto load = [&](int64_t r, int v) { return accumulate ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps(); };
+  __m256 c00 = load(0, 0), c10 = load(1, 0), c20 = load(2, 0), c30 = load(3, 0);
+  __m256 c01, c11, c21, c31, c02, c12, c22, c32;
+  if constexpr (NV >= 2) c01 = load(0, 1), c11 = load(1, 1), c21 = load(2, 1), c31 = load(3, 1);
+  if constexpr (NV >= 3) c02 = load(0, 2), c12 = load(1, 2), c22 = load(2, 2), c32 = load(3, 2);
+  const float* a0 = a;
+  const float* a1 = a + ars;
+  const float* a2 = a + 2 * ars;
+  const float* a3 = a + 3 * ars;
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    __m256 b1, b2;
+    if constexpr (NV >= 2) b1 = _mm256_loadu_ps(b + 8);
+    if constexpr (NV >= 3) b2 = _mm256_loadu_ps(b + 16);
+    b += ldb;
+#define LORAPORT_ROW(R)                                              \
+  {                                                                  \
+    const __m256 x = _mm256_broadcast_ss(a##R);                      \
+    a##R += aks;                                                     \
+    c##R##0 = _mm256_fmadd_ps(x, b0, c##R##0);                       \
+    if constexpr (NV >= 2) c##R##1 = _mm256_fmadd_ps(x, b1, c##R##1); \
+    if constexpr (NV >= 3) c##R##2 = _mm256_fmadd_ps(x, b2, c##R##2); \
+  }
+    LORAPORT_ROW(0) LORAPORT_ROW(1) LORAPORT_ROW(2) LORAPORT_ROW(3)
+#undef LORAPORT_ROW
+  }
+  auto store = [&](int64_t r, int v, __m256 x) { _mm256_storeu_ps(c + r * ldc + 8 * v, x); };
+  store(0, 0, c00), store(1, 0, c10), store(2, 0, c20), store(3, 0, c30);
+  if constexpr (NV >= 2) store(0, 1, c01), store(1, 1, c11), store(2, 1, c21), store(3, 1, c31);
+  if constexpr (NV >= 3) store(0, 2, c02), store(1, 2, c12), store(2, 2, c22), store(3, 2, c32);
+}
+
+struct Panel {
+  int64_t col;    // first output column
+  int64_t width;  // 8, 16 or 24
+};
+
+std::vector<Panel> panels_of(int64_t lp) {
+  std::vector<Panel> out;
+  for (int64_t j = 0; j < lp;) {
+    const int64_t w = std::min<int64_t>(24, lp - j);
+    out.push_back({j, w});
+    j += w;
+  }
+  return out;
+}
+
+void micro_any(int64_t width, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int64_t depth,
+               float* c, int64_t ldc, bool accumulate) {
+  if (width == 24) micro<3>(a, ars, aks, b, ldb, depth, c, ldc, accumulate);
+  else if (width == 16) micro<2>(a, ars, aks, b, ldb, depth, c, ldc, accumulate);
+  else micro<1>(a, ars, aks, b, ldb, depth, c, ldc, accumulate);
+}
+
+// Packs rows [k0, k0 + kk) of X [rows, l] (strides sx0, sx1) into panels: out[p] is [kk, width]
+// row-major at out + col * kk, zero beyond column l.
+void pack_panels(const float* x, int64_t sx0, int64_t sx1, int64_t l, int64_t k0, int64_t kk,
+                 const std::vector<Panel>& panels, float* out) {
+  for (const Panel& p : panels) {
+    float* dst = out + p.col * kk;
+    for (int64_t k = 0; k < kk; ++k) {
+      const float* src = x + (k0 + k) * sx0;
+      for (int64_t j = 0; j < p.width; ++j) {
+        const int64_t col = p.col + j;
+        dst[k * p.width + j] = col < l ? src[col * sx1] : 0.f;
+      }
+    }
+  }
+}
+
+// Rows of M per fused step. Each step re-reads its block of M for W += M_blk^T Y_blk and
+// updates the thread's whole W (c x lp). 32 rows of c <= 4096 columns (<= 512 KiB) stay in L2.
+// A wider M (the transposed storage of a wide A, c = 12288 or 15360) re-reads its block from L3
+// and takes 128 rows, a quarter of the W updates: median of 6 runs on 2 x [3072, 12288], 550 ms
+// against 632 ms with 32 rows (631 ms with one GEMM per product).
+int64_t row_block_for(int64_t c) { return c <= 4096 ? 32 : 128; }
+
+// One matrix: Y [r4, lp] (r4 = round_up(r, 4)), W [c, lp] = M^T Y; M [r, c] with row stride lda.
+void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const float* xpk /*panels of [c, w]*/,
+                   const std::vector<Panel>& panels, int64_t lp, float* Y, float* W /*null: Y only*/) {
+  const int64_t c4 = (c + kMR - 1) / kMR * kMR;
+  const int64_t row_block = row_block_for(c);
+  // Contiguous row ranges, multiples of kMR except at the end, at least 64 rows each: one per
+  // thread, on plain std::threads. (With OpenMP here, MKL calls after this pass ran 10-15 %
+  // slower, e.g. block Krylov right after a fused power call on 2 x [9216, 3072]: libgomp's
+  // spinning workers; none of that with OMP_WAIT_POLICY=PASSIVE or these threads.)
+  const int64_t parts = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / 64));
+  struct Scratch {
+    std::vector<float> W;          // [c4, lp] this part's share of M^T Y
+    std::vector<float> ypk;        // the Y block, packed into panels
+    std::vector<float> edge_rows;  // the last r % 4 rows of M, zero-padded
+    std::vector<float> edge_cols;  // the last c % 4 columns of an M block, zero-padded
+  };
+  // Allocated here, so that the workers never allocate (nor throw).
+  std::vector<Scratch> scratch(parts);
+  for (Scratch& sc : scratch) {
+    if (W) sc.W.assign(c4 * lp, 0.f);
+    sc.ypk.resize(row_block * lp);
+    sc.edge_rows.resize(kMR * kDepthBlock);
+    sc.edge_cols.resize(row_block * kMR);
+  }
+  auto run_part = [&](int64_t part) {
+    Scratch& sc = scratch[part];
+    const int64_t row0 = (r * part / parts) / kMR * kMR;
+    const int64_t row1 = part + 1 == parts ? r : (r * (part + 1) / parts) / kMR * kMR;
+    for (int64_t k0 = row0; k0 < row1; k0 += row_block) {
+      const int64_t kk = std::min(row_block, row1 - k0);
+      // Y rows [k0, k0 + kk) = M rows @ X, over depth slices of M's columns.
+      for (int64_t d0 = 0; d0 < c; d0 += kDepthBlock) {
+        const int64_t dd = std::min(kDepthBlock, c - d0);
+        for (const Panel& p : panels) {
+          const float* b = xpk + p.col * c + d0 * p.width;
+          for (int64_t i = k0; i < k0 + kk; i += kMR) {
+            float* y = Y + i * lp + p.col;
+            if (i + kMR <= r) {
+              micro_any(p.width, M + i * lda + d0, lda, 1, b, p.width, dd, y, lp, d0 > 0);
+            } else {  // fewer than 4 rows left in the matrix: compute on a zero-padded copy
+              std::fill(sc.edge_rows.begin(), sc.edge_rows.end(), 0.f);
+              for (int64_t e = 0; i + e < r; ++e) std::memcpy(&sc.edge_rows[e * dd], M + (i + e) * lda + d0, dd * sizeof(float));
+              micro_any(p.width, sc.edge_rows.data(), dd, 1, b, p.width, dd, y, lp, d0 > 0);
+            }
+          }
+        }
+      }
+      if (!W) continue;
+      // W += M_blk^T Y_blk, M_blk read again while in cache (column groups of 4 broadcast down
+      // its rows).
+      pack_panels(Y, lp, 1, lp, k0, kk, panels, sc.ypk.data());
+      const float* Mblk = M + k0 * lda;
+      for (int64_t j = 0; j < c; j += kMR) {
+        const float* a = Mblk + j;
+        int64_t aks = lda;
+        if (j + kMR > c) {  // fewer than 4 columns left: a zero-padded [kk, 4] copy
+          std::fill(sc.edge_cols.begin(), sc.edge_cols.end(), 0.f);
+          for (int64_t k = 0; k < kk; ++k)
+            for (int64_t e = 0; j + e < c; ++e) sc.edge_cols[k * kMR + e] = Mblk[k * lda + j + e];
+          a = sc.edge_cols.data(), aks = kMR;
+        }
+        for (const Panel& p : panels)
+          micro_any(p.width, a, 1, aks, sc.ypk.data() + p.col * kk, p.width, kk, sc.W.data() + j * lp + p.col, lp, true);
+      }
+    }
+  };
+  std::vector<std::thread> workers;
+  for (int64_t part = 1; part < parts; ++part) workers.emplace_back(run_part, part);
+  run_part(0);
+  for (std::thread& t : workers) t.join();
+  if (!W) return;
+  // W = sum of the parts' shares (rows < c).
+  for (int64_t j = 0; j < c; ++j) {
+    float* w = W + j * lp;
+    std::memcpy(w, scratch[0].W.data() + j * lp, lp * sizeof(float));
+    for (int64_t part = 1; part < parts; ++part) {
+      const float* src = scratch[part].W.data() + j * lp;
+      for (int64_t q = 0; q < lp; ++q) w[q] += src[q];
+    }
+  }
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> gram_pass_avx2(const at::Tensor& M, const at::Tensor& X, bool with_w) {
+  TORCH_CHECK(M.dim() == 3 && M.scalar_type() == at::kFloat && M.stride(-1) == 1 && M.device().is_cpu(),
+              "gram_pass: M must be a CPU float32 [b, r, c] with unit column stride");
+  const int64_t b = M.size(0), r = M.size(1), c = M.size(2);
+  TORCH_CHECK((X.dim() == 2 || (X.dim() == 3 && X.size(0) == b)) && X.size(-2) == c && X.scalar_type() == at::kFloat,
+              "gram_pass: X must be float32 [c, l] or [b, c, l]");
+  const int64_t l = X.size(-1), lp = (l + 7) / 8 * 8, r4 = (r + kMR - 1) / kMR * kMR;
+  const std::vector<Panel> panels = panels_of(lp);
+  at::Tensor Y = at::empty({b, r4, lp}, M.options());
+  at::Tensor W = with_w ? at::empty({b, c, lp}, M.options()) : at::Tensor();
+  std::vector<float> xpk(c * lp);
+  for (int64_t i = 0; i < b; ++i) {
+    const at::Tensor Xi = X.dim() == 3 ? X[i] : X;
+    if (i == 0 || X.dim() == 3)
+      pack_panels(Xi.data_ptr<float>(), Xi.stride(0), Xi.stride(1), l, 0, c, panels, xpk.data());
+    gram_pass_one(M.data_ptr<float>() + i * M.stride(0), M.stride(1), r, c, xpk.data(), panels, lp,
+                  Y.data_ptr<float>() + i * r4 * lp, with_w ? W.data_ptr<float>() + i * c * lp : nullptr);
+  }
+  return {Y.narrow(1, 0, r).narrow(2, 0, l), with_w ? W.narrow(2, 0, l) : at::Tensor()};
+}
+
+}  // namespace loraport
