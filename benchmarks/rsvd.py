@@ -24,6 +24,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -149,15 +150,8 @@ def peers(k: int, oversample: int, device: str):
         return torch.svd_lowrank(A, q=k + oversample, niter=q)
 
     def one_gemm_per_product(A, q):  # the CPU's fused pass off (LORAPORT_GRAM_PASS=0)
-        previous = os.environ.get("LORAPORT_GRAM_PASS")
-        os.environ["LORAPORT_GRAM_PASS"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"LORAPORT_GRAM_PASS": "0"}):
             return loraport_rsvd("power")(A, q)
-        finally:
-            if previous is None:
-                del os.environ["LORAPORT_GRAM_PASS"]
-            else:
-                os.environ["LORAPORT_GRAM_PASS"] = previous
 
     methods = {
         "loraport power": loraport_rsvd("power"),

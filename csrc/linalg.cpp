@@ -77,6 +77,14 @@ Tensor diagonal_spread(const Tensor& R) {
   return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
 }
 
+// R^{-1} [b, l, l] of an upper-triangular R, inverted in fp64 and returned in `dtype`: right-
+// multiplying by it is a GEMM (on the CPU a batched triangular solve with a tall right-hand side
+// ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
+Tensor upper_triangular_inverse(const Tensor& R, at::ScalarType dtype) {
+  const Tensor Rd = R.to(at::kDouble);
+  return at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true).to(dtype);
+}
+
 // Y = Q R with orthonormal Q, for a batch of tall-skinny Y [b, m, l] (m >= l).
 class Orthonormalizer {
  public:
@@ -140,13 +148,9 @@ class Orthonormalizer {
     // Pass 2 sees a nearly orthonormal Q1 unless Y was numerically rank-deficient; there a
     // spread of R's diagonal means Q would keep an orthogonality error ~ u * spread.
     if (!shift) bad.logical_or_(diagonal_spread(Rd).le(kMaxPass2Spread).logical_not());
-    // Q = Y R^{-1} as a GEMM with the explicit inverse (inverted in fp64, l x l): on CPU a
-    // batched triangular solve with a tall right-hand side ran at ~1/5 of the GEMM rate
-    // (profile of 2 x [3072, 3072], block 48). Its rounding error, ~u * cond(R) relative, is
-    // the order of the solve's, and pass 2 removes it.
-    const Tensor eye = at::eye(Rd.size(-1), Rd.options());
-    Tensor R_inv = at::linalg_solve_triangular(Rd, eye, /*upper=*/true).to(Y.scalar_type());
-    Tensor Q = at::matmul(Y, R_inv);
+    // Q = Y R^{-1} as a GEMM with the explicit inverse. Its rounding error, ~u * cond(R)
+    // relative, is the order of a triangular solve's, and pass 2 removes it.
+    Tensor Q = at::matmul(Y, upper_triangular_inverse(Rd, Y.scalar_type()));
     return {Q, Rd.to(Y.scalar_type()), bad};
   }
 
@@ -257,20 +261,17 @@ std::tuple<Tensor, Tensor, Tensor> power_range_fused(const Tensor& A, const Tens
   };
   if (tall) {
     Tensor X = sketch;                                              // [n, l], then [b, n, l]
-    for (int64_t i = 0;; ++i) {
-      auto [Y, W] = policy.gram_pass(A, X, /*with_w=*/true);        // A X [b, m, l], A^T A X [b, n, l]
-      if (i == power_iters) {
-        auto [Q, R] = orth(Y);                                      // Y = Q R
-        // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
-        reject_above(R, std::sqrt(kGramPassMaxCond));
-        const Tensor eye = at::eye(R.size(-1), R.options().dtype(at::kDouble));
-        const Tensor R_inv = at::linalg_solve_triangular(R.to(at::kDouble), eye, /*upper=*/true).to(W.scalar_type());
-        return {Q, at::matmul(W, R_inv), rejected};
-      }
+    for (int64_t i = 0; i < power_iters; ++i) {
+      Tensor W = policy.gram_pass(A, X, /*with_w=*/true).second;    // A^T A X [b, n, l]
       auto [P, R] = orth(W);
       reject_above(R, kGramPassMaxCond);
       X = P;
     }
+    auto [Y, W] = policy.gram_pass(A, X, /*with_w=*/true);          // A X [b, m, l], A^T A X [b, n, l]
+    auto [Q, R] = orth(Y);                                          // Y = Q R
+    // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
+    reject_above(R, std::sqrt(kGramPassMaxCond));
+    return {Q, at::matmul(W, upper_triangular_inverse(R, W.scalar_type())), rejected};
   }
   const Tensor M = A.mT();                                          // [b, n, m] row-major
   Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));              // [b, m, l]
@@ -396,48 +397,44 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   const Tensor A3 = wide ? Abmn.mT() : Abmn;  // [b, long, short]
   const Tensor sk = sketch.to(work);                                          // [short, l]
 
-  // Runs items [begin, end) of the batch, upcasting at most `chunk` matrices at a time.
   const bool upcast = A.scalar_type() != work;
-  auto run_range = [&](int64_t begin, int64_t end, int64_t chunk) {
-    // bf16/fp16: one staging buffer for the range, refilled chunk after chunk. A fresh
-    // allocation per chunk cost 8x the conversion itself in first-touch page faults on the CPU
-    // (0.36 s vs 0.045 s for 4 x [21504, 3072]).
-    const Tensor staging = upcast ? at::empty({std::min(chunk, end - begin), m, n}, opts) : Tensor();
-    for (int64_t s = begin; s < end; s += chunk) {
-      const int64_t c = std::min(chunk, end - s);
-      Tensor Ac = A3.narrow(0, s, c);  // a view when A is already fp32/fp64
-      if (upcast) {
-        Tensor dst = staging.narrow(0, 0, c);  // [c, m, n], A's own orientation
-        dst.copy_(Abmn.narrow(0, s, c));
-        Ac = wide ? dst.mT() : dst;  // [c, long, short]
-      }
-      Orthonormalizer orth(policy, c, opts);
-      auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth, policy);
-      if (!policy.check_each_qr && orth.failed().any().item<bool>()) {
-        // The one host synchronization of the CUDA path: redo the (rare) matrices whose
-        // CholeskyQR broke down with Householder QR throughout.
-        Tensor idx = orth.failed().nonzero().squeeze(-1);
-        Orthonormalizer householder(policy, idx.numel(), opts);
-        householder.use_householder_only();
-        auto [Uh, Sh, Vh] = rsvd_batch(Ac.index_select(0, idx), sk, rank, power_iters, method, householder, policy);
-        Uc.index_copy_(0, idx, Uh);
-        Sc.index_copy_(0, idx, Sh);
-        Vc.index_copy_(0, idx, Vh);
-      }
-      if (wide) std::swap(Uc, Vc);  // the SVD of A^T is V S U^T
-      normalize_signs(Uc, Vc);
-      U.narrow(0, s, c).copy_(Uc);
-      S.narrow(0, s, c).copy_(Sc);
-      V.narrow(0, s, c).copy_(Vc);
-    }
-  };
 
   // LORAPORT_UPCAST_CHUNK_BYTES overrides the policy's bound (tests use it to run the loop).
   int64_t chunk_bytes = policy.upcast_chunk_bytes;
   if (const char* env = std::getenv("LORAPORT_UPCAST_CHUNK_BYTES")) chunk_bytes = std::max<int64_t>(1, std::atoll(env));
   const int64_t elem = c10::elementSize(work);
   const int64_t chunk = A.scalar_type() == work ? b : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, m * n * elem));
-  run_range(0, b, chunk);
+  // The batch, `chunk` matrices at a time. bf16/fp16 go through one staging buffer, refilled
+  // chunk after chunk: a fresh allocation per chunk cost 8x the conversion itself in first-touch
+  // page faults on the CPU (0.36 s vs 0.045 s for 4 x [21504, 3072]).
+  const Tensor staging = upcast ? at::empty({std::min(chunk, b), m, n}, opts) : Tensor();
+  for (int64_t s = 0; s < b; s += chunk) {
+    const int64_t c = std::min(chunk, b - s);
+    Tensor Ac = A3.narrow(0, s, c);  // a view when A is already fp32/fp64
+    if (upcast) {
+      Tensor dst = staging.narrow(0, 0, c);  // [c, m, n], A's own orientation
+      dst.copy_(Abmn.narrow(0, s, c));
+      Ac = wide ? dst.mT() : dst;  // [c, long, short]
+    }
+    Orthonormalizer orth(policy, c, opts);
+    auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth, policy);
+    if (!policy.check_each_qr && orth.failed().any().item<bool>()) {
+      // The one host synchronization of the CUDA path: redo the (rare) matrices whose
+      // CholeskyQR broke down with Householder QR throughout.
+      Tensor idx = orth.failed().nonzero().squeeze(-1);
+      Orthonormalizer householder(policy, idx.numel(), opts);
+      householder.use_householder_only();
+      auto [Uh, Sh, Vh] = rsvd_batch(Ac.index_select(0, idx), sk, rank, power_iters, method, householder, policy);
+      Uc.index_copy_(0, idx, Uh);
+      Sc.index_copy_(0, idx, Sh);
+      Vc.index_copy_(0, idx, Vh);
+    }
+    if (wide) std::swap(Uc, Vc);  // the SVD of A^T is V S U^T
+    normalize_signs(Uc, Vc);
+    U.narrow(0, s, c).copy_(Uc);
+    S.narrow(0, s, c).copy_(Sc);
+    V.narrow(0, s, c).copy_(Vc);
+  }
   return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
 }
 
