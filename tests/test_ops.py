@@ -24,7 +24,7 @@ def spectrum_matrix(m, n, spectrum, generator, batch=()):
 
 def orthogonality_error(Q):
     k = Q.shape[-1]
-    return (Q.double().mT @ Q.double() - torch.eye(k, dtype=torch.float64)).abs().amax().item()
+    return (Q.double().mT @ Q.double() - torch.eye(k, dtype=torch.float64, device=Q.device)).abs().amax().item()
 
 
 # ---------------------------------------------------------------- rsvd accuracy (float64 oracle)
@@ -33,8 +33,9 @@ def orthogonality_error(Q):
 @pytest.mark.parametrize(
     "m, n", [(300, 200), (200, 300), (3000, 200)], ids=["tall", "wide", "tall-choleskyqr"]
 )  # 3000 rows: the CPU's blocks exceed its Householder size, so CholeskyQR2 runs (fp32 first Gram or its fp64 fallback)
-def test_rsvd_error_vs_optimal(method, spectrum, bound, m, n, generator):
-    A = spectrum_matrix(m, n, spectrum, generator, batch=(3,)).float()
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_error_vs_optimal(method, spectrum, bound, m, n, device, generator):
+    A = spectrum_matrix(m, n, spectrum, generator, batch=(3,)).float().to(device)
     k = 16
     U, S, V = loraport.rsvd(A, k, power_iters=2, method=method, seed=0)
     assert U.shape == (3, m, k) and S.shape == (3, k) and V.shape == (3, n, k)
@@ -85,8 +86,9 @@ def test_rsvd_matches_reference_algorithm(method, width, m, n, generator):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
-def test_rsvd_every_dtype(dtype, tol, generator):
-    A = spectrum_matrix(160, 120, FAST, generator, batch=(2,)).to(dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_every_dtype(dtype, tol, device, generator):
+    A = spectrum_matrix(160, 120, FAST, generator, batch=(2,)).to(device, dtype)
     U, S, V = loraport.rsvd(A, 10, seed=1)
     assert U.dtype == S.dtype == V.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     # Against the optimal error of the matrix actually given (after rounding to dtype).
@@ -122,11 +124,12 @@ def test_rsvd_narrow_krylov_block_beats_power_at_equal_flops(generator):
 
 @pytest.mark.parametrize("m, n", [(120, 90), (90, 120)])
 @pytest.mark.parametrize("per_chunk", [1, 2])
-def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_chunk):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_chunk, device):
     """A bf16 batch larger than one upcast chunk is decomposed chunk by chunk (1 or 2 matrices per
     chunk, set through LORAPORT_UPCAST_CHUNK_BYTES; with 2, the last chunk half-fills the reused
     staging buffer), tall and wide, with the same result as in one chunk."""
-    A = spectrum_matrix(m, n, SLOW, generator, batch=(5,)).bfloat16()
+    A = spectrum_matrix(m, n, SLOW, generator, batch=(5,)).to(device, torch.bfloat16)
     whole = loraport.rsvd(A, 8, seed=5, method="krylov")
     monkeypatch.setenv("LORAPORT_UPCAST_CHUNK_BYTES", str(per_chunk * m * n * 4 + 100))  # fp32 matrices
     chunked = loraport.rsvd(A, 8, seed=5, method="krylov")
@@ -137,8 +140,9 @@ def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_
 
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
-def test_rsvd_batched_equals_unbatched(method, generator):
-    A = spectrum_matrix(96, 64, SLOW, generator, batch=(2, 3)).float()
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_batched_equals_unbatched(method, device, generator):
+    A = spectrum_matrix(96, 64, SLOW, generator, batch=(2, 3)).float().to(device)
     U, S, V = loraport.rsvd(A, 6, seed=11, method=method)
     assert U.shape == (2, 3, 96, 6) and S.shape == (2, 3, 6) and V.shape == (2, 3, 64, 6)
     for i in range(2):
@@ -149,11 +153,12 @@ def test_rsvd_batched_equals_unbatched(method, generator):
             torch.testing.assert_close(V[i, j], Vij, rtol=1e-4, atol=1e-4)
 
 
-def test_rsvd_non_contiguous_inputs(generator):
-    base = spectrum_matrix(140, 100, SLOW, generator).float()
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_non_contiguous_inputs(device, generator):
+    base = spectrum_matrix(140, 100, SLOW, generator).float().to(device)
     views = {
         "transposed": base.mT,  # [100, 140], column-major
-        "strided": spectrum_matrix(140, 200, SLOW, generator).float()[:, ::2],
+        "strided": spectrum_matrix(140, 200, SLOW, generator).float().to(device)[:, ::2],
         "expanded batch": base.expand(3, 140, 100),
     }
     for name, A in views.items():
@@ -234,6 +239,53 @@ def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, m, n)
     torch.testing.assert_close(S[1], plain.S, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["power", "krylov"])
+@pytest.mark.parametrize("case", ["slow", "fast", "rank-deficient", "float64"])
+def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, method, case):
+    """The CUDA op's Rayleigh-Ritz step (the fp64 eigendecomposition of the small factor's Gram,
+    then a QR: RsvdPolicy::rayleigh_ritz_eigh), run on the CPU through LORAPORT_RAYLEIGH_RITZ:
+    the SVD's triplets where they are resolved, orthonormal everywhere, also across the noise
+    directions of an exactly rank-deficient input."""
+    if case == "rank-deficient":
+        A = torch.randn(3, 500, 5, generator=generator) @ torch.randn(3, 5, 90, generator=generator)
+    else:
+        A = spectrum_matrix(600, 300, FAST if case == "fast" else SLOW, generator, batch=(2,))
+        A = A if case == "float64" else A.float()
+    results = {}
+    for choice in ("svd", "eigh"):
+        monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", choice)
+        results[choice] = loraport.rsvd(A, 20, power_iters=2, method=method, seed=4)
+    (U, S, V), (U_svd, S_svd, V_svd) = results["eigh"], results["svd"]
+    orthonormal = 1e-12 if case == "float64" else 1e-5
+    assert orthogonality_error(U) <= orthonormal and orthogonality_error(V) <= orthonormal
+    assert (S[..., :-1] >= S[..., 1:]).all() and (S >= 0).all()
+    error = ref.reconstruction_error(A, U, S, V)
+    if case == "rank-deficient":
+        assert (error / A.double().norm(dim=(-2, -1))).max() <= 1e-5
+        assert (S[..., 5:] <= 1e-4 * S[..., :1]).all()
+        return
+    tol = 1e-10 if case == "float64" else 1e-5
+    torch.testing.assert_close(S, S_svd, rtol=tol, atol=tol * S_svd.max().item())
+    torch.testing.assert_close(error, ref.reconstruction_error(A, U_svd, S_svd, V_svd), rtol=tol, atol=0)
+    for X, X_svd in ((U, U_svd), (V, V_svd)):  # the top half: well separated from the rest
+        assert loraport.subspace_similarity(X[..., :10], X_svd[..., :10]).min().item() == pytest.approx(1.0, abs=tol)
+
+
+def test_rsvd_eigh_rayleigh_ritz_in_slices(monkeypatch, generator):
+    """More small matrices than one batched eigensolver call takes (4096, csrc/linalg.cpp): the
+    slices give what the SVD gives."""
+    A = torch.randn(4100, 12, 7, generator=generator)
+    results = {}
+    for choice in ("svd", "eigh"):
+        monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", choice)
+        results[choice] = loraport.rsvd(A, 3, oversample=2, seed=0)
+    torch.testing.assert_close(results["eigh"].S, results["svd"].S, rtol=1e-5, atol=1e-6)
+    for part in (slice(0, 3), slice(4094, 4098), slice(-2, None)):
+        for X, X_svd in zip(results["eigh"][::2], results["svd"][::2]):
+            torch.testing.assert_close(X[part], X_svd[part], rtol=1e-4, atol=1e-4)
+    assert orthogonality_error(results["eigh"].U[-50:]) <= 1e-5
+
+
 def test_rsvd_rank_at_or_above_min_dim_is_exact(generator):
     A = torch.randn(3, 40, 25, generator=generator, dtype=torch.float64)
     for rank in (25, 60):  # rank is clamped to min(m, n) = 25
@@ -247,19 +299,21 @@ def test_rsvd_rank_at_or_above_min_dim_is_exact(generator):
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("m", [120, 3000], ids=["small-householder", "large-choleskyqr"])
-def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, generator):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, device, generator):
     """A rank-5 matrix asked for rank 20: the sketch is numerically rank-deficient. Small blocks
     are factored by Householder QR directly; on the 3000-row side CholeskyQR breaks down and the
     fallback must still return orthonormal U and V and an exact fit."""
-    A = (torch.randn(4, m, 5, generator=generator) @ torch.randn(4, 5, 90, generator=generator))
+    A = (torch.randn(4, m, 5, generator=generator) @ torch.randn(4, 5, 90, generator=generator)).to(device)
     U, S, V = loraport.rsvd(A, 20, power_iters=3, method=method, seed=0)
     assert orthogonality_error(U) <= 1e-5 and orthogonality_error(V) <= 1e-5
     assert (ref.reconstruction_error(A, U, S, V) / A.double().norm(dim=(-2, -1))).max() <= 1e-5
     assert (S[..., 5:] <= 1e-4 * S[..., :1]).all()
 
 
-def test_rsvd_same_seed_same_result(generator):
-    A = torch.randn(80, 60, generator=generator)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsvd_same_seed_same_result(device, generator):
+    A = torch.randn(80, 60, generator=generator).to(device)
     first, again, other = (loraport.rsvd(A, 5, seed=s) for s in (7, 7, 8))
     for a, b in zip(first, again):
         assert torch.equal(a, b)
@@ -268,12 +322,13 @@ def test_rsvd_same_seed_same_result(generator):
 
 # ---------------------------------------------------------------- project_lora
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_project_lora_equals_dense_formula(dtype, generator):
+@pytest.mark.parametrize("device", DEVICES)
+def test_project_lora_equals_dense_formula(dtype, device, generator):
     m, n, r, k = 90, 70, 6, 12
-    up = torch.randn(2, m, r, generator=generator).to(dtype)
-    down = torch.randn(2, r, n, generator=generator).to(dtype)
-    U = torch.linalg.qr(torch.randn(2, m, k, generator=generator, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(2, n, k, generator=generator, dtype=torch.float64)).Q
+    up = torch.randn(2, m, r, generator=generator).to(device, dtype)
+    down = torch.randn(2, r, n, generator=generator).to(device, dtype)
+    U = torch.linalg.qr(torch.randn(2, m, k, generator=generator, dtype=torch.float64)).Q.to(device)
+    V = torch.linalg.qr(torch.randn(2, n, k, generator=generator, dtype=torch.float64)).Q.to(device)
     up2, down2 = loraport.project_lora(up, down, U.to(dtype), V.to(dtype))
     assert up2.shape == (2, m, r) and down2.shape == (2, r, n) and up2.dtype == dtype
     dense = ref.project_lora_dense(up, down, U.to(dtype), V.to(dtype))
@@ -325,16 +380,17 @@ def test_project_lora_never_forms_m_by_n():
 
 
 # ---------------------------------------------------------------- subspace_similarity
-def test_subspace_similarity_against_reference(generator):
-    U1 = torch.linalg.qr(torch.randn(3, 50, 6, generator=generator)).Q
-    U2 = torch.linalg.qr(torch.randn(3, 50, 9, generator=generator)).Q
+@pytest.mark.parametrize("device", DEVICES)
+def test_subspace_similarity_against_reference(device, generator):
+    orthonormal = lambda *shape: torch.linalg.qr(torch.randn(*shape, generator=generator)).Q.to(device)  # noqa: E731
+    U1, U2 = orthonormal(3, 50, 6), orthonormal(3, 50, 9)
     sim = loraport.subspace_similarity(U1, U2)
-    assert sim.shape == (3,)
+    assert sim.shape == (3,) and sim.device == U1.device
     torch.testing.assert_close(sim.double(), ref.subspace_similarity(U1, U2), rtol=1e-5, atol=1e-6)
     assert ((0 <= sim) & (sim <= 1)).all()
-    same = loraport.subspace_similarity(U1, U1 @ torch.linalg.qr(torch.randn(6, 6, generator=generator)).Q)
-    torch.testing.assert_close(same, torch.ones(3), atol=1e-5, rtol=0)
-    Q = torch.linalg.qr(torch.randn(50, 12, generator=generator)).Q
+    same = loraport.subspace_similarity(U1, U1 @ orthonormal(6, 6))
+    torch.testing.assert_close(same.cpu(), torch.ones(3), atol=1e-5, rtol=0)
+    Q = orthonormal(50, 12)
     assert loraport.subspace_similarity(Q[:, :6], Q[:, 6:]).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -432,7 +488,7 @@ def test_cuda_matches_cpu(method, dtype, generator):
     p_cpu = loraport.project_lora(up, down, cpu[0], cpu[2])
     p_gpu = loraport.project_lora(up.cuda(), down.cuda(), gpu[0].cuda(), gpu[2].cuda())
     torch.testing.assert_close((p_gpu[0] @ p_gpu[1]).cpu(), p_cpu[0] @ p_cpu[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(loraport.subspace_similarity(gpu[0].cuda(), gpu[0].cuda()).cpu(), torch.ones(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loraport.subspace_similarity(gpu[0].cuda(), gpu[0].cuda()).cpu(), torch.ones(3, dtype=gpu[0].dtype), atol=1e-5, rtol=0)
 
 
 @pytest.mark.cuda
@@ -440,3 +496,58 @@ def test_cuda_rank_deficient_falls_back_without_error(generator):
     A = (torch.randn(2, 200, 4, generator=generator) @ torch.randn(2, 4, 150, generator=generator)).cuda()
     U, S, V = loraport.rsvd(A, 16, seed=0)
     assert orthogonality_error(U.cpu()) <= 1e-5 and orthogonality_error(V.cpu()) <= 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["power", "krylov"])
+def test_cuda_gram_kernel_at_layer_sizes_matches_cpu(method, generator):
+    """Sizes that take the CUDA Gram kernel (csrc/cuda/kernels.cu) through its row slices
+    (m / 512 of them), several 16-wide tiles and ragged edges (l = 40; m not a multiple of 32),
+    on a tall and a wide matrix: the CPU's result, and near-optimal."""
+    A = spectrum_matrix(2600, 700, SLOW, generator, batch=(2,)).float()
+    for X in (A, A.mT.contiguous()):
+        sketch = torch.randn(700, 40, generator=generator)
+        cpu = torch.ops.loraport.rsvd(X, sketch, 32, 2, method)
+        gpu = [t.cpu() for t in torch.ops.loraport.rsvd(X.cuda(), sketch.cuda(), 32, 2, method)]
+        torch.testing.assert_close(gpu[1], cpu[1], rtol=1e-4, atol=1e-6)
+        for g, c in ((gpu[0], cpu[0]), (gpu[2], cpu[2])):
+            assert loraport.subspace_similarity(g, c).min().item() == pytest.approx(1.0, abs=1e-3)
+            assert orthogonality_error(g) <= 1e-5
+        assert (ref.reconstruction_error(X, *gpu) / ref.optimal_error(X, 32)).max() <= 1.2
+
+
+@pytest.mark.cuda
+def test_cuda_batch_larger_than_one_gram_launch(generator):
+    """66000 small matrices: more than the 65535 blocks along grid.z of one Gram launch, so the
+    kernel runs in two launches; matrices of either launch come out as they do alone."""
+    A = torch.randn(66000, 40, 12, generator=generator).cuda()
+    U, S, V = loraport.rsvd(A, 4, oversample=4, seed=0)
+    for part in (slice(0, 3), slice(65534, 65537), slice(-3, None)):
+        alone = loraport.rsvd(A[part], 4, oversample=4, seed=0)
+        torch.testing.assert_close(S[part], alone.S, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(U[part], alone.U, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(V[part], alone.V, rtol=1e-4, atol=1e-4)
+    assert orthogonality_error(U[-100:]) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_project_lora_memory_is_factor_sized(generator):
+    """m = n = 2^20 on the GPU: the dense update would take 4 TiB in float32; the op's peak
+    allocation must stay of the order of its factors."""
+    m = n = 1 << 20
+    r, k = 4, 8
+    U = torch.linalg.qr(torch.randn(m, k, generator=generator)).Q.cuda()
+    V = torch.linalg.qr(torch.randn(n, k, generator=generator)).Q.cuda()
+    up, down = torch.randn(m, r, generator=generator).cuda(), torch.randn(r, n, generator=generator).cuda()
+    inputs = sum(t.numel() * t.element_size() for t in (U, V, up, down))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    up2, down2 = torch.ops.loraport.project_lora(up, down, U, V, r)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= inputs
+    x = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    lhs = up2.cpu().double() @ (down2.cpu().double() @ x)
+    Ud, Vd = U.cpu().double(), V.cpu().double()
+    rhs = Ud @ (Ud.mT @ (up.cpu().double() @ (down.cpu().double() @ (Vd @ (Vd.mT @ x)))))
+    assert torch.linalg.norm(lhs - rhs) <= 1e-4 * torch.linalg.norm(rhs)
