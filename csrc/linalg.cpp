@@ -291,6 +291,44 @@ bool gram_pass_applies(const RsvdPolicy& policy, const Tensor& A, Method method)
   return row_major && A.size(-2) * A.size(-1) >= (int64_t(1) << 16);
 }
 
+// The top `rank` singular triplets of a batch of small square X [b, L, L]: Ur [b, L, rank],
+// S [b, rank], Vr [b, L, rank], by one SVD in X's precision.
+std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& X, int64_t rank) {
+  auto [Ur, S, Vrh] = at::linalg_svd(X, /*full_matrices=*/false);
+  return {Ur.narrow(-1, 0, rank), S.narrow(-1, 0, rank), Vrh.narrow(-2, 0, rank).mT()};
+}
+
+// The same from the fp64 eigendecomposition X^T X = Vr S^2 Vr^T (RsvdPolicy::rayleigh_ritz_eigh).
+// Vr is orthonormal to fp64 rounding. W = X Vr = Ur S has orthogonal columns of norms sigma_i,
+// each accurate to ~u64 * sigma_1 (the eigenvalues' absolute error is ~u64 * sigma_1^2); its
+// Householder QR, columns in descending order, returns Ur (up to the signs of R's diagonal,
+// which are undone): orthonormal to fp64 rounding, and for sigma_i below ~u64 * sigma_1, where
+// X v_i is noise, an orthonormal completion that U S V^T does not see. S (sqrt of the
+// eigenvalues) is descending; its relative error is ~u64 * (sigma_1 / sigma_i)^2.
+// cuSOLVER's batched eigensolver (cusolverDnXsyevBatched, under at::linalg_eigh) failed with
+// CUSOLVER_STATUS_INTERNAL_ERROR on one batch of 66000 8 x 8 matrices (H200, CUDA 13.0, torch
+// 2.11); larger batches go through in slices of this many matrices.
+constexpr int64_t kSmallSvdMaxBatch = 4096;
+
+std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank) {
+  if (X.size(0) > kSmallSvdMaxBatch) {
+    std::vector<Tensor> Us, Ss, Vs;
+    for (const Tensor& slice : X.split(kSmallSvdMaxBatch)) {
+      auto [Ur, S, Vr] = small_svd_by_eigh(slice, rank);
+      Us.push_back(Ur), Ss.push_back(S), Vs.push_back(Vr);
+    }
+    return {at::cat(Us), at::cat(Ss), at::cat(Vs)};
+  }
+  const Tensor Xd = X.to(at::kDouble);                             // [b, L, L]
+  auto [evals, evecs] = at::linalg_eigh(at::matmul(Xd.mT(), Xd));   // ascending
+  const int64_t L = X.size(-1);
+  Tensor Vr = evecs.narrow(-1, L - rank, rank).flip(-1);           // [b, L, rank], descending
+  Tensor S = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // [b, rank]
+  auto [Q, Rq] = at::linalg_qr(at::matmul(Xd, Vr), "reduced");     // [b, L, rank], [b, rank, rank]
+  Tensor sign = at::where(Rq.diagonal(0, -2, -1).lt(0), -1.0, 1.0);  // [b, rank]
+  return {Q * sign.unsqueeze(-2), S, Vr};
+}
+
 // The rsvd of one batch already in the working precision. A: [b, m, n] with m >= n (the op
 // hands wide matrices over transposed), sketch: [n, l]. Signs are left to the caller.
 std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& sketch, int64_t rank,
@@ -340,10 +378,11 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   }
   // Rayleigh-Ritz: A ~= basis basis^T A = basis Bt^T = basis R^T P^T with Bt = P R.
   auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]
-  auto [Ur, S, Vrh] = at::linalg_svd(R.mT(), /*full_matrices=*/false);
-  Tensor U = at::matmul(basis, Ur.narrow(-1, 0, rank));            // [b, m, rank]
-  Tensor V = at::matmul(P, Vrh.narrow(-2, 0, rank).mT());          // [b, n, rank]
-  return {U, S.narrow(-1, 0, rank), V};
+  const at::ScalarType work = A.scalar_type();
+  auto [Ur, S, Vr] = policy.rayleigh_ritz_eigh ? small_svd_by_eigh(R.mT(), rank) : small_svd(R.mT(), rank);
+  Tensor U = at::matmul(basis, Ur.to(work));                       // [b, m, rank]
+  Tensor V = at::matmul(P, Vr.to(work));                           // [b, n, rank]
+  return {U, S.to(work), V};
 }
 
 }  // namespace
@@ -351,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
 std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& sketch,
                                                 int64_t rank, int64_t power_iters,
                                                 std::string_view method_name,
-                                                const RsvdPolicy& policy) {
+                                                const RsvdPolicy& device_policy) {
   check_matrix("rsvd", "A", A);
   check_float("rsvd", "A", A);
   check_float("rsvd", "sketch", sketch);
@@ -377,6 +416,12 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   TORCH_CHECK_VALUE(A.device() == sketch.device(), "loraport.rsvd: A and sketch must be on the same device, got ",
                     A.device(), " and ", sketch.device());
 
+  RsvdPolicy policy = device_policy;
+  if (const char* env = std::getenv("LORAPORT_RAYLEIGH_RITZ")) {
+    const std::string_view choice(env);
+    TORCH_CHECK_VALUE(choice == "svd" || choice == "eigh", "LORAPORT_RAYLEIGH_RITZ must be svd or eigh, got ", choice);
+    policy.rayleigh_ritz_eigh = choice == "eigh";
+  }
   const at::ScalarType work = compute_dtype({A});
   const auto opts = A.options().dtype(work);
   std::vector<int64_t> batch_shape(A.sizes().begin(), A.sizes().end() - 2);

@@ -19,6 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   const c10::cuda::CUDAGuard guard(A.device());
   RsvdPolicy policy;
   policy.check_each_qr = false;
+  policy.rayleigh_ritz_eigh = true;
   policy.gram_fp64 = [](const at::Tensor& Y) {
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
   };
