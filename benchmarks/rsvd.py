@@ -13,6 +13,12 @@ the fewest iterations that reach the target overlap.
 Test matrices have a slowly decaying spectrum like trained weights: A = G diag(j^-1/2) with
 G Gaussian (m x n), columns in random order, so the true subspaces are not axis-aligned on the
 left. Timing: best of --repeats runs, device synchronized inside the timed region.
+
+On a GPU the run first measures the two ceilings (an 8192^3 float32 cuBLAS GEMM, TF32 off as in
+torch's default, and a 2 GiB device-to-device copy counting bytes read and written) and reports
+each method's GEMM rate and A-read bandwidth against them; the truth is the float64
+eigendecomposition of the smaller Gram matrix on the GPU (exact to ~1e-13 here: the test
+spectra have condition numbers of ~100), and torch.linalg.svd is timed in float32 on the GPU.
 """
 
 from __future__ import annotations
@@ -105,7 +111,8 @@ def timed_together(fns: dict, device: str, repeats: int) -> dict:
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
-            time.sleep(SETTLE_SECONDS)
+            if device == "cpu":
+                time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             results[name] = fn()
             synchronize(device)
@@ -121,14 +128,29 @@ def slow_spectrum_batch(batch: int, m: int, n: int, device: str, seed: int) -> t
 
 
 class Truth:
-    """Exact SVD of each matrix (float64 on the CPU), for the error and overlap columns."""
+    """Exact SVD of each matrix in float64, for the error and overlap columns: on the CPU by
+    torch.linalg.svd, on a GPU from the eigendecomposition of the smaller Gram matrix (a fraction
+    of the time, and exact to ~u64 * cond^2 = 1e-12 on these well-conditioned test matrices)."""
 
     def __init__(self, A: torch.Tensor):
-        U, S, _ = torch.linalg.svd(A.double().cpu(), full_matrices=False)
-        self.U, self.S, self.A = U, S, A.double().cpu()
+        self.A = A.double()
+        if A.is_cuda:
+            self.U, self.S = self._from_gram(self.A)
+        else:
+            self.U, self.S, _ = torch.linalg.svd(self.A, full_matrices=False)
+
+    @staticmethod
+    def _from_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, n = A.shape[-2:]
+        G = A @ A.mT if m <= n else A.mT @ A  # [b, s, s], s = min(m, n)
+        evals, evecs = torch.linalg.eigh(G)  # ascending
+        S = evals.flip(-1).clamp_min(0).sqrt()  # [b, s]
+        W = evecs.flip(-1)
+        return (W, S) if m <= n else (A @ W / S.unsqueeze(-2), S)  # U = A V / S for a tall A
 
     def score(self, k: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> tuple[float, float]:
-        U, S, V = U[..., :k].cpu(), S[..., :k].cpu(), V[..., :k].cpu()
+        device = self.A.device
+        U, S, V = U[..., :k].to(device), S[..., :k].to(device), V[..., :k].to(device)
         optimal = self.S[..., k:].square().sum(-1).sqrt()
         error = ref.reconstruction_error(self.A, U, S, V) / optimal
         overlap = ref.subspace_similarity(U, self.U[..., :k])
@@ -188,6 +210,20 @@ def narrow_block(name: str) -> int | None:
     return int(name.rsplit(" ", 1)[1]) if name.startswith("loraport krylov block") else None
 
 
+def device_ceilings(device: str, repeats: int) -> tuple[float, float]:
+    """(GFLOP/s of a large float32 GEMM, GB/s of a device-to-device copy counting bytes read and
+    written): what the GPU can do at best, measured in this run."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(8192, 8192, device=device, generator=g) for _ in range(2))
+    seconds, _ = timed(lambda: a @ b, device, repeats)
+    gemm = 2 * 8192**3 / seconds / 1e9
+    del a, b
+    src = torch.randn(1 << 29, device=device, generator=g)  # 2 GiB
+    dst = torch.empty_like(src)
+    seconds, _ = timed(lambda: dst.copy_(src), device, repeats)
+    return gemm, 2 * src.numel() * 4 / seconds / 1e9
+
+
 def gemm_rate(A: torch.Tensor, width: int, device: str, repeats: int) -> float:
     """GFLOP/s of the sketch product A @ Omega at this width (the pass every method makes)."""
     omega = torch.randn(A.shape[-1], width, device=device)
@@ -203,8 +239,13 @@ def run_shape(args, m: int, n: int, ranks: list[int], writer) -> None:
     truth = Truth(A)
     # On the CPU the exact SVD that provides the truth (float64) is the torch.linalg.svd row.
     svd = ("exact (float64)", time.perf_counter() - truth_start)
-    if device == "cuda":
-        svd = ("exact (float32)", timed(lambda: torch.linalg.svd(A, full_matrices=False), device, 1)[0])
+    if device == "cuda":  # one timed call on the whole batch (cuSOLVER warmed up on a small matrix)
+        torch.linalg.svd(A[0, :256, :256], full_matrices=False)
+        synchronize(device)
+        start = time.perf_counter()
+        torch.linalg.svd(A, full_matrices=False)
+        synchronize(device)
+        svd = ("exact (float32)", time.perf_counter() - start)
     for k in ranks:
         run_rank(args, A, truth, svd, k, writer)
 
@@ -221,20 +262,30 @@ def run_rank(args, A: torch.Tensor, truth: Truth, svd: tuple[str, float], k: int
     base = next(r.seconds for r in rows if r.method == "torch.svd_lowrank")
     passes = 2 * q + 2
     gemm_flops = passes * 2 * m * n * (k + p) * args.batch
+    a_bytes = passes * A.numel() * A.element_size()  # A read once per pass
     rate = gemm_rate(A, k + p, device, args.repeats)
+    gpu = device == "cuda"
     writer(f"\n### {args.batch} x [{m}, {n}], rank {k}, oversample {p}, power_iters {q} ({passes} passes)")
     writer(f"sketch GEMM rate A@Omega (width {k + p}): {rate:.0f} GFLOP/s")
-    writer("| method | setting | time (s) | vs svd_lowrank | GEMM GFLOP/s | error / optimal | subspace overlap |")
-    writer("|---|---|---:|---:|---:|---:|---:|")
+    extra = " A-read GB/s (% of copy) |" if gpu else ""
+    writer(f"| method | setting | time (s) | vs svd_lowrank | GEMM GFLOP/s{' (% of peak)' if gpu else ''} |{extra} error / optimal | subspace overlap |")
+    writer("|---|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|")
     for r in rows:
-        flops = f"{gemm_flops / r.seconds / 1e9:.0f}" if r.setting.startswith("q=") else "-"
-        writer(f"| {r.method} | {r.setting} | {r.seconds:.3f} | {base / r.seconds:.2f}x | {flops} | {r.error_ratio:.4f} | {r.overlap:.3f} |")
+        flops, bandwidth = "-", "-"
+        if r.setting.startswith("q="):
+            flops = f"{gemm_flops / r.seconds / 1e9:.0f}"
+            if gpu:
+                gemm_peak, copy_peak = args.ceilings
+                flops += f" ({100 * gemm_flops / r.seconds / 1e9 / gemm_peak:.0f} %)"
+                bandwidth = f"{a_bytes / r.seconds / 1e9:.0f} ({100 * a_bytes / r.seconds / 1e9 / copy_peak:.0f} %)"
+        cells = f" {bandwidth} |" if gpu else ""
+        writer(f"| {r.method} | {r.setting} | {r.seconds:.3f} | {base / r.seconds:.2f}x | {flops} |{cells} {r.error_ratio:.4f} | {r.overlap:.3f} |")
 
     # Equal accuracy: each method's cheapest iteration count reaching the target overlap. Krylov
     # also runs with blocks narrower than the rank (a pass costs in proportion to the block).
     writer(f"\nequal subspace overlap >= {args.target_overlap}: fewest iterations per method")
-    writer("| method | iterations | GEMM columns (passes x width) | time (s) | vs svd_lowrank | overlap | error / optimal |")
-    writer("|---|---:|---:|---:|---:|---:|---:|")
+    writer(f"| method | iterations | GEMM columns (passes x width) | time (s) | vs svd_lowrank | vs linalg.svd ({svd[0]}) | overlap | error / optimal |")
+    writer("|---|---:|---:|---:|---:|---:|---:|---:|")
     methods = {name: fn for name, fn in {**methods, **narrow_krylov(k, device)}.items() if name not in SAME_SETTINGS_ONLY}
     width = {name: narrow_block(name) or k + p for name in methods}
     best: dict[str, Row] = {}
@@ -256,12 +307,12 @@ def run_rank(args, A: torch.Tensor, truth: Truth, svd: tuple[str, float], k: int
         if name.startswith("sklearn") and args.skip_sklearn_sweep:
             continue
         if name not in best:
-            writer(f"| {name} | > {args.max_iters} | - | - | - | - | - |")
+            writer(f"| {name} | > {args.max_iters} | - | - | - | - | - | - |")
             continue
         r = best[name]
         ratio = f"{reference_time.seconds / r.seconds:.2f}x" if reference_time else "-"
         columns = (2 * int(r.setting) + 2) * width[name]
-        writer(f"| {name} | {r.setting} | {columns} | {r.seconds:.3f} | {ratio} | {r.overlap:.3f} | {r.error_ratio:.4f} |")
+        writer(f"| {name} | {r.setting} | {columns} | {r.seconds:.3f} | {ratio} | {svd[1] / r.seconds:.1f}x | {r.overlap:.3f} | {r.error_ratio:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,6 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     ranks = args.ranks or ([32] if args.quick else [32, 64, 128, 256])
     with markdown_tee(args.markdown) as writer:
         writer(f"\n## rsvd benchmark ({machine_description(args.device)})")
+        args.ceilings = None
+        if args.device == "cuda":
+            args.ceilings = device_ceilings(args.device, args.repeats)
+            writer(f"ceilings measured in this run: float32 GEMM 8192^3 {args.ceilings[0] / 1e3:.1f} TFLOP/s; "
+                   f"device copy {args.ceilings[1]:.0f} GB/s (read + write)")
         for m, n in shapes:
             run_shape(args, m, n, ranks, writer)
 

@@ -1,0 +1,114 @@
+"""Where one rsvd call spends its time on a GPU, and how often it waits for the device.
+
+    python benchmarks/gpu_profile.py [--shape 12288x3072] [--batch 4] [--rank 64]
+
+For loraport.rsvd (power and krylov) and torch.svd_lowrank at the same settings: the number of
+host synchronizations (torch.cuda.set_sync_debug_mode counts each synchronizing call) and the
+top CUDA kernels by device time (torch.profiler). Then the candidates for the Rayleigh-Ritz SVD of
+the small L x L factor (L = rank + oversample for power, 3x that for krylov at power_iters=2):
+time and the orthogonality of the left singular vectors they return."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import warnings
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import loraport
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts synchronizing CUDA calls (torch.cuda.set_sync_debug_mode("warn")) in the block.
+    Those made from Python arrive as Python warnings; those made inside a compiled op's kernel
+    are printed by c10 on the process's stderr (seen on an H200, 2026-11-27), so file
+    descriptor 2 is captured too. Yields a list that holds the count afterwards."""
+    count: list[int] = []
+    with tempfile.TemporaryFile() as err, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield count
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        printed = err.read().decode(errors="replace").count("synchronizing CUDA operation")
+        count.append(printed + sum("synchroniz" in str(w.message) for w in caught))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="12288x3072")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    m, n = (int(x) for x in args.shape.split("x"))
+    A = torch.randn(args.batch, m, n, device="cuda") / m**0.5
+    calls = {
+        "loraport power": lambda: loraport.rsvd(A, args.rank, seed=0),
+        "loraport krylov": lambda: loraport.rsvd(A, args.rank, seed=0, method="krylov"),
+        "torch.svd_lowrank": lambda: torch.svd_lowrank(A, q=args.rank + 8, niter=2),
+    }
+    for name, call in calls.items():
+        call()  # warm-up: handles, workspaces, module load
+        torch.cuda.synchronize()
+        with count_host_syncs() as syncs:
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events)
+        print(f"\n### {name}: {args.batch} x [{m}, {n}], rank {args.rank}: {syncs[0]} host syncs, "
+              f"{device_us / 1e3:.2f} ms of kernels")
+        print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
+    small_svd_candidates(args.batch, args.rank + 8)
+
+
+def median_ms(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def small_svd_candidates(batch: int, width: int) -> None:
+    print("\n### the Rayleigh-Ritz SVD of [batch, L, L]: median ms of 20, max |Ur^T Ur - I|")
+    print("| L | fp32 svd | fp64 svd | fp64 svd gesvd | fp64 eigh of the Gram |")
+    print("|---:|---:|---:|---:|---:|")
+    for L in (width, 3 * width):
+        # An upper-triangular R with a slowly decaying spectrum, like the factor of B^T.
+        R = torch.linalg.qr(torch.randn(batch, 4 * L, L, device="cuda") * torch.arange(1, L + 1, device="cuda") ** -0.5).R
+        candidates = {
+            "fp32": lambda: torch.linalg.svd(R.mT, full_matrices=False)[0],
+            "fp64": lambda: torch.linalg.svd(R.mT.double(), full_matrices=False)[0],
+            "gesvd": lambda: torch.linalg.svd(R.mT.double(), full_matrices=False, driver="gesvd")[0],
+            "eigh": lambda: torch.linalg.eigh(R.mT.double() @ R.double())[1],
+        }
+        cells = []
+        for fn in candidates.values():
+            U = fn().double()
+            error = (U.mT @ U - torch.eye(L, device="cuda", dtype=torch.float64)).abs().amax().item()
+            cells.append(f"{median_ms(fn):.2f} ms, {error:.0e}")
+        print(f"| {L} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
