@@ -124,7 +124,8 @@ def test_final_modulation_halves_swap_between_styles(arch, tmp_path):
     svd = dict(subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0, variant="target")
     out = str(tmp_path / "o.safetensors")
     # original-named LoRA, diffusers-named target: the target is read back in the LoRA's layout
-    port(kohya, source, target_d, out, **svd)
+    # (from a file: each half goes straight from disk to its swapped place)
+    port(kohya, source, tiny.save_base(target_d, str(tmp_path / "target_d.safetensors")), out, **svd)
     (got,) = formats.read_lora(out, arch=arch).modules
     assert got.name == name
     want = _projected(_delta(mo), _swap_halves(target_d[d_name + ".weight"]), k)

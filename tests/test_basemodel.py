@@ -34,6 +34,35 @@ def test_every_layout_reads_the_same_tensors(tmp_path, weights, layout):
     assert torch.equal(base.read("model", "patch_embedding.weight"), weights["patch_embedding.weight"])
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "pt", "dict"])
+def test_read_into_reads_straight_into_the_buffer_or_copies(tmp_path, weights, layout, monkeypatch):
+    """read_into: one positioned read from a safetensors file into a contiguous buffer of the
+    stored dtype (the port's loader); a copy through `read` for other dtypes, non-contiguous
+    buffers (padded input channels) and the other layouts. Same bytes either way, and bytes_read
+    counts them once."""
+    name = {"safetensors": "m.safetensors", "pt": "m.pt"}.get(layout, "m")
+    base = BaseModel(weights if layout == "dict" else tiny.save_base(weights, str(tmp_path / name), layout))
+    direct = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: direct.append(a[2]) or real_preadv(*a))
+    key = "blocks.1.ffn.0.weight"
+    want = weights[key]
+    rows = torch.full_like(want[8:24], float("nan"))  # poisoned: every element must be written
+    base.read_into("model", key, rows, slice(8, 24))
+    assert torch.equal(rows, want[8:24])
+    assert bool(direct) == (layout in ("safetensors", "sharded"))
+    assert base.bytes_read == rows.numel() * 2
+    direct.clear()
+    as_float = torch.full(want.shape, float("nan"))
+    base.read_into("model", key, as_float)  # float32 buffer, bf16 file: read + copy
+    padded = torch.full((want.shape[0], want.shape[1] + 3), float("nan"), dtype=want.dtype)
+    base.read_into("model", key, padded[:, : want.shape[1]])  # non-contiguous: read + copy
+    assert not direct
+    assert torch.equal(as_float, want.float()) and torch.equal(padded[:, : want.shape[1]], want)
+    assert padded[:, want.shape[1] :].isnan().all()
+    assert base.bytes_read == rows.numel() * 2 + 2 * want.numel() * 2
+
+
 def test_comfy_prefix_is_stripped_and_nan_reported(tmp_path, weights):
     packed = {"model.diffusion_model." + k: v for k, v in weights.items()}
     packed["model.diffusion_model.blocks.0.ffn.2.weight"] = packed[

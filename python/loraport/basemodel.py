@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Mapping
 
 import torch
@@ -56,6 +57,11 @@ class _Store:
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_into(self, name: str, rows: slice | None, out: torch.Tensor) -> bool:
+        """Read straight into ``out``'s memory; False where this store cannot (then the caller
+        reads and copies)."""
+        return False
+
 
 def _strip(keys, prefix: str | None = None) -> dict[str, str]:
     """name -> key, without a ComfyUI packing prefix that most keys share (or, given
@@ -75,6 +81,7 @@ class _SafetensorsStore(_Store):
         super().__init__(label)
         self.files = files
         self._handles = {}
+        self._layouts: dict[str, dict] = {}
         key_file = {}
         for path in files:
             f = self._open(path)
@@ -102,6 +109,52 @@ class _SafetensorsStore(_Store):
 
     def dtype(self, name):
         return _ST_DTYPES.get(self._slice(name)[0].get_dtype(), torch.float32)
+
+    def _layout(self, path: str) -> dict:
+        """key -> (dtype, shape, first byte, end byte) from the file's header (8-byte length, JSON)."""
+        if path not in self._layouts:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            start, size = 8 + length, os.path.getsize(path)
+            layout = {}
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = (start + o for o in info["data_offsets"])
+                if not begin <= end <= size:
+                    raise InputError(f"{path}: tensor '{key}' lies outside the file (a truncated download?)")
+                layout[key] = (_ST_DTYPES.get(info["dtype"]), tuple(info["shape"]), begin, end)
+            self._layouts[path] = layout
+        return self._layouts[path]
+
+    def read_into(self, name, rows, out):
+        """One positioned read of the tensor's bytes (or its rows') into ``out``, when the
+        tensor is stored in ``out``'s dtype and ``out`` is contiguous. Through a memory map the
+        same bytes arrive page fault by page fault: reading the Hunyuan-shaped weights of a
+        5 GB pair (cold page cache, 2-core VM) ran at 0.23-0.28 GB/s that way and 0.39-0.52 GB/s
+        with read()s, the whole files sequentially at 0.91 GB/s."""
+        key = self._names[name]
+        path = self._file_of[key]
+        dtype, shape, begin, end = self._layout(path)[key]
+        if dtype != out.dtype or not out.is_contiguous() or not shape or not hasattr(os, "preadv"):
+            return False
+        row_bytes = (end - begin) // shape[0]
+        first, stop, step = (rows or slice(None)).indices(shape[0])
+        if step != 1 or out.numel() * out.element_size() != (stop - first) * row_bytes:
+            return False
+        buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done, offset = 0, begin + first * row_bytes
+            while done < len(buffer):
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n <= 0:
+                    raise InputError(f"{path}: tensor '{key}' ends early (the file is truncated)")
+                done += n
+        finally:
+            os.close(fd)
+        return True
 
     def read(self, name, rows=None):
         key = self._names[name]
@@ -236,9 +289,23 @@ class BaseModel:
         it holds NaN or Inf."""
         t = self._stores[component].read(name, rows)
         self.bytes_read += t.numel() * t.element_size()
+        self.check_finite(component, name, t)
+        return t
+
+    def read_into(self, component: str, name: str, out: torch.Tensor, rows: slice | None = None) -> None:
+        """Tensor ``name`` (rows ``rows``) copied into ``out`` (same shape, any dtype): read from
+        the file straight into ``out`` where the store can (safetensors stored in ``out``'s
+        dtype, contiguous ``out``), else read and copied. Unlike `read` it does not scan for NaN
+        and Inf: the caller checks ``out`` (the port does so in the pass that sums its squares)."""
+        if self._stores[component].read_into(name, rows, out):
+            self.bytes_read += out.numel() * out.element_size()
+        else:
+            out.copy_(self.read(component, name, rows))
+
+    def check_finite(self, component: str, name: str, t: torch.Tensor) -> None:
+        """InputError naming the file and tensor when ``t`` (read from ``name``) holds NaN or Inf."""
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{self._stores[component].label}: tensor '{name}' contains NaN or Inf")
-        return t
 
     def files(self) -> list[str]:
         return sorted({f for s in self._stores.values() for f in s.files})

@@ -225,17 +225,29 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
 def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> torch.Tensor:
     """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
     channels beyond the stored ones zero; returns ‖W‖_F² (float64 scalar, for energy ranks)."""
-    row = 0
+    row, read = 0, []
     for name, rows, piece in pieces:
-        # [rows, in, *kernel] in the stored dtype; piece.arrange puts the rows in the LoRA's
-        # layout (archs.Piece.swap_halves)
-        w = piece.arrange(base.read(component, name, rows))
-        out[row : row + w.shape[0], : w.shape[1]].copy_(w)
-        row += w.shape[0]
-    out[:, w.shape[1] :].zero_()
+        shape = base.shape(component, name)  # [rows, in, *kernel]
+        first, stop, _ = (rows or slice(None)).indices(shape[0])
+        n, channels = stop - first, shape[1]
+        dest = out[row : row + n, :channels]
+        if piece.swap_halves:  # the LoRA's layout has the two row halves swapped (archs.Piece)
+            if n % 2:
+                piece.arrange(dest)  # raises the error that names the weight
+            half = n // 2
+            base.read_into(component, name, dest[half:], slice(first, first + half))
+            base.read_into(component, name, dest[:half], slice(first + half, stop))
+        else:
+            base.read_into(component, name, dest, slice(first, stop))
+        read.append((name, dest))
+        row += n
+    out[:, channels:].zero_()
     frob2 = torch.zeros((), dtype=torch.float64)
     for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
         frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
+    if not torch.isfinite(frob2):  # read_into leaves the NaN/Inf scan to this pass
+        for name, dest in read:
+            base.check_finite(component, name, dest)
     return frob2
 
 
