@@ -68,10 +68,22 @@ class Piece:
         either style's layout to the other's."""
         if not self.swap_halves:
             return t
-        if t.shape[0] % 2:
-            raise ValueError(f"loraport: {self.name} has {t.shape[0]} rows; its layout swaps two equal halves")
+        self._half(t.shape[0])
         first, second = t.chunk(2, 0)
         return torch.cat([second, first], 0)
+
+    def placements(self, first: int, stop: int) -> list[tuple[int, slice]]:
+        """Where rows [first, stop) of the base tensor land in ``arrange``'s layout, for reading
+        them straight into place: (destination row offset, source rows) pairs."""
+        if not self.swap_halves:
+            return [(0, slice(first, stop))]
+        half = self._half(stop - first)
+        return [(half, slice(first, first + half)), (0, slice(first + half, stop))]
+
+    def _half(self, n_rows: int) -> int:
+        if n_rows % 2:
+            raise ValueError(f"loraport: {self.name} has {n_rows} rows; its layout swaps two equal halves")
+        return n_rows // 2
 
     def rows(self, n_rows: int) -> slice:
         if n_rows % self.total:

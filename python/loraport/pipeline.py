@@ -231,14 +231,8 @@ def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> to
         first, stop, _ = (rows or slice(None)).indices(shape[0])
         n, channels = stop - first, shape[1]
         dest = out[row : row + n, :channels]
-        if piece.swap_halves:  # the LoRA's layout has the two row halves swapped (archs.Piece)
-            if n % 2:
-                piece.arrange(dest)  # raises the error that names the weight
-            half = n // 2
-            base.read_into(component, name, dest[half:], slice(first, first + half))
-            base.read_into(component, name, dest[:half], slice(first + half, stop))
-        else:
-            base.read_into(component, name, dest, slice(first, stop))
+        for offset, source in piece.placements(first, stop):  # row halves swapped where the layouts differ
+            base.read_into(component, name, dest[offset : offset + source.stop - source.start], source)
         read.append((name, dest))
         row += n
     out[:, channels:].zero_()
