@@ -464,8 +464,8 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
     Orthonormalizer orth(policy, c, opts);
     auto [Uc, Sc, Vc] = rsvd_batch(Ac, sk, rank, power_iters, method, orth, policy);
     if (!policy.check_each_qr && orth.failed().any().item<bool>()) {
-      // The one host synchronization of the CUDA path: redo the (rare) matrices whose
-      // CholeskyQR broke down with Householder QR throughout.
+      // The CUDA path's own host synchronization (ATen's eigensolver adds one for its error
+      // check): redo the (rare) matrices whose CholeskyQR broke down with Householder QR.
       Tensor idx = orth.failed().nonzero().squeeze(-1);
       Orthonormalizer householder(policy, idx.numel(), opts);
       householder.use_householder_only();
