@@ -12,7 +12,7 @@
 //
 // Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
 // the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
-// split over torch.get_num_threads() threads in contiguous ranges (contiguous reads); each
+// split over torch's OpenMP threads in contiguous ranges (contiguous reads); each
 // thread accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
 #include "gram_pass.h"
 
@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 namespace loraport {
@@ -119,9 +118,9 @@ void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const floa
   const int64_t c4 = (c + kMR - 1) / kMR * kMR;
   const int64_t row_block = row_block_for(c);
   // Contiguous row ranges, multiples of kMR except at the end, at least 64 rows each: one per
-  // thread, on plain std::threads. (With OpenMP here, MKL calls after this pass ran 10-15 %
-  // slower, e.g. block Krylov right after a fused power call on 2 x [9216, 3072]: libgomp's
-  // spinning workers; none of that with OMP_WAIT_POLICY=PASSIVE or these threads.)
+  // thread of torch's OpenMP pool. (On plain std::threads the pass competed for the two cores
+  // with the pool's workers, which spin for a while after each ATen/MKL call: 10-15 ms more
+  // per pass on 2 x [3072, 3072] right after a small GEMM.)
   const int64_t parts = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / 64));
   struct Scratch {
     std::vector<float> W;          // [c4, lp] this part's share of M^T Y
@@ -179,10 +178,9 @@ void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const floa
       }
     }
   };
-  std::vector<std::thread> workers;
-  for (int64_t part = 1; part < parts; ++part) workers.emplace_back(run_part, part);
-  run_part(0);
-  for (std::thread& t : workers) t.join();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) run_part(part);
+  });
   if (!W) return;
   // W = sum of the parts' shares (rows < c).
   for (int64_t j = 0; j < c; ++j) {
