@@ -5,15 +5,13 @@
 // a 197 GFLOP/s FMA peak (measured with this file's microkernel on L1-resident data) and a
 // ~6.7 GB/s read bandwidth: memory and compute are of the same order, and MKL packs M for each
 // product separately. This kernel streams each block of kb rows of M from memory once, computes
-// Y_blk = M_blk X with M_blk's rows broadcast (no packing), then W += M_blk^T Y_blk while M_blk
-// is still in L2. A prototype of this pass ran the pair at 110-142 GFLOP/s against 82-110 for
-// MKL's two GEMMs on the same matrices ([9216 | 3072 | 21504] x 3072, width 72, interleaved);
-// rsvd end to end: benchmarks/RESULTS.md.
+// Y_blk = M_blk X with M_blk's rows broadcast (no packing of M), packing M_blk's transpose on
+// the way, then W += M_blk^T Y_blk from that packed copy. rsvd end to end: benchmarks/RESULTS.md.
 //
 // Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
 // the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
-// split over torch's OpenMP threads in contiguous ranges (contiguous reads); each
-// thread accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
+// split over torch's OpenMP threads in contiguous ranges (contiguous reads); each thread
+// accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
 #include "gram_pass.h"
 
 #include <ATen/Parallel.h>
@@ -105,12 +103,37 @@ void pack_panels(const float* x, int64_t sx0, int64_t sx1, int64_t l, int64_t k0
   }
 }
 
-// Rows of M per fused step. Each step re-reads its block of M for W += M_blk^T Y_blk and
-// updates the thread's whole W (c x lp). 32 rows of c <= 4096 columns (<= 512 KiB) stay in L2.
-// A wider M (the transposed storage of a wide A, c = 12288 or 15360) re-reads its block from L3
-// and takes 128 rows, a quarter of the W updates: median of 6 runs on 2 x [3072, 12288], 550 ms
-// against 632 ms with 32 rows (631 ms with one GEMM per product).
-int64_t row_block_for(int64_t c) { return c <= 4096 ? 32 : 128; }
+// Copies rows [0, rows) (rows <= kMR) of an M slice [rows, cols] (row stride lda, cols a
+// multiple of 8 except at M's right edge) into the block's packed transpose: column j of row k
+// goes to mpk[(j / 4) * kk * 4 + k * 4 + j % 4], so that the W part reads the 4 columns it
+// broadcasts, row after row, from one contiguous stream ([c4 / 4][kk][4]). Rows k0 .. k0 + rows
+// of the block; columns past the matrix's edge are zero.
+void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t cols, int64_t k0, int64_t kk,
+                          float* mpk /*at column group 0 of this slice*/) {
+  int64_t j = 0;
+  if (rows == kMR) {
+    for (; j + 8 <= cols; j += 8) {  // 4 rows x 8 columns -> two groups of [4 rows][4 columns]
+      const __m256 r0 = _mm256_loadu_ps(m + j), r1 = _mm256_loadu_ps(m + lda + j);
+      const __m256 r2 = _mm256_loadu_ps(m + 2 * lda + j), r3 = _mm256_loadu_ps(m + 3 * lda + j);
+      float* g0 = mpk + (j / 4) * kk * 4 + k0 * 4;
+      float* g1 = g0 + kk * 4;
+      _mm256_storeu_ps(g0, _mm256_permute2f128_ps(r0, r1, 0x20));
+      _mm256_storeu_ps(g0 + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
+      _mm256_storeu_ps(g1, _mm256_permute2f128_ps(r0, r1, 0x31));
+      _mm256_storeu_ps(g1 + 8, _mm256_permute2f128_ps(r2, r3, 0x31));
+    }
+  }
+  for (; j < (cols + kMR - 1) / kMR * kMR; ++j)
+    for (int64_t k = 0; k < rows; ++k) mpk[(j / 4) * kk * 4 + (k0 + k) * 4 + j % 4] = j < cols ? m[k * lda + j] : 0.f;
+}
+
+// Rows of M per fused step: the W part updates the thread's whole W (c x lp) once per block,
+// from the block's packed transpose (c x row_block). At c <= 4096 columns, 32 rows (<= 512 KiB)
+// stay in L2. A wider M (the transposed storage of a wide A, c = 12288 or 15360) spills to L3
+// either way, and 64 rows halve its W updates. (rsvd on 2 x [3072, 12288] and 2 x [3072, 15360],
+// 2 x 5 interleaved calls each: 32, 64 or 128 rows packed and 128 rows unpacked all gave 1.08x to
+// 1.24x torch.svd_lowrank, no choice apart from the VM's noise.)
+int64_t row_block_for(int64_t c) { return c <= 4096 ? 32 : 64; }
 
 // One matrix: Y [r4, lp] (r4 = round_up(r, 4)), W [c, lp] = M^T Y; M [r, c] with row stride lda.
 void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const float* xpk /*panels of [c, w]*/,
@@ -125,16 +148,18 @@ void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const floa
   struct Scratch {
     std::vector<float> W;          // [c4, lp] this part's share of M^T Y
     std::vector<float> ypk;        // the Y block, packed into panels
+    std::vector<float> mpk;        // the M block's packed transpose [c4 / 4][row_block][4]
     std::vector<float> edge_rows;  // the last r % 4 rows of M, zero-padded
-    std::vector<float> edge_cols;  // the last c % 4 columns of an M block, zero-padded
   };
   // Allocated here, so that the workers never allocate (nor throw).
   std::vector<Scratch> scratch(parts);
   for (Scratch& sc : scratch) {
-    if (W) sc.W.assign(c4 * lp, 0.f);
+    if (W) {
+      sc.W.assign(c4 * lp, 0.f);
+      sc.mpk.resize(c4 * row_block);
+    }
     sc.ypk.resize(row_block * lp);
     sc.edge_rows.resize(kMR * kDepthBlock);
-    sc.edge_cols.resize(row_block * kMR);
   }
   auto run_part = [&](int64_t part) {
     Scratch& sc = scratch[part];
@@ -142,39 +167,34 @@ void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const floa
     const int64_t row1 = part + 1 == parts ? r : (r * (part + 1) / parts) / kMR * kMR;
     for (int64_t k0 = row0; k0 < row1; k0 += row_block) {
       const int64_t kk = std::min(row_block, row1 - k0);
-      // Y rows [k0, k0 + kk) = M rows @ X, over depth slices of M's columns.
+      // Y rows [k0, k0 + kk) = M rows @ X, over depth slices of M's columns; the first panel's
+      // sweep also packs the slice for the W part while it is in L1.
       for (int64_t d0 = 0; d0 < c; d0 += kDepthBlock) {
         const int64_t dd = std::min(kDepthBlock, c - d0);
         for (const Panel& p : panels) {
           const float* b = xpk + p.col * c + d0 * p.width;
           for (int64_t i = k0; i < k0 + kk; i += kMR) {
             float* y = Y + i * lp + p.col;
-            if (i + kMR <= r) {
+            const int64_t rows = std::min(kMR, r - i);
+            if (W && p.col == 0) pack_rows_transposed(M + i * lda + d0, lda, rows, dd, i - k0, kk, sc.mpk.data() + d0 * kk);
+            if (rows == kMR) {
               micro_any(p.width, M + i * lda + d0, lda, 1, b, p.width, dd, y, lp, d0 > 0);
             } else {  // fewer than 4 rows left in the matrix: compute on a zero-padded copy
               std::fill(sc.edge_rows.begin(), sc.edge_rows.end(), 0.f);
-              for (int64_t e = 0; i + e < r; ++e) std::memcpy(&sc.edge_rows[e * dd], M + (i + e) * lda + d0, dd * sizeof(float));
+              for (int64_t e = 0; e < rows; ++e) std::memcpy(&sc.edge_rows[e * dd], M + (i + e) * lda + d0, dd * sizeof(float));
               micro_any(p.width, sc.edge_rows.data(), dd, 1, b, p.width, dd, y, lp, d0 > 0);
             }
           }
         }
       }
       if (!W) continue;
-      // W += M_blk^T Y_blk, M_blk read again while in cache (column groups of 4 broadcast down
-      // its rows).
+      // W += M_blk^T Y_blk from the packed transpose: column group j's 4 values per row are
+      // contiguous (4 broadcasts per row of the block, one stream).
       pack_panels(Y, lp, 1, lp, k0, kk, panels, sc.ypk.data());
-      const float* Mblk = M + k0 * lda;
       for (int64_t j = 0; j < c; j += kMR) {
-        const float* a = Mblk + j;
-        int64_t aks = lda;
-        if (j + kMR > c) {  // fewer than 4 columns left: a zero-padded [kk, 4] copy
-          std::fill(sc.edge_cols.begin(), sc.edge_cols.end(), 0.f);
-          for (int64_t k = 0; k < kk; ++k)
-            for (int64_t e = 0; j + e < c; ++e) sc.edge_cols[k * kMR + e] = Mblk[k * lda + j + e];
-          a = sc.edge_cols.data(), aks = kMR;
-        }
+        const float* a = sc.mpk.data() + j * kk;
         for (const Panel& p : panels)
-          micro_any(p.width, a, 1, aks, sc.ypk.data() + p.col * kk, p.width, kk, sc.W.data() + j * lp + p.col, lp, true);
+          micro_any(p.width, a, 1, kMR, sc.ypk.data() + p.col * kk, p.width, kk, sc.W.data() + j * lp + p.col, lp, true);
       }
     }
   };
