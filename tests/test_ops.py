@@ -199,6 +199,7 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
         ((3,), 1003, 257, 32),  # a batch (threaded over matrices), width 40: panels of 24 + 16
         ((2,), 257, 1003, 5),  # wide: A^T's row-major storage is the fused pass's M; width 13
         ((), 4099, 66, 3),  # rows and columns not multiples of the 4-row tile, width 11
+        ((), 130, 4101, 4),  # wide, M has 4101 columns: 64-row blocks, a 5-column last depth slice
     ],
 )
 def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, q, batch, m, n, k):
