@@ -106,16 +106,16 @@ void pack_panels(const float* x, int64_t sx0, int64_t sx1, int64_t l, int64_t k0
 // Copies rows [0, rows) (rows <= kMR) of an M slice [rows, cols] (row stride lda, cols a
 // multiple of 8 except at M's right edge) into the block's packed transpose: column j of row k
 // goes to mpk[(j / 4) * kk * 4 + k * 4 + j % 4], so that the W part reads the 4 columns it
-// broadcasts, row after row, from one contiguous stream ([c4 / 4][kk][4]). Rows k0 .. k0 + rows
-// of the block; columns past the matrix's edge are zero.
-void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t cols, int64_t k0, int64_t kk,
+// broadcasts, row after row, from one contiguous stream ([c4 / 4][kk][4]). The rows are rows
+// row_in_block .. row_in_block + rows of the block; columns past the matrix's edge are zero.
+void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t cols, int64_t row_in_block, int64_t kk,
                           float* mpk /*at column group 0 of this slice*/) {
   int64_t j = 0;
   if (rows == kMR) {
     for (; j + 8 <= cols; j += 8) {  // 4 rows x 8 columns -> two groups of [4 rows][4 columns]
       const __m256 r0 = _mm256_loadu_ps(m + j), r1 = _mm256_loadu_ps(m + lda + j);
       const __m256 r2 = _mm256_loadu_ps(m + 2 * lda + j), r3 = _mm256_loadu_ps(m + 3 * lda + j);
-      float* g0 = mpk + (j / 4) * kk * 4 + k0 * 4;
+      float* g0 = mpk + (j / 4) * kk * 4 + row_in_block * 4;
       float* g1 = g0 + kk * 4;
       _mm256_storeu_ps(g0, _mm256_permute2f128_ps(r0, r1, 0x20));
       _mm256_storeu_ps(g0 + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
@@ -124,12 +124,12 @@ void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t col
     }
   }
   for (; j < (cols + kMR - 1) / kMR * kMR; ++j)
-    for (int64_t k = 0; k < rows; ++k) mpk[(j / 4) * kk * 4 + (k0 + k) * 4 + j % 4] = j < cols ? m[k * lda + j] : 0.f;
+    for (int64_t k = 0; k < rows; ++k) mpk[(j / 4) * kk * 4 + (row_in_block + k) * 4 + j % 4] = j < cols ? m[k * lda + j] : 0.f;
 }
 
 // Rows of M per fused step: the W part updates the thread's whole W (c x lp) once per block,
-// from the block's packed transpose (c x row_block). At c <= 4096 columns, 32 rows (<= 512 KiB)
-// stay in L2. A wider M (the transposed storage of a wide A, c = 12288 or 15360) spills to L3
+// from the block's packed transpose (c x row_block). At c <= 4096 columns, 32 rows (<= 512 KiB
+// packed) stay in L2. A wider M (the transposed storage of a wide A, c = 12288 or 15360) spills to L3
 // either way, and 64 rows halve its W updates. (rsvd on 2 x [3072, 12288] and 2 x [3072, 15360],
 // 2 x 5 interleaved calls each: 32, 64 or 128 rows packed and 128 rows unpacked all gave 1.08x to
 // 1.24x torch.svd_lowrank, no choice apart from the VM's noise.)
