@@ -27,8 +27,8 @@ struct RsvdPolicy {
   // (small_svd_by_eigh in linalg.cpp). On CUDA, cuSOLVER's fp32 Jacobi SVD left its singular
   // vectors orthogonal to only 2e-5 (L = 72) and 1e-4 (L = 216), which U = basis Ur inherits,
   // and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver took 0.8-0.9x and 0.4x as long
-  // as the fp32 SVD (H200, [4, L, L], two runs, 2026-11-27; benchmarks/gpu_profile.py). LORAPORT_RAYLEIGH_RITZ=svd|eigh overrides it
-  // (the CPU tests run the CUDA choice with it).
+  // as the fp32 SVD (H200, [4, L, L], two runs, 2026-11-27; benchmarks/gpu_profile.py).
+  // LORAPORT_RAYLEIGH_RITZ=svd|eigh overrides it (the CPU tests run the CUDA choice with it).
   bool rayleigh_ritz_eigh = false;
   // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
   int64_t upcast_chunk_bytes = int64_t(256) << 20;

@@ -5,8 +5,9 @@
 // a 197 GFLOP/s FMA peak (measured with this file's microkernel on L1-resident data) and a
 // ~6.7 GB/s read bandwidth: memory and compute are of the same order, and MKL packs M for each
 // product separately. This kernel streams each block of kb rows of M from memory once, computes
-// Y_blk = M_blk X with M_blk's rows broadcast (no packing of M), packing M_blk's transpose on
-// the way, then W += M_blk^T Y_blk from that packed copy. rsvd end to end: benchmarks/RESULTS.md.
+// Y_blk = M_blk X broadcasting M_blk's rows where they lie, writes a packed copy of M_blk's
+// transpose on the way, then W += M_blk^T Y_blk from that copy. rsvd end to end:
+// benchmarks/RESULTS.md.
 //
 // Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
 // the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
