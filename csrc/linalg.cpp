@@ -242,46 +242,35 @@ std::pair<Tensor, Tensor> power_range(const Tensor& A, const Tensor& sketch, int
 // far below the iteration's own error in those directions (overlap 0.9 at q = 2).
 constexpr double kGramPassMaxCond = 1e4;
 
-// power_range with the CPU's fused pass {M X, M^T (M X)} (RsvdPolicy::gram_pass), where M is
-// A's row-major storage. The products of the power iteration alternate A., A^T.; an M-product
-// followed by an M^T-product shares one read of M, and the second product is applied to the
-// unorthonormalized first one, X instead of orth(X) = X R^{-1}: the same range, hence the same
-// iteration, for every intermediate. Tall A (M = A): pairs (A X, A^T A X), 3 reads at q = 2;
-// the last pair's A^T Y is turned into A^T Q = (A^T Y) R^{-1} with Y = Q R. Wide A (M = A^T,
-// the op hands wide matrices over as transposed views): pairs (A^T Q, A A^T Q) with a single
-// A sketch first (ATen) and A^T Q = M Q last (the kernel's first half), 4 reads at q = 2.
-// Returns the basis, B^T, and [b] bool: the matrices whose products were too ill-conditioned
-// for the fused pass (fast-decaying spectra), which the caller redoes with power_range.
+// power_range with the CPU's fused pass {A X, A^T (A X)} in one read of A
+// (RsvdPolicy::gram_pass; A row-major, or column-major: the storage of a wide matrix, which the
+// op hands over as a transposed view). The products of the power iteration alternate A., A^T.;
+// each pair shares one read of A, and the second product is applied to the unorthonormalized
+// first one, X instead of orth(X) = X R^{-1}: the same range, hence the same iteration, for
+// every intermediate. Pairs (A X, A^T A X) starting from the sketch: q + 1 reads at power_iters
+// = q (2q + 2 products, as many as power_range); the last pair's A^T Y is turned into
+// A^T Q = (A^T Y) R^{-1} with Y = Q R. The intermediates A^T A X are orthonormalized on the
+// short side. Returns the basis, B^T, and [b] bool: the matrices whose products were too
+// ill-conditioned for the fused pass (fast-decaying spectra), which the caller redoes with
+// power_range.
 std::tuple<Tensor, Tensor, Tensor> power_range_fused(const Tensor& A, const Tensor& sketch, int64_t power_iters,
                                                      Orthonormalizer& orth, const RsvdPolicy& policy) {
-  const bool tall = A.stride(-1) == 1;
   Tensor rejected = at::zeros({A.size(0)}, A.options().dtype(at::kBool));
   auto reject_above = [&](const Tensor& R, double bound) {
     rejected.logical_or_(diagonal_spread(R).le(bound).logical_not());
   };
-  if (tall) {
-    Tensor X = sketch;                                              // [n, l], then [b, n, l]
-    for (int64_t i = 0; i < power_iters; ++i) {
-      Tensor W = policy.gram_pass(A, X, /*with_w=*/true).second;    // A^T A X [b, n, l]
-      auto [P, R] = orth(W);
-      reject_above(R, kGramPassMaxCond);
-      X = P;
-    }
-    auto [Y, W] = policy.gram_pass(A, X, /*with_w=*/true);          // A X [b, m, l], A^T A X [b, n, l]
-    auto [Q, R] = orth(Y);                                          // Y = Q R
-    // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
-    reject_above(R, std::sqrt(kGramPassMaxCond));
-    return {Q, at::matmul(W, upper_triangular_inverse(R, W.scalar_type())), rejected};
-  }
-  const Tensor M = A.mT();                                          // [b, n, m] row-major
-  Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));              // [b, m, l]
+  Tensor X = sketch;                                              // [n, l], then [b, n, l]
   for (int64_t i = 0; i < power_iters; ++i) {
-    auto [Z, Y] = policy.gram_pass(M, Q, /*with_w=*/true);          // A^T Q [b, n, l], A A^T Q [b, m, l]
-    auto [Qn, R] = orth(Y);
+    Tensor W = policy.gram_pass(A, X).second;                     // A^T A X [b, n, l]
+    auto [P, R] = orth(W);
     reject_above(R, kGramPassMaxCond);
-    Q = Qn;
+    X = P;
   }
-  return {Q, policy.gram_pass(M, Q, /*with_w=*/false).first, rejected};  // A^T Q = M Q
+  auto [Y, W] = policy.gram_pass(A, X);                           // A X [b, m, l], A^T A X [b, n, l]
+  auto [Q, R] = orth(Y);                                          // Y = Q R
+  // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
+  reject_above(R, std::sqrt(kGramPassMaxCond));
+  return {Q, at::matmul(W, upper_triangular_inverse(R, W.scalar_type())), rejected};
 }
 
 bool gram_pass_applies(const RsvdPolicy& policy, const Tensor& A, Method method) {

@@ -34,10 +34,10 @@ struct RsvdPolicy {
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).
   std::function<at::Tensor(const at::Tensor&)> gram_fp64;
-  // CPU with AVX2: {Y, W} = {M X, M^T Y} for a row-major fp32 M [b, r, c] in one read of M
-  // (csrc/cpu/gram_pass.h), so the power method makes 3 reads of A instead of 6 at
-  // power_iters=2; with_w = false: Y alone. Null = every product is its own GEMM.
-  std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& M, const at::Tensor& X, bool with_w)> gram_pass;
+  // CPU with AVX2: {Y, W} = {A X, A^T Y} for an fp32 A [b, m, n], row- or column-major, in one
+  // read of A (csrc/cpu/gram_pass.h), so the power method makes 3 reads of A instead of 6 at
+  // power_iters=2. Null = every product is its own GEMM.
+  std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& A, const at::Tensor& X)> gram_pass;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(

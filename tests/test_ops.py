@@ -197,9 +197,10 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
     [
         ((), 1001, 203, 13),  # tall, sketch width 21: one 24-wide panel with 3 zero columns
         ((3,), 1003, 257, 32),  # a batch (threaded over matrices), width 40: panels of 24 + 16
-        ((2,), 257, 1003, 5),  # wide: A^T's row-major storage is the fused pass's M; width 13
+        ((2,), 257, 1003, 5),  # wide: the fused pass reads the column-major view A^T; width 13
         ((), 4099, 66, 3),  # rows and columns not multiples of the 4-row tile, width 11
-        ((), 130, 4101, 4),  # wide, M has 4101 columns: 64-row blocks, a 5-column last depth slice
+        ((), 130, 4101, 4),  # wide: a 2-row last block (ragged column slice of the storage), width 12
+        ((), 4101, 130, 4),  # tall, M has 130 columns: a 2-column last tile of W
     ],
 )
 def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, q, batch, m, n, k):

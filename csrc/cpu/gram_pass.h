@@ -13,10 +13,10 @@ namespace loraport {
 // True when the kernel was compiled in and this CPU has AVX2 and FMA.
 bool gram_pass_available();
 
-// M: [b, r, c] float32 with unit column stride (any row and batch strides, e.g. an expanded
-// batch); X: [c, l] or [b, c, l] float32, any strides. Returns {Y [b, r, l], W [b, c, l]} with
-// Y = M X and W = M^T Y, both float32 (views of padded buffers: not necessarily contiguous);
-// with_w = false computes Y alone (W undefined).
-std::pair<at::Tensor, at::Tensor> gram_pass_avx2(const at::Tensor& M, const at::Tensor& X, bool with_w);
+// M: [b, r, c] float32 with unit column stride (row-major) or unit row stride (column-major:
+// the transposed view of a row-major wide matrix); any batch stride, e.g. an expanded batch.
+// X: [c, l] or [b, c, l] float32, any strides. Returns {Y [b, r, l], W [b, c, l]} with Y = M X
+// and W = M^T Y, both float32 (views of padded buffers: not necessarily contiguous).
+std::pair<at::Tensor, at::Tensor> gram_pass_avx2(const at::Tensor& M, const at::Tensor& X);
 
 }  // namespace loraport

@@ -1,4 +1,4 @@
-// Fused pass Y = M X, W = M^T Y over a row-major fp32 M in ONE read of M (AVX2 + FMA).
+// Fused pass Y = M X, W = M^T Y over an fp32 M in ONE read of M (AVX2 + FMA).
 //
 // Why: on the 2-core EPYC CI machine an rsvd pass is a GEMM of a 28-113 MB matrix with a
 // 40-72 column block, 2 * 72 flops per 4-byte element. MKL runs it at 80-110 GFLOP/s against
@@ -6,8 +6,11 @@
 // ~6.7 GB/s read bandwidth: memory and compute are of the same order, and MKL packs M for each
 // product separately. This kernel streams each block of kb rows of M from memory once, computes
 // Y_blk = M_blk X broadcasting M_blk's rows where they lie, writes a packed copy of M_blk's
-// transpose on the way, then W += M_blk^T Y_blk from that copy. rsvd end to end:
-// benchmarks/RESULTS.md.
+// transpose on the way, then W += M_blk^T Y_blk from that copy. A column-major M (the
+// transposed view of a wide matrix's row-major storage) is handled the same way, its row blocks
+// being column slices of the storage: each is first copied into a contiguous block, from which
+// both parts read. Either way W has the short side's rows (3072 for every Hunyuan Video
+// shape), so the thread's W stays small. rsvd end to end: benchmarks/RESULTS.md.
 //
 // Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
 // the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
@@ -129,16 +132,18 @@ void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t col
 }
 
 // Rows of M per fused step: the W part updates the thread's whole W (c x lp) once per block,
-// from the block's packed transpose (c x row_block). At c <= 4096 columns, 32 rows (<= 512 KiB
-// packed) stay in L2. A wider M (the transposed storage of a wide A, c = 12288 or 15360) spills to L3
-// either way, and 64 rows halve its W updates. (rsvd on 2 x [3072, 12288] and 2 x [3072, 15360],
-// 2 x 5 interleaved calls each: 32, 64 or 128 rows packed and 128 rows unpacked all gave 1.08x to
-// 1.24x torch.svd_lowrank, no choice apart from the VM's noise.)
+// from the block's packed transpose or copy (c x row_block floats). At c <= 4096, 32 rows
+// (<= 512 KiB) stay in L2; a wider M spills to L3 either way, and 64 rows halve its W updates.
+// (No choice measurably faster on the 2-core VM: 32, 64 or 128 rows on row-major
+// 2 x [3072, 12288]; 32 to 512 rows on column-major 2 x [12288, 3072], 2026-11-27.)
 int64_t row_block_for(int64_t c) { return c <= 4096 ? 32 : 64; }
 
-// One matrix: Y [r4, lp] (r4 = round_up(r, 4)), W [c, lp] = M^T Y; M [r, c] with row stride lda.
-void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const float* xpk /*panels of [c, w]*/,
-                   const std::vector<Panel>& panels, int64_t lp, float* Y, float* W /*null: Y only*/) {
+// One matrix: Y [r4, lp] (r4 = round_up(r, 4)), W [c, lp] = M^T Y. M [r, c] is row-major
+// (element (i, k) at M[i * ld + k]) or column-major (at M[i + k * ld]: the storage of a wide
+// matrix, seen as its tall transpose).
+void gram_pass_one(const float* M, int64_t ld, bool col_major, int64_t r, int64_t c,
+                   const float* xpk /*panels of [c, w]*/, const std::vector<Panel>& panels, int64_t lp, float* Y,
+                   float* W) {
   const int64_t c4 = (c + kMR - 1) / kMR * kMR;
   const int64_t row_block = row_block_for(c);
   // Contiguous row ranges, multiples of kMR except at the end, at least 64 rows each: one per
@@ -149,60 +154,85 @@ void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const floa
   struct Scratch {
     std::vector<float> W;          // [c4, lp] this part's share of M^T Y
     std::vector<float> ypk;        // the Y block, packed into panels
-    std::vector<float> mpk;        // the M block's packed transpose [c4 / 4][row_block][4]
-    std::vector<float> edge_rows;  // the last r % 4 rows of M, zero-padded
+    std::vector<float> mpk;        // row-major M: the block's packed transpose [c4 / 4][row_block][4]
+    std::vector<float> edge_rows;  // row-major M: the last r % 4 rows, zero-padded
+    std::vector<float> block;      // column-major M: the block, contiguous [c4, row_block] (zero rows past c)
   };
   // Allocated here, so that the workers never allocate (nor throw).
   std::vector<Scratch> scratch(parts);
   for (Scratch& sc : scratch) {
-    if (W) {
-      sc.W.assign(c4 * lp, 0.f);
-      sc.mpk.resize(c4 * row_block);
-    }
+    sc.W.assign(c4 * lp, 0.f);
     sc.ypk.resize(row_block * lp);
-    sc.edge_rows.resize(kMR * kDepthBlock);
+    if (col_major) {
+      sc.block.assign(c4 * row_block, 0.f);
+    } else {
+      sc.mpk.resize(c4 * row_block);
+      sc.edge_rows.resize(kMR * kDepthBlock);
+    }
   }
+  // Y rows [k0, k0 + kk) = M rows @ X, over depth slices of M's columns; the first panel's
+  // sweep also packs the slice for the W part while it is in L1.
+  auto y_part_row_major = [&](Scratch& sc, int64_t k0, int64_t kk) {
+    for (int64_t d0 = 0; d0 < c; d0 += kDepthBlock) {
+      const int64_t dd = std::min(kDepthBlock, c - d0);
+      for (const Panel& p : panels) {
+        const float* b = xpk + p.col * c + d0 * p.width;
+        for (int64_t i = k0; i < k0 + kk; i += kMR) {
+          float* y = Y + i * lp + p.col;
+          const int64_t rows = std::min(kMR, r - i);
+          if (p.col == 0) pack_rows_transposed(M + i * ld + d0, ld, rows, dd, i - k0, kk, sc.mpk.data() + d0 * kk);
+          if (rows == kMR) {
+            micro_any(p.width, M + i * ld + d0, ld, 1, b, p.width, dd, y, lp, d0 > 0);
+          } else {  // fewer than 4 rows left in the matrix: compute on a zero-padded copy
+            std::fill(sc.edge_rows.begin(), sc.edge_rows.end(), 0.f);
+            for (int64_t e = 0; e < rows; ++e) std::memcpy(&sc.edge_rows[e * dd], M + (i + e) * ld + d0, dd * sizeof(float));
+            micro_any(p.width, sc.edge_rows.data(), dd, 1, b, p.width, dd, y, lp, d0 > 0);
+          }
+        }
+      }
+    }
+  };
+  // Column-major M: rows [k0, k0 + kk) of M are a column slice of the storage, kk floats in each
+  // of its c rows. One sweep copies them into the contiguous block [c4, kk4] (rows past c stay
+  // zero), from which both parts read: the Y part broadcasts 4 adjacent values of a block row at
+  // each depth step, the W part 4 block rows along the depth. (Only the matrix's last block can
+  // have kk < kk4: its last tile then reads stale columns, which land in Y's padding rows.)
+  auto y_part_col_major = [&](Scratch& sc, int64_t k0, int64_t kk) {
+    const int64_t kk4 = (kk + kMR - 1) / kMR * kMR;
+    float* blk = sc.block.data();
+    for (int64_t d = 0; d < c; ++d) std::memcpy(blk + d * kk4, M + d * ld + k0, kk * sizeof(float));
+    for (int64_t d0 = 0; d0 < c; d0 += kDepthBlock) {
+      const int64_t dd = std::min(kDepthBlock, c - d0);
+      for (const Panel& p : panels) {
+        const float* b = xpk + p.col * c + d0 * p.width;
+        for (int64_t i = 0; i < kk4; i += kMR)
+          micro_any(p.width, blk + d0 * kk4 + i, 1, kk4, b, p.width, dd, Y + (k0 + i) * lp + p.col, lp, d0 > 0);
+      }
+    }
+  };
   auto run_part = [&](int64_t part) {
     Scratch& sc = scratch[part];
     const int64_t row0 = (r * part / parts) / kMR * kMR;
     const int64_t row1 = part + 1 == parts ? r : (r * (part + 1) / parts) / kMR * kMR;
     for (int64_t k0 = row0; k0 < row1; k0 += row_block) {
       const int64_t kk = std::min(row_block, row1 - k0);
-      // Y rows [k0, k0 + kk) = M rows @ X, over depth slices of M's columns; the first panel's
-      // sweep also packs the slice for the W part while it is in L1.
-      for (int64_t d0 = 0; d0 < c; d0 += kDepthBlock) {
-        const int64_t dd = std::min(kDepthBlock, c - d0);
-        for (const Panel& p : panels) {
-          const float* b = xpk + p.col * c + d0 * p.width;
-          for (int64_t i = k0; i < k0 + kk; i += kMR) {
-            float* y = Y + i * lp + p.col;
-            const int64_t rows = std::min(kMR, r - i);
-            if (W && p.col == 0) pack_rows_transposed(M + i * lda + d0, lda, rows, dd, i - k0, kk, sc.mpk.data() + d0 * kk);
-            if (rows == kMR) {
-              micro_any(p.width, M + i * lda + d0, lda, 1, b, p.width, dd, y, lp, d0 > 0);
-            } else {  // fewer than 4 rows left in the matrix: compute on a zero-padded copy
-              std::fill(sc.edge_rows.begin(), sc.edge_rows.end(), 0.f);
-              for (int64_t e = 0; e < rows; ++e) std::memcpy(&sc.edge_rows[e * dd], M + (i + e) * lda + d0, dd * sizeof(float));
-              micro_any(p.width, sc.edge_rows.data(), dd, 1, b, p.width, dd, y, lp, d0 > 0);
-            }
-          }
-        }
-      }
-      if (!W) continue;
-      // W += M_blk^T Y_blk from the packed transpose: column group j's 4 values per row are
-      // contiguous (4 broadcasts per row of the block, one stream).
+      if (col_major) y_part_col_major(sc, k0, kk);
+      else y_part_row_major(sc, k0, kk);
+      // W += M_blk^T Y_blk: 4 rows of W per tile, broadcasting 4 values per row of the block
+      // from one contiguous stream (the packed transpose, or the column-major block's rows).
       pack_panels(Y, lp, 1, lp, k0, kk, panels, sc.ypk.data());
+      const int64_t kk4 = (kk + kMR - 1) / kMR * kMR;
       for (int64_t j = 0; j < c; j += kMR) {
-        const float* a = sc.mpk.data() + j * kk;
+        const float* a = col_major ? sc.block.data() + j * kk4 : sc.mpk.data() + j * kk;
+        const int64_t ars = col_major ? kk4 : 1, aks = col_major ? 1 : kMR;
         for (const Panel& p : panels)
-          micro_any(p.width, a, 1, kMR, sc.ypk.data() + p.col * kk, p.width, kk, sc.W.data() + j * lp + p.col, lp, true);
+          micro_any(p.width, a, ars, aks, sc.ypk.data() + p.col * kk, p.width, kk, sc.W.data() + j * lp + p.col, lp, true);
       }
     }
   };
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) run_part(part);
   });
-  if (!W) return;
   // W = sum of the parts' shares (rows < c).
   for (int64_t j = 0; j < c; ++j) {
     float* w = W + j * lp;
@@ -216,25 +246,28 @@ void gram_pass_one(const float* M, int64_t lda, int64_t r, int64_t c, const floa
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> gram_pass_avx2(const at::Tensor& M, const at::Tensor& X, bool with_w) {
-  TORCH_CHECK(M.dim() == 3 && M.scalar_type() == at::kFloat && M.stride(-1) == 1 && M.device().is_cpu(),
-              "gram_pass: M must be a CPU float32 [b, r, c] with unit column stride");
+std::pair<at::Tensor, at::Tensor> gram_pass_avx2(const at::Tensor& M, const at::Tensor& X) {
+  const bool col_major = M.stride(-1) != 1;
+  TORCH_CHECK(M.dim() == 3 && M.scalar_type() == at::kFloat && (M.stride(-1) == 1 || M.stride(-2) == 1) &&
+                  M.device().is_cpu(),
+              "gram_pass: M must be a CPU float32 [b, r, c] with unit column or row stride");
   const int64_t b = M.size(0), r = M.size(1), c = M.size(2);
   TORCH_CHECK((X.dim() == 2 || (X.dim() == 3 && X.size(0) == b)) && X.size(-2) == c && X.scalar_type() == at::kFloat,
               "gram_pass: X must be float32 [c, l] or [b, c, l]");
   const int64_t l = X.size(-1), lp = (l + 7) / 8 * 8, r4 = (r + kMR - 1) / kMR * kMR;
   const std::vector<Panel> panels = panels_of(lp);
   at::Tensor Y = at::empty({b, r4, lp}, M.options());
-  at::Tensor W = with_w ? at::empty({b, c, lp}, M.options()) : at::Tensor();
+  at::Tensor W = at::empty({b, c, lp}, M.options());
   std::vector<float> xpk(c * lp);
   for (int64_t i = 0; i < b; ++i) {
     const at::Tensor Xi = X.dim() == 3 ? X[i] : X;
     if (i == 0 || X.dim() == 3)
       pack_panels(Xi.data_ptr<float>(), Xi.stride(0), Xi.stride(1), l, 0, c, panels, xpk.data());
-    gram_pass_one(M.data_ptr<float>() + i * M.stride(0), M.stride(1), r, c, xpk.data(), panels, lp,
-                  Y.data_ptr<float>() + i * r4 * lp, with_w ? W.data_ptr<float>() + i * c * lp : nullptr);
+    gram_pass_one(M.data_ptr<float>() + i * M.stride(0), col_major ? M.stride(2) : M.stride(1), col_major, r, c,
+                  xpk.data(), panels, lp,
+                  Y.data_ptr<float>() + i * r4 * lp, W.data_ptr<float>() + i * c * lp);
   }
-  return {Y.narrow(1, 0, r).narrow(2, 0, l), with_w ? W.narrow(2, 0, l) : at::Tensor()};
+  return {Y.narrow(1, 0, r).narrow(2, 0, l), W.narrow(2, 0, l)};
 }
 
 }  // namespace loraport
