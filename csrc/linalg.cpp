@@ -9,9 +9,10 @@
 //     back to Householder.
 //   * the Rayleigh-Ritz step takes the SVD of the small R of B^T = A^T Q = P R (l x l) instead
 //     of a dense SVD of the l x n matrix B.
-//   * on a CPU with AVX2, the power method pairs its products: A X and A^T (A X) share one read
+//   * on a CPU with AVX2, both methods pair their products: A X and A^T (A X) share one read
 //     of A (csrc/cpu/gram_pass_avx2.cpp), 3 reads instead of 6 at power_iters=2, with the
-//     orthonormalization between them folded into the next one (power_range_fused).
+//     orthonormalization between them folded into the next one (power_range_fused,
+//     krylov_range_fused).
 // method="krylov" keeps every block of [A W, (A A^T) A W, ...] (Musco & Musco 2015, block
 // Krylov) and reuses the A^T Q_i products it already computed for the Rayleigh-Ritz step, so it
 // makes exactly as many passes over A as method="power" with the same power_iters (2q + 2),
@@ -101,15 +102,15 @@ class Orthonormalizer {
     return repaired(Y, Q, R, bad1.logical_or(bad2));
   }
 
-  // Q only, for an X that is already orthonormal up to small perturbations (a block of
+  // X = Q R for an X that is already orthonormal up to small perturbations (a block of
   // orthonormal columns after projecting rounding-level components off another basis): one
   // CholeskyQR pass with the working-precision Gram restores orthogonality to unit roundoff
   // (its error is ~u * cond(X)^2), at a third of CholeskyQR2's cost. An X that turns out far
   // from orthonormal fails the pass's spread check and is redone with Householder QR.
-  Tensor refine(const Tensor& X) {
-    if (use_householder(X)) return std::get<0>(at::linalg_qr(X, "reduced"));
+  std::tuple<Tensor, Tensor> refine(const Tensor& X) {
+    if (use_householder(X)) return at::linalg_qr(X, "reduced");
     auto [Q, R, bad] = cholesky_qr_pass(X, /*shift=*/false);
-    return std::get<0>(repaired(X, Q, R, bad));
+    return repaired(X, Q, R, bad);
   }
 
   // CUDA policy: which matrices of the batch hit a failed factorization (on the device).
@@ -273,8 +274,85 @@ std::tuple<Tensor, Tensor, Tensor> power_range_fused(const Tensor& A, const Tens
   return {Q, at::matmul(W, upper_triangular_inverse(R, W.scalar_type())), rejected};
 }
 
-bool gram_pass_applies(const RsvdPolicy& policy, const Tensor& A, Method method) {
-  if (!policy.gram_pass || method != Method::Power || A.scalar_type() != at::kFloat) return false;
+// Block Krylov (Musco & Musco 2015): the orthonormal basis [b, m, L] of span[Q0, Q1, ...],
+// L = blocks * l, Q0 = orth(A sketch), Q_{i+1} = orth((I - P P^T) A orth(A^T Q_i)) with
+// P = [Q0 .. Qi] (block classical Gram-Schmidt with reorthogonalization), and B^T = A^T basis
+// [b, n, L], made of the images A^T Q_i the iteration computes anyway. 2 * blocks products.
+std::pair<Tensor, Tensor> krylov_range(const Tensor& A, const Tensor& sketch, int64_t blocks, Orthonormalizer& orth) {
+  const int64_t b = A.size(0), m = A.size(-2), n = A.size(-1), l = sketch.size(-1), L = blocks * l;
+  // Both live in buffers of the final width, P being a leading slice of the basis.
+  Tensor basis = at::empty({b, m, L}, A.options());
+  Tensor images_t = at::empty({b, L, n}, A.options());            // B = [A^T Q0 .. A^T Qq]^T
+  basis.narrow(-1, 0, l).copy_(std::get<0>(orth(at::matmul(A, sketch))));
+  for (int64_t i = 0; i < blocks; ++i) {
+    const Tensor Qi = basis.narrow(-1, i * l, l);
+    images_t.narrow(-2, i * l, l).copy_(at::matmul(Qi.mT(), A));  // (A^T Q_i)^T, see adjoint_times
+    if (i + 1 == blocks) break;
+    Tensor Z = std::get<0>(orth(images_t.narrow(-2, i * l, l).mT()));  // [b, n, l]
+    const Tensor P = basis.narrow(-1, 0, (i + 1) * l);
+    // Project twice before normalizing: once the space has converged, A Z lies almost
+    // inside span(P) and one projection leaves rounding-level components along P that
+    // normalization would blow up to O(1) (Giraud et al. 2005, "twice is enough"). The
+    // normalized block gets one more projection and a one-pass re-orthonormalization.
+    Tensor Y = at::matmul(A, Z);                                   // [b, m, l]
+    project_out_(Y, P);
+    project_out_(Y, P);
+    Tensor Qn = std::get<0>(orth(Y));
+    project_out_(Qn, P);
+    basis.narrow(-1, (i + 1) * l, l).copy_(std::get<0>(orth.refine(Qn)));
+  }
+  return {basis, images_t.mT()};
+}
+
+// krylov_range with the CPU's fused pass: each block's two products, Y = A Z and A^T Y, share
+// one read of A (blocks reads instead of 2 * blocks). The new block Q = Y T - P D comes out of
+// the same Gram-Schmidt steps as in krylov_range, and every step applied to Y is applied to its
+// image as well: A^T Q = (A^T Y) T - (A^T P) D, A^T P being the images already kept. That image
+// carries the fp32 rounding of A^T Y, ~u ||A|| ||Y||, times ||T|| ~ 1 / (the part of Y outside
+// span(P)): an amplification max ||Y_j|| / min |R_ii| (R of the projected Y) above
+// sqrt(kGramPassMaxCond) = 100, as in the last step of power_range_fused, rejects the matrix
+// (converged or fast-decaying spectra), which the caller then redoes with krylov_range.
+std::tuple<Tensor, Tensor, Tensor> krylov_range_fused(const Tensor& A, const Tensor& sketch, int64_t blocks,
+                                                      Orthonormalizer& orth, const RsvdPolicy& policy) {
+  const int64_t b = A.size(0), m = A.size(-2), n = A.size(-1), l = sketch.size(-1), L = blocks * l;
+  Tensor basis = at::empty({b, m, L}, A.options());
+  Tensor images = at::empty({b, n, L}, A.options());              // B^T = A^T basis
+  Tensor rejected = at::zeros({b}, A.options().dtype(at::kBool));
+  // Q = X T (T = R^{-1}) applied to the image V of X: V <- V T.
+  auto times_inverse = [&](Tensor& V, const Tensor& R) { V = at::matmul(V, upper_triangular_inverse(R, V.scalar_type())); };
+  // X -= P C with C = P^T X, and the image V of X likewise: V -= (A^T P) C.
+  auto project_both = [&](Tensor& X, Tensor& V, const Tensor& P, const Tensor& IP) {
+    const Tensor C = at::matmul(P.mT(), X);                       // [b, p, l]
+    X.baddbmm_(P, C, /*beta=*/1, /*alpha=*/-1);
+    V.baddbmm_(IP, C, /*beta=*/1, /*alpha=*/-1);
+  };
+  Tensor Z = sketch;                                              // [n, l], then [b, n, l]
+  for (int64_t i = 0; i < blocks; ++i) {
+    auto [Y, V] = policy.gram_pass(A, Z);                         // A Z [b, m, l], A^T A Z [b, n, l]
+    const Tensor y_norm = at::linalg_vector_norm(Y, 2, {-2}).amax(-1);  // [b]
+    const Tensor P = basis.narrow(-1, 0, i * l), IP = images.narrow(-1, 0, i * l);
+    if (i > 0) {  // the Gram-Schmidt steps of krylov_range, on Y and its image together
+      project_both(Y, V, P, IP);
+      project_both(Y, V, P, IP);
+    }
+    auto [Q, R] = orth(Y);
+    times_inverse(V, R);
+    rejected.logical_or_((y_norm / R.diagonal(0, -2, -1).abs().amin(-1)).le(std::sqrt(kGramPassMaxCond)).logical_not());
+    if (i > 0) {
+      project_both(Q, V, P, IP);
+      auto [Qr, Rr] = orth.refine(Q);
+      times_inverse(V, Rr);
+      Q = Qr;
+    }
+    basis.narrow(-1, i * l, l).copy_(Q);
+    images.narrow(-1, i * l, l).copy_(V);
+    if (i + 1 < blocks) Z = std::get<0>(orth(V));                 // orth(A^T Q_i) [b, n, l]
+  }
+  return {basis, images, rejected};
+}
+
+bool gram_pass_applies(const RsvdPolicy& policy, const Tensor& A) {
+  if (!policy.gram_pass || A.scalar_type() != at::kFloat) return false;
   // Row-major storage, either orientation; below 64K elements the extra passes cost nothing.
   const bool row_major = A.stride(-1) == 1 || A.stride(-2) == 1;
   return row_major && A.size(-2) * A.size(-1) >= (int64_t(1) << 16);
@@ -325,45 +403,24 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
                                               Orthonormalizer& orth, const RsvdPolicy& policy) {
   const int64_t m = A.size(-2), n = A.size(-1), l = sketch.size(-1), b = A.size(0);
   Tensor basis, Bt;                                               // [b, m, L], [b, n, L]
-  if (gram_pass_applies(policy, A, method)) {
+  const int64_t blocks = method == Method::Krylov ? krylov_blocks(power_iters, std::min(m, n), l) : 0;
+  if (gram_pass_applies(policy, A)) {
     Tensor rejected;
-    std::tie(basis, Bt, rejected) = power_range_fused(A, sketch, power_iters, orth, policy);
+    std::tie(basis, Bt, rejected) = method == Method::Power ? power_range_fused(A, sketch, power_iters, orth, policy)
+                                                            : krylov_range_fused(A, sketch, blocks, orth, policy);
     if (rejected.any().item<bool>()) {
       const Tensor idx = rejected.nonzero().squeeze(-1);
-      auto [Qp, Btp] = power_range(A.index_select(0, idx), sketch, power_iters, orth);
+      // In A's own layout (a wide A is a column-major view): the same GEMMs as the plain path.
+      const Tensor Ar = A.stride(-1) == 1 ? A.index_select(0, idx) : A.mT().index_select(0, idx).mT();
+      auto [Qp, Btp] = method == Method::Power ? power_range(Ar, sketch, power_iters, orth)
+                                               : krylov_range(Ar, sketch, blocks, orth);
       basis.index_copy_(0, idx, Qp);
       Bt.index_copy_(0, idx, Btp);
     }
   } else if (method == Method::Power) {
     std::tie(basis, Bt) = power_range(A, sketch, power_iters, orth);
   } else {
-    Tensor Q = std::get<0>(orth(at::matmul(A, sketch)));          // [b, m, l]
-    // Block Krylov space span[Q0, Q1, ...], Q_{i+1} = orth((I - P P^T) A orth(A^T Q_i)) with
-    // P = [Q0 .. Qi] (block classical Gram-Schmidt with reorthogonalization). The images
-    // A^T Q_i are kept: they are the blocks of B^T = A^T [Q0 .. Qq] needed by Rayleigh-Ritz.
-    // Both live in buffers of the final width, P being a leading slice of the basis.
-    const int64_t blocks = krylov_blocks(power_iters, std::min(m, n), l), L = blocks * l;
-    basis = at::empty({b, m, L}, A.options());
-    Tensor images_t = at::empty({b, L, n}, A.options());          // B = [A^T Q0 .. A^T Qq]^T
-    basis.narrow(-1, 0, l).copy_(Q);
-    for (int64_t i = 0; i < blocks; ++i) {
-      const Tensor Qi = basis.narrow(-1, i * l, l);
-      images_t.narrow(-2, i * l, l).copy_(at::matmul(Qi.mT(), A));  // (A^T Q_i)^T, see adjoint_times
-      if (i + 1 == blocks) break;
-      Tensor Z = std::get<0>(orth(images_t.narrow(-2, i * l, l).mT()));  // [b, n, l]
-      const Tensor P = basis.narrow(-1, 0, (i + 1) * l);
-      // Project twice before normalizing: once the space has converged, A Z lies almost
-      // inside span(P) and one projection leaves rounding-level components along P that
-      // normalization would blow up to O(1) (Giraud et al. 2005, "twice is enough"). The
-      // normalized block gets one more projection and a one-pass re-orthonormalization.
-      Tensor Y = at::matmul(A, Z);                                 // [b, m, l]
-      project_out_(Y, P);
-      project_out_(Y, P);
-      Tensor Qn = std::get<0>(orth(Y));
-      project_out_(Qn, P);
-      basis.narrow(-1, (i + 1) * l, l).copy_(orth.refine(Qn));
-    }
-    Bt = images_t.mT();
+    std::tie(basis, Bt) = krylov_range(A, sketch, blocks, orth);
   }
   // Rayleigh-Ritz: A ~= basis basis^T A = basis Bt^T = basis R^T P^T with Bt = P R.
   auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]

@@ -191,6 +191,7 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
 
 
 @needs_gram_pass
+@pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("q", [0, 1, 2])
 @pytest.mark.parametrize(
     "batch, m, n, k",
@@ -203,13 +204,14 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
         ((), 4101, 130, 4),  # tall, M has 130 columns: a 2-column last tile of W
     ],
 )
-def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, q, batch, m, n, k):
+def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, method, q, batch, m, n, k):
     """The fused CPU pass (csrc/cpu/gram_pass_avx2.cpp: M X and M^T (M X) in one read of M) is
-    the same power iteration as one GEMM per product, up to fp32 rounding, on shapes that hit
-    every edge of its tiling; and it does run (the results are not bit-identical)."""
+    the same power or block Krylov iteration as one GEMM per product, up to fp32 rounding, on
+    shapes that hit every edge of its tiling; and it does run (the results are not bit-identical,
+    as they are when the op falls back to the plain path)."""
     A = spectrum_matrix(m, n, SLOW, generator, batch=batch).float()
-    fused = loraport.rsvd(A, k, power_iters=q, seed=4)
-    plain = _rsvd_plain(monkeypatch, A, k, power_iters=q, seed=4)
+    fused = loraport.rsvd(A, k, power_iters=q, method=method, seed=4)
+    plain = _rsvd_plain(monkeypatch, A, k, power_iters=q, method=method, seed=4)
     assert not torch.equal(fused.S, plain.S) or not torch.equal(fused.U, plain.U)
     torch.testing.assert_close(fused.S, plain.S, rtol=1e-5, atol=1e-6)
     for Uf, Up in ((fused.U, plain.U), (fused.V, plain.V)):
@@ -222,23 +224,40 @@ def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, q, 
 
 
 @needs_gram_pass
+@pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
-def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, m, n):
+def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, method, m, n):
     """On a spectrum decaying by 2x per singular value, applying M^T to an unorthonormalized M X
     would lose the weaker sketch directions to fp32 rounding: the op sees the ill-conditioning
     and redoes the matrix with one GEMM per product, giving exactly the plain path's result. In
     a batch, only that matrix is redone."""
     fast = 0.5 ** torch.arange(300, dtype=torch.float64)
     A = spectrum_matrix(m, n, fast, generator).float()
-    fused = loraport.rsvd(A, 12, power_iters=2, seed=1)
-    plain = _rsvd_plain(monkeypatch, A, 12, power_iters=2, seed=1)
+    fused = loraport.rsvd(A, 12, power_iters=2, method=method, seed=1)
+    plain = _rsvd_plain(monkeypatch, A, 12, power_iters=2, method=method, seed=1)
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)
     mixed = torch.stack([spectrum_matrix(m, n, SLOW, generator), A.double(), spectrum_matrix(m, n, SLOW, generator)]).float()
-    U, S, V = loraport.rsvd(mixed, 12, power_iters=2, seed=1)
+    U, S, V = loraport.rsvd(mixed, 12, power_iters=2, method=method, seed=1)
     ratio = ref.reconstruction_error(mixed, U, S, V) / ref.optimal_error(mixed, 12)
     assert ratio.max() <= 1.2, ratio
     torch.testing.assert_close(S[1], plain.S, rtol=1e-5, atol=1e-6)
+
+
+@needs_gram_pass
+@pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
+def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatch, generator, m, n):
+    """A of exact rank 12 and Krylov blocks of 8: the first block is well conditioned, but only 4
+    new directions are left for the second, the rest being rounding. The fused Krylov pass would
+    blow that rounding of A^T Y up in the block's image; the op sees the amplification and redoes
+    the matrix with one GEMM per product (exactly the plain path's result)."""
+    flat = torch.cat([torch.linspace(1.0, 0.5, 12, dtype=torch.float64), torch.zeros(300, dtype=torch.float64)])
+    A = spectrum_matrix(m, n, flat, generator).float()
+    kw = dict(power_iters=2, method="krylov", block_size=8, seed=2)
+    fused = loraport.rsvd(A, 8, **kw)
+    plain = _rsvd_plain(monkeypatch, A, 8, **kw)
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
