@@ -341,7 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> krylov_range_fused(const Tensor& A, const Ten
     if (i > 0) {
       project_both(Q, V, P, IP);
       auto [Qr, Rr] = orth.refine(Q);
-      times_inverse(V, Rr);
+      times_inverse(V, Rr);  // Rr = I up to rounding, unless refine fell back to Householder
       Q = Qr;
     }
     basis.narrow(-1, i * l, l).copy_(Q);
