@@ -14,8 +14,8 @@
 //
 // Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
 // the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
-// split over torch's OpenMP threads in contiguous ranges (contiguous reads); each thread
-// accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
+// split over torch's OpenMP threads in contiguous ranges (contiguous reads of a row-major M);
+// each thread accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
 #include "gram_pass.h"
 
 #include <ATen/Parallel.h>
