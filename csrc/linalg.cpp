@@ -78,12 +78,13 @@ Tensor diagonal_spread(const Tensor& R) {
   return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
 }
 
-// R^{-1} [b, l, l] of an upper-triangular R, inverted in fp64 and returned in `dtype`: right-
-// multiplying by it is a GEMM (on the CPU a batched triangular solve with a tall right-hand side
-// ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
-Tensor upper_triangular_inverse(const Tensor& R, at::ScalarType dtype) {
+// X R^{-1} [b, m, l] for X [b, m, l] and an upper-triangular R [b, l, l]: R is inverted in fp64,
+// and the product is a GEMM in X's precision (on the CPU a batched triangular solve with a tall
+// right-hand side ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
+Tensor times_upper_inverse(const Tensor& X, const Tensor& R) {
   const Tensor Rd = R.to(at::kDouble);
-  return at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true).to(dtype);
+  const Tensor inverse = at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true);
+  return at::matmul(X, inverse.to(X.scalar_type()));
 }
 
 // Y = Q R with orthonormal Q, for a batch of tall-skinny Y [b, m, l] (m >= l).
@@ -151,7 +152,7 @@ class Orthonormalizer {
     if (!shift) bad.logical_or_(diagonal_spread(Rd).le(kMaxPass2Spread).logical_not());
     // Q = Y R^{-1} as a GEMM with the explicit inverse. Its rounding error, ~u * cond(R)
     // relative, is the order of a triangular solve's, and pass 2 removes it.
-    Tensor Q = at::matmul(Y, upper_triangular_inverse(Rd, Y.scalar_type()));
+    Tensor Q = times_upper_inverse(Y, Rd);
     return {Q, Rd.to(Y.scalar_type()), bad};
   }
 
@@ -212,8 +213,12 @@ class Orthonormalizer {
 };
 
 // X -= P (P^T X): project the columns of X [b, m, c] off the orthonormal columns of P [b, m, p],
-// in place (X must be a temporary the caller owns).
-void project_out_(Tensor& X, const Tensor& P) { X.baddbmm_(P, at::matmul(P.mT(), X), /*beta=*/1, /*alpha=*/-1); }
+// in place (X must be a temporary the caller owns). Returns the coefficients P^T X [b, p, c].
+Tensor project_out_(Tensor& X, const Tensor& P) {
+  Tensor C = at::matmul(P.mT(), X);
+  X.baddbmm_(P, C, /*beta=*/1, /*alpha=*/-1);
+  return C;
+}
 
 // A^T Q [b, n, l] for A [b, m, n], computed as (Q^T A)^T and returned as that transposed view:
 // with MKL the row-major Q^T A ran 10-50 % faster than A^T Q on tall Hunyuan shapes (e.g.
@@ -271,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> power_range_fused(const Tensor& A, const Tens
   auto [Q, R] = orth(Y);                                          // Y = Q R
   // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
   reject_above(R, std::sqrt(kGramPassMaxCond));
-  return {Q, at::matmul(W, upper_triangular_inverse(R, W.scalar_type())), rejected};
+  return {Q, times_upper_inverse(W, R), rejected};
 }
 
 // Block Krylov (Musco & Musco 2015): the orthonormal basis [b, m, L] of span[Q0, Q1, ...],
@@ -318,13 +323,9 @@ std::tuple<Tensor, Tensor, Tensor> krylov_range_fused(const Tensor& A, const Ten
   Tensor basis = at::empty({b, m, L}, A.options());
   Tensor images = at::empty({b, n, L}, A.options());              // B^T = A^T basis
   Tensor rejected = at::zeros({b}, A.options().dtype(at::kBool));
-  // Q = X T (T = R^{-1}) applied to the image V of X: V <- V T.
-  auto times_inverse = [&](Tensor& V, const Tensor& R) { V = at::matmul(V, upper_triangular_inverse(R, V.scalar_type())); };
   // X -= P C with C = P^T X, and the image V of X likewise: V -= (A^T P) C.
   auto project_both = [&](Tensor& X, Tensor& V, const Tensor& P, const Tensor& IP) {
-    const Tensor C = at::matmul(P.mT(), X);                       // [b, p, l]
-    X.baddbmm_(P, C, /*beta=*/1, /*alpha=*/-1);
-    V.baddbmm_(IP, C, /*beta=*/1, /*alpha=*/-1);
+    V.baddbmm_(IP, project_out_(X, P), /*beta=*/1, /*alpha=*/-1);
   };
   Tensor Z = sketch;                                              // [n, l], then [b, n, l]
   for (int64_t i = 0; i < blocks; ++i) {
@@ -335,13 +336,13 @@ std::tuple<Tensor, Tensor, Tensor> krylov_range_fused(const Tensor& A, const Ten
       project_both(Y, V, P, IP);
       project_both(Y, V, P, IP);
     }
-    auto [Q, R] = orth(Y);
-    times_inverse(V, R);
+    auto [Q, R] = orth(Y);                                        // Q = Y R^{-1}, so A^T Q = V R^{-1}
+    V = times_upper_inverse(V, R);
     rejected.logical_or_((y_norm / R.diagonal(0, -2, -1).abs().amin(-1)).le(std::sqrt(kGramPassMaxCond)).logical_not());
     if (i > 0) {
       project_both(Q, V, P, IP);
       auto [Qr, Rr] = orth.refine(Q);
-      times_inverse(V, Rr);  // Rr = I up to rounding, unless refine fell back to Householder
+      V = times_upper_inverse(V, Rr);  // Rr = I up to rounding, unless refine fell back to Householder
       Q = Qr;
     }
     basis.narrow(-1, i * l, l).copy_(Q);
@@ -401,7 +402,7 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t ra
 std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& sketch, int64_t rank,
                                               int64_t power_iters, Method method,
                                               Orthonormalizer& orth, const RsvdPolicy& policy) {
-  const int64_t m = A.size(-2), n = A.size(-1), l = sketch.size(-1), b = A.size(0);
+  const int64_t m = A.size(-2), n = A.size(-1), l = sketch.size(-1);
   Tensor basis, Bt;                                               // [b, m, L], [b, n, L]
   const int64_t blocks = method == Method::Krylov ? krylov_blocks(power_iters, std::min(m, n), l) : 0;
   if (gram_pass_applies(policy, A)) {
