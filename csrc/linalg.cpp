@@ -23,6 +23,8 @@
 // Wide matrices (m < n) are decomposed as A^T, so the sketch is [min(m, n), l].
 #include "linalg.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -78,11 +80,13 @@ Tensor diagonal_spread(const Tensor& R) {
   return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
 }
 
-// X R^{-1} [b, m, l] for X [b, m, l] and an upper-triangular R [b, l, l]: R is inverted in fp64,
-// and the product is a GEMM in X's precision (on the CPU a batched triangular solve with a tall
-// right-hand side ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
-Tensor times_upper_inverse(const Tensor& X, const Tensor& R) {
+// X R^{-1} [b, m, l] for X [b, m, l] and an upper-triangular R [b, l, l]: R is inverted in fp64
+// (RsvdPolicy::upper_inverse, or ATen's triangular solve against the identity), and the product
+// is a GEMM in X's precision (on the CPU a batched triangular solve with a tall right-hand side
+// ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
+Tensor times_upper_inverse(const Tensor& X, const Tensor& R, const RsvdPolicy& policy) {
   const Tensor Rd = R.to(at::kDouble);
+  if (policy.upper_inverse) return at::matmul(X, policy.upper_inverse(Rd, X.scalar_type()));
   const Tensor inverse = at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true);
   return at::matmul(X, inverse.to(X.scalar_type()));
 }
@@ -152,7 +156,7 @@ class Orthonormalizer {
     if (!shift) bad.logical_or_(diagonal_spread(Rd).le(kMaxPass2Spread).logical_not());
     // Q = Y R^{-1} as a GEMM with the explicit inverse. Its rounding error, ~u * cond(R)
     // relative, is the order of a triangular solve's, and pass 2 removes it.
-    Tensor Q = times_upper_inverse(Y, Rd);
+    Tensor Q = times_upper_inverse(Y, Rd, policy_);
     return {Q, Rd.to(Y.scalar_type()), bad};
   }
 
@@ -276,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor> power_range_fused(const Tensor& A, const Tens
   auto [Q, R] = orth(Y);                                          // Y = Q R
   // A^T Q = W R^{-1}: its rounding error is ~u * cond(Y)^2 relative to its weakest column.
   reject_above(R, std::sqrt(kGramPassMaxCond));
-  return {Q, times_upper_inverse(W, R), rejected};
+  return {Q, times_upper_inverse(W, R, policy), rejected};
 }
 
 // Block Krylov (Musco & Musco 2015): the orthonormal basis [b, m, L] of span[Q0, Q1, ...],
@@ -337,12 +341,12 @@ std::tuple<Tensor, Tensor, Tensor> krylov_range_fused(const Tensor& A, const Ten
       project_both(Y, V, P, IP);
     }
     auto [Q, R] = orth(Y);                                        // Q = Y R^{-1}, so A^T Q = V R^{-1}
-    V = times_upper_inverse(V, R);
+    V = times_upper_inverse(V, R, policy);
     rejected.logical_or_((y_norm / R.diagonal(0, -2, -1).abs().amin(-1)).le(std::sqrt(kGramPassMaxCond)).logical_not());
     if (i > 0) {
       project_both(Q, V, P, IP);
       auto [Qr, Rr] = orth.refine(Q);
-      V = times_upper_inverse(V, Rr);  // Rr = I up to rounding, unless refine fell back to Householder
+      V = times_upper_inverse(V, Rr, policy);  // Rr = I up to rounding, unless refine fell back to Householder
       Q = Qr;
     }
     basis.narrow(-1, i * l, l).copy_(Q);
@@ -397,6 +401,40 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t ra
   return {Q * sign.unsqueeze(-2), S, Vr};
 }
 
+// small_svd_by_eigh on the CPU for a factor X [b, L, L] on another device
+// (RsvdPolicy::SmallSvd::EighOnHost): X is copied to the host (a synchronization), the batch is
+// split over torch's threads (ATen runs a batched LAPACK eigensolver one matrix after another),
+// and the fp64 triplets go back to X's device.
+std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, int64_t rank) {
+  const Tensor Xh = X.to(at::kCPU, at::kDouble);                  // [b, L, L]
+  const int64_t b = Xh.size(0), L = Xh.size(-1);
+  Tensor Ur = at::empty({b, L, rank}, Xh.options()), S = at::empty({b, rank}, Xh.options());
+  Tensor Vr = at::empty({b, L, rank}, Xh.options());
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    auto [u, s, v] = small_svd_by_eigh(Xh.narrow(0, begin, end - begin), rank);
+    Ur.narrow(0, begin, end - begin).copy_(u);
+    S.narrow(0, begin, end - begin).copy_(s);
+    Vr.narrow(0, begin, end - begin).copy_(v);
+  });
+  return {Ur.to(X.device()), S.to(X.device()), Vr.to(X.device())};
+}
+
+// The Rayleigh-Ritz SVD of X [b, L, L] by the policy's choice (RsvdPolicy::SmallSvd).
+std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t rank, const RsvdPolicy& policy) {
+  using SmallSvd = RsvdPolicy::SmallSvd;
+  switch (policy.rayleigh_ritz) {
+    case SmallSvd::Svd:
+      return small_svd(X, rank);
+    case SmallSvd::EighOnHost:
+      if (policy.host_small_svd_max_size == 0 || X.size(-1) <= policy.host_small_svd_max_size)
+        return small_svd_by_eigh_on_host(X, rank);
+      [[fallthrough]];
+    case SmallSvd::Eigh:
+      return small_svd_by_eigh(X, rank);
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
 // The rsvd of one batch already in the working precision. A: [b, m, n] with m >= n (the op
 // hands wide matrices over transposed), sketch: [n, l]. Signs are left to the caller.
 std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& sketch, int64_t rank,
@@ -426,7 +464,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   // Rayleigh-Ritz: A ~= basis basis^T A = basis Bt^T = basis R^T P^T with Bt = P R.
   auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]
   const at::ScalarType work = A.scalar_type();
-  auto [Ur, S, Vr] = policy.rayleigh_ritz_eigh ? small_svd_by_eigh(R.mT(), rank) : small_svd(R.mT(), rank);
+  auto [Ur, S, Vr] = rayleigh_ritz_svd(R.mT(), rank, policy);
   Tensor U = at::matmul(basis, Ur.to(work));                       // [b, m, rank]
   Tensor V = at::matmul(P, Vr.to(work));                           // [b, n, rank]
   return {U, S.to(work), V};
@@ -466,8 +504,11 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   RsvdPolicy policy = device_policy;
   if (const char* env = std::getenv("LORAPORT_RAYLEIGH_RITZ")) {
     const std::string_view choice(env);
-    TORCH_CHECK_VALUE(choice == "svd" || choice == "eigh", "LORAPORT_RAYLEIGH_RITZ must be svd or eigh, got ", choice);
-    policy.rayleigh_ritz_eigh = choice == "eigh";
+    using SmallSvd = RsvdPolicy::SmallSvd;
+    TORCH_CHECK_VALUE(choice == "svd" || choice == "eigh" || choice == "host",
+                      "LORAPORT_RAYLEIGH_RITZ must be svd, eigh or host, got ", choice);
+    policy.rayleigh_ritz = choice == "svd" ? SmallSvd::Svd : choice == "eigh" ? SmallSvd::Eigh : SmallSvd::EighOnHost;
+    policy.host_small_svd_max_size = 0;
   }
   const at::ScalarType work = compute_dtype({A});
   const auto opts = A.options().dtype(work);

@@ -22,18 +22,29 @@ struct RsvdPolicy {
   // Householder QR (one LAPACK call) for Y with at most this many elements: on small matrices
   // CholeskyQR2's two dozen small ops cost more than the factorization itself. 0 = never.
   int64_t householder_max_elements = 0;
-  // The Rayleigh-Ritz SVD of the small L x L factor: false = one SVD in the working precision
-  // (LAPACK on the CPU); true = the fp64 eigendecomposition of its Gram matrix plus a QR
-  // (small_svd_by_eigh in linalg.cpp). On CUDA, cuSOLVER's fp32 Jacobi SVD left its singular
-  // vectors orthogonal to only 2e-5 (L = 72) and 1e-4 (L = 216), which U = basis Ur inherits,
-  // and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver took 0.8-0.9x and 0.4x as long
-  // as the fp32 SVD (H200, [4, L, L], two runs, 2026-11-27; benchmarks/gpu_profile.py).
-  // LORAPORT_RAYLEIGH_RITZ=svd|eigh overrides it (the CPU tests run the CUDA choice with it).
-  bool rayleigh_ritz_eigh = false;
+  // The Rayleigh-Ritz SVD of the small L x L factor:
+  //   Svd: one SVD in the working precision (LAPACK on the CPU);
+  //   Eigh: the fp64 eigendecomposition of its Gram matrix plus a QR (small_svd_by_eigh in
+  //     linalg.cpp), on the tensor's device. On CUDA, cuSOLVER's fp32 Jacobi SVD left its
+  //     singular vectors orthogonal to only 2e-5 (L = 72) and 1e-4 (L = 216), which
+  //     U = basis Ur inherits, and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver
+  //     took 0.8-0.9x and 0.4x as long as the fp32 SVD (H200, [4, L, L], two runs, 2026-11-27;
+  //     benchmarks/gpu_profile.py);
+  //   EighOnHost: the same on the CPU (LAPACK, the batch split over torch's threads), the
+  //     factor copied there and the results back. The copy synchronizes with the host, as
+  //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync.
+  // LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides it (the CPU tests run each choice with it).
+  enum class SmallSvd { Svd, Eigh, EighOnHost };
+  SmallSvd rayleigh_ritz = SmallSvd::Svd;
+  // EighOnHost only for factors of at most this size L (larger ones: Eigh). 0 = any size.
+  int64_t host_small_svd_max_size = 0;
   // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).
   std::function<at::Tensor(const at::Tensor&)> gram_fp64;
+  // R [b, l, l] fp64 upper-triangular -> R^{-1} in the given dtype, for CholeskyQR's Q = Y R^{-1}.
+  // Null = ATen (a batched triangular solve against the identity).
+  std::function<at::Tensor(const at::Tensor& R, at::ScalarType dtype)> upper_inverse;
   // CPU with AVX2: {Y, W} = {A X, A^T Y} for an fp32 A [b, m, n], row- or column-major, in one
   // read of A (csrc/cpu/gram_pass.h), so the power method makes 3 reads of A instead of 6 at
   // power_iters=2. Null = every product is its own GEMM.

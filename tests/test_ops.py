@@ -260,23 +260,25 @@ def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatc
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("choice", ["eigh", "host"])
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("case", ["slow", "fast", "rank-deficient", "float64"])
-def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, method, case):
-    """The CUDA op's Rayleigh-Ritz step (the fp64 eigendecomposition of the small factor's Gram,
-    then a QR: RsvdPolicy::rayleigh_ritz_eigh), run on the CPU through LORAPORT_RAYLEIGH_RITZ:
-    the SVD's triplets where they are resolved, orthonormal everywhere, also across the noise
-    directions of an exactly rank-deficient input."""
+def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, choice, method, case):
+    """The CUDA op's Rayleigh-Ritz steps (the fp64 eigendecomposition of the small factor's Gram,
+    then a QR, on the device or on the host with the batch split over threads:
+    RsvdPolicy::SmallSvd), run on the CPU through LORAPORT_RAYLEIGH_RITZ: the SVD's triplets
+    where they are resolved, orthonormal everywhere, also across the noise directions of an
+    exactly rank-deficient input."""
     if case == "rank-deficient":
         A = torch.randn(3, 500, 5, generator=generator) @ torch.randn(3, 5, 90, generator=generator)
     else:
         A = spectrum_matrix(600, 300, FAST if case == "fast" else SLOW, generator, batch=(2,))
         A = A if case == "float64" else A.float()
     results = {}
-    for choice in ("svd", "eigh"):
-        monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", choice)
-        results[choice] = loraport.rsvd(A, 20, power_iters=2, method=method, seed=4)
-    (U, S, V), (U_svd, S_svd, V_svd) = results["eigh"], results["svd"]
+    for small_svd in ("svd", choice):
+        monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+        results[small_svd] = loraport.rsvd(A, 20, power_iters=2, method=method, seed=4)
+    (U, S, V), (U_svd, S_svd, V_svd) = results[choice], results["svd"]
     orthonormal = 1e-12 if case == "float64" else 1e-5
     assert orthogonality_error(U) <= orthonormal and orthogonality_error(V) <= orthonormal
     assert (S[..., :-1] >= S[..., 1:]).all() and (S >= 0).all()
@@ -535,6 +537,25 @@ def test_cuda_gram_kernel_at_layer_sizes_matches_cpu(method, generator):
             assert loraport.subspace_similarity(g, c).min().item() == pytest.approx(1.0, abs=1e-3)
             assert orthogonality_error(g) <= 1e-5
         assert (ref.reconstruction_error(X, *gpu) / ref.optimal_error(X, 32)).max() <= 1.2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("small_svd", ["eigh", "host"])
+@pytest.mark.parametrize("block", [130, 350])
+def test_cuda_wide_krylov_space_matches_cpu(monkeypatch, small_svd, block, generator):
+    """Krylov spaces of 3 x 130 = 390 and 3 x 350 = 1050 columns: CholeskyQR's triangular
+    inverses at widths ragged against the kernel's 4-warp blocks (csrc/cuda/kernels.cu), and
+    beyond its 1024-column limit (ATen's solve), and the Rayleigh-Ritz step on the device or on
+    the host (LORAPORT_RAYLEIGH_RITZ): the CPU's result."""
+    monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+    A = spectrum_matrix(3000, 1200, SLOW, generator, batch=(2,)).float()
+    sketch = torch.randn(1200, block, generator=generator)
+    cpu = torch.ops.loraport.rsvd(A, sketch, 100, 2, "krylov")
+    gpu = [t.cpu() for t in torch.ops.loraport.rsvd(A.cuda(), sketch.cuda(), 100, 2, "krylov")]
+    torch.testing.assert_close(gpu[1], cpu[1], rtol=1e-4, atol=1e-6)
+    for g, c in ((gpu[0], cpu[0]), (gpu[2], cpu[2])):
+        assert loraport.subspace_similarity(g[..., :50], c[..., :50]).min().item() == pytest.approx(1.0, abs=1e-3)
+        assert orthogonality_error(g) <= 1e-5
 
 
 @pytest.mark.cuda

@@ -4,7 +4,13 @@
 // straight from the fp32 data. cuBLAS has no fp32-input/fp64-compute GEMM, so the alternative
 // is an fp64 copy of Y plus a DGEMM; this kernel reads Y once. It is the first step of the
 // mixed-precision CholeskyQR in csrc/linalg.cpp.
-#include <ATen/ATen.h>
+//
+// upper_inverse: R^{-1} for a batch of small upper-triangular fp64 R [b, l, l], the second
+// step of CholeskyQR (Q = Y R^{-1} is then one GEMM). ATen's route, a batched triangular solve
+// against the identity, took 1.5 ms of a 14 ms rsvd call in ~96 cuBLAS kernels (H200, 4 x
+// [12288, 3072], rank 64; RESULTS.md); here it is one launch.
+#include "kernels.h"
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -53,6 +59,38 @@ __global__ void gram_fp64_kernel(const float* __restrict__ Y,  // [b, m, l] cont
   }
 }
 
+constexpr int kWarpsPerBlock = 4;  // upper_inverse: one warp per column of the inverse
+
+// grid: (column groups of kWarpsPerBlock, batch); block: 32 * kWarpsPerBlock threads. Warp w
+// computes column j of X = R^{-1} by back substitution (X is upper triangular too):
+//   X[j][j] = 1 / R[j][j];  X[i][j] = -(sum_{k=i+1..j} R[i][k] X[k][j]) / R[i][i], i = j-1 .. 0,
+// the sum split over the lanes and reduced with shuffles; the column being built lives in
+// shared memory. R is row-major (contiguous), so the lanes read a row of R together.
+template <typename out_t>
+__global__ void upper_inverse_kernel(const double* __restrict__ R,  // [b, l, l] contiguous
+                                     out_t* __restrict__ X,         // [b, l, l] contiguous
+                                     int l) {
+  extern __shared__ double columns[];  // [kWarpsPerBlock][l]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j = blockIdx.x * kWarpsPerBlock + warp;
+  if (j >= l) return;  // the whole warp: only warp-level synchronization follows
+  const double* Rb = R + int64_t(blockIdx.y) * l * l;
+  double* x = columns + warp * l;  // x[k] = X[k][j], k <= j
+  if (lane == 0) x[j] = 1.0 / Rb[int64_t(j) * l + j];
+  __syncwarp();
+  for (int i = j - 1; i >= 0; --i) {
+    const double* row = Rb + int64_t(i) * l;
+    double partial = 0.0;
+    for (int k = i + 1 + lane; k <= j; k += 32) partial += row[k] * x[k];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) partial += __shfl_xor_sync(0xffffffffu, partial, offset);
+    if (lane == 0) x[i] = -partial / row[i];
+    __syncwarp();
+  }
+  out_t* Xb = X + int64_t(blockIdx.y) * l * l;
+  for (int i = lane; i < l; i += 32) Xb[int64_t(i) * l + j] = i <= j ? out_t(x[i]) : out_t(0);
+}
+
 }  // namespace
 
 at::Tensor gram_fp64_cuda(const at::Tensor& Y_in) {
@@ -75,6 +113,32 @@ at::Tensor gram_fp64_cuda(const at::Tensor& Y_in) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return G;
+}
+
+at::Tensor upper_inverse_cuda(const at::Tensor& R_in, at::ScalarType out_dtype) {
+  TORCH_CHECK(R_in.is_cuda() && R_in.scalar_type() == at::kDouble && R_in.dim() == 3 && R_in.size(-1) == R_in.size(-2),
+              "upper_inverse_cuda: expected a [b, l, l] float64 CUDA tensor");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kDouble, "upper_inverse_cuda: float or double output");
+  const int64_t b = R_in.size(0), l = R_in.size(-1);
+  TORCH_CHECK(l <= kUpperInverseMaxSize, "upper_inverse_cuda: l = ", l, " > ", kUpperInverseMaxSize);
+  const at::Tensor R = R_in.contiguous();
+  at::Tensor X = at::empty({b, l, l}, R.options().dtype(out_dtype));
+  if (b == 0) return X;
+  const dim3 block(32 * kWarpsPerBlock);
+  const size_t shared = sizeof(double) * kWarpsPerBlock * l;
+  const int64_t max_batch_per_launch = 65535;  // gridDim.y limit
+  for (int64_t b0 = 0; b0 < b; b0 += max_batch_per_launch) {
+    const dim3 grid(unsigned((l + kWarpsPerBlock - 1) / kWarpsPerBlock), unsigned(std::min(max_batch_per_launch, b - b0)));
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const double* Rp = R.data_ptr<double>() + b0 * l * l;
+    if (out_dtype == at::kFloat) {
+      upper_inverse_kernel<float><<<grid, block, shared, stream>>>(Rp, X.data_ptr<float>() + b0 * l * l, int(l));
+    } else {
+      upper_inverse_kernel<double><<<grid, block, shared, stream>>>(Rp, X.data_ptr<double>() + b0 * l * l, int(l));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return X;
 }
 
 }  // namespace loraport

@@ -5,12 +5,10 @@
 #include <torch/library.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda/kernels.h"
 #include "linalg.h"
 
 namespace loraport {
-
-at::Tensor gram_fp64_cuda(const at::Tensor& Y);  // kernels.cu
-
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, const at::Tensor& sketch,
@@ -19,9 +17,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   const c10::cuda::CUDAGuard guard(A.device());
   RsvdPolicy policy;
   policy.check_each_qr = false;
-  policy.rayleigh_ritz_eigh = true;
+  // The Rayleigh-Ritz SVD on the host up to L = 96, on the GPU beyond. loraport.rsvd, median ms,
+  // GPU eigh / host (H100, 2026-11-28, benchmarks/gpu_profile.py): L = 72: 4 x [12288, 3072]
+  // power rank 64, 16.2 / 14.0; 16 x [3072, 3072], 29.2 / 20.8; L = 24: 256 x [512, 128],
+  // 27.8 / 23.3; L = 16: 4096 x [64, 64], 300 / 137; L = 192: 4 x [12288, 3072] krylov rank 64
+  // block 48, 22.1 / 30.0; L = 384: krylov rank 128 block 96, 39.7 / 68.6.
+  policy.rayleigh_ritz = RsvdPolicy::SmallSvd::EighOnHost;
+  policy.host_small_svd_max_size = 96;
   policy.gram_fp64 = [](const at::Tensor& Y) {
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
+  };
+  policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
+    if (R.size(-1) <= kUpperInverseMaxSize) return upper_inverse_cuda(R, dtype);
+    return at::linalg_solve_triangular(R, at::eye(R.size(-1), R.options()), /*upper=*/true).to(dtype);
   };
   return rsvd_forward(A, sketch, rank, power_iters, std::string_view(method.data(), method.size()), policy);
 }
