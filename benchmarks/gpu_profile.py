@@ -6,7 +6,8 @@ For loraport.rsvd (power and krylov) and torch.svd_lowrank at the same settings:
 host synchronizations (torch.cuda.set_sync_debug_mode counts each synchronizing call) and the
 top CUDA kernels by device time (torch.profiler). Then the candidates for the Rayleigh-Ritz SVD of
 the small L x L factor (L = rank + oversample for power, 3x that for krylov at power_iters=2):
-time and the orthogonality of the left singular vectors they return."""
+time and the orthogonality of the left singular vectors they return; the op's total time with
+that SVD on the GPU or on the host; and the rates of the skinny GEMMs of one pass."""
 
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main() -> None:
               f"{device_us / 1e3:.2f} ms of kernels")
         print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
     small_svd_candidates(args.batch, args.rank + 8)
+    rayleigh_ritz_on_device_or_host()
+    skinny_gemm_rates(args.batch, m, n)
 
 
 def median_ms(fn, repeats: int = 20) -> float:
@@ -108,6 +111,53 @@ def small_svd_candidates(batch: int, width: int) -> None:
             error = (U.mT @ U - torch.eye(L, device="cuda", dtype=torch.float64)).abs().amax().item()
             cells.append(f"{median_ms(fn):.2f} ms, {error:.0e}")
         print(f"| {L} | " + " | ".join(cells) + " |")
+
+
+def rayleigh_ritz_on_device_or_host() -> None:
+    """loraport.rsvd with the Rayleigh-Ritz SVD on the GPU (cuSOLVER's fp64 eigensolver) and on
+    the host (LAPACK, the batch over torch's threads): LORAPORT_RAYLEIGH_RITZ=eigh|host, taking
+    turns, median ms of 10; L is the width of the factor whose SVD is taken."""
+    print("\n### Rayleigh-Ritz on the GPU or on the host: median ms of loraport.rsvd")
+    print("| batch x shape | method | L | on the GPU (eigh) | on the host |")
+    print("|---|---|---:|---:|---:|")
+    cases = [  # (batch, m, n, rank, method, block, power_iters)
+        (4, 12288, 3072, 64, "power", None, 2),
+        (4, 12288, 3072, 64, "krylov", 48, 3),
+        (4, 12288, 3072, 128, "krylov", 96, 3),
+        (16, 3072, 3072, 64, "power", None, 2),
+        (256, 512, 128, 16, "power", None, 2),
+        (4096, 64, 64, 8, "power", None, 2),
+    ]
+    saved = os.environ.get("LORAPORT_RAYLEIGH_RITZ")
+    for batch, m, n, rank, method, block, q in cases:
+        A = torch.randn(batch, m, n, device="cuda") / m**0.5
+        width = block or rank + 8
+        L = width * (q + 1 if method == "krylov" else 1)
+        call = lambda: loraport.rsvd(A, rank, power_iters=q, method=method, block_size=block, seed=0)
+        cells = []
+        for choice in ("eigh", "host"):
+            os.environ["LORAPORT_RAYLEIGH_RITZ"] = choice
+            cells.append(f"{median_ms(call, repeats=10):.2f}")
+        print(f"| {batch} x [{m}, {n}] | {method} rank {rank} q={q} | {L} | " + " | ".join(cells) + " |")
+        del A
+    if saved is None:
+        os.environ.pop("LORAPORT_RAYLEIGH_RITZ", None)
+    else:
+        os.environ["LORAPORT_RAYLEIGH_RITZ"] = saved
+
+
+def skinny_gemm_rates(batch: int, m: int, n: int) -> None:
+    """TFLOP/s of the tall-skinny products of one pass at several widths: A X, and A^T Q as
+    matmul(A^T, Q) and as (Q^T A)^T (linalg.cpp's adjoint_times)."""
+    print(f"\n### skinny GEMMs on {batch} x [{m}, {n}]: TFLOP/s (median of 20)")
+    print("| width | A X | A^T Q | (Q^T A)^T |")
+    print("|---:|---:|---:|---:|")
+    A = torch.randn(batch, m, n, device="cuda")
+    for width in (24, 48, 64, 72, 96, 128, 136, 192):
+        X, Q = torch.randn(batch, n, width, device="cuda"), torch.randn(batch, m, width, device="cuda")
+        flops = 2 * batch * m * n * width / 1e9
+        cells = [flops / median_ms(fn) for fn in (lambda: A @ X, lambda: A.mT @ Q, lambda: (Q.mT @ A).mT)]
+        print(f"| {width} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

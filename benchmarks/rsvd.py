@@ -198,12 +198,16 @@ def peers(k: int, oversample: int, device: str):
 
 
 def narrow_krylov(k: int, device: str):
-    """Krylov with blocks of k/2 to 7k/8 columns (more iterations, fewer flops per pass)."""
+    """Krylov with blocks of k/2 to 7k/8 columns (more iterations, fewer flops per pass), and of k
+    columns on a GPU, where cuBLAS runs a width of 64 at 1.5x the rate of 72 (H100, 4 x [12288,
+    3072]: 38.4 vs 25.8 TFLOP/s; benchmarks/gpu_profile.py), so a block of k costs less than one
+    of k + oversample."""
 
     def run(block):
         return lambda A, q: loraport.rsvd(A, k, power_iters=q, method="krylov", block_size=block, seed=0)
 
-    return {f"loraport krylov block {b}": run(b) for b in (k // 2, 5 * k // 8, 3 * k // 4, 7 * k // 8)}
+    blocks = [k // 2, 5 * k // 8, 3 * k // 4, 7 * k // 8] + ([k] if device == "cuda" else [])
+    return {f"loraport krylov block {b}": run(b) for b in blocks}
 
 
 def narrow_block(name: str) -> int | None:
