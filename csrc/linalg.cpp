@@ -402,21 +402,23 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t ra
 }
 
 // small_svd_by_eigh on the CPU for a factor X [b, L, L] on another device
-// (RsvdPolicy::SmallSvd::EighOnHost): X is copied to the host (a synchronization), the batch is
-// split over torch's threads (ATen runs a batched LAPACK eigensolver one matrix after another),
-// and the fp64 triplets go back to X's device.
+// (RsvdPolicy::SmallSvd::EighOnHost): X is copied to the host (the one synchronization), the
+// batch is split over torch's threads (ATen runs a batched LAPACK eigensolver one matrix after
+// another), and the fp64 triplets go back from pinned memory without waiting (a pageable
+// copy would synchronize once more per tensor).
 std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, int64_t rank) {
   const Tensor Xh = X.to(at::kCPU, at::kDouble);                  // [b, L, L]
   const int64_t b = Xh.size(0), L = Xh.size(-1);
-  Tensor Ur = at::empty({b, L, rank}, Xh.options()), S = at::empty({b, rank}, Xh.options());
-  Tensor Vr = at::empty({b, L, rank}, Xh.options());
+  const auto opts = Xh.options().pinned_memory(!X.device().is_cpu());
+  Tensor Ur = at::empty({b, L, rank}, opts), S = at::empty({b, rank}, opts), Vr = at::empty({b, L, rank}, opts);
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
     auto [u, s, v] = small_svd_by_eigh(Xh.narrow(0, begin, end - begin), rank);
     Ur.narrow(0, begin, end - begin).copy_(u);
     S.narrow(0, begin, end - begin).copy_(s);
     Vr.narrow(0, begin, end - begin).copy_(v);
   });
-  return {Ur.to(X.device()), S.to(X.device()), Vr.to(X.device())};
+  return {Ur.to(X.device(), /*non_blocking=*/true), S.to(X.device(), /*non_blocking=*/true),
+          Vr.to(X.device(), /*non_blocking=*/true)};
 }
 
 // The Rayleigh-Ritz SVD of X [b, L, L] by the policy's choice (RsvdPolicy::SmallSvd).
@@ -426,9 +428,7 @@ std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t ra
     case SmallSvd::Svd:
       return small_svd(X, rank);
     case SmallSvd::EighOnHost:
-      if (policy.host_small_svd_max_size == 0 || X.size(-1) <= policy.host_small_svd_max_size)
-        return small_svd_by_eigh_on_host(X, rank);
-      [[fallthrough]];
+      return small_svd_by_eigh_on_host(X, rank);
     case SmallSvd::Eigh:
       return small_svd_by_eigh(X, rank);
   }
@@ -508,7 +508,6 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
     TORCH_CHECK_VALUE(choice == "svd" || choice == "eigh" || choice == "host",
                       "LORAPORT_RAYLEIGH_RITZ must be svd, eigh or host, got ", choice);
     policy.rayleigh_ritz = choice == "svd" ? SmallSvd::Svd : choice == "eigh" ? SmallSvd::Eigh : SmallSvd::EighOnHost;
-    policy.host_small_svd_max_size = 0;
   }
   const at::ScalarType work = compute_dtype({A});
   const auto opts = A.options().dtype(work);

@@ -32,12 +32,11 @@ struct RsvdPolicy {
   //     benchmarks/gpu_profile.py);
   //   EighOnHost: the same on the CPU (LAPACK, the batch split over torch's threads), the
   //     factor copied there and the results back. The copy synchronizes with the host, as
-  //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync.
+  //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. On a
+  //     GPU machine it pays only while host cores are idle (measurements in ops_cuda.cpp).
   // LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides it (the CPU tests run each choice with it).
   enum class SmallSvd { Svd, Eigh, EighOnHost };
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
-  // EighOnHost only for factors of at most this size L (larger ones: Eigh). 0 = any size.
-  int64_t host_small_svd_max_size = 0;
   // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).

@@ -17,13 +17,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   const c10::cuda::CUDAGuard guard(A.device());
   RsvdPolicy policy;
   policy.check_each_qr = false;
-  // The Rayleigh-Ritz SVD on the host up to L = 96, on the GPU beyond. loraport.rsvd, median ms,
-  // GPU eigh / host (H100, 2026-11-28, benchmarks/gpu_profile.py): L = 72: 4 x [12288, 3072]
-  // power rank 64, 16.2 / 14.0; 16 x [3072, 3072], 29.2 / 20.8; L = 24: 256 x [512, 128],
-  // 27.8 / 23.3; L = 16: 4096 x [64, 64], 300 / 137; L = 192: 4 x [12288, 3072] krylov rank 64
-  // block 48, 22.1 / 30.0; L = 384: krylov rank 128 block 96, 39.7 / 68.6.
-  policy.rayleigh_ritz = RsvdPolicy::SmallSvd::EighOnHost;
-  policy.host_small_svd_max_size = 96;
+  // The Rayleigh-Ritz SVD stays on the GPU. On the host (LORAPORT_RAYLEIGH_RITZ=host) it was
+  // faster in one lease and slower in the next: loraport.rsvd, median ms, GPU eigh / host, two
+  // H100 leases of 2026-11-28 (benchmarks/gpu_profile.py): 4 x [12288, 3072] power rank 64
+  // (L = 72): 16.2 / 14.0, then 18.2 / 22.0; 16 x [3072, 3072] (L = 72): 29.2 / 20.8, then
+  // 38.3 / 34.9; 256 x [512, 128] rank 16 (L = 24): 27.8 / 23.3, then 26.0 / 79.6; and slower
+  // in both at L = 192 and 384 (22.1 / 30.0, 39.7 / 68.6). It depends on idle host cores,
+  // which a pipeline reading the next layers does not leave.
+  policy.rayleigh_ritz = RsvdPolicy::SmallSvd::Eigh;
   policy.gram_fp64 = [](const at::Tensor& Y) {
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
   };
