@@ -18,12 +18,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   RsvdPolicy policy;
   policy.check_each_qr = false;
   // The Rayleigh-Ritz SVD stays on the GPU. On the host (LORAPORT_RAYLEIGH_RITZ=host) it was
-  // faster in one lease and slower in the next: loraport.rsvd, median ms, GPU eigh / host, two
-  // H100 leases of 2026-11-28 (benchmarks/gpu_profile.py): 4 x [12288, 3072] power rank 64
-  // (L = 72): 16.2 / 14.0, then 18.2 / 22.0; 16 x [3072, 3072] (L = 72): 29.2 / 20.8, then
-  // 38.3 / 34.9; 256 x [512, 128] rank 16 (L = 24): 27.8 / 23.3, then 26.0 / 79.6; and slower
-  // in both at L = 192 and 384 (22.1 / 30.0, 39.7 / 68.6). It depends on idle host cores,
-  // which a pipeline reading the next layers does not leave.
+  // faster in two leases and slower in the one between: loraport.rsvd, median ms, GPU eigh /
+  // host, three H100 leases of 2026-11-28 (benchmarks/gpu_profile.py; RESULTS.md):
+  // 4 x [12288, 3072] power rank 64 (L = 72): 16.2 / 14.0, 18.2 / 22.0, 15.8 / 12.4;
+  // 256 x [512, 128] rank 16 (L = 24): 27.8 / 23.3, 26.0 / 79.6, 18.6 / 17.9; and slower in
+  // all three at L = 192 and 384. It depends on idle host cores, which a pipeline reading the
+  // next layers meanwhile does not leave.
   policy.rayleigh_ritz = RsvdPolicy::SmallSvd::Eigh;
   policy.gram_fp64 = [](const at::Tensor& Y) {
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
