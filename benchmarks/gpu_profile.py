@@ -7,7 +7,8 @@ host synchronizations (torch.cuda.set_sync_debug_mode counts each synchronizing 
 top CUDA kernels by device time (torch.profiler). Then the candidates for the Rayleigh-Ritz SVD of
 the small L x L factor (L = rank + oversample for power, 3x that for krylov at power_iters=2):
 time and the orthogonality of the left singular vectors they return; the op's total time with
-that SVD on the GPU or on the host; and the rates of the skinny GEMMs of one pass."""
+that SVD on the GPU or on the host; the rates of the skinny GEMMs of one pass; and those products
+split into two TF32 GEMMs at float32 accuracy (--only-split-tf32 runs just that)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--only-split-tf32", action="store_true", help="only the split-TF32 product measurement")
     args = parser.parse_args()
     m, n = (int(x) for x in args.shape.split("x"))
+    if args.only_split_tf32:
+        split_tf32_products(args.batch, m, n)
+        return
     A = torch.randn(args.batch, m, n, device="cuda") / m**0.5
     calls = {
         "loraport power": lambda: loraport.rsvd(A, args.rank, seed=0),
@@ -77,6 +82,7 @@ def main() -> None:
     small_svd_candidates(args.batch, args.rank + 8)
     rayleigh_ritz_on_device_or_host()
     skinny_gemm_rates(args.batch, m, n)
+    split_tf32_products(args.batch, m, n)
 
 
 def median_ms(fn, repeats: int = 20) -> float:
@@ -158,6 +164,62 @@ def skinny_gemm_rates(batch: int, m: int, n: int) -> None:
         flops = 2 * batch * m * n * width / 1e9
         cells = [flops / median_ms(fn) for fn in (lambda: A @ X, lambda: A.mT @ Q, lambda: (Q.mT @ A).mT)]
         print(f"| {width} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
+
+def tf32_truncated(x: torch.Tensor) -> torch.Tensor:
+    """x with the 13 low mantissa bits of each float32 cleared: a TF32 value (10 mantissa bits)."""
+    return (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def tf32_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest TF32 value (ties away from zero)."""
+    return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def split_tf32_products(batch: int, m: int, n: int) -> None:
+    """Whether the tall-skinny products could run on tensor cores at float32 accuracy. Split
+    A = A_hi + A_lo with A_hi = tf32(A), and X likewise; then A X ~= A_hi [X_hi | X_lo] + A_lo X_hi,
+    dropping A_lo X_lo (~2^-22 relative): two TF32 GEMMs (widths 2l and l) instead of one float32
+    one (Ootomo & Yokota 2022 split the operands the same way). cuBLAS converts float32 to TF32
+    itself, so A can be passed as A_hi only if its conversion is the truncation A_lo is built
+    from: the first table says which conversion the products match. Then: time (median of 20;
+    the split counted as the float32 product's 2 m n l flops) and max relative error per column
+    against float64, for the float32 GEMM, one TF32 GEMM and the split."""
+    print(f"\n### split-TF32 products on {batch} x [{m}, {n}]")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    A = torch.randn(batch, m, n, device="cuda", generator=g) * (torch.arange(1, n + 1, device="cuda") ** -0.5)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        X = torch.randn(batch, n, 72, device="cuda", generator=g)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = (A[:1] @ X[:1]).double()
+        for name, convert in (("truncation", tf32_truncated), ("rounding", tf32_rounded)):
+            exact = convert(A[:1]).double() @ convert(X[:1]).double()
+            print(f"TF32 product vs float64 product of {name}-converted operands: max rel. deviation "
+                  f"{((tf32 - exact).abs().amax() / exact.abs().amax()).item():.1e}")
+        A_lo = A - tf32_truncated(A)  # exact in float32
+        print("| width | float32 TFLOP/s | error | 1xTF32 TFLOP/s | error | split TFLOP/s | error |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for width in (48, 64, 72, 128, 136):
+            X = torch.randn(batch, n, width, device="cuda", generator=g)
+            X_hi = tf32_truncated(X)
+            X_both = torch.cat([X_hi, X - X_hi], dim=-1)  # [b, n, 2 width]
+
+            def split():
+                Y = A @ X_both
+                return torch.baddbmm(Y[..., :width] + Y[..., width:], A_lo, X_hi)
+
+            truth = A.double() @ X.double()
+            scale = truth.abs().amax(dim=-2, keepdim=True)  # per column
+            cells = []
+            for mode, fn in (("fp32", lambda: A @ X), ("tf32", lambda: A @ X), ("split", split)):
+                torch.backends.cuda.matmul.allow_tf32 = mode != "fp32"
+                ms = median_ms(fn)
+                error = ((fn().double() - truth).abs() / scale).amax().item()
+                cells += [f"{2 * batch * m * n * width / ms / 1e9:.1f}", f"{error:.1e}"]
+            print(f"| {width} | " + " | ".join(cells) + " |")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 if __name__ == "__main__":
