@@ -81,14 +81,15 @@ Tensor diagonal_spread(const Tensor& R) {
 }
 
 // X R^{-1} [b, m, l] for X [b, m, l] and an upper-triangular R [b, l, l]: R is inverted in fp64
-// (RsvdPolicy::upper_inverse, or ATen's triangular solve against the identity), and the product
-// is a GEMM in X's precision (on the CPU a batched triangular solve with a tall right-hand side
-// ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
+// (by RsvdPolicy::upper_inverse where it takes R, else by ATen's triangular solve against the
+// identity), and the product is a GEMM in X's precision (on the CPU a batched triangular solve
+// with a tall right-hand side ran at ~1/5 of the GEMM rate, profile of 2 x [3072, 3072], block 48).
 Tensor times_upper_inverse(const Tensor& X, const Tensor& R, const RsvdPolicy& policy) {
   const Tensor Rd = R.to(at::kDouble);
-  if (policy.upper_inverse) return at::matmul(X, policy.upper_inverse(Rd, X.scalar_type()));
-  const Tensor inverse = at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true);
-  return at::matmul(X, inverse.to(X.scalar_type()));
+  Tensor inverse = policy.upper_inverse ? policy.upper_inverse(Rd, X.scalar_type()) : Tensor();
+  if (!inverse.defined())
+    inverse = at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true).to(X.scalar_type());
+  return at::matmul(X, inverse);
 }
 
 // Y = Q R with orthonormal Q, for a batch of tall-skinny Y [b, m, l] (m >= l).

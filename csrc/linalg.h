@@ -41,8 +41,9 @@ struct RsvdPolicy {
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).
   std::function<at::Tensor(const at::Tensor&)> gram_fp64;
-  // R [b, l, l] fp64 upper-triangular -> R^{-1} in the given dtype, for CholeskyQR's Q = Y R^{-1}.
-  // Null = ATen (a batched triangular solve against the identity).
+  // R [b, l, l] fp64 upper-triangular -> R^{-1} in the given dtype, for CholeskyQR's Q = Y R^{-1};
+  // an undefined tensor where it does not take R. Null or undefined = ATen (a batched triangular
+  // solve against the identity).
   std::function<at::Tensor(const at::Tensor& R, at::ScalarType dtype)> upper_inverse;
   // CPU with AVX2: {Y, W} = {A X, A^T Y} for an fp32 A [b, m, n], row- or column-major, in one
   // read of A (csrc/cpu/gram_pass.h), so the power method makes 3 reads of A instead of 6 at

@@ -29,8 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
   };
   policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
-    if (R.size(-1) <= kUpperInverseMaxSize) return upper_inverse_cuda(R, dtype);
-    return at::linalg_solve_triangular(R, at::eye(R.size(-1), R.options()), /*upper=*/true).to(dtype);
+    return R.size(-1) <= kUpperInverseMaxSize ? upper_inverse_cuda(R, dtype) : at::Tensor();  // beyond: ATen
   };
   return rsvd_forward(A, sketch, rank, power_iters, std::string_view(method.data(), method.size()), policy);
 }
