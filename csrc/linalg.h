@@ -32,8 +32,8 @@ struct RsvdPolicy {
   //     benchmarks/gpu_profile.py);
   //   EighOnHost: the same on the CPU (LAPACK, the batch split over torch's threads), the
   //     factor copied there and the results back. The copy synchronizes with the host, as
-  //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. On a
-  //     GPU machine it pays only while host cores are idle (measurements in ops_cuda.cpp).
+  //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. Its speed
+  //     on a GPU machine varied from lease to lease (measurements in ops_cuda.cpp).
   // LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides it (the CPU tests run each choice with it).
   enum class SmallSvd { Svd, Eigh, EighOnHost };
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
