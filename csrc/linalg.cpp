@@ -65,11 +65,13 @@ Method parse_method(std::string_view method) {
                     std::string(method), "\"");
 }
 
-// Flip each singular pair so that the largest-magnitude entry of every U column is positive:
-// a deterministic sign convention, so CPU and CUDA (and reruns) agree up to rounding.
+// Flip each singular pair so that the largest-magnitude entry of every U column is positive
+// (on an exact tie between a positive and a negative entry, the positive one): a deterministic
+// sign convention, so CPU and CUDA (and reruns) agree up to rounding. Two reductions, not an
+// argmax over |U| (0.09 against 0.69 ms on [2, 3072, 64], CPU).
 void normalize_signs(Tensor& U /*[b,m,k]*/, Tensor& V /*[b,n,k]*/) {
-  Tensor pivot = U.gather(-2, U.abs().argmax(-2, /*keepdim=*/true));  // [b, 1, k]
-  Tensor sign = at::where(pivot < 0, -1.0, 1.0).to(U.scalar_type());
+  Tensor positive = U.amax(-2, /*keepdim=*/true).ge(U.amin(-2, /*keepdim=*/true).neg());  // [b, 1, k]
+  Tensor sign = at::where(positive, 1.0, -1.0).to(U.scalar_type());
   U.mul_(sign);
   V.mul_(sign);
 }
@@ -519,8 +521,10 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
     s.insert(s.end(), tail);
     return s;
   };
-  Tensor U = at::empty({b, m, rank}, opts), S = at::empty({b, rank}, opts), V = at::empty({b, n, rank}, opts);
-  if (b == 0) return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
+  auto outputs = [&](const Tensor& U, const Tensor& S, const Tensor& V) {
+    return std::make_tuple(U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank})));
+  };
+  if (b == 0) return outputs(at::empty({b, m, rank}, opts), at::empty({b, rank}, opts), at::empty({b, n, rank}, opts));
 
   // Work on the tall orientation (a transposed view of a wide A; BLAS takes either layout):
   // the Krylov basis then lives on the long side and the Rayleigh-Ritz factorization of
@@ -541,6 +545,9 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   // chunk after chunk: a fresh allocation per chunk cost 8x the conversion itself in first-touch
   // page faults on the CPU (0.36 s vs 0.045 s for 4 x [21504, 3072]).
   const Tensor staging = upcast ? at::empty({std::min(chunk, b), m, n}, opts) : Tensor();
+  // In one chunk the chunk's results are the outputs; several fill these.
+  Tensor U, S, V;
+  if (chunk < b) U = at::empty({b, m, rank}, opts), S = at::empty({b, rank}, opts), V = at::empty({b, n, rank}, opts);
   for (int64_t s = 0; s < b; s += chunk) {
     const int64_t c = std::min(chunk, b - s);
     Tensor Ac = A3.narrow(0, s, c);  // a view when A is already fp32/fp64
@@ -564,11 +571,12 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
     }
     if (wide) std::swap(Uc, Vc);  // the SVD of A^T is V S U^T
     normalize_signs(Uc, Vc);
+    if (c == b) return outputs(Uc.contiguous(), Sc.contiguous(), Vc.contiguous());
     U.narrow(0, s, c).copy_(Uc);
     S.narrow(0, s, c).copy_(Sc);
     V.narrow(0, s, c).copy_(Vc);
   }
-  return {U.reshape(out_shape({m, rank})), S.reshape(out_shape({rank})), V.reshape(out_shape({n, rank}))};
+  return outputs(U, S, V);
 }
 
 std::tuple<Tensor, Tensor> project_lora_forward(const Tensor& up, const Tensor& down, const Tensor& U,
