@@ -82,6 +82,19 @@ Tensor diagonal_spread(const Tensor& R) {
   return diag.amax(-1) / diag.amin(-1);  // [b]; inf or nan for a zero pivot (callers test "not <= bound")
 }
 
+// Y^T Y [b, l, l] of Y [b, m, l], in Y's dtype (RsvdPolicy::gram where it takes Y).
+Tensor gram_of(const Tensor& Y, const RsvdPolicy& policy) {
+  Tensor G = policy.gram ? policy.gram(Y) : Tensor();
+  return G.defined() ? G : at::matmul(Y.mT(), Y);
+}
+
+// X T [b, m, k] for X [b, m, l] and a small T [b, l, k] (RsvdPolicy::times_small where it takes
+// them); upper: T is upper-triangular.
+Tensor times_small(const Tensor& X, const Tensor& T, bool upper, const RsvdPolicy& policy) {
+  Tensor C = policy.times_small ? policy.times_small(X, T, upper) : Tensor();
+  return C.defined() ? C : at::matmul(X, T);
+}
+
 // X R^{-1} [b, m, l] for X [b, m, l] and an upper-triangular R [b, l, l]: R is inverted in fp64
 // (by RsvdPolicy::upper_inverse where it takes R, else by ATen's triangular solve against the
 // identity), and the product is a GEMM in X's precision (on the CPU a batched triangular solve
@@ -91,7 +104,7 @@ Tensor times_upper_inverse(const Tensor& X, const Tensor& R, const RsvdPolicy& p
   Tensor inverse = policy.upper_inverse ? policy.upper_inverse(Rd, X.scalar_type()) : Tensor();
   if (!inverse.defined())
     inverse = at::linalg_solve_triangular(Rd, at::eye(Rd.size(-1), Rd.options()), /*upper=*/true).to(X.scalar_type());
-  return at::matmul(X, inverse);
+  return times_small(X, inverse, /*upper=*/true, policy);
 }
 
 // Y = Q R with orthonormal Q, for a batch of tall-skinny Y [b, m, l] (m >= l).
@@ -152,7 +165,7 @@ class Orthonormalizer {
   std::tuple<Tensor, Tensor, Tensor> cholesky_qr_pass(const Tensor& Y, bool shift) {
     // Pass 1 needs the fp64 Gram (cond(Y) up to ~1/u32); pass 2 sees a nearly orthonormal Q1,
     // whose Gram is accurate in the working precision at a fraction of the fp64 GEMM's cost.
-    auto [Rd, bad] = !shift ? cholesky_of(at::matmul(Y.mT(), Y).to(at::kDouble), Y.size(-2), false)
+    auto [Rd, bad] = !shift ? cholesky_of(gram_of(Y, policy_).to(at::kDouble), Y.size(-2), false)
                             : first_pass_cholesky(Y);
     // Pass 2 sees a nearly orthonormal Q1 unless Y was numerically rank-deficient; there a
     // spread of R's diagonal means Q would keep an orthogonality error ~ u * spread.
@@ -173,10 +186,11 @@ class Orthonormalizer {
   std::tuple<Tensor, Tensor> first_pass_cholesky(const Tensor& Y) {
     const int64_t m = Y.size(-2);
     if (policy_.check_each_qr && Y.scalar_type() == at::kFloat) {
-      auto [Rd, bad] = cholesky_of(at::matmul(Y.mT(), Y).to(at::kDouble), m, true);
+      auto [Rd, bad] = cholesky_of(gram_of(Y, policy_).to(at::kDouble), m, true);
       if (!bad.logical_or(diagonal_spread(Rd).le(kFp32GramSpread).logical_not()).any().item<bool>()) return {Rd, bad};
     }
-    return cholesky_of(policy_.gram_fp64 ? policy_.gram_fp64(Y) : gram_fp64_aten(Y), m, true);
+    const Tensor G = policy_.gram_fp64 ? policy_.gram_fp64(Y) : Tensor();
+    return cholesky_of(G.defined() ? G : gram_fp64_aten(Y), m, true);
   }
 
   // Cholesky factor R of the Gram G [b, l, l] (fp64) of an m-row matrix, shifted for pass 1.
@@ -468,8 +482,8 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]
   const at::ScalarType work = A.scalar_type();
   auto [Ur, S, Vr] = rayleigh_ritz_svd(R.mT(), rank, policy);
-  Tensor U = at::matmul(basis, Ur.to(work));                       // [b, m, rank]
-  Tensor V = at::matmul(P, Vr.to(work));                           // [b, n, rank]
+  Tensor U = times_small(basis, Ur.to(work), /*upper=*/false, policy);  // [b, m, rank]
+  Tensor V = times_small(P, Vr.to(work), /*upper=*/false, policy);      // [b, n, rank]
   return {U, S.to(work), V};
 }
 

@@ -39,15 +39,21 @@ struct RsvdPolicy {
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
   // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
-  // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64. Null = ATen (copy to fp64 + GEMM).
+  // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64; an undefined tensor where the hook
+  // does not take Y. Null or undefined = ATen (copy to fp64 + GEMM).
   std::function<at::Tensor(const at::Tensor&)> gram_fp64;
   // R [b, l, l] fp64 upper-triangular -> R^{-1} in the given dtype, for CholeskyQR's Q = Y R^{-1};
   // an undefined tensor where it does not take R. Null or undefined = ATen (a batched triangular
   // solve against the identity).
   std::function<at::Tensor(const at::Tensor& R, at::ScalarType dtype)> upper_inverse;
+  // Y [b, m, l] -> Y^T Y [b, l, l] in Y's dtype, and X [b, m, l] times a small T [b, l, k]
+  // (`upper`: T is upper-triangular, e.g. CholeskyQR's R^{-1}); an undefined tensor where the hook
+  // does not take the operands. Null or undefined = ATen. CPU with AVX2: csrc/cpu/skinny_avx2.cpp.
+  std::function<at::Tensor(const at::Tensor& Y)> gram;
+  std::function<at::Tensor(const at::Tensor& X, const at::Tensor& T, bool upper)> times_small;
   // CPU with AVX2: {Y, W} = {A X, A^T Y} for an fp32 A [b, m, n], row- or column-major, in one
-  // read of A (csrc/cpu/gram_pass.h), so the power method makes 3 reads of A instead of 6 at
-  // power_iters=2. Null = every product is its own GEMM.
+  // read of A (csrc/cpu/gram_pass_avx2.cpp), so the power method makes 3 reads of A instead of 6
+  // at power_iters=2. Null = every product is its own GEMM.
   std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& A, const at::Tensor& X)> gram_pass;
 };
 

@@ -180,7 +180,20 @@ def _cpu_has_avx2_fma():
     return "avx2" in flags and "fma" in flags
 
 
-needs_gram_pass = pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="the fused CPU pass needs x86-64 with AVX2 and FMA")
+needs_avx2 = pytest.mark.skipif(not _cpu_has_avx2_fma(), reason="the CPU kernels of csrc/cpu/kernels_avx2.h need x86-64 with AVX2 and FMA")
+
+
+def assert_same_decomposition(got, want, A, k, error_rtol):
+    """Two rsvd paths that differ only in fp32 rounding: the same singular values, subspaces and
+    error relative to optimal; got's factors orthonormal."""
+    torch.testing.assert_close(got.S, want.S, rtol=1e-5, atol=1e-6 * float(want.S.max()))
+    for Ug, Uw in ((got.U, want.U), (got.V, want.V)):
+        sim = loraport.subspace_similarity(Ug, Uw)
+        assert (sim > 1 - 1e-5).all(), sim
+    err_got = ref.reconstruction_error(A, *got) / ref.optimal_error(A, k)
+    err_want = ref.reconstruction_error(A, *want) / ref.optimal_error(A, k)
+    torch.testing.assert_close(err_got, err_want, rtol=error_rtol, atol=0)
+    assert orthogonality_error(got.U) <= 1e-5 and orthogonality_error(got.V) <= 1e-5
 
 
 def _rsvd_plain(monkeypatch, A, rank, **kw):
@@ -190,7 +203,7 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
         return loraport.rsvd(A, rank, **kw)
 
 
-@needs_gram_pass
+@needs_avx2
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("q", [0, 1, 2])
 @pytest.mark.parametrize(
@@ -213,17 +226,10 @@ def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, met
     fused = loraport.rsvd(A, k, power_iters=q, method=method, seed=4)
     plain = _rsvd_plain(monkeypatch, A, k, power_iters=q, method=method, seed=4)
     assert not torch.equal(fused.S, plain.S) or not torch.equal(fused.U, plain.U)
-    torch.testing.assert_close(fused.S, plain.S, rtol=1e-5, atol=1e-6)
-    for Uf, Up in ((fused.U, plain.U), (fused.V, plain.V)):
-        sim = loraport.subspace_similarity(Uf, Up)
-        assert (sim > 1 - 1e-5).all(), sim
-    err_fused = ref.reconstruction_error(A, *fused) / ref.optimal_error(A, k)
-    err_plain = ref.reconstruction_error(A, *plain) / ref.optimal_error(A, k)
-    torch.testing.assert_close(err_fused, err_plain, rtol=1e-4, atol=0)
-    assert orthogonality_error(fused.U) <= 1e-5 and orthogonality_error(fused.V) <= 1e-5
+    assert_same_decomposition(fused, plain, A, k, error_rtol=1e-4)
 
 
-@needs_gram_pass
+@needs_avx2
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
 def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, method, m, n):
@@ -244,7 +250,7 @@ def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, metho
     torch.testing.assert_close(S[1], plain.S, rtol=1e-5, atol=1e-6)
 
 
-@needs_gram_pass
+@needs_avx2
 @pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
 def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatch, generator, m, n):
     """A of exact rank 12 and Krylov blocks of 8: the first block is well conditioned, but only 4
@@ -258,6 +264,37 @@ def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatc
     plain = _rsvd_plain(monkeypatch, A, 8, **kw)
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)
+
+
+@needs_avx2
+@pytest.mark.parametrize("method", ["power", "krylov"])
+@pytest.mark.parametrize("spectrum", ["slow", "fast"])
+@pytest.mark.parametrize(
+    "batch, m, n, k",
+    [
+        # (every m * width above 2^16, where CholeskyQR replaces Householder QR)
+        ((), 4001, 203, 13),  # width 21: Gram and product panels padded to 24, m % 4 = 1
+        ((3,), 2003, 257, 32),  # a batch over the threads, width 40 (panels of 24 + 16)
+        ((2,), 257, 6003, 5),  # wide (the tall orientation is A^T), width 13
+        ((), 8003, 66, 3),  # width 11, m % 4 = 3
+        ((), 2000, 400, 120),  # width 128: the largest R the CPU's back substitution inverts;
+        # Krylov's Rayleigh-Ritz basis (384 columns) goes to ATen's triangular solve
+    ],
+)
+def test_rsvd_skinny_kernels_match_aten(monkeypatch, generator, method, spectrum, batch, m, n, k):
+    """The CPU's small-product kernels (csrc/cpu/skinny_avx2.cpp: CholeskyQR's fp32 and fp64
+    Grams, Y R^{-1} with its triangular inverse, the Rayleigh-Ritz products) give ATen's results
+    up to fp32 rounding, on shapes that hit every edge of their tiling; and they do run. On the
+    fast spectrum (0.8^i) the sketch's diagonal spread sends CholeskyQR to the fp64 Gram."""
+    decay = SLOW if spectrum == "slow" else FAST
+    k = k if spectrum == "slow" else min(k, 32)  # fast: sigma_32 / sigma_1 = 8e-4, resolved in fp32
+    A = spectrum_matrix(m, n, decay, generator, batch=batch).float()
+    ours = loraport.rsvd(A, k, power_iters=2, method=method, seed=3)
+    with monkeypatch.context() as mp:
+        mp.setenv("LORAPORT_SKINNY_KERNELS", "0")
+        aten = loraport.rsvd(A, k, power_iters=2, method=method, seed=3)
+    assert not torch.equal(ours.U, aten.U)
+    assert_same_decomposition(ours, aten, A, k, error_rtol=1e-4)
 
 
 @pytest.mark.parametrize("choice", ["eigh", "host"])

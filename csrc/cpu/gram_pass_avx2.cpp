@@ -13,13 +13,14 @@
 // shape), so the thread's W stays small. rsvd end to end: benchmarks/RESULTS.md.
 //
 // Layout: X is packed into column panels of 24, 16 or 8 (zero-padded to lp = round_up(l, 8));
-// the microkernel keeps a 4 x (8 NV) tile of the output in 4 NV ymm registers. Rows of M are
-// split over torch's OpenMP threads in contiguous ranges (contiguous reads of a row-major M);
-// each thread accumulates its own W (c x lp, ~0.9 MB at c = 3072, lp = 72), summed at the end.
-#include "gram_pass.h"
+// the microkernel (csrc/cpu/microkernel_avx2.h) keeps a 4 x (8 NV) tile of the output in 4 NV
+// ymm registers. Rows of M are split over torch's OpenMP threads in contiguous ranges
+// (contiguous reads of a row-major M); each thread accumulates its own W (c x lp, ~0.9 MB at
+// c = 3072, lp = 72), summed at the end.
+#include "cpu/kernels_avx2.h"
+#include "cpu/microkernel_avx2.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
@@ -28,84 +29,9 @@
 namespace loraport {
 namespace {
 
-constexpr int64_t kMR = 4;          // output rows per microkernel tile
+using namespace avx2;
+
 constexpr int64_t kDepthBlock = 512;  // depth slice of the Y = M X product (keeps X's panel slice in L2)
-
-// C[4, 8 NV] (=|+=) sum_k a(r, k) b(k, :), a(r, k) = a[r * ars + k * aks], b's rows contiguous
-// with stride ldb, C's rows with stride ldc.
-template <int NV>
-inline void micro(const float* __restrict a, int64_t ars, int64_t aks, const float* __restrict b, int64_t ldb,
-                  int64_t depth, float* __restrict c, int64_t ldc, bool accumulate) {
-  static_assert(NV >= 1 && NV <= 3, "tile width 8, 16 or 24");
-  auto load = [&](int64_t r, int v) { return accumulate ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps(); };
-  __m256 c00 = load(0, 0), c10 = load(1, 0), c20 = load(2, 0), c30 = load(3, 0);
-  __m256 c01, c11, c21, c31, c02, c12, c22, c32;
-  if constexpr (NV >= 2) c01 = load(0, 1), c11 = load(1, 1), c21 = load(2, 1), c31 = load(3, 1);
-  if constexpr (NV >= 3) c02 = load(0, 2), c12 = load(1, 2), c22 = load(2, 2), c32 = load(3, 2);
-  const float* a0 = a;
-  const float* a1 = a + ars;
-  const float* a2 = a + 2 * ars;
-  const float* a3 = a + 3 * ars;
-  for (int64_t k = 0; k < depth; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b);
-    __m256 b1, b2;
-    if constexpr (NV >= 2) b1 = _mm256_loadu_ps(b + 8);
-    if constexpr (NV >= 3) b2 = _mm256_loadu_ps(b + 16);
-    b += ldb;
-#define LORAPORT_ROW(R)                                              \
-  {                                                                  \
-    const __m256 x = _mm256_broadcast_ss(a##R);                      \
-    a##R += aks;                                                     \
-    c##R##0 = _mm256_fmadd_ps(x, b0, c##R##0);                       \
-    if constexpr (NV >= 2) c##R##1 = _mm256_fmadd_ps(x, b1, c##R##1); \
-    if constexpr (NV >= 3) c##R##2 = _mm256_fmadd_ps(x, b2, c##R##2); \
-  }
-    LORAPORT_ROW(0) LORAPORT_ROW(1) LORAPORT_ROW(2) LORAPORT_ROW(3)
-#undef LORAPORT_ROW
-  }
-  auto store = [&](int64_t r, int v, __m256 x) { _mm256_storeu_ps(c + r * ldc + 8 * v, x); };
-  store(0, 0, c00), store(1, 0, c10), store(2, 0, c20), store(3, 0, c30);
-  if constexpr (NV >= 2) store(0, 1, c01), store(1, 1, c11), store(2, 1, c21), store(3, 1, c31);
-  if constexpr (NV >= 3) store(0, 2, c02), store(1, 2, c12), store(2, 2, c22), store(3, 2, c32);
-}
-
-struct Panel {
-  int64_t col;    // first output column
-  int64_t width;  // 8, 16 or 24
-};
-
-std::vector<Panel> panels_of(int64_t lp) {
-  std::vector<Panel> out;
-  for (int64_t j = 0; j < lp;) {
-    const int64_t w = std::min<int64_t>(24, lp - j);
-    out.push_back({j, w});
-    j += w;
-  }
-  return out;
-}
-
-void micro_any(int64_t width, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int64_t depth,
-               float* c, int64_t ldc, bool accumulate) {
-  if (width == 24) micro<3>(a, ars, aks, b, ldb, depth, c, ldc, accumulate);
-  else if (width == 16) micro<2>(a, ars, aks, b, ldb, depth, c, ldc, accumulate);
-  else micro<1>(a, ars, aks, b, ldb, depth, c, ldc, accumulate);
-}
-
-// Packs rows [k0, k0 + kk) of X [rows, l] (strides sx0, sx1) into panels: out[p] is [kk, width]
-// row-major at out + col * kk, zero beyond column l.
-void pack_panels(const float* x, int64_t sx0, int64_t sx1, int64_t l, int64_t k0, int64_t kk,
-                 const std::vector<Panel>& panels, float* out) {
-  for (const Panel& p : panels) {
-    float* dst = out + p.col * kk;
-    for (int64_t k = 0; k < kk; ++k) {
-      const float* src = x + (k0 + k) * sx0;
-      for (int64_t j = 0; j < p.width; ++j) {
-        const int64_t col = p.col + j;
-        dst[k * p.width + j] = col < l ? src[col * sx1] : 0.f;
-      }
-    }
-  }
-}
 
 // Copies rows [0, rows) (rows <= kMR) of an M slice [rows, cols] (row stride lda, cols a
 // multiple of 8 except at M's right edge) into the block's packed transpose: column j of row k

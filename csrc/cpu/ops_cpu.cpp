@@ -1,17 +1,17 @@
 // CPU kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp run on
 // ATen's CPU BLAS, with a CPU policy (check each CholeskyQR at once, Householder QR for small
-// blocks, the fused AVX2 pass of csrc/cpu/gram_pass_avx2.cpp). Schemas: csrc/ops.cpp.
+// blocks, the AVX2 kernels of csrc/cpu/kernels_avx2.h). Schemas: csrc/ops.cpp.
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string_view>
 
-#include "cpu/gram_pass.h"
+#include "cpu/kernels_avx2.h"
 #include "linalg.h"
 
 namespace loraport {
 
-bool gram_pass_available() {
+bool avx2_kernels_available() {
 #if defined(LORAPORT_WITH_AVX2)
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -22,10 +22,16 @@ bool gram_pass_available() {
 
 namespace {
 
-// LORAPORT_GRAM_PASS=0 turns the fused pass off (tests and benchmarks compare the two paths).
-bool gram_pass_enabled() {
-  const char* env = std::getenv("LORAPORT_GRAM_PASS");
-  return gram_pass_available() && !(env && std::string_view(env) == "0");
+// LORAPORT_GRAM_PASS=0 turns the fused pass off, LORAPORT_SKINNY_KERNELS=0 the small products
+// (tests and benchmarks compare each with ATen's GEMMs).
+bool enabled(const char* env_name) {
+  const char* env = std::getenv(env_name);
+  return avx2_kernels_available() && !(env && std::string_view(env) == "0");
+}
+
+// The operands skinny_avx2.cpp takes: CPU float32, X (and Y) [b, m, l] with unit column stride.
+bool skinny_operand(const at::Tensor& X) {
+  return X.dim() == 3 && X.scalar_type() == at::kFloat && X.stride(-1) == 1 && X.device().is_cpu();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, const at::Tensor& sketch,
@@ -37,7 +43,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
   // with Householder for small blocks; no measurable change on [8, 320, 320] and larger.
   policy.householder_max_elements = int64_t(1) << 16;
 #if defined(LORAPORT_WITH_AVX2)
-  if (gram_pass_enabled()) policy.gram_pass = &gram_pass_avx2;
+  if (enabled("LORAPORT_GRAM_PASS")) policy.gram_pass = &gram_pass_avx2;
+  if (enabled("LORAPORT_SKINNY_KERNELS")) {
+    policy.gram = [](const at::Tensor& Y) { return skinny_operand(Y) ? gram_avx2(Y) : at::Tensor(); };
+    policy.gram_fp64 = [](const at::Tensor& Y) {
+      return skinny_operand(Y) ? gram_fp64_avx2(Y) : at::Tensor();
+    };
+    // Back substitution took half of ATen's triangular solve's time at l = 72 and 37 (0.047 vs
+    // 0.097 ms on [2, 72, 72]), 1.8x its time at l = 216: ATen's blocked solve takes l > 128.
+    policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
+      return R.size(-1) <= 128 ? upper_inverse_cpu(R, dtype) : at::Tensor();
+    };
+    policy.times_small = [](const at::Tensor& X, const at::Tensor& T, bool upper) {
+      return skinny_operand(X) && T.scalar_type() == at::kFloat ? times_small_avx2(X, T, upper) : at::Tensor();
+    };
+  }
 #endif
   return rsvd_forward(A, sketch, rank, power_iters, std::string_view(method.data(), method.size()), policy);
 }
