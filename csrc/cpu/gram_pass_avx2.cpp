@@ -58,11 +58,15 @@ void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t col
 }
 
 // Rows of M per fused step: the W part updates the thread's whole W (c x lp) once per block,
-// from the block's packed transpose or copy (c x row_block floats). At c <= 4096, 32 rows
-// (<= 512 KiB) stay in L2; a wider M spills to L3 either way, and 64 rows halve its W updates.
-// (No choice measurably faster on the 2-core VM: 32, 64 or 128 rows on row-major
-// 2 x [3072, 12288]; 32 to 512 rows on column-major 2 x [12288, 3072], 2026-11-27.)
-int64_t row_block_for(int64_t c) { return c <= 4096 ? 32 : 64; }
+// from the block's packed transpose or copy (c x row_block floats). Row-major: at c <= 4096,
+// 32 rows (<= 512 KiB) stay in L2; a wider M spills to L3 either way, and 64 rows halve its W
+// updates (no choice measurably faster: 32, 64 or 96 rows on 2 x [3072, 3072] and
+// 2 x [12288, 3072], 2026-11-28). Column-major: the copy of a block visits one 4 KiB page per
+// column of M for 4 row_block bytes, so 64 rows halve its page walks: the pass alone on
+// 2 x [3072, 12288] (the storage of a wide matrix) took 142-147 ms at 64 to 256 rows against
+// 154-160 ms at 32, and 220 against 239 ms at 64 and 32 rows on 2 x [3072, 15360] (fastest of
+// 9 to 15 interleaved calls; 144 ms with the copy always reading the same, cached block).
+int64_t row_block_for(int64_t c, bool col_major) { return col_major || c > 4096 ? 64 : 32; }
 
 // One matrix: Y [r4, lp] (r4 = round_up(r, 4)), W [c, lp] = M^T Y. M [r, c] is row-major
 // (element (i, k) at M[i * ld + k]) or column-major (at M[i + k * ld]: the storage of a wide
@@ -71,7 +75,7 @@ void gram_pass_one(const float* M, int64_t ld, bool col_major, int64_t r, int64_
                    const float* xpk /*panels of [c, w]*/, const std::vector<Panel>& panels, int64_t lp, float* Y,
                    float* W) {
   const int64_t c4 = (c + kMR - 1) / kMR * kMR;
-  const int64_t row_block = row_block_for(c);
+  const int64_t row_block = row_block_for(c, col_major);
   // Contiguous row ranges, multiples of kMR except at the end, at least 64 rows each: one per
   // thread of torch's OpenMP pool. (On plain std::threads the pass competed for the two cores
   // with the pool's workers, which spin for a while after each ATen/MKL call: 10-15 ms more
