@@ -213,7 +213,7 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
         ((3,), 1003, 257, 32),  # a batch (threaded over matrices), width 40: panels of 24 + 16
         ((2,), 257, 1003, 5),  # wide: the fused pass reads the column-major view A^T; width 13
         ((), 4099, 66, 3),  # rows and columns not multiples of the 4-row tile, width 11
-        ((), 130, 4101, 4),  # wide: a last block of 4101 rows not a multiple of 4 (ragged column slice), width 12
+        ((), 130, 4101, 4),  # wide, 4101 rows: a last block of rows not a multiple of 4 (ragged column slice), width 12
         ((), 4101, 130, 4),  # tall, M has 130 columns: a 2-column last tile of W
     ],
 )
