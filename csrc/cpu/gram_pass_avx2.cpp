@@ -53,7 +53,7 @@ void pack_rows_transposed(const float* m, int64_t lda, int64_t rows, int64_t col
       _mm256_storeu_ps(g1 + 8, _mm256_permute2f128_ps(r2, r3, 0x31));
     }
   }
-  for (; j < (cols + kMR - 1) / kMR * kMR; ++j)
+  for (; j < round_up(cols, kMR); ++j)
     for (int64_t k = 0; k < rows; ++k) mpk[(j / 4) * kk * 4 + (row_in_block + k) * 4 + j % 4] = j < cols ? m[k * lda + j] : 0.f;
 }
 
@@ -74,13 +74,13 @@ int64_t row_block_for(int64_t c, bool col_major) { return col_major || c > 4096 
 void gram_pass_one(const float* M, int64_t ld, bool col_major, int64_t r, int64_t c,
                    const float* xpk /*panels of [c, w]*/, const std::vector<Panel>& panels, int64_t lp, float* Y,
                    float* W) {
-  const int64_t c4 = (c + kMR - 1) / kMR * kMR;
+  const int64_t c4 = round_up(c, kMR);
   const int64_t row_block = row_block_for(c, col_major);
   // Contiguous row ranges, multiples of kMR except at the end, at least 64 rows each: one per
   // thread of torch's OpenMP pool. (On plain std::threads the pass competed for the two cores
   // with the pool's workers, which spin for a while after each ATen/MKL call: 10-15 ms more
   // per pass on 2 x [3072, 3072] right after a small GEMM.)
-  const int64_t parts = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / 64));
+  const int64_t parts = parts_per_matrix(1, r, 64);
   struct Scratch {
     std::vector<float> W;          // [c4, lp] this part's share of M^T Y
     std::vector<float> ypk;        // the Y block, packed into panels
@@ -128,7 +128,7 @@ void gram_pass_one(const float* M, int64_t ld, bool col_major, int64_t r, int64_
   // each depth step, the W part 4 block rows along the depth. (Only the matrix's last block can
   // have kk < kk4: its last tile then reads stale columns, which land in Y's padding rows.)
   auto y_part_col_major = [&](Scratch& sc, int64_t k0, int64_t kk) {
-    const int64_t kk4 = (kk + kMR - 1) / kMR * kMR;
+    const int64_t kk4 = round_up(kk, kMR);
     float* blk = sc.block.data();
     for (int64_t d = 0; d < c; ++d) std::memcpy(blk + d * kk4, M + d * ld + k0, kk * sizeof(float));
     for (int64_t d0 = 0; d0 < c; d0 += kDepthBlock) {
@@ -151,7 +151,7 @@ void gram_pass_one(const float* M, int64_t ld, bool col_major, int64_t r, int64_
       // W += M_blk^T Y_blk: 4 rows of W per tile, broadcasting 4 values per row of the block
       // from one contiguous stream (the packed transpose, or the column-major block's rows).
       pack_panels(Y, lp, 1, lp, k0, kk, panels, sc.ypk.data());
-      const int64_t kk4 = (kk + kMR - 1) / kMR * kMR;
+      const int64_t kk4 = round_up(kk, kMR);
       for (int64_t j = 0; j < c; j += kMR) {
         const float* a = col_major ? sc.block.data() + j * kk4 : sc.mpk.data() + j * kk;
         const int64_t ars = col_major ? kk4 : 1, aks = col_major ? 1 : kMR;
@@ -184,7 +184,7 @@ std::pair<at::Tensor, at::Tensor> gram_pass_avx2(const at::Tensor& M, const at::
   const int64_t b = M.size(0), r = M.size(1), c = M.size(2);
   TORCH_CHECK((X.dim() == 2 || (X.dim() == 3 && X.size(0) == b)) && X.size(-2) == c && X.scalar_type() == at::kFloat,
               "gram_pass: X must be float32 [c, l] or [b, c, l]");
-  const int64_t l = X.size(-1), lp = (l + 7) / 8 * 8, r4 = (r + kMR - 1) / kMR * kMR;
+  const int64_t l = X.size(-1), lp = round_up(l, 8), r4 = round_up(r, kMR);
   const std::vector<Panel> panels = panels_of(lp);
   at::Tensor Y = at::empty({b, r4, lp}, M.options());
   at::Tensor W = at::empty({b, c, lp}, M.options());

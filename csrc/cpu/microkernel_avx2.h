@@ -1,8 +1,9 @@
-// The AVX2 + FMA register-tile microkernel and panel packing shared by the CPU's fp32 kernels
+// The AVX2 + FMA register-tile microkernel, panel packing and work split shared by the CPU's kernels
 // (csrc/cpu/gram_pass_avx2.cpp, csrc/cpu/skinny_avx2.cpp). Include only from translation units
 // compiled with -mavx2 -mfma (CMakeLists.txt), which call into them only on CPUs that have both.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -12,6 +13,17 @@
 namespace loraport::avx2 {
 
 constexpr int64_t kMR = 4;          // output rows per microkernel tile
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// How many parts each of b matrices is split into so that torch's threads all get work: parts
+// of at least min_rows rows (1 inside a parallel region, where at::parallel_for runs inline).
+inline int64_t parts_per_matrix(int64_t b, int64_t rows, int64_t min_rows) {
+  if (at::in_parallel_region()) return 1;
+  const int64_t threads = at::get_num_threads();
+  if (b >= threads) return 1;
+  return std::clamp<int64_t>((threads + b - 1) / b, 1, std::max<int64_t>(1, rows / min_rows));
+}
 
 // One ymm register of T: 8 floats or 4 doubles.
 template <typename T>

@@ -30,17 +30,6 @@ namespace {
 
 using namespace avx2;
 
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
-// How many parts each of b matrices is split into so that the pool's threads all get work:
-// parts of at least min_rows rows.
-int64_t parts_per_matrix(int64_t b, int64_t rows, int64_t min_rows) {
-  if (at::in_parallel_region()) return 1;
-  const int64_t threads = at::get_num_threads();
-  if (b >= threads) return 1;
-  return std::clamp<int64_t>((threads + b - 1) / b, 1, std::max<int64_t>(1, rows / min_rows));
-}
-
 // Y^T Y [b, l, l] of an fp32 Y [b, m, l] (unit column stride), accumulated in Acc: float, or
 // double (products of floats are exact in fp64, so that Gram is the fp64 one of the same Y).
 template <typename Acc>
