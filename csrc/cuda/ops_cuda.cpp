@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   // pipeline reading the next layers meanwhile keeps busy too.
   policy.rayleigh_ritz = RsvdPolicy::SmallSvd::Eigh;
   policy.gram_fp64 = [](const at::Tensor& Y) {
-    return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::matmul(Y.mT(), Y).to(at::kDouble);
+    return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
   };
   policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
     return R.size(-1) <= kUpperInverseMaxSize ? upper_inverse_cuda(R, dtype) : at::Tensor();  // beyond: ATen
