@@ -358,12 +358,13 @@ def test_rsvd_rank_at_or_above_min_dim_is_exact(generator):
 
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
-@pytest.mark.parametrize("m", [120, 3000], ids=["small-householder", "large-choleskyqr"])
+@pytest.mark.parametrize("m", [40, 120, 3000], ids=["small-householder", "medium-choleskyqr", "large-choleskyqr"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, device, generator):
     """A rank-5 matrix asked for rank 20: the sketch is numerically rank-deficient. Small blocks
-    are factored by Householder QR directly; on the 3000-row side CholeskyQR breaks down and the
-    fallback must still return orthonormal U and V and an exact fit."""
+    (on the CPU at most 2048 elements: 40 x 28) are factored by Householder QR directly; on
+    larger ones CholeskyQR breaks down and the fallback must still return orthonormal U and V and
+    an exact fit."""
     A = (torch.randn(4, m, 5, generator=generator) @ torch.randn(4, 5, 90, generator=generator)).to(device)
     U, S, V = loraport.rsvd(A, 20, power_iters=3, method=method, seed=0)
     assert orthogonality_error(U) <= 1e-5 and orthogonality_error(V) <= 1e-5

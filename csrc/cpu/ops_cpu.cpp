@@ -39,9 +39,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
                                                         c10::string_view method) {
   RsvdPolicy policy;
   policy.check_each_qr = true;
-  // Measured (1 thread, 24 x [16, 16], rank 6): 8.3 ms with CholeskyQR2 throughout, 2.2 ms
-  // with Householder for small blocks; no measurable change on [8, 320, 320] and larger.
-  policy.householder_max_elements = int64_t(1) << 16;
+  // Householder for blocks of at most 2048 elements: ATen's batched QR runs LAPACK one matrix
+  // after another on one thread, CholeskyQR2 is a few batched products on both. Medians of 9
+  // interleaved calls, 2 threads (2-core EPYC VM, 2026-12-01; this bound / CholeskyQR2 for every
+  // block / the earlier bound of 2^16): 24 x [16, 16] rank 6: 3.1 / 6.1 / 3.1 ms; 64 x [64, 64]
+  // rank 8: 12.6 / 13.6 / 12.8 ms; 8 x [128, 128] rank 16: 6.5 / 6.4 / 7.2 ms; 256 x [512, 128]
+  // rank 16: 145 / 150 / 194 ms; 16 x [640, 640] rank 64: 104 / 100 / 109 ms.
+  policy.householder_max_elements = 2048;
 #if defined(LORAPORT_WITH_AVX2)
   if (enabled("LORAPORT_GRAM_PASS")) policy.gram_pass = &gram_pass_avx2;
   if (enabled("LORAPORT_SKINNY_KERNELS")) {
