@@ -23,8 +23,6 @@
 // Wide matrices (m < n) are decomposed as A^T, so the sketch is [min(m, n), l].
 #include "linalg.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -419,21 +417,20 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t ra
 }
 
 // small_svd_by_eigh on the CPU for a factor X [b, L, L] on another device
-// (RsvdPolicy::SmallSvd::EighOnHost): X is copied to the host (the one synchronization), the
-// batch is split over torch's threads (ATen runs a batched LAPACK eigensolver one matrix after
-// another), and the fp64 triplets go back from pinned memory without waiting (a pageable
-// copy would synchronize once more per tensor).
+// (RsvdPolicy::SmallSvd::EighOnHost): X is copied to the host (the one synchronization), ATen
+// runs LAPACK there one matrix after another (this file is compiled without OpenMP; LAPACK
+// inside OpenMP workers livelocked in MKL's sgeqrf, commit 7e6a3b4), and the fp64 triplets go
+// back from pinned memory without waiting (a pageable copy would synchronize once more per
+// tensor).
 std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, int64_t rank) {
   const Tensor Xh = X.to(at::kCPU, at::kDouble);                  // [b, L, L]
   const int64_t b = Xh.size(0), L = Xh.size(-1);
   const auto opts = Xh.options().pinned_memory(!X.device().is_cpu());
   Tensor Ur = at::empty({b, L, rank}, opts), S = at::empty({b, rank}, opts), Vr = at::empty({b, L, rank}, opts);
-  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-    auto [u, s, v] = small_svd_by_eigh(Xh.narrow(0, begin, end - begin), rank);
-    Ur.narrow(0, begin, end - begin).copy_(u);
-    S.narrow(0, begin, end - begin).copy_(s);
-    Vr.narrow(0, begin, end - begin).copy_(v);
-  });
+  auto [u, s, v] = small_svd_by_eigh(Xh, rank);
+  Ur.copy_(u);
+  S.copy_(s);
+  Vr.copy_(v);
   return {Ur.to(X.device(), /*non_blocking=*/true), S.to(X.device(), /*non_blocking=*/true),
           Vr.to(X.device(), /*non_blocking=*/true)};
 }

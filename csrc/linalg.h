@@ -30,7 +30,7 @@ struct RsvdPolicy {
   //     U = basis Ur inherits, and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver
   //     took 0.8-0.9x and 0.4x as long as the fp32 SVD (H200, [4, L, L], two runs, 2026-11-27;
   //     benchmarks/gpu_profile.py);
-  //   EighOnHost: the same on the CPU (LAPACK, the batch split over torch's threads), the
+  //   EighOnHost: the same on the CPU (LAPACK, one matrix after another), the
   //     factor copied there and the results back. The copy synchronizes with the host, as
   //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. Its speed
   //     on a GPU machine varied from lease to lease (measurements in ops_cuda.cpp).
