@@ -64,7 +64,8 @@ def rsvd(
     """Truncated SVD of every matrix in ``A`` ([..., m, n]) by randomized subspace iteration.
 
     ``rank`` is clamped to ``min(m, n)``; the sketch has ``min(rank + oversample, m, n)``
-    columns and is drawn on ``A``'s device from ``seed`` (same seed, same device: same result).
+    columns and is drawn on ``A``'s device from ``seed`` (same seed, device and thread count: same
+    result).
     ``method="power"`` is Halko-Martinsson-Tropp subspace iteration; ``method="krylov"`` keeps
     the whole block Krylov space at the same number of passes over ``A`` (2 * power_iters + 2)
     and finds more accurate singular subspaces on slowly decaying spectra. float16/bfloat16
