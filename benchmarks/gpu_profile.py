@@ -6,7 +6,8 @@ For loraport.rsvd (power and krylov) and torch.svd_lowrank at the same settings:
 host synchronizations (torch.cuda.set_sync_debug_mode counts each synchronizing call) and the
 top CUDA kernels by device time (torch.profiler). Then the candidates for the Rayleigh-Ritz SVD of
 the small L x L factor (L = rank + oversample for power, 3x that for krylov at power_iters=2):
-time and the orthogonality of the left singular vectors they return; the op's total time with
+time and the orthogonality of the left singular vectors they return; the QR after the
+eigensolver, by Householder or CholeskyQR2; the op's total time with
 that SVD on the GPU or on the host; the rates of the skinny GEMMs of one pass; and those products
 split into two TF32 GEMMs at float32 accuracy (--only-split-tf32 runs just that)."""
 
@@ -80,6 +81,7 @@ def main() -> None:
               f"{device_us / 1e3:.2f} ms of kernels")
         print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
     small_svd_candidates(args.batch, args.rank + 8)
+    ritz_finish_candidates()
     rayleigh_ritz_on_device_or_host()
     skinny_gemm_rates(args.batch, m, n)
     split_tf32_products(args.batch, m, n)
@@ -117,6 +119,34 @@ def small_svd_candidates(batch: int, width: int) -> None:
             error = (U.mT @ U - torch.eye(L, device="cuda", dtype=torch.float64)).abs().amax().item()
             cells.append(f"{median_ms(fn):.2f} ms, {error:.0e}")
         print(f"| {L} | " + " | ".join(cells) + " |")
+
+
+def ritz_finish_candidates() -> None:
+    """The QR after the eigensolver (csrc/linalg.cpp, small_svd_by_eigh): the Ritz vectors'
+    images W [batch, L, rank], columns orthogonal and scaled to unit norm, factored in fp64 by
+    ATen's Householder QR (cuSOLVER's orgqr runs once per matrix) or by CholeskyQR2 in batched
+    ATen calls, as the op's orthonormalizer does (its triangular inverse is a kernel of ours
+    there, a triangular solve here). Median ms of 20 and the largest |Q^T Q - I|."""
+    print("\n### the QR of the Ritz vectors' images [batch, L, rank] (fp64): median ms of 20, max |Q^T Q - I|")
+    print("| batch x [L, rank] | Householder (linalg.qr) | CholeskyQR2 |")
+    print("|---|---:|---:|")
+
+    def cholesky_qr2(W: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            R = torch.linalg.cholesky_ex(W.mT @ W, upper=True)[0]
+            W = torch.linalg.solve_triangular(R, W, upper=True, left=False)
+        return W
+
+    for batch, L, rank in ((4, 72, 64), (4, 192, 64), (16, 72, 64), (256, 24, 16), (4096, 16, 8)):
+        Q0 = torch.linalg.qr(torch.randn(batch, L, rank, device="cuda", dtype=torch.float64))[0]
+        W = Q0 + 1e-10 * torch.randn_like(Q0)  # orthonormal up to the eigensolver's rounding
+        W = W / W.norm(dim=-2, keepdim=True)
+        cells = []
+        for fn in (lambda: torch.linalg.qr(W)[0], lambda: cholesky_qr2(W)):
+            Q = fn()
+            error = (Q.mT @ Q - torch.eye(rank, device="cuda", dtype=torch.float64)).abs().amax().item()
+            cells.append(f"{median_ms(fn):.2f} ms, {error:.0e}")
+        print(f"| {batch} x [{L}, {rank}] | " + " | ".join(cells) + " |")
 
 
 def rayleigh_ritz_on_device_or_host() -> None:

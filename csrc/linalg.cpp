@@ -385,46 +385,58 @@ std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& X, int64_t rank) {
   return {Ur.narrow(-1, 0, rank), S.narrow(-1, 0, rank), Vrh.narrow(-2, 0, rank).mT()};
 }
 
-// The same from the fp64 eigendecomposition X^T X = Vr S^2 Vr^T (RsvdPolicy::rayleigh_ritz_eigh).
-// Vr is orthonormal to fp64 rounding. W = X Vr = Ur S has orthogonal columns of norms sigma_i,
-// each accurate to ~u64 * sigma_1 (the eigenvalues' absolute error is ~u64 * sigma_1^2); its
-// Householder QR, columns in descending order, returns Ur (up to the signs of R's diagonal,
-// which are undone): orthonormal to fp64 rounding, and for sigma_i below ~u64 * sigma_1, where
-// X v_i is noise, an orthonormal completion that U S V^T does not see. S (sqrt of the
-// eigenvalues) is descending; its relative error is ~u64 * (sigma_1 / sigma_i)^2.
+// W = Q R with orthonormal Q [b, L, k] for the Ritz vectors' images W [b, L, k] (small_svd_by_eigh).
+using Orthonormalize = std::function<std::tuple<Tensor, Tensor>(const Tensor& W)>;
+
 // cuSOLVER's batched eigensolver (cusolverDnXsyevBatched, under at::linalg_eigh) failed with
 // CUSOLVER_STATUS_INTERNAL_ERROR on one batch of 66000 8 x 8 matrices (H200, CUDA 13.0, torch
 // 2.11); larger batches go through in slices of this many matrices.
 constexpr int64_t kSmallSvdMaxBatch = 4096;
 
-std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank) {
-  if (X.size(0) > kSmallSvdMaxBatch) {
-    std::vector<Tensor> Us, Ss, Vs;
-    for (const Tensor& slice : X.split(kSmallSvdMaxBatch)) {
-      auto [Ur, S, Vr] = small_svd_by_eigh(slice, rank);
-      Us.push_back(Ur), Ss.push_back(S), Vs.push_back(Vr);
-    }
-    return {at::cat(Us), at::cat(Ss), at::cat(Vs)};
+// at::linalg_eigh of symmetric G [b, L, L] (eigenvalues ascending), in slices of kSmallSvdMaxBatch.
+std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G) {
+  if (G.size(0) <= kSmallSvdMaxBatch) return at::linalg_eigh(G);
+  std::vector<Tensor> values, vectors;
+  for (const Tensor& slice : G.split(kSmallSvdMaxBatch)) {
+    auto [e, v] = at::linalg_eigh(slice);
+    values.push_back(e), vectors.push_back(v);
   }
+  return {at::cat(values), at::cat(vectors)};
+}
+
+// small_svd's triplets from the fp64 eigendecomposition X^T X = Vr S^2 Vr^T (RsvdPolicy::SmallSvd::Eigh).
+// Vr is orthonormal to fp64 rounding. W = X Vr = Ur S has orthogonal columns of norms sigma_i,
+// each accurate to ~u64 * sigma_1 (the eigenvalues' absolute error is ~u64 * sigma_1^2);
+// `orthonormalize` factors W, its columns scaled to unit norm, as Q R, and Q is Ur (up to the
+// signs of R's diagonal, which are undone): orthonormal to fp64 rounding, and for sigma_i below
+// ~u64 * sigma_1, where X v_i is noise, an orthonormal completion that U S V^T does not see.
+// The scaling leaves Q as it is and makes the factored matrix's condition number ~1 except
+// across such noise columns (then CholeskyQR's checks send the matrix to Householder QR). S
+// (sqrt of the eigenvalues) is descending; its relative error is ~u64 * (sigma_1 / sigma_i)^2.
+// On CUDA `orthonormalize` is the op's CholeskyQR2 (a few batched kernels): ATen's QR of a batch
+// there runs cuSOLVER's orgqr once per matrix, one launch after another.
+std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank, const Orthonormalize& orthonormalize) {
   const Tensor Xd = X.to(at::kDouble);                             // [b, L, L]
-  auto [evals, evecs] = at::linalg_eigh(at::matmul(Xd.mT(), Xd));   // ascending
+  auto [evals, evecs] = eigh_in_slices(at::matmul(Xd.mT(), Xd));    // ascending
   const int64_t L = X.size(-1);
   Tensor Vr = evecs.narrow(-1, L - rank, rank).flip(-1);           // [b, L, rank], descending
   Tensor S = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // [b, rank]
-  auto [Q, Rq] = at::linalg_qr(at::matmul(Xd, Vr), "reduced");     // [b, L, rank], [b, rank, rank]
+  Tensor W = at::matmul(Xd, Vr);                                   // [b, L, rank]
+  W.div_(at::linalg_vector_norm(W, 2, {-2}, /*keepdim=*/true).clamp_min_(std::numeric_limits<double>::min()));
+  auto [Q, Rq] = orthonormalize(W);                                // [b, L, rank], [b, rank, rank]
   Tensor sign = at::where(Rq.diagonal(0, -2, -1).lt(0), -1.0, 1.0);  // [b, rank]
   return {Q * sign.unsqueeze(-2), S, Vr};
 }
 
 // small_svd_by_eigh on the CPU for a factor X [b, L, L] on another device
-// (RsvdPolicy::SmallSvd::EighOnHost): X is copied to the host (the one synchronization), ATen
-// runs LAPACK there one matrix after another (this file is compiled without OpenMP; LAPACK
-// inside OpenMP workers livelocked in MKL's sgeqrf, commit 7e6a3b4), and the fp64 triplets go
-// back from pinned memory without waiting (a pageable copy would synchronize once more per
-// tensor).
+// (RsvdPolicy::SmallSvd::EighOnHost), with Householder QR there: X is copied to the host (the
+// one synchronization), ATen runs LAPACK one matrix after another (this file is compiled without
+// OpenMP; LAPACK inside OpenMP workers livelocked in MKL's sgeqrf, commit 7e6a3b4), and the fp64
+// triplets go back from pinned memory without waiting (a pageable copy would synchronize once
+// more per tensor).
 std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, int64_t rank) {
   const Tensor Xh = X.to(at::kCPU, at::kDouble);                  // [b, L, L]
-  auto [u, s, v] = small_svd_by_eigh(Xh, rank);
+  auto [u, s, v] = small_svd_by_eigh(Xh, rank, [](const Tensor& W) { return at::linalg_qr(W, "reduced"); });
   if (X.device().is_cpu()) return {u, s, v};  // the CPU tests' way in: nothing to copy back
   const int64_t b = Xh.size(0), L = Xh.size(-1);
   const auto opts = Xh.options().pinned_memory(true);
@@ -436,8 +448,10 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, in
           Vr.to(X.device(), /*non_blocking=*/true)};
 }
 
-// The Rayleigh-Ritz SVD of X [b, L, L] by the policy's choice (RsvdPolicy::SmallSvd).
-std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t rank, const RsvdPolicy& policy) {
+// The Rayleigh-Ritz SVD of X [b, L, L] by the policy's choice (RsvdPolicy::SmallSvd); `orth` is
+// the op's orthonormalizer (its CholeskyQR2, checks and fallback) for the Eigh choice.
+std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t rank, const RsvdPolicy& policy,
+                                                     Orthonormalizer& orth) {
   using SmallSvd = RsvdPolicy::SmallSvd;
   switch (policy.rayleigh_ritz) {
     case SmallSvd::Svd:
@@ -445,7 +459,7 @@ std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t ra
     case SmallSvd::EighOnHost:
       return small_svd_by_eigh_on_host(X, rank);
     case SmallSvd::Eigh:
-      return small_svd_by_eigh(X, rank);
+      return small_svd_by_eigh(X, rank, [&orth](const Tensor& W) { return orth(W); });
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -479,7 +493,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   // Rayleigh-Ritz: A ~= basis basis^T A = basis Bt^T = basis R^T P^T with Bt = P R.
   auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]
   const at::ScalarType work = A.scalar_type();
-  auto [Ur, S, Vr] = rayleigh_ritz_svd(R.mT(), rank, policy);
+  auto [Ur, S, Vr] = rayleigh_ritz_svd(R.mT(), rank, policy, orth);
   Tensor U = times_small(basis, Ur.to(work), /*upper=*/false, policy);  // [b, m, rank]
   Tensor V = times_small(P, Vr.to(work), /*upper=*/false, policy);      // [b, n, rank]
   return {U, S.to(work), V};

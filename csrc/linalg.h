@@ -24,13 +24,14 @@ struct RsvdPolicy {
   int64_t householder_max_elements = 0;
   // The Rayleigh-Ritz SVD of the small L x L factor:
   //   Svd: one SVD in the working precision (LAPACK on the CPU);
-  //   Eigh: the fp64 eigendecomposition of its Gram matrix plus a QR (small_svd_by_eigh in
-  //     linalg.cpp), on the tensor's device. On CUDA, cuSOLVER's fp32 Jacobi SVD left its
+  //   Eigh: the fp64 eigendecomposition of its Gram matrix, then the QR of the Ritz vectors'
+  //     images by the op's CholeskyQR2 (small_svd_by_eigh in linalg.cpp), on the tensor's
+  //     device. On CUDA, cuSOLVER's fp32 Jacobi SVD left its
   //     singular vectors orthogonal to only 2e-5 (L = 72) and 1e-4 (L = 216), which
   //     U = basis Ur inherits, and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver
   //     took 0.8-0.9x and 0.4x as long as the fp32 SVD (H200, [4, L, L], two runs, 2026-11-27;
   //     benchmarks/gpu_profile.py);
-  //   EighOnHost: the same on the CPU (LAPACK, one matrix after another), the
+  //   EighOnHost: the same on the CPU with Householder QR (LAPACK, one matrix after another), the
   //     factor copied there and the results back. The copy synchronizes with the host, as
   //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. Its speed
   //     on a GPU machine varied from lease to lease (measurements in ops_cuda.cpp).
