@@ -7,9 +7,10 @@ host synchronizations (torch.cuda.set_sync_debug_mode counts each synchronizing 
 top CUDA kernels by device time (torch.profiler). Then the candidates for the Rayleigh-Ritz SVD of
 the small L x L factor (L = rank + oversample for power, 3x that for krylov at power_iters=2):
 time and the orthogonality of the left singular vectors they return; the QR after the
-eigensolver, by Householder or CholeskyQR2; the op's total time with
-that SVD on the GPU or on the host; the rates of the skinny GEMMs of one pass; and those products
-split into two TF32 GEMMs at float32 accuracy (--only-split-tf32 runs just that)."""
+eigensolver, by Householder or CholeskyQR2; the op's total time with the eigensolver on the GPU
+(one batched cuSOLVER call, or torch.linalg.eigh) or on the host; the rates of the skinny GEMMs
+of one pass; and those products split into two TF32 GEMMs at float32 accuracy
+(--only-split-tf32 runs just that)."""
 
 from __future__ import annotations
 
@@ -150,12 +151,14 @@ def ritz_finish_candidates() -> None:
 
 
 def rayleigh_ritz_on_device_or_host() -> None:
-    """loraport.rsvd with the Rayleigh-Ritz SVD on the GPU (cuSOLVER's fp64 eigensolver) and on
-    the host (LAPACK, the batch over torch's threads): LORAPORT_RAYLEIGH_RITZ=eigh|host, taking
-    turns, median ms of 10; L is the width of the factor whose SVD is taken."""
+    """loraport.rsvd with the Rayleigh-Ritz eigensolver on the GPU by one cuSOLVER call for the
+    batch (the default, csrc/cuda/batched_eigh.cpp), on the GPU by torch.linalg.eigh
+    (LORAPORT_CUSOLVER_EIGH=0; up to torch 2.11 one cuSOLVER call per matrix for L > 32), and
+    on the host (LAPACK, one matrix after another: LORAPORT_RAYLEIGH_RITZ=host), taking turns,
+    median ms of 10; L is the width of the factor whose SVD is taken."""
     print("\n### Rayleigh-Ritz on the GPU or on the host: median ms of loraport.rsvd")
-    print("| batch x shape | method | L | on the GPU (eigh) | on the host |")
-    print("|---|---|---:|---:|---:|")
+    print("| batch x shape | method | L | GPU, batched eigh | GPU, torch.linalg.eigh | host |")
+    print("|---|---|---:|---:|---:|---:|")
     cases = [  # (batch, m, n, rank, method, block, power_iters)
         (4, 12288, 3072, 64, "power", None, 2),
         (4, 12288, 3072, 64, "krylov", 48, 3),
@@ -164,22 +167,24 @@ def rayleigh_ritz_on_device_or_host() -> None:
         (256, 512, 128, 16, "power", None, 2),
         (4096, 64, 64, 8, "power", None, 2),
     ]
-    saved = os.environ.get("LORAPORT_RAYLEIGH_RITZ")
+    settings = (("eigh", "1"), ("eigh", "0"), ("host", "1"))  # (LORAPORT_RAYLEIGH_RITZ, LORAPORT_CUSOLVER_EIGH)
+    saved = {name: os.environ.get(name) for name in ("LORAPORT_RAYLEIGH_RITZ", "LORAPORT_CUSOLVER_EIGH")}
     for batch, m, n, rank, method, block, q in cases:
         A = torch.randn(batch, m, n, device="cuda") / m**0.5
         width = block or rank + 8
         L = width * (q + 1 if method == "krylov" else 1)
         call = lambda: loraport.rsvd(A, rank, power_iters=q, method=method, block_size=block, seed=0)
         cells = []
-        for choice in ("eigh", "host"):
-            os.environ["LORAPORT_RAYLEIGH_RITZ"] = choice
+        for rayleigh_ritz, batched in settings:
+            os.environ["LORAPORT_RAYLEIGH_RITZ"], os.environ["LORAPORT_CUSOLVER_EIGH"] = rayleigh_ritz, batched
             cells.append(f"{median_ms(call, repeats=10):.2f}")
         print(f"| {batch} x [{m}, {n}] | {method} rank {rank} q={q} | {L} | " + " | ".join(cells) + " |")
         del A
-    if saved is None:
-        os.environ.pop("LORAPORT_RAYLEIGH_RITZ", None)
-    else:
-        os.environ["LORAPORT_RAYLEIGH_RITZ"] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def skinny_gemm_rates(batch: int, m: int, n: int) -> None:

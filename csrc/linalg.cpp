@@ -393,12 +393,20 @@ using Orthonormalize = std::function<std::tuple<Tensor, Tensor>(const Tensor& W)
 // 2.11); larger batches go through in slices of this many matrices.
 constexpr int64_t kSmallSvdMaxBatch = 4096;
 
-// at::linalg_eigh of symmetric G [b, L, L] (eigenvalues ascending), in slices of kSmallSvdMaxBatch.
-std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G) {
-  if (G.size(0) <= kSmallSvdMaxBatch) return at::linalg_eigh(G);
+// The eigendecomposition of symmetric G [b, L, L] (eigenvalues ascending) by the policy's hook
+// where it takes G, else at::linalg_eigh, in slices of kSmallSvdMaxBatch.
+std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G, const RsvdPolicy& policy) {
+  auto eigh = [&policy](const Tensor& slice) -> std::tuple<Tensor, Tensor> {
+    if (policy.eigh) {
+      auto [values, vectors] = policy.eigh(slice);
+      if (values.defined()) return {values, vectors};
+    }
+    return at::linalg_eigh(slice);
+  };
+  if (G.size(0) <= kSmallSvdMaxBatch) return eigh(G);
   std::vector<Tensor> values, vectors;
   for (const Tensor& slice : G.split(kSmallSvdMaxBatch)) {
-    auto [e, v] = at::linalg_eigh(slice);
+    auto [e, v] = eigh(slice);
     values.push_back(e), vectors.push_back(v);
   }
   return {at::cat(values), at::cat(vectors)};
@@ -415,9 +423,10 @@ std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G) {
 // (sqrt of the eigenvalues) is descending; its relative error is ~u64 * (sigma_1 / sigma_i)^2.
 // On CUDA `orthonormalize` is the op's CholeskyQR2 (a few batched kernels): ATen's QR of a batch
 // there runs cuSOLVER's orgqr once per matrix, one launch after another.
-std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank, const Orthonormalize& orthonormalize) {
+std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank, const RsvdPolicy& policy,
+                                                     const Orthonormalize& orthonormalize) {
   const Tensor Xd = X.to(at::kDouble);                             // [b, L, L]
-  auto [evals, evecs] = eigh_in_slices(at::matmul(Xd.mT(), Xd));    // ascending
+  auto [evals, evecs] = eigh_in_slices(at::matmul(Xd.mT(), Xd), policy);  // ascending
   const int64_t L = X.size(-1);
   Tensor Vr = evecs.narrow(-1, L - rank, rank).flip(-1);           // [b, L, rank], descending
   Tensor S = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // [b, rank]
@@ -436,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t ra
 // more per tensor).
 std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, int64_t rank) {
   const Tensor Xh = X.to(at::kCPU, at::kDouble);                  // [b, L, L]
-  auto [u, s, v] = small_svd_by_eigh(Xh, rank, [](const Tensor& W) { return at::linalg_qr(W, "reduced"); });
+  auto [u, s, v] = small_svd_by_eigh(Xh, rank, RsvdPolicy{}, [](const Tensor& W) { return at::linalg_qr(W, "reduced"); });
   if (X.device().is_cpu()) return {u, s, v};  // the CPU tests' way in: nothing to copy back
   const int64_t b = Xh.size(0), L = Xh.size(-1);
   const auto opts = Xh.options().pinned_memory(true);
@@ -459,7 +468,7 @@ std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t ra
     case SmallSvd::EighOnHost:
       return small_svd_by_eigh_on_host(X, rank);
     case SmallSvd::Eigh:
-      return small_svd_by_eigh(X, rank, [&orth](const Tensor& W) { return orth(W); });
+      return small_svd_by_eigh(X, rank, policy, [&orth](const Tensor& W) { return orth(W); });
   }
   TORCH_CHECK(false, "unreachable");
 }

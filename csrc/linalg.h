@@ -38,6 +38,10 @@ struct RsvdPolicy {
   // LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides it (the CPU tests run each choice with it).
   enum class SmallSvd { Svd, Eigh, EighOnHost };
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
+  // fp64 symmetric G [b, L, L] -> {eigenvalues ascending [b, L], eigenvectors [b, L, L]} for the
+  // Eigh choice; undefined tensors where the hook does not take G. Null or undefined =
+  // at::linalg_eigh. CUDA: cuSOLVER's batched eigensolver (csrc/cuda/batched_eigh.cpp).
+  std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor& G)> eigh;
   // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
   int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64; an undefined tensor where the hook

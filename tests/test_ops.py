@@ -621,6 +621,27 @@ def test_cuda_wide_krylov_space_matches_cpu(monkeypatch, small_svd, block, gener
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("method", ["power", "krylov"])
+def test_cuda_batched_eigensolver_matches_torch_eigh(monkeypatch, method, generator):
+    """The Rayleigh-Ritz eigensolver by one cuSOLVER call for the batch (csrc/cuda/batched_eigh.cpp;
+    L = 72 for power, 216 for krylov, batch 3): LORAPORT_CUSOLVER_EIGH=require makes any fallback
+    to torch.linalg.eigh an error, so this fails unless it ran and passed its own check; and it
+    gives what torch.linalg.eigh (LORAPORT_CUSOLVER_EIGH=0) gives, within fp32 rounding."""
+    A = spectrum_matrix(1500, 600, SLOW, generator, batch=(3,)).float().cuda()
+    results = {}
+    for choice in ("require", "0"):
+        monkeypatch.setenv("LORAPORT_CUSOLVER_EIGH", choice)
+        results[choice] = loraport.rsvd(A, 64, method=method, seed=5)
+    batched, aten = results["require"], results["0"]
+    torch.testing.assert_close(batched.S, aten.S, rtol=1e-5, atol=1e-6)
+    for X, X_aten in ((batched.U, aten.U), (batched.V, aten.V)):
+        assert orthogonality_error(X.cpu()) <= 1e-5
+        assert loraport.subspace_similarity(X[..., :32], X_aten[..., :32]).min().item() == pytest.approx(1.0, abs=1e-4)
+    A, batched = A.cpu(), [t.cpu() for t in batched]
+    assert (ref.reconstruction_error(A, *batched) / ref.optimal_error(A, 64)).max() <= 1.2
+
+
+@pytest.mark.cuda
 def test_cuda_batch_larger_than_one_gram_launch(generator):
     """66000 small matrices: more than the 65535 blocks along grid.z of one Gram launch, so the
     kernel runs in two launches; matrices of either launch come out as they do alone."""

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda/batched_eigh.h"
 #include "cuda/kernels.h"
 #include "linalg.h"
 
@@ -25,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   // in all three at L = 192 and 384. Its speed varied with the host machine, whose cores a
   // pipeline reading the next layers meanwhile keeps busy too.
   policy.rayleigh_ritz = RsvdPolicy::SmallSvd::Eigh;
+  policy.eigh = &batched_eigh_cusolver;  // one cuSOLVER call for the batch (batched_eigh.h)
   policy.gram_fp64 = [](const at::Tensor& Y) {
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
   };
