@@ -502,13 +502,26 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   // Rayleigh-Ritz: A ~= basis basis^T A = basis Bt^T = basis R^T P^T with Bt = P R.
   auto [P, R] = orth(Bt);                                          // [b, n, L], [b, L, L]
   const at::ScalarType work = A.scalar_type();
-  auto [Ur, S, Vr] = rayleigh_ritz_svd(R.mT(), rank, policy, orth);
+  Tensor X = R.mT();                                               // [b, L, L]
+  // Deferred checks (CUDA): a matrix whose factorization failed is redone at the end of the op,
+  // and until then its factor may hold NaN or Inf, on which the small SVD or eigensolver would
+  // raise (an all-zero A does that). Zero it instead; the redo replaces its results.
+  if (!policy.check_each_qr) X = X.masked_fill(orth.failed().view({-1, 1, 1}), 0);
+  auto [Ur, S, Vr] = rayleigh_ritz_svd(X, rank, policy, orth);
   Tensor U = times_small(basis, Ur.to(work), /*upper=*/false, policy);  // [b, m, rank]
   Tensor V = times_small(P, Vr.to(work), /*upper=*/false, policy);      // [b, n, rank]
   return {U, S.to(work), V};
 }
 
 }  // namespace
+
+RsvdPolicy cuda_flow_policy() {
+  RsvdPolicy policy;
+  policy.check_each_qr = false;
+  policy.householder_max_elements = 0;
+  policy.rayleigh_ritz = RsvdPolicy::SmallSvd::Eigh;
+  return policy;
+}
 
 std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& sketch,
                                                 int64_t rank, int64_t power_iters,

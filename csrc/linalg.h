@@ -62,6 +62,13 @@ struct RsvdPolicy {
   std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& A, const at::Tensor& X)> gram_pass;
 };
 
+// The CUDA policy's device-independent choices, to which ops_cuda.cpp adds its kernels: no host
+// synchronization inside a factorization (failures are collected and their matrices redone
+// once, at the end), no Householder QR for small blocks, the fp64 eigensolver for the
+// Rayleigh-Ritz step. The CPU op runs with exactly this under LORAPORT_POLICY=cuda, so that the
+// CPU tests cover the CUDA op's control flow (the fallbacks above all) on machines without a GPU.
+RsvdPolicy cuda_flow_policy();
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(
     const at::Tensor& A, const at::Tensor& sketch, int64_t rank, int64_t power_iters,
     std::string_view method, const RsvdPolicy& policy);

@@ -25,6 +25,21 @@ def pytest_collection_modifyitems(config, items):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+@pytest.fixture(
+    params=[("cpu", "cpu"), ("cpu", "cuda"), pytest.param(("cuda", "cuda"), marks=pytest.mark.cuda)],
+    ids=["cpu", "cpu-cuda-flow", "cuda"],
+)
+def rsvd_device(request, monkeypatch):
+    """The device of an rsvd test, with the CPU op run twice: under its own policy and under the
+    CUDA op's control flow (LORAPORT_POLICY=cuda; csrc/linalg.h, cuda_flow_policy: CholeskyQR
+    failures collected and their matrices redone at the end of the op, no Householder QR for
+    small blocks, the fp64 eigensolver for the Rayleigh-Ritz step), so machines without a GPU
+    test the CUDA op's fallbacks too."""
+    device, policy = request.param
+    monkeypatch.setenv("LORAPORT_POLICY", policy)
+    return device
+
+
 @pytest.fixture
 def generator():
     """A fresh, seeded CPU generator per test: random inputs, reproducible failures."""

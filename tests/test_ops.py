@@ -33,8 +33,8 @@ def orthogonality_error(Q):
 @pytest.mark.parametrize(
     "m, n", [(300, 200), (200, 300), (3000, 200)], ids=["tall", "wide", "tall-choleskyqr"]
 )  # 3000 rows: the CPU's blocks exceed its Householder size, so CholeskyQR2 runs (fp32 first Gram or its fp64 fallback)
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_error_vs_optimal(method, spectrum, bound, m, n, device, generator):
+def test_rsvd_error_vs_optimal(method, spectrum, bound, m, n, rsvd_device, generator):
+    device = rsvd_device
     A = spectrum_matrix(m, n, spectrum, generator, batch=(3,)).float().to(device)
     k = 16
     U, S, V = loraport.rsvd(A, k, power_iters=2, method=method, seed=0)
@@ -86,8 +86,8 @@ def test_rsvd_matches_reference_algorithm(method, width, m, n, generator):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_every_dtype(dtype, tol, device, generator):
+def test_rsvd_every_dtype(dtype, tol, rsvd_device, generator):
+    device = rsvd_device
     A = spectrum_matrix(160, 120, FAST, generator, batch=(2,)).to(device, dtype)
     U, S, V = loraport.rsvd(A, 10, seed=1)
     assert U.dtype == S.dtype == V.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -124,11 +124,11 @@ def test_rsvd_narrow_krylov_block_beats_power_at_equal_flops(generator):
 
 @pytest.mark.parametrize("m, n", [(120, 90), (90, 120)])
 @pytest.mark.parametrize("per_chunk", [1, 2])
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_chunk, device):
+def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_chunk, rsvd_device):
     """A bf16 batch larger than one upcast chunk is decomposed chunk by chunk (1 or 2 matrices per
     chunk, set through LORAPORT_UPCAST_CHUNK_BYTES; with 2, the last chunk half-fills the reused
     staging buffer), tall and wide, with the same result as in one chunk."""
+    device = rsvd_device
     A = spectrum_matrix(m, n, SLOW, generator, batch=(5,)).to(device, torch.bfloat16)
     whole = loraport.rsvd(A, 8, seed=5, method="krylov")
     monkeypatch.setenv("LORAPORT_UPCAST_CHUNK_BYTES", str(per_chunk * m * n * 4 + 100))  # fp32 matrices
@@ -140,8 +140,8 @@ def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_
 
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_batched_equals_unbatched(method, device, generator):
+def test_rsvd_batched_equals_unbatched(method, rsvd_device, generator):
+    device = rsvd_device
     A = spectrum_matrix(96, 64, SLOW, generator, batch=(2, 3)).float().to(device)
     U, S, V = loraport.rsvd(A, 6, seed=11, method=method)
     assert U.shape == (2, 3, 96, 6) and S.shape == (2, 3, 6) and V.shape == (2, 3, 64, 6)
@@ -153,8 +153,8 @@ def test_rsvd_batched_equals_unbatched(method, device, generator):
             torch.testing.assert_close(V[i, j], Vij, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_non_contiguous_inputs(device, generator):
+def test_rsvd_non_contiguous_inputs(rsvd_device, generator):
+    device = rsvd_device
     base = spectrum_matrix(140, 100, SLOW, generator).float().to(device)
     views = {
         "transposed": base.mT,  # [100, 140], column-major
@@ -366,12 +366,12 @@ def test_rsvd_rank_at_or_above_min_dim_is_exact(generator):
 
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("m", [40, 120, 3000], ids=["small-householder", "medium-choleskyqr", "large-choleskyqr"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, device, generator):
+def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, rsvd_device, generator):
     """A rank-5 matrix asked for rank 20: the sketch is numerically rank-deficient. Small blocks
     (on the CPU at most 2048 elements: 40 x 28) are factored by Householder QR directly; on
     larger ones CholeskyQR breaks down and the fallback must still return orthonormal U and V and
     an exact fit."""
+    device = rsvd_device
     A = (torch.randn(4, m, 5, generator=generator) @ torch.randn(4, 5, 90, generator=generator)).to(device)
     U, S, V = loraport.rsvd(A, 20, power_iters=3, method=method, seed=0)
     assert orthogonality_error(U) <= 1e-5 and orthogonality_error(V) <= 1e-5
@@ -382,12 +382,12 @@ def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, device, 
 @pytest.mark.parametrize("small_svd", ["svd", "eigh", "host"])
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("shape", [(3, 500, 90), (2, 90, 500), (3, 40, 30)])
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_zero_matrix(monkeypatch, small_svd, method, shape, device):
+def test_rsvd_zero_matrix(monkeypatch, small_svd, method, shape, rsvd_device):
     """An all-zero layer (rank 60 of a 90-wide one; rank 20 of [40, 30]): S = 0 and orthonormal
     U, V, by every Rayleigh-Ritz choice. Every factorization on the way sees a zero matrix, so
     each CholeskyQR fails and must fall back to Householder QR, the eigh choice's QR of the Ritz
     vectors' images included (the images are exactly zero)."""
+    device = rsvd_device
     monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
     rank = 20 if shape[-1] == 30 else 60
     U, S, V = loraport.rsvd(torch.zeros(shape, device=device), rank, method=method, seed=0)
@@ -396,8 +396,8 @@ def test_rsvd_zero_matrix(monkeypatch, small_svd, method, shape, device):
     assert (S == 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_rsvd_same_seed_same_result(device, generator):
+def test_rsvd_same_seed_same_result(rsvd_device, generator):
+    device = rsvd_device
     A = torch.randn(80, 60, generator=generator).to(device)
     first, again, other = (loraport.rsvd(A, 5, seed=s) for s in (7, 7, 8))
     for a, b in zip(first, again):

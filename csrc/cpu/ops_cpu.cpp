@@ -37,6 +37,13 @@ bool skinny_operand(const at::Tensor& X) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, const at::Tensor& sketch,
                                                         int64_t rank, int64_t power_iters,
                                                         c10::string_view method) {
+  const std::string_view method_name(method.data(), method.size());
+  if (const char* env = std::getenv("LORAPORT_POLICY")) {
+    const std::string_view choice(env);
+    TORCH_CHECK_VALUE(choice == "cpu" || choice == "cuda", "LORAPORT_POLICY must be cpu or cuda, got ", choice);
+    // The CUDA op's control flow without its kernels (linalg.h, cuda_flow_policy), for the tests.
+    if (choice == "cuda") return rsvd_forward(A, sketch, rank, power_iters, method_name, cuda_flow_policy());
+  }
   RsvdPolicy policy;
   policy.check_each_qr = true;
   // Householder for blocks of at most 2048 elements: ATen's batched QR runs LAPACK one matrix
@@ -63,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
     };
   }
 #endif
-  return rsvd_forward(A, sketch, rank, power_iters, std::string_view(method.data(), method.size()), policy);
+  return rsvd_forward(A, sketch, rank, power_iters, method_name, policy);
 }
 
 }  // namespace

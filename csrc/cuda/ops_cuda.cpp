@@ -16,16 +16,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
                                                          int64_t rank, int64_t power_iters,
                                                          c10::string_view method) {
   const c10::cuda::CUDAGuard guard(A.device());
-  RsvdPolicy policy;
-  policy.check_each_qr = false;
-  // The Rayleigh-Ritz SVD stays on the GPU. On the host (LORAPORT_RAYLEIGH_RITZ=host) these
-  // cases were faster in two leases and slower in the one between: loraport.rsvd, median ms,
+  RsvdPolicy policy = cuda_flow_policy();
+  // The Rayleigh-Ritz SVD stays on the GPU (cuda_flow_policy's Eigh). On the host
+  // (LORAPORT_RAYLEIGH_RITZ=host) these cases were faster in two leases and slower in the one
+  // between: loraport.rsvd, median ms,
   // GPU eigh / host, three H100 leases of 2026-11-28 (benchmarks/gpu_profile.py; RESULTS.md):
   // 4 x [12288, 3072] power rank 64 (L = 72): 16.2 / 14.0, 18.2 / 22.0, 15.8 / 12.4;
   // 256 x [512, 128] rank 16 (L = 24): 27.8 / 23.3, 26.0 / 79.6, 18.6 / 17.9; and it was slower
   // in all three at L = 192 and 384. Its speed varied with the host machine, whose cores a
   // pipeline reading the next layers meanwhile keeps busy too.
-  policy.rayleigh_ritz = RsvdPolicy::SmallSvd::Eigh;
   policy.eigh = &batched_eigh_cusolver;  // one cuSOLVER call for the batch (batched_eigh.h)
   policy.gram_fp64 = [](const at::Tensor& Y) {
     return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
