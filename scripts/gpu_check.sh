@@ -4,7 +4,7 @@
 # elsewhere against this very torch (put in .devbuild/_C.so, e.g. by scripts/gpu_check.sh
 # --prebuild on a machine with nvcc) or a build here; (2) the CUDA tests; (3) host syncs and a
 # profile of one rsvd call; (4) the rsvd benchmark on the GPU. Logs and tables go to $OUT
-# (default ./gpu-out). Stage budgets (seconds): TESTS_S, BENCH_S.
+# (default ./gpu-out). Stage budgets (seconds): TESTS_S, PROFILE_S, BENCH_S.
 #
 #   bash scripts/gpu_check.sh                       # on the GPU machine
 #   bash scripts/gpu_check.sh --prebuild PYTHON     # here: build .devbuild/_C.so against PYTHON's torch
@@ -49,7 +49,7 @@ grep -E "passed|failed|error" "$OUT/pytest_cuda.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -20
 
 stage "host syncs and profile of one rsvd call"
-timeout 60 $py benchmarks/gpu_profile.py >"$OUT/profile.log" 2>&1
+timeout "${PROFILE_S:-150}" $py benchmarks/gpu_profile.py >"$OUT/profile.log" 2>&1
 echo "exit code $?"; tail -45 "$OUT/profile.log"
 
 stage "rsvd benchmark"
