@@ -35,7 +35,9 @@ struct RsvdPolicy {
   //     factor copied there and the results back. The copy synchronizes with the host, as
   //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. Its speed
   //     on a GPU machine varied from lease to lease (measurements in ops_cuda.cpp).
-  // LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides it (the CPU tests run each choice with it).
+  // float64 work takes Svd whatever the policy says (rsvd_forward: Eigh squares the factor's
+  // condition number). LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides both (the CPU tests run
+  // each choice with it).
   enum class SmallSvd { Svd, Eigh, EighOnHost };
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
   // fp64 symmetric G [b, L, L] -> {eigenvalues ascending [b, L], eigenvectors [b, L, L]} for the
