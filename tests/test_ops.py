@@ -526,6 +526,21 @@ def test_bad_input_raises_value_error(call, message):
         call(A)
 
 
+@pytest.mark.parametrize("small_svd", ["svd", "eigh", "host"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("method", ["power", "krylov"])
+def test_rsvd_non_finite_entry_in_a_batch_raises_value_error(monkeypatch, small_svd, value, method, rsvd_device, generator):
+    """One NaN or Inf entry in one matrix of a batch of layer-sized blocks (CholeskyQR2, not
+    Householder, on every device): ValueError naming it, for each Rayleigh-Ritz choice and in the
+    CUDA flow too, where the failed factorizations are redone at the end of the op and the redo
+    meets the NaN."""
+    monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+    A = torch.randn(3, 500, 90, generator=generator)
+    A[1, 17, 40] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loraport.rsvd(A.to(rsvd_device), 40, method=method, seed=0)
+
+
 # ---------------------------------------------------------------- contracts
 def _opcheck_cases(device):
     g = torch.Generator().manual_seed(0)
