@@ -387,18 +387,19 @@ std::tuple<Tensor, Tensor, Tensor> small_svd(const Tensor& X, int64_t rank) {
 
 // W = Q R with orthonormal Q [b, L, k] for the Ritz vectors' images W [b, L, k] (small_svd_by_eigh).
 using Orthonormalize = std::function<std::tuple<Tensor, Tensor>(const Tensor& W)>;
+using EighHook = decltype(RsvdPolicy::eigh);
 
 // cuSOLVER's batched eigensolver (cusolverDnXsyevBatched, under at::linalg_eigh) failed with
 // CUSOLVER_STATUS_INTERNAL_ERROR on one batch of 66000 8 x 8 matrices (H200, CUDA 13.0, torch
 // 2.11); larger batches go through in slices of this many matrices.
 constexpr int64_t kSmallSvdMaxBatch = 4096;
 
-// The eigendecomposition of symmetric G [b, L, L] (eigenvalues ascending) by the policy's hook
-// where it takes G, else at::linalg_eigh, in slices of kSmallSvdMaxBatch.
-std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G, const RsvdPolicy& policy) {
-  auto eigh = [&policy](const Tensor& slice) -> std::tuple<Tensor, Tensor> {
-    if (policy.eigh) {
-      auto [values, vectors] = policy.eigh(slice);
+// The eigendecomposition of symmetric G [b, L, L] (eigenvalues ascending) by `hook`
+// (RsvdPolicy::eigh) where it takes G, else at::linalg_eigh, in slices of kSmallSvdMaxBatch.
+std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G, const EighHook& hook) {
+  auto eigh = [&hook](const Tensor& slice) -> std::tuple<Tensor, Tensor> {
+    if (hook) {
+      auto [values, vectors] = hook(slice);
       if (values.defined()) return {values, vectors};
     }
     return at::linalg_eigh(slice);
@@ -423,10 +424,10 @@ std::tuple<Tensor, Tensor> eigh_in_slices(const Tensor& G, const RsvdPolicy& pol
 // (sqrt of the eigenvalues) is descending; its relative error is ~u64 * (sigma_1 / sigma_i)^2.
 // On CUDA `orthonormalize` is the op's CholeskyQR2 (a few batched kernels): ATen's QR of a batch
 // there runs cuSOLVER's orgqr once per matrix, one launch after another.
-std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank, const RsvdPolicy& policy,
+std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t rank, const EighHook& eigh,
                                                      const Orthonormalize& orthonormalize) {
   const Tensor Xd = X.to(at::kDouble);                             // [b, L, L]
-  auto [evals, evecs] = eigh_in_slices(at::matmul(Xd.mT(), Xd), policy);  // ascending
+  auto [evals, evecs] = eigh_in_slices(at::matmul(Xd.mT(), Xd), eigh);  // ascending
   const int64_t L = X.size(-1);
   Tensor Vr = evecs.narrow(-1, L - rank, rank).flip(-1);           // [b, L, rank], descending
   Tensor S = evals.narrow(-1, L - rank, rank).flip(-1).clamp_min(0).sqrt();  // [b, rank]
@@ -445,7 +446,7 @@ std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh(const Tensor& X, int64_t ra
 // more per tensor).
 std::tuple<Tensor, Tensor, Tensor> small_svd_by_eigh_on_host(const Tensor& X, int64_t rank) {
   const Tensor Xh = X.to(at::kCPU, at::kDouble);                  // [b, L, L]
-  auto [u, s, v] = small_svd_by_eigh(Xh, rank, RsvdPolicy{}, [](const Tensor& W) { return at::linalg_qr(W, "reduced"); });
+  auto [u, s, v] = small_svd_by_eigh(Xh, rank, EighHook(), [](const Tensor& W) { return at::linalg_qr(W, "reduced"); });
   if (X.device().is_cpu()) return {u, s, v};  // the CPU tests' way in: nothing to copy back
   const int64_t b = Xh.size(0), L = Xh.size(-1);
   const auto opts = Xh.options().pinned_memory(true);
@@ -468,7 +469,7 @@ std::tuple<Tensor, Tensor, Tensor> rayleigh_ritz_svd(const Tensor& X, int64_t ra
     case SmallSvd::EighOnHost:
       return small_svd_by_eigh_on_host(X, rank);
     case SmallSvd::Eigh:
-      return small_svd_by_eigh(X, rank, policy, [&orth](const Tensor& W) { return orth(W); });
+      return small_svd_by_eigh(X, rank, policy.eigh, [&orth](const Tensor& W) { return orth(W); });
   }
   TORCH_CHECK(false, "unreachable");
 }

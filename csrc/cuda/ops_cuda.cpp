@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   RsvdPolicy policy = cuda_flow_policy();
   // The Rayleigh-Ritz SVD stays on the GPU (cuda_flow_policy's Eigh). On the host
   // (LORAPORT_RAYLEIGH_RITZ=host) these cases were faster in two leases and slower in the one
-  // between: loraport.rsvd, median ms,
-  // GPU eigh / host, three H100 leases of 2026-11-28 (benchmarks/gpu_profile.py; RESULTS.md):
+  // between: loraport.rsvd, median ms, GPU eigh / host, three H100 leases of 2026-11-28
+  // (benchmarks/gpu_profile.py; RESULTS.md):
   // 4 x [12288, 3072] power rank 64 (L = 72): 16.2 / 14.0, 18.2 / 22.0, 15.8 / 12.4;
   // 256 x [512, 128] rank 16 (L = 24): 27.8 / 23.3, 26.0 / 79.6, 18.6 / 17.9; and it was slower
   // in all three at L = 192 and 384. Its speed varied with the host machine, whose cores a
