@@ -15,8 +15,9 @@ constexpr int64_t kBatchedEighMinSize = 33;
 // ascending, eigenvectors [b, n, n] (columns)}, by one cusolverDnXsyevBatched call, where
 // torch's at::linalg_eigh (up to torch 2.11 at least) runs cuSOLVER's syevd once per matrix.
 // Every result is checked on the device before it is returned (residual, orthogonality, order,
-// cuSOLVER's info), in the one host synchronization ATen's eigensolver makes too. Undefined
-// tensors where it does not apply or fails: the caller then uses at::linalg_eigh.
+// cuSOLVER's info) in one host synchronization, as ATen's eigensolver makes (a second only
+// after a failed check). Undefined tensors where it does not apply or fails: the caller then
+// uses at::linalg_eigh.
 // LORAPORT_CUSOLVER_EIGH=0 turns it off; =require makes any fallback an error (the CUDA tests).
 std::tuple<at::Tensor, at::Tensor> batched_eigh_cusolver(const at::Tensor& G);
 
