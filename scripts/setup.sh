@@ -11,12 +11,12 @@ venv=${LORAPORT_VENV:-.venv}
 torch_spec=${LORAPORT_TORCH:-torch==2.13.0}
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-echo "== installing $torch_spec and the build/test tools into $venv"
-"$venv/bin/pip" install -q "$torch_spec" numpy safetensors tqdm pytest pytest-benchmark \
-    "scikit-build-core>=0.10" "cmake>=3.26" ninja diffusers peft
+echo "== installing $torch_spec and the build tools into $venv"
+"$venv/bin/pip" install -q "$torch_spec" numpy "scikit-build-core>=0.10" "cmake>=3.26" ninja
 echo "== building loraport against $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
-# --no-build-isolation: compile against the torch installed above, not a fresh download.
-"$venv/bin/pip" install -q --no-build-isolation .
+# --no-build-isolation: compile against the torch installed above, not a fresh download. The
+# extras (pyproject.toml) bring what the tests and the benchmarks need.
+"$venv/bin/pip" install -q --no-build-isolation ".[test,bench]"
 "$venv/bin/python" -c 'import loraport; print("loraport", loraport.__version__, "built:", loraport.BUILD_INFO)'
 echo "== the main job on the bundled example: port a tiny Hunyuan-Video-shaped LoRA"
 "$venv/bin/python" examples/make_tiny_example.py examples/out

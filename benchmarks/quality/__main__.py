@@ -1,14 +1,15 @@
 """Run the transfer-quality benchmark and write its results next to this file:
 
     python -m benchmarks.quality               # 3 seeds, full sweeps (minutes on 2 CPU cores)
-    python -m benchmarks.quality --quick       # 1 seed, a smaller model, no sweeps; prints only
+    python -m benchmarks.quality --quick       # 1 seed, a smaller model, no sweeps -> quick/
     python -m benchmarks.quality --seeds 5 --out /tmp/q
     python -m benchmarks.quality --render      # tables and plots again from results.json
 
 Writes results.md (tables), results.json (every measurement) and retention.png,
-similarity.png, sweeps.png to --out (default: this folder; with --quick, nothing unless --out
-is given, so a quick run never replaces the recorded results). See benchmarks/quality/README.md
-for what is measured and why."""
+similarity.png, sweeps.png to --out (default: this folder; with --quick, the folder quick/ in
+it, which git ignores, so a quick run never replaces the recorded results). The plots need
+matplotlib (`pip install loraport[bench]`); without it the run says so and still writes the
+tables. See benchmarks/quality/README.md for what is measured and why."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, tiny model, no sweeps (seconds to a minute)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 1 with --quick)")
-    ap.add_argument("--out", help="folder for results.md, results.json and the PNGs (default: this folder)")
+    ap.add_argument("--out", help="folder for results.md, results.json and the PNGs (default: this folder; "
+                    "with --quick, its quick/ subfolder)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--render", action="store_true", help="no run: rewrite results.md and the PNGs from results.json")
     args = ap.parse_args(argv)
@@ -72,15 +74,26 @@ def main(argv=None) -> int:
     }
     text = report.markdown(results, facts, setup)
     print(text)
-    out = args.out or (None if args.quick else HERE)
-    if out is not None:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(_rounded({"facts": facts, "seeds": [asdict(r) for r in results]}), f, separators=(",", ":"))
-        with open(os.path.join(out, "results.md"), "w") as f:
-            f.write(text)
-        print("wrote", ", ".join(report.plots(results, setup, out)), "and results.md, results.json in", out)
+    out = args.out or (os.path.join(HERE, "quick") if args.quick else HERE)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(_rounded({"facts": facts, "seeds": [asdict(r) for r in results]}), f, separators=(",", ":"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    _write_plots(results, setup, out, "results.md, results.json")
     return 0
+
+
+def _write_plots(results, setup, folder: str, also: str) -> None:
+    """The PNGs, or one line saying why not: the tables are the result, the plots a view of them."""
+    try:
+        paths = report.plots(results, setup, folder)
+    except ModuleNotFoundError as missing:
+        if missing.name != "matplotlib" and not str(missing.name).startswith("matplotlib."):
+            raise
+        print(f"no plots: matplotlib is not installed (pip install 'loraport[bench]'); wrote {also} in {folder}")
+        return
+    print("wrote", ", ".join(paths), f"and {also} in", folder)
 
 
 def _rounded(obj):
@@ -102,7 +115,7 @@ def _render(folder: str) -> int:
     results = [E.SeedResult(**r) for r in doc["seeds"]]
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(report.markdown(results, facts, setup))
-    print("wrote", ", ".join(report.plots(results, setup, folder)), "and results.md in", folder)
+    _write_plots(results, setup, folder, "results.md")
     return 0
 
 
