@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         help="krylov only: width of each Krylov block (default subspace rank + oversample; "
         "e.g. 3/4 of the subspace rank with --power-iters 3, see benchmarks/RESULTS.md)",
     )
+    q.add_argument(
+        "--strength",
+        action="append",
+        metavar="S|REGEX=S",
+        help="scale the ported ΔW by S (negative too), folded into the factors; 'REGEX=S' (repeatable) "
+        "scales the modules whose name matches (re.search; the last matching rule wins)",
+    )
     q.add_argument("--report", help="write the per-layer JSON report here")
     q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -149,7 +156,7 @@ def _port(args) -> int:
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
         method=args.method, block_size=args.block_size, max_memory=args.max_vram, cache_dir=args.cache_dir,
-        report=args.report, dry_run=args.dry_run, quiet=args.quiet,
+        report=args.report, dry_run=args.dry_run, quiet=args.quiet, strength=args.strength,
     )  # fmt: skip
     if not args.quiet:
         print(rep.table())

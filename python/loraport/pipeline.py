@@ -37,6 +37,7 @@ weight found there is neither read nor decomposed."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -52,6 +53,7 @@ from .cache import SubspaceCache
 from .errors import InputError
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
+from .strength import Strength
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
@@ -309,6 +311,7 @@ def port(
     report=None,
     dry_run: bool = False,
     quiet: bool = False,
+    strength=None,
 ) -> PortReport:
     """Port ``lora`` (path or state dict) from base ``source`` to base ``target`` (paths to a
     safetensors file, sharded index, .pt checkpoint or diffusers folder, or state dicts), write
@@ -319,7 +322,8 @@ def port(
     ``cache_dir``: folder of the subspace cache (loraport.cache); bases given as state dicts are
     never cached. ``block_size`` (method="krylov" only): width of each Krylov block, as in
     `loraport.rsvd`; a layer whose subspace rank needs a wider Krylov space than
-    (power_iters + 1) blocks of it uses the default width, rank + oversample."""
+    (power_iters + 1) blocks of it uses the default width, rank + oversample. ``strength``: a
+    float or (regex, S) rules scaling each output module's ΔW exactly (loraport.strength)."""
     if max_vram is not None:
         max_memory = max_vram
     if variant not in VARIANTS:
@@ -341,6 +345,7 @@ def port(
         method=method, block_size=block_size, oversample=oversample, seed=seed,
         max_memory=parse_bytes(max_memory), dry_run=dry_run,
         cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
+        strength=Strength(strength).to_dict(),
     )  # fmt: skip
     t_start = time.perf_counter()
 
@@ -379,6 +384,7 @@ def port(
             "loraport.source": os.path.basename(src.label),
             "loraport.target": os.path.basename(tgt.label),
             "loraport.variant": variant,
+            "loraport.strength": json.dumps(settings["strength"]),
         }
         formats.write_lora(result, out, format=format, metadata=meta, protect=inputs)
         seconds["write"] = time.perf_counter() - t0
@@ -646,6 +652,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
 
     t0 = time.perf_counter()
     energy = settings["energy"]
+    strength = Strength.from_dict(settings["strength"])
     for g, plan in enumerate(chunk.plans):
         row, mod = plan.row, plan.module
         row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
@@ -693,6 +700,10 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
             row.action = "padded" if mod.down.shape[1] < channels else "ported"
             row.rank_out = new_up.shape[1]
             row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
+        factor = strength(mod.name)
+        if factor != 1.0:  # in float32, before the cast to the output dtype: one rounding
+            new_up = new_up * factor
+            row.note = (row.note + f" strength {factor:g}").strip()
         plan.result = formats.module_from_factors(
             mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
         )
