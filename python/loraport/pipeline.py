@@ -27,8 +27,8 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
   * shapes: a target weight with more input channels (dim 1, same outputs and kernel; e.g.
     HunyuanVideo-I2V v1's img_in, 16 -> 33 channels) is "padded": the LoRA's down factor and the
     source weight get zero columns for the new channels (what diffusers does when it loads such a
-    LoRA), then the layer is ported as usual (the projection may move some of the update onto
-    the new channels). Any other difference is "shape-mismatch" and the layer is skipped.
+    LoRA), and the target's subspaces are those of its old channels (new ones zeroed), so the gate
+    compares the part the LoRA acts on and the new channels get no update in any variant. Any other difference is "shape-mismatch" and the layer is skipped.
     Modules missing in a base ("missing") or absent from the key map ("unknown") are skipped.
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
 Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
@@ -54,6 +54,7 @@ from .errors import InputError
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
 from .strength import Strength
+from .upgrade import refuse_other_size
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
@@ -224,9 +225,10 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
     return out, (rows_total, *rest)
 
 
-def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> torch.Tensor:
+def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces, keep: int | None = None) -> torch.Tensor:
     """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
-    channels beyond the stored ones zero; returns ‖W‖_F² (float64 scalar, for energy ranks)."""
+    channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
+    for energy ranks)."""
     row, read = 0, []
     for name, rows, piece in pieces:
         shape = base.shape(component, name)  # [rows, in, *kernel]
@@ -237,7 +239,7 @@ def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> to
             base.read_into(component, name, dest[offset : offset + source.stop - source.start], source)
         read.append((name, dest))
         row += n
-    out[:, channels:].zero_()
+    out[:, channels if keep is None else keep :].zero_()
     frob2 = torch.zeros((), dtype=torch.float64)
     for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
         frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
@@ -357,6 +359,7 @@ def port(
         out = formats.check_output(out, inputs)
     styles = _base_styles(lf, src, tgt)
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
+    refuse_other_size([p.row for p in plans], lf.label, src.label, tgt.label)
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
     written = [p.module.component for p in plans if p.row.action == "planned"]
     formats.check_format(format_out, lf.arch, written, lf.label)
@@ -513,6 +516,16 @@ def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
     return block if krylov_blocks(short_side, width, settings["power_iters"]) * width >= min(k, short_side) else None
 
 
+def _gated_channels(plan: _Plan, side: str) -> int | None:
+    """For the target weight of a layer that gained input channels: the old channel count, the
+    part its subspaces are taken from (the LoRA acts on those channels only; a target whose new
+    channels dominate its spectrum, as Flux Fill's x_embedder with 320 new of 384, would
+    otherwise fail the gate for a layer whose old channels barely moved). None: all channels."""
+    if side == "target" and plan.src_shape[1] < plan.tgt_shape[1]:
+        return plan.src_shape[1]
+    return None
+
+
 @dataclass
 class _Chunk:
     """Same-shape layers ported together: one batched rsvd over the weights not in the cache."""
@@ -595,7 +608,8 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = cache.key(
-                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd
+                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd,
+                        kept_channels=_gated_channels(p, side),
                     )
                     hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
@@ -608,7 +622,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
+            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces, _gated_channels(p, side)))
         return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     cached_subspaces = 0  # for the progress bar
