@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections import Counter
 
-from . import archs, formats
+from . import archs, formats, upgrade
 from .basemodel import BaseModel
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
@@ -26,7 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("port", help="port a LoRA from a source base model to a target one")
     q.add_argument("lora", help="LoRA safetensors file")
     q.add_argument("--source", required=True, help="base model the LoRA was trained on (file, index.json or folder)")
-    q.add_argument("--target", required=True, help="base model to port to")
+    q.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        help="base model to port to; for a multi-expert release (Wan 2.2 A14B) one EXPERT=PATH each "
+        "(--target high=H --target low=L): one output per expert, -o's '{expert}' or OUT.EXPERT.safetensors",
+    )
+    q.add_argument(
+        "--expert-strength",
+        action="append",
+        metavar="EXPERT=S",
+        help="with several --target experts: scale that expert's ΔW by S (on top of --strength)",
+    )
     q.add_argument("-o", "--out", help="output LoRA path (required unless --dry-run)")
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     q.add_argument(
@@ -151,17 +163,28 @@ def _toolbox(args) -> int:
 def _port(args) -> int:
     if args.out is None and not args.dry_run:
         raise InputError(f"{args.lora}: give -o OUT (or --dry-run)")
-    rep = port(
-        args.lora, args.source, args.target, args.out, device=args.device, subspace_rank=args.subspace_rank,
+    options = dict(
+        device=args.device, subspace_rank=args.subspace_rank,
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
         method=args.method, block_size=args.block_size, max_memory=args.max_vram, cache_dir=args.cache_dir,
         report=args.report, dry_run=args.dry_run, quiet=args.quiet, strength=args.strength,
     )  # fmt: skip
+    targets = upgrade.parse_targets(args.target)
+    if isinstance(targets, dict):
+        strengths = upgrade.parse_expert_strengths(args.expert_strength)
+        reports = upgrade.port_experts(args.lora, args.source, targets, args.out, expert_strength=strengths, **options)
+    else:
+        if args.expert_strength:
+            raise InputError("loraport: --expert-strength needs several --target EXPERT=PATH")
+        reports = {None: port(args.lora, args.source, targets, args.out, **options)}
     if not args.quiet:
-        print(rep.table())
-        if rep.out:
-            print(f"wrote {rep.out} ({rep.format_out})")
+        for expert, rep in reports.items():
+            if expert is not None:
+                print(f"expert {expert} ({rep.target}):")
+            print(rep.table())
+            if rep.out:
+                print(f"wrote {rep.out} ({rep.format_out})")
     return 0
 
 
