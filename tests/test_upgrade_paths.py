@@ -17,10 +17,11 @@ attentions (ComfyUI comfy/supported_models.py, SSD1B.unet_config transformer_dep
 image cross-attention (no CLIP image input: no attn2.add_k_proj/add_v_proj, no image embedder)."""
 
 import logging
+import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loraport import formats, tiny
 from loraport.cli import main
@@ -96,12 +97,28 @@ def load_into(model, target: dict, path: str, prefix: str) -> None:
     assert injected == {m.name for m in formats.read_lora(path).modules}
 
 
-def run(tmp_path, arch, source, target, name="out", **kw):
+def diffusers_folder(path, model, weights: dict) -> str:
+    """``weights`` saved as a diffusers folder of ``model``'s class: config.json and weights in
+    transformer/ (unet/ for a UNet), as the release is downloaded."""
+    sub = os.path.join(path, "unet" if type(model).__name__.startswith("UNet") else "transformer")
+    os.makedirs(sub)
+    model.save_config(sub)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(sub, "diffusion_pytorch_model.safetensors"))
+    return str(path)
+
+
+def run(tmp_path, arch, source, target, model, name="out"):
     """Port a Musubi-style kohya LoRA (every adaptable module of ``source``, original names) to
-    ``target`` as a diffusers LoRA: (report, {module: action}, input LoRA, output path)."""
+    ``target`` (saved as a diffusers folder of ``model``'s class) as a diffusers LoRA: (report,
+    {module: action}, input LoRA, output path). The port's own check of its output used
+    diffusers' loader on the target's config and found every key consumed, every shape fitting."""
     lora_sd = tiny.lora(arch, source, fmt="kohya", rank=4, alpha=2.0)
     out = str(tmp_path / f"{name}.safetensors")
-    rep = port(lora_sd, source, target, out, arch=arch, format="diffusers", quiet=True, **kw)
+    folder = diffusers_folder(tmp_path / f"{name}_target", model, target)
+    rep = port(lora_sd, source, folder, out, arch=arch, format="diffusers", quiet=True)
+    assert rep.check["method"].startswith("diffusers"), rep.check["method"]
+    assert (rep.check["unconsumed"], rep.check["misfits"], rep.check["error"]) == ([], [], None)
+    assert rep.check["keys"] == len(load_file(out))
     return rep, {r.module: r.action for r in rep.rows}, formats.read_lora(lora_sd, arch=arch), out
 
 
@@ -136,7 +153,7 @@ def test_hunyuan_t2v_to_i2v_pads_img_in(tmp_path, release, channels):
     cfg = dict(image_condition_type="latent_concat") if release == "hunyuanvideo-i2v" else {}
     model = hunyuan(in_channels=channels, **cfg)
     target = tiny.widen_input(tiny.related(t2v), "x_embedder.proj.weight", channels)
-    rep, actions, lora_in, out = run(tmp_path, "hunyuan-video", source, target)
+    rep, actions, lora_in, out = run(tmp_path, "hunyuan-video", source, target, model)
     assert actions.pop("img_in.proj") == "padded"
     assert set(actions.values()) == {"ported"}
     assert_carried(lora_in, out, "hunyuan-video", padded={"x_embedder.proj"})
@@ -155,7 +172,7 @@ def test_hunyuan_t2v_to_i2v_token_replace_and_framepack_carry_everything(tmp_pat
     ):  # fmt: skip
         own = weights(model, seed=5)
         target = {**own, **tiny.related(t2v)}  # FramePack's new modules: weights of their own
-        rep, actions, lora_in, out = run(tmp_path, "hunyuan-video", source, target, name)
+        rep, actions, lora_in, out = run(tmp_path, "hunyuan-video", source, target, model, name)
         assert set(actions.values()) == {"ported"}, name
         assert_carried(lora_in, out, "hunyuan-video")
         load_into(model, target, out, "transformer")
@@ -170,7 +187,7 @@ def test_wan21_t2v_to_wan22_t2v_a14b_both_experts(tmp_path):
     source = tiny.to_original_names("wan", w21)
     for seed in (1, 2):  # the high-noise and the low-noise expert
         target = tiny.related(w21, seed=seed)
-        rep, actions, lora_in, out = run(tmp_path, "wan", source, target, f"expert{seed}")
+        rep, actions, lora_in, out = run(tmp_path, "wan", source, target, wan(), f"expert{seed}")
         assert set(actions.values()) == {"ported"}
         assert_carried(lora_in, out, "wan")
         load_into(wan(), target, out, "transformer")
@@ -182,7 +199,7 @@ def test_wan21_i2v_to_wan22_i2v_drops_and_lists_image_cross_attention(tmp_path):
     assert "blocks.0.cross_attn.k_img.weight" in source and "img_emb.proj.1.weight" in source
     model = wan(in_channels=9)  # Wan 2.2 I2V A14B: same 36 input channels, no image cross-attention
     target = tiny.related({k: v for k, v in w21.items() if k in model.state_dict()})
-    rep, actions, lora_in, out = run(tmp_path, "wan", source, target)
+    rep, actions, lora_in, out = run(tmp_path, "wan", source, target, model)
     dropped = {m for m, a in actions.items() if a == "missing"}
     assert dropped == {f"blocks.{i}.cross_attn.{x}" for i in range(2) for x in ("k_img", "v_img")} | {
         "img_emb.proj.1", "img_emb.proj.3"}  # fmt: skip
@@ -225,7 +242,7 @@ def test_flux_dev_to(tmp_path, release):
         target = {k: v for k, v in tiny.related(dev).items() if "guidance_embedder" not in k}
     else:  # Kontext and Krea: dev's shapes
         model, target = flux(), tiny.related(dev, seed=3 if release == "krea" else 1)
-    rep, actions, lora_in, out = run(tmp_path, "flux", source, target)
+    rep, actions, lora_in, out = run(tmp_path, "flux", source, target, model)
     if release == "fill":
         assert actions.pop("img_in") == "padded"
     if release == "schnell":
@@ -245,7 +262,7 @@ def test_sdxl_to_ssd1b_lists_the_removed_blocks_and_to_a_finetune_carries_all(tm
     source = tiny.to_original_names("sdxl", sdxl)  # LDM names, as kohya SDXL LoRAs use
     ssd = sdxl_unet((1, 1, 1))  # the innermost attentions keep fewer transformer blocks
     target = tiny.related({k: v for k, v in sdxl.items() if k in ssd.state_dict()})
-    rep, actions, lora_in, out = run(tmp_path, "sdxl", source, target, "ssd1b")
+    rep, actions, lora_in, out = run(tmp_path, "sdxl", source, target, ssd, "ssd1b")
     removed = {m for m, a in actions.items() if a == "missing"}
     assert removed and all(".transformer_blocks.1." in m for m in removed)
     assert {m for m in actions if ".transformer_blocks.1." in m} == removed
@@ -254,7 +271,7 @@ def test_sdxl_to_ssd1b_lists_the_removed_blocks_and_to_a_finetune_carries_all(tm
     load_into(ssd, target, out, "unet")
 
     finetune = tiny.finetuned(sdxl, rel_diff=0.05)
-    rep, actions, lora_in, out = run(tmp_path, "sdxl", source, finetune, "finetune")
+    rep, actions, lora_in, out = run(tmp_path, "sdxl", source, finetune, sdxl_unet(), "finetune")
     assert set(actions.values()) == {"ported"}
     assert_carried(lora_in, out, "sdxl")
     load_into(sdxl_unet(), finetune, out, "unet")

@@ -93,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
+    c = sub.add_parser(
+        "check",
+        help="list the LoRA keys a base's loader would not consume and the modules whose shape does not fit "
+        "(exit 1 if any)",
+    )
+    c.add_argument("lora")
+    c.add_argument("--base", required=True, help="base model (a diffusers folder with config.json: diffusers' loader)")
+    c.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
+    c.add_argument("--key-maps", action="store_true", help="use loraport's key maps even where diffusers could load it")
+    c.add_argument("--report", help="write the result as JSON here")
+
     i = sub.add_parser("inspect", help="describe a LoRA or base-model file")
     i.add_argument("file")
     _toolbox_parsers(sub)
@@ -188,6 +199,22 @@ def _port(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from .check import check
+
+    rep = check(args.lora, args.base, arch=args.arch, use_diffusers=not args.key_maps)
+    print(rep.table())
+    if args.report:
+        import json
+
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(rep.to_dict(), f, indent=2)
+
+        formats.atomic_write(args.report, dump, protect=(args.lora,))
+    return 0 if rep.ok else 1
+
+
 def _is_lora(path: str) -> bool:
     if not path.endswith(".safetensors"):
         return False
@@ -238,6 +265,8 @@ def main(argv=None) -> int:
     try:
         if args.command in ("resize", "extract", "merge"):
             return _toolbox(args)
+        if args.command == "check":
+            return _check(args)
         return _port(args) if args.command == "port" else _inspect(args)
     except (InputError, ValueError, OSError) as e:
         print(f"loraport: error: {e}", file=sys.stderr)

@@ -50,6 +50,7 @@ import torch
 from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
+from .check import check
 from .errors import InputError
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
@@ -101,6 +102,7 @@ class PortReport:
     settings: dict
     seconds: dict = field(default_factory=dict)  # read, svd, project, write, total
     bytes_read: int = 0
+    check: dict | None = None  # the output checked against the target's loader (loraport.check)
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
@@ -169,6 +171,11 @@ class PortReport:
                          f"({s['subspaces_from_cache']} subspaces) in {self.settings['cache_dir']}"))  # fmt: skip
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        if self.check is not None:
+            c = self.check
+            lines.append(f"  loads: {c['keys'] - len(c['unconsumed'])} of {c['keys']} keys consumed, "
+                         f"{len(c['misfits'])} misfits ({c['method']})" + (f"; {c['error']}" if c["error"] else ""))  # fmt: skip
+            lines += [f"  unconsumed  {k}" for k in c["unconsumed"]]
         others = [r for r in self.rows if r.action not in ("ported", "planned")]
         if others:
             lines.append(f"not ported or changed ({len(others)}):")
@@ -391,6 +398,7 @@ def port(
         }
         formats.write_lora(result, out, format=format, metadata=meta, protect=inputs)
         seconds["write"] = time.perf_counter() - t0
+        rep.check = check(out, target, arch=lf.arch.name).to_dict()
     seconds["total"] = time.perf_counter() - t_start
     if report is not None:
         rep.to_json(report)
