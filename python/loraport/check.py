@@ -69,13 +69,19 @@ class CheckReport:
 
 
 def _config_folder(base) -> str | None:
-    """The folder holding the denoiser's config.json in a diffusers layout, or None."""
+    """The folder holding the denoiser's config.json in a diffusers layout (one naming a
+    diffusers model class: not a transformers LLM's), or None."""
     if not isinstance(base, (str, os.PathLike)) or not os.path.isdir(base):
         return None
     for sub in (*_DENOISERS, ""):
-        folder = os.path.join(os.fspath(base), sub)
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            return folder
+        path = os.path.join(os.fspath(base), sub, "config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    name = json.load(f).get("_class_name")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return os.path.dirname(path) if name else None
     return None
 
 
@@ -89,6 +95,10 @@ def check(lora, base, *, arch: str = "auto", use_diffusers: bool = True) -> Chec
             import peft  # noqa: F401
         except ImportError:
             folder = None
+    if folder is not None:
+        with open(os.path.join(folder, "config.json")) as f:
+            if not hasattr(diffusers, json.load(f)["_class_name"]):
+                folder = None
     base_label = base if isinstance(base, (str, os.PathLike)) else "<state dict>"
     if folder is not None:
         return _check_diffusers(tensors, label, os.fspath(base), folder)
@@ -149,10 +159,7 @@ def _check_diffusers(tensors, label, base, folder) -> CheckReport:
     import torch
 
     with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    model_class = getattr(diffusers, config.get("_class_name", ""), None)
-    if model_class is None:
-        raise InputError(f"{folder}/config.json: no diffusers model class {config.get('_class_name')!r}")
+        model_class = getattr(diffusers, json.load(f)["_class_name"])
     pipeline_name = None
     index = os.path.join(base, "model_index.json")
     if os.path.isfile(index):
@@ -161,10 +168,16 @@ def _check_diffusers(tensors, label, base, folder) -> CheckReport:
     pipeline_name = pipeline_name or _PIPELINES.get(model_class.__name__)
     pipeline = getattr(diffusers, pipeline_name or "", None)
     prefix = "unet" if model_class.__name__.startswith("UNet") else "transformer"
-    method = f"diffusers {diffusers.__version__} ({pipeline_name}.lora_state_dict + {model_class.__name__}.load_lora_adapter)"
+    loaders = f"{pipeline_name}.lora_state_dict + {model_class.__name__}.load_lora_adapter"
+    method = f"diffusers {diffusers.__version__} ({loaders})"
     rep = CheckReport(label, base, method, len(tensors))
-    with torch.device("meta"):
-        model = model_class.from_config(model_class.load_config(folder))
+    try:
+        with torch.device("meta"):
+            model = model_class.from_config(model_class.load_config(folder))
+    except Exception as e:  # a config this diffusers cannot build: said, and nothing loaded
+        rep.error = f"building {model_class.__name__} from {folder}/config.json raised {type(e).__name__}: {e}"
+        rep.unconsumed = sorted(tensors)
+        return rep
     if isinstance(next(iter(tensors.values())), (list, tuple)):  # shapes only: the loader needs tensors
         from safetensors.torch import load_file
 

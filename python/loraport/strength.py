@@ -41,7 +41,9 @@ class Strength:
                 try:
                     pattern, value = item
                 except (TypeError, ValueError):
-                    raise InputError(f"loraport: strength entry {item!r} is not a number, 'S', 'REGEX=S' or (regex, S)") from None
+                    raise InputError(
+                        f"loraport: strength entry {item!r} is not a number, 'S', 'REGEX=S' or (regex, S)"
+                    ) from None
                 self._add_rule(str(pattern), value)
 
     def _add_text(self, text: str) -> None:

@@ -80,13 +80,16 @@ def port_experts(lora, source, targets, out=None, *, expert_strength=None, stren
             tmp = None
             if not dry_run:
                 final = os.path.abspath(finals[name])
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final) or ".", prefix=f".{os.path.basename(final)}.", suffix=".safetensors")
+                folder, filename = os.path.split(final)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".safetensors")
                 os.close(fd)
                 temps[name] = tmp
             reports[name] = port(lora, source, targets[name], tmp, strength=spec, **kw)
         for name, tmp in temps.items():
             os.replace(tmp, finals[name])
             reports[name].out = os.path.abspath(finals[name])
+            if reports[name].check is not None:  # checked under its temporary name
+                reports[name].check["lora"] = reports[name].out
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
@@ -105,7 +108,9 @@ def parse_targets(values: list[str]):
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or not name or not path or os.path.exists(v):
-            raise InputError(f"loraport: --target {v!r}: with several targets, write each as EXPERT=PATH (e.g. high=...)")
+            raise InputError(
+                f"loraport: --target {v!r}: with several targets, write each as EXPERT=PATH (e.g. high=...)"
+            )
         if name in experts:
             raise InputError(f"loraport: --target: expert {name!r} given twice")
         experts[name] = path
