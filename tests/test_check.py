@@ -103,3 +103,13 @@ def test_key_maps_on_a_single_file_base_say_so(wan_i2v, tmp_path):
     assert rep.method == "loraport key maps"
     want = sorted(k for k in lora_sd if "_k_img." in k or "_v_img." in k or "img_emb" in k)
     assert want and rep.unconsumed == want
+
+
+def test_a_transformers_folder_is_checked_by_key_maps(tmp_path):
+    """A Hugging Face LLM folder has a config.json too, but no diffusers model class in it."""
+    weights = tiny.base_model("llama", width=16)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    lora_sd = tiny.lora("llama", weights, fmt="peft", rank=2)
+    rep = check(lora_sd, str(tmp_path))
+    assert rep.method == "loraport key maps" and rep.ok
