@@ -63,7 +63,8 @@ def test_regex_rules_pick_modules_last_rule_wins(pair, tmp_path):
     plain, out = str(tmp_path / "plain.safetensors"), str(tmp_path / "ruled.safetensors")
     port(lora_sd, source, target, plain, quiet=True)
     spec = [0.5, (r"^single_blocks\.", 3.0), (r"single_blocks\.1\.linear2", -2.0)]
-    port(lora_sd, source, target, out, quiet=True, strength=spec)
+    rep = port(lora_sd, source, target, out, quiet=True, strength=spec)
+    assert r"ΔW × 0.5, 3 where /^single_blocks\./ matches, -2 where" in rep.table()
     ref, got = deltas(plain), deltas(out)
     for name, d in ref.items():
         s = -2.0 if name == "single_blocks.1.linear2" else 3.0 if name.startswith("single_blocks.") else 0.5

@@ -142,6 +142,10 @@ class PortReport:
         rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
         if "variant" in self.settings:
             rows.append(("variant", _variant_line(self.settings)))
+        strength = self.settings.get("strength")
+        if strength and (strength["default"] != 1.0 or strength["rules"]):
+            rules = "".join(f", {v:g} where /{p}/ matches" for p, v in strength["rules"])
+            rows.append(("strength", f"ΔW × {strength['default']:g}{rules} (the last matching rule wins)"))
         if s["similarity_mean"] is not None:
             rows.append(
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
