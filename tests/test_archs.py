@@ -1,6 +1,8 @@
 """Architecture key maps: detection from key names, kohya name resolution, fused <-> split
 translation of base weights, for every family."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -223,43 +225,70 @@ def test_llama_has_no_diffusers_format_only_peft():
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
 
 
+def _openclip(clip: dict) -> dict:
+    """HF CLIP text-encoder weights under the OpenCLIP names of SDXL's single-file checkpoints
+    (Stability's sgm layout, as ComfyUI's supported_models.SDXL writes them back): q, k, v
+    fused by rows into attn.in_proj_weight, fc1/fc2 as mlp.c_fc/c_proj, text_projection [d, proj]."""
+    out = {}
+    for k, v in clip.items():
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.*)", k)
+        if k == "text_projection.weight":
+            out["text_projection"] = v.mT.contiguous()
+        elif k == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif m and m.group(2).startswith("self_attn.q_proj."):
+            leaf = m.group(2).rsplit(".", 1)[1]
+            parts = [clip[f"text_model.encoder.layers.{m.group(1)}.self_attn.{x}_proj.{leaf}"] for x in "qkv"]
+            out[f"transformer.resblocks.{m.group(1)}.attn.in_proj_{leaf}"] = torch.cat(parts, 0)
+        elif m:
+            rest = m.group(2)
+            for hf, oc in (("self_attn.out_proj.", "attn.out_proj."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
+                           ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2.")):  # fmt: skip
+                if rest.startswith(hf):
+                    out[f"transformer.resblocks.{m.group(1)}.{oc}{rest[len(hf):]}"] = v
+    return out
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_single_file_ldm_checkpoints_with_packed_text_encoders(arch, tmp_path):
     """Stability's single-file layout: UNet under model.diffusion_model. (LDM names), the CLIP
     text encoder under cond_stage_model.transformer. (SD 1.x) or conditioner.embedders.0.transformer.
-    (SDXL). A kohya LoRA (SD 1.5: diffusers names and lora_te_; SDXL: LDM names and lora_te1_,
-    lora_te2_) ports from one such file to another; SDXL's second (OpenCLIP) encoder is not mapped,
-    so its modules are reported missing."""
+    (SDXL), SDXL's second one under conditioner.embedders.1.model. in OpenCLIP names (fused
+    in_proj, c_fc/c_proj, text_projection stored transposed). A kohya LoRA (SD 1.5: diffusers
+    names and lora_te_; SDXL: LDM names and lora_te1_, lora_te2_ in CLIP names) ports from one
+    such file to another, every module of all three components included."""
     xl = arch == "sdxl"
     unet, te1 = tiny.base_model(arch, width=16), tiny.random_weights(tiny.clip_shapes(16), seed=1)
     sd = tiny.lora(arch, unet, fmt="kohya", alpha=2.0)
     sd.update(tiny.lora(arch, te1, fmt="kohya", alpha=2.0, component="te1"))
     te_prefix = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
     if xl:
-        te2 = tiny.random_weights(tiny.clip_shapes(24), seed=2)
+        te2 = tiny.random_weights(tiny.clip_shapes(24, projection=True), seed=2)
         sd.update(tiny.lora(arch, te2, fmt="kohya", alpha=2.0, component="te2"))
+        assert "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.alpha" in sd and "lora_te2_text_projection.alpha" in sd
     assert any(k.startswith("lora_te1_" if xl else "lora_te_") for k in sd)
     assert any(k.startswith("lora_unet_input_blocks_" if xl else "lora_unet_down_blocks_") for k in sd)
 
-    def checkpoint(path, unet_w, te_w):
+    def checkpoint(path, unet_w, te_w, te2_w=None):
         w = {"model.diffusion_model." + k: v for k, v in unet_w.items()}
         w.update({te_prefix + k: v for k, v in te_w.items()})
+        w.update({"conditioner.embedders.1.model." + k: v for k, v in _openclip(te2_w or {}).items()})
         w["first_stage_model.decoder.conv_in.weight"] = torch.randn(4, 4, 3, 3)  # the VAE, not adapted
         return tiny.save_base(w, str(path))
 
     targets = {"model": tiny.related(unet), "te1": tiny.related(te1)}
-    src = checkpoint(tmp_path / "src.safetensors", unet, te1)
+    if xl:
+        targets["te2"] = tiny.related(te2)
+    src = checkpoint(tmp_path / "src.safetensors", unet, te1, te2 if xl else None)
     tgt = checkpoint(tmp_path / "tgt.safetensors", *targets.values())
     out, k = str(tmp_path / "ported.safetensors"), 6
     rep = port(sd, src, tgt, out, subspace_rank=k, power_iters=6, quiet=True, min_similarity=0.0, variant="target")
     lf = formats.read_lora(sd)
     ref = {(m.component, m.name): _delta(m) for m in lf.modules}
-    missing = {r.module for r in rep.rows if r.action == "missing"}
-    assert missing == {m.name for m in lf.modules if m.component == "te2"}
-    assert {r.action for r in rep.rows} == ({"ported", "missing"} if xl else {"ported"})
+    assert {r.action for r in rep.rows} == {"ported"}
     ported = formats.read_lora(out)
     assert ported.style == lf.style == ("original" if xl else "diffusers")
-    assert {m.component for m in ported.modules} == {"model", "te1"}
+    assert {m.component for m in ported.modules} == ({"model", "te1", "te2"} if xl else {"model", "te1"})
     a = lf.arch
     for m in ported.modules:
         (piece,) = a.translate(m.name, lf.style, "original") if m.component == "model" else [archs.Piece(m.name)]

@@ -155,13 +155,17 @@ def test_widened_input_channels_and_shape_mismatch(tmp_path, models, lora_sd):
     conv = [m for m in formats.read_lora(p["lora"], arch=ARCH).modules if m.name == "img_in.proj"][0]
     up, down = conv.factors()
     down_pad = torch.cat([conv.down.double(), torch.zeros(4, 5, 1, 2, 2, dtype=torch.float64)], 1).flatten(1)
-    want = projected(up.double() @ down_pad, target["img_in.proj.weight"].double(), K)
+    # the target's subspaces come from its old channels (new ones zeroed): the part the LoRA acts on
+    wt_old = target["img_in.proj.weight"].double().clone()
+    wt_old[:, 4:] = 0
+    want = projected(up.double() @ down_pad, wt_old, K)
     assert out["img_in.proj"].down.shape == (4, 9, 1, 2, 2)
     assert rel_err(delta(out["img_in.proj"]), want) < 1e-3
+    assert out["img_in.proj"].down[:, 4:].abs().max() == 0  # the new channels get no update
     ws = torch.cat(
         [models["source"]["img_in.proj.weight"].double(), torch.zeros(16, 5, 1, 2, 2, dtype=torch.float64)], 1
     )
-    assert abs(rows["img_in.proj"].similarity - similarity(ws, target["img_in.proj.weight"].double(), K)) < 1e-3
+    assert abs(rows["img_in.proj"].similarity - similarity(ws, wt_old, K)) < 1e-3
     # the default variant: the same LoRA, its down factor zero-padded on the new channels
     rep = port(p["lora"], p["source"], p["target"], p["out"], **{**SVD, "variant": "copy"})
     assert {r.module: r.action for r in rep.rows}["img_in.proj"] == "padded"

@@ -8,6 +8,7 @@ Public API (a contract for the tools that import loraport):
     subspace_similarity(U1, U2) -> Tensor
     cuda_built() -> bool
     port(lora, source, target, out=None, **options) -> PortReport   (the pipeline)
+    port_experts(lora, source, {"high": ..., "low": ...}, out, expert_strength=...) -> {expert: PortReport}
     resize(lora, out, *, rank | energy | sv_ratio, ...) -> ToolReport
     extract(base, tuned, out, *, rank | energy, ...) -> ToolReport
     merge(["a.safetensors:0.7", ...], out, *, rank=None, mode="svd"|"concat", ...) -> ToolReport
@@ -40,6 +41,7 @@ from ._ext import BUILD_INFO, cuda_built
 from .ops import SVDResult, project_lora, rsvd, subspace_similarity
 from .pipeline import PortReport, port
 from .toolbox import ToolReport, extract, merge, resize
+from .upgrade import port_experts
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,7 @@ __all__ = [
     "extract",
     "merge",
     "port",
+    "port_experts",
     "project_lora",
     "resize",
     "rsvd",

@@ -131,6 +131,30 @@ class Arch:
     extra: dict = field(default_factory=dict)
     diffusers_prefix: str = "transformer"  # component "model" in diffusers LoRA keys
     kohya_style: str = "original"  # style of kohya / comfy / tencent LoRA names
+    # Original names that ComfyUI's LoRA loader does not map, with the ComfyUI module names that
+    # the comfy format writes instead ('original -> comfy' lines, as in `_pairs`).
+    comfy_names: tuple[Rule, ...] = ()
+
+    @cached_property
+    def _comfy_index(self) -> list[tuple[re.Pattern, str, re.Pattern, str]]:
+        return [(_regex(r.original, False), r.diffusers[0], _regex(r.diffusers[0], False), r.original)
+                for r in self.comfy_names]  # fmt: skip
+
+    def to_comfy(self, name: str) -> str:
+        """The module name a comfy-format LoRA uses for original-style module ``name``."""
+        for rx, template, _, _ in self._comfy_index:
+            m = rx.match(name)
+            if m:
+                return _fill(template, m.groups())
+        return name
+
+    def from_comfy(self, name: str) -> str:
+        """The inverse of `to_comfy`."""
+        for _, _, rx, template in self._comfy_index:
+            m = rx.match(name)
+            if m:
+                return _fill(template, m.groups())
+        return name
 
     @property
     def styles(self) -> tuple[str, ...]:
@@ -305,6 +329,18 @@ vector_in.{{in_layer,out_layer}} -> time_text_embed.text_embedder.{{linear_1,lin
 guidance_in.mlp.{{0,2}} -> time_text_embed.guidance_embedder.{{linear_1,linear_2}}
 final_layer.linear -> proj_out
 final_layer.adaLN_modulation.1 -> norm_out.linear swap halves
+"""
+    ),
+    # ComfyUI builds Hunyuan Video from Flux's layers (comfy/ldm/hunyuan_video/model.py: MLPEmbedder
+    # in_layer/out_layer for time_in, guidance_in and the token refiner's t_embedder/c_embedder) and
+    # maps diffusion-pipe's Tencent names onto them by a few replacements (comfy/lora.py,
+    # model_lora_keys_unet) that do not reach these embedders; its generic rule maps its own names.
+    comfy_names=_pairs(
+        """
+time_in.mlp.{0,2} -> time_in.{in_layer,out_layer}
+guidance_in.mlp.{0,2} -> guidance_in.{in_layer,out_layer}
+txt_in.t_embedder.mlp.{0,2} -> txt_in.t_embedder.{in_layer,out_layer}
+txt_in.c_embedder.{linear_1,linear_2} -> txt_in.c_embedder.{in_layer,out_layer}
 """
     ),
 )

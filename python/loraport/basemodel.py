@@ -6,7 +6,7 @@ in-memory state dict. Nothing is read until asked: `BaseModel.shape` reads heade
 `BaseModel.read` reads one tensor (or a row slice of it). Keys packed under ComfyUI's
 ``model.diffusion_model.`` prefix are seen without it; an LDM checkpoint's CLIP text encoder
 (``cond_stage_model.transformer.``, ``conditioner.embedders.0.transformer.``) is component
-"te1". `fingerprint` (sizes, mtimes and a hash of each file's first MiB) identifies the files
+"te1", SDXL's OpenCLIP one (``conditioner.embedders.1.model.``) "te2" under CLIP names. `fingerprint` (sizes, mtimes and a hash of each file's first MiB) identifies the files
 cheaply, for a cache of subspaces."""
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError
+from .openclip import OpenClipView, is_openclip
 
 _STRIPPED_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-# Text encoders packed in a single-file SD checkpoint (LDM layout) under Hugging Face CLIP names:
-# SD 1.x's, and SDXL's first one. (SDXL's second one, conditioner.embedders.1.model.*, uses
-# OpenCLIP names with a fused in_proj and is not mapped.)
-_PACKED_COMPONENTS = {"te1": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")}
+# Text encoders packed in a single-file SD checkpoint (LDM layout): SD 1.x's and SDXL's first one
+# under Hugging Face CLIP names; SDXL's second one under OpenCLIP names (read through
+# openclip.OpenClipView, which shows them under the CLIP names).
+_PACKED_COMPONENTS = {
+    "te1": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."),
+    "te2": ("conditioner.embedders.1.model.",),
+}
 # diffusers folder: component -> candidate subfolders
 _SUBFOLDERS = {"model": ("transformer", "unet"), "te1": ("text_encoder",), "te2": ("text_encoder_2",)}
 _ST_DTYPES = {
@@ -261,7 +265,7 @@ class BaseModel:
             for prefix in prefixes:
                 store = view(prefix)
                 if store.names() and comp not in self._stores:
-                    self._stores[comp] = store
+                    self._stores[comp] = OpenClipView(store) if is_openclip(store.names()) else store
 
     def components(self) -> list[str]:
         return list(self._stores)

@@ -35,11 +35,13 @@ class SubspaceCache:
         os.makedirs(self.folder, exist_ok=True)
 
     @staticmethod
-    def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict) -> str:
+    def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict,
+            kept_channels: int | None = None) -> str:  # fmt: skip
         """The entry key as canonical JSON. pieces: [(tensor name, row slice or None, archs.Piece)]
         (a piece read with its row halves swapped has other left singular vectors, so the swap is
         part of the key); svd: the rsvd settings (method, power_iters, oversample, seed, and the
-        Krylov block_size where one is set: keys without it stay those of earlier versions)."""
+        Krylov block_size where one is set: keys without it stay those of earlier versions); kept_channels: the
+        input channels kept of a widened target weight (the rest zeroed), where that applies."""
         doc = {
             "version": FORMAT_VERSION,
             "base": fingerprint,
@@ -51,6 +53,8 @@ class SubspaceCache:
             "rank": rank,
             "svd": {k: svd[k] for k in ("method", "power_iters", "oversample", "seed")},
         }
+        if kept_channels is not None:  # input channels beyond it zeroed (pipeline._gated_channels)
+            doc["kept_channels"] = kept_channels
         if svd.get("block_size") is not None:
             doc["svd"]["block_size"] = svd["block_size"]
         return json.dumps(doc, sort_keys=True)

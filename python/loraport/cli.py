@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections import Counter
 
-from . import archs, formats
+from . import archs, formats, upgrade
 from .basemodel import BaseModel
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
@@ -26,7 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("port", help="port a LoRA from a source base model to a target one")
     q.add_argument("lora", help="LoRA safetensors file")
     q.add_argument("--source", required=True, help="base model the LoRA was trained on (file, index.json or folder)")
-    q.add_argument("--target", required=True, help="base model to port to")
+    q.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        help="base model to port to; for a multi-expert release (Wan 2.2 A14B) one EXPERT=PATH each "
+        "(--target high=H --target low=L): one output per expert, -o's '{expert}' or OUT.EXPERT.safetensors",
+    )
+    q.add_argument(
+        "--expert-strength",
+        action="append",
+        metavar="EXPERT=S",
+        help="with several --target experts: scale that expert's ΔW by S (on top of --strength)",
+    )
     q.add_argument("-o", "--out", help="output LoRA path (required unless --dry-run)")
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     q.add_argument(
@@ -70,9 +82,27 @@ def _parser() -> argparse.ArgumentParser:
         help="krylov only: width of each Krylov block (default subspace rank + oversample; "
         "e.g. 3/4 of the subspace rank with --power-iters 3, see benchmarks/RESULTS.md)",
     )
+    q.add_argument(
+        "--strength",
+        action="append",
+        metavar="S|REGEX=S",
+        help="scale the ported ΔW by S (negative too), folded into the factors; 'REGEX=S' (repeatable) "
+        "scales the modules whose name matches (re.search; the last matching rule wins)",
+    )
     q.add_argument("--report", help="write the per-layer JSON report here")
     q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    c = sub.add_parser(
+        "check",
+        help="list the LoRA keys a base's loader would not consume and the modules whose shape does not fit "
+        "(exit 1 if any)",
+    )
+    c.add_argument("lora")
+    c.add_argument("--base", required=True, help="base model (a diffusers folder with config.json: diffusers' loader)")
+    c.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
+    c.add_argument("--key-maps", action="store_true", help="use loraport's key maps even where diffusers could load it")
+    c.add_argument("--report", help="write the result as JSON here")
 
     i = sub.add_parser("inspect", help="describe a LoRA or base-model file")
     i.add_argument("file")
@@ -144,18 +174,45 @@ def _toolbox(args) -> int:
 def _port(args) -> int:
     if args.out is None and not args.dry_run:
         raise InputError(f"{args.lora}: give -o OUT (or --dry-run)")
-    rep = port(
-        args.lora, args.source, args.target, args.out, device=args.device, subspace_rank=args.subspace_rank,
+    options = dict(
+        device=args.device, subspace_rank=args.subspace_rank,
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
         method=args.method, block_size=args.block_size, max_memory=args.max_vram, cache_dir=args.cache_dir,
-        report=args.report, dry_run=args.dry_run, quiet=args.quiet,
+        report=args.report, dry_run=args.dry_run, quiet=args.quiet, strength=args.strength,
     )  # fmt: skip
+    targets = upgrade.parse_targets(args.target)
+    if isinstance(targets, dict):
+        strengths = upgrade.parse_expert_strengths(args.expert_strength)
+        reports = upgrade.port_experts(args.lora, args.source, targets, args.out, expert_strength=strengths, **options)
+    else:
+        if args.expert_strength:
+            raise InputError("loraport: --expert-strength needs several --target EXPERT=PATH")
+        reports = {None: port(args.lora, args.source, targets, args.out, **options)}
     if not args.quiet:
-        print(rep.table())
-        if rep.out:
-            print(f"wrote {rep.out} ({rep.format_out})")
+        for expert, rep in reports.items():
+            if expert is not None:
+                print(f"expert {expert} ({rep.target}):")
+            print(rep.table())
+            if rep.out:
+                print(f"wrote {rep.out} ({rep.format_out})")
     return 0
+
+
+def _check(args) -> int:
+    from .check import check
+
+    rep = check(args.lora, args.base, arch=args.arch, use_diffusers=not args.key_maps)
+    print(rep.table())
+    if args.report:
+        import json
+
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(rep.to_dict(), f, indent=2)
+
+        formats.atomic_write(args.report, dump, protect=(args.lora,))
+    return 0 if rep.ok else 1
 
 
 def _is_lora(path: str) -> bool:
@@ -208,6 +265,8 @@ def main(argv=None) -> int:
     try:
         if args.command in ("resize", "extract", "merge"):
             return _toolbox(args)
+        if args.command == "check":
+            return _check(args)
         return _port(args) if args.command == "port" else _inspect(args)
     except (InputError, ValueError, OSError) as e:
         print(f"loraport: error: {e}", file=sys.stderr)

@@ -241,6 +241,8 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
                 f"{label}: module '{stem}': up {list(up.shape)} and down {list(down.shape)} are not "
                 "LoRA factors (up [out, r, 1...], down [r, in, ...])"
             )
+        if fmt == "comfy":  # ComfyUI's own names where they differ from the original ones
+            name = arch.from_comfy(name)
         try:
             dotted = arch.resolve_underscored(comp, name, style) if u else name
         except ValueError as e:
@@ -360,6 +362,8 @@ def state_dict(lora: LoraFile, fmt: str | None = None) -> dict[str, torch.Tensor
     for m in modules:
         prefix = _component_prefix(fmt, m.component, lora.arch, lora.label)
         stem = m.name.replace(".", "_") if underscored and m.known else m.name
+        if fmt == "comfy" and m.known:
+            stem = lora.arch.to_comfy(stem)
         key = prefix + stem
         if key + ".alpha" in out or key + ".lora_A.weight" in out:
             raise InputError(f"{lora.label}: two modules map to the same key '{key}' in the {fmt} format")

@@ -27,8 +27,8 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
   * shapes: a target weight with more input channels (dim 1, same outputs and kernel; e.g.
     HunyuanVideo-I2V v1's img_in, 16 -> 33 channels) is "padded": the LoRA's down factor and the
     source weight get zero columns for the new channels (what diffusers does when it loads such a
-    LoRA), then the layer is ported as usual (the projection may move some of the update onto
-    the new channels). Any other difference is "shape-mismatch" and the layer is skipped.
+    LoRA), and the target's subspaces are those of its old channels (new ones zeroed), so the gate
+    compares the part the LoRA acts on and the new channels get no update in any variant. Any other difference is "shape-mismatch" and the layer is skipped.
     Modules missing in a base ("missing") or absent from the key map ("unknown") are skipped.
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
 Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
@@ -37,6 +37,7 @@ weight found there is neither read nor decomposed."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -49,9 +50,12 @@ import torch
 from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
+from .check import check
 from .errors import InputError
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
+from .strength import Strength
+from .upgrade import refuse_other_size
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
@@ -98,6 +102,7 @@ class PortReport:
     settings: dict
     seconds: dict = field(default_factory=dict)  # read, svd, project, write, total
     bytes_read: int = 0
+    check: dict | None = None  # the output checked against the target's loader (loraport.check)
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
@@ -137,6 +142,10 @@ class PortReport:
         rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
         if "variant" in self.settings:
             rows.append(("variant", _variant_line(self.settings)))
+        strength = self.settings.get("strength")
+        if strength and (strength["default"] != 1.0 or strength["rules"]):
+            rules = "".join(f", {v:g} where /{p}/ matches" for p, v in strength["rules"])
+            rows.append(("strength", f"ΔW × {strength['default']:g}{rules} (the last matching rule wins)"))
         if s["similarity_mean"] is not None:
             rows.append(
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
@@ -166,6 +175,11 @@ class PortReport:
                          f"({s['subspaces_from_cache']} subspaces) in {self.settings['cache_dir']}"))  # fmt: skip
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        if self.check is not None:
+            c = self.check
+            lines.append(f"  loads: {c['keys'] - len(c['unconsumed'])} of {c['keys']} keys consumed, "
+                         f"{len(c['misfits'])} misfits ({c['method']})" + (f"; {c['error']}" if c["error"] else ""))  # fmt: skip
+            lines += [f"  unconsumed  {k}" for k in c["unconsumed"]]
         others = [r for r in self.rows if r.action not in ("ported", "planned")]
         if others:
             lines.append(f"not ported or changed ({len(others)}):")
@@ -222,9 +236,10 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
     return out, (rows_total, *rest)
 
 
-def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> torch.Tensor:
+def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces, keep: int | None = None) -> torch.Tensor:
     """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
-    channels beyond the stored ones zero; returns ‖W‖_F² (float64 scalar, for energy ranks)."""
+    channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
+    for energy ranks)."""
     row, read = 0, []
     for name, rows, piece in pieces:
         shape = base.shape(component, name)  # [rows, in, *kernel]
@@ -235,7 +250,7 @@ def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> to
             base.read_into(component, name, dest[offset : offset + source.stop - source.start], source)
         read.append((name, dest))
         row += n
-    out[:, channels:].zero_()
+    out[:, channels if keep is None else keep :].zero_()
     frob2 = torch.zeros((), dtype=torch.float64)
     for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
         frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
@@ -309,6 +324,7 @@ def port(
     report=None,
     dry_run: bool = False,
     quiet: bool = False,
+    strength=None,
 ) -> PortReport:
     """Port ``lora`` (path or state dict) from base ``source`` to base ``target`` (paths to a
     safetensors file, sharded index, .pt checkpoint or diffusers folder, or state dicts), write
@@ -319,7 +335,8 @@ def port(
     ``cache_dir``: folder of the subspace cache (loraport.cache); bases given as state dicts are
     never cached. ``block_size`` (method="krylov" only): width of each Krylov block, as in
     `loraport.rsvd`; a layer whose subspace rank needs a wider Krylov space than
-    (power_iters + 1) blocks of it uses the default width, rank + oversample."""
+    (power_iters + 1) blocks of it uses the default width, rank + oversample. ``strength``: a
+    float or (regex, S) rules scaling each output module's ΔW exactly (loraport.strength)."""
     if max_vram is not None:
         max_memory = max_vram
     if variant not in VARIANTS:
@@ -341,6 +358,7 @@ def port(
         method=method, block_size=block_size, oversample=oversample, seed=seed,
         max_memory=parse_bytes(max_memory), dry_run=dry_run,
         cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
+        strength=Strength(strength).to_dict(),
     )  # fmt: skip
     t_start = time.perf_counter()
 
@@ -352,6 +370,7 @@ def port(
         out = formats.check_output(out, inputs)
     styles = _base_styles(lf, src, tgt)
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
+    refuse_other_size([p.row for p in plans], lf.label, src.label, tgt.label)
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
     written = [p.module.component for p in plans if p.row.action == "planned"]
     formats.check_format(format_out, lf.arch, written, lf.label)
@@ -379,9 +398,11 @@ def port(
             "loraport.source": os.path.basename(src.label),
             "loraport.target": os.path.basename(tgt.label),
             "loraport.variant": variant,
+            "loraport.strength": json.dumps(settings["strength"]),
         }
         formats.write_lora(result, out, format=format, metadata=meta, protect=inputs)
         seconds["write"] = time.perf_counter() - t0
+        rep.check = check(out, target, arch=lf.arch.name).to_dict()
     seconds["total"] = time.perf_counter() - t_start
     if report is not None:
         rep.to_json(report)
@@ -507,6 +528,16 @@ def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
     return block if krylov_blocks(short_side, width, settings["power_iters"]) * width >= min(k, short_side) else None
 
 
+def _gated_channels(plan: _Plan, side: str) -> int | None:
+    """For the target weight of a layer that gained input channels: the old channel count, the
+    part its subspaces are taken from (the LoRA acts on those channels only; a target whose new
+    channels dominate its spectrum, as Flux Fill's x_embedder with 320 new of 384, would
+    otherwise fail the gate for a layer whose old channels barely moved). None: all channels."""
+    if side == "target" and plan.src_shape[1] < plan.tgt_shape[1]:
+        return plan.src_shape[1]
+    return None
+
+
 @dataclass
 class _Chunk:
     """Same-shape layers ported together: one batched rsvd over the weights not in the cache."""
@@ -589,7 +620,8 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = cache.key(
-                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd
+                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd,
+                        kept_channels=_gated_channels(p, side),
                     )
                     hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
@@ -602,7 +634,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
+            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces, _gated_channels(p, side)))
         return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     cached_subspaces = 0  # for the progress bar
@@ -646,6 +678,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
 
     t0 = time.perf_counter()
     energy = settings["energy"]
+    strength = Strength.from_dict(settings["strength"])
     for g, plan in enumerate(chunk.plans):
         row, mod = plan.row, plan.module
         row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
@@ -693,6 +726,10 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
             row.action = "padded" if mod.down.shape[1] < channels else "ported"
             row.rank_out = new_up.shape[1]
             row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
+        factor = strength(mod.name)
+        if factor != 1.0:  # in float32, before the cast to the output dtype: one rounding
+            new_up = new_up * factor
+            row.note = (row.note + f" strength {factor:g}").strip()
         plan.result = formats.module_from_factors(
             mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
         )
