@@ -90,6 +90,20 @@ def check_phase1_once(rep, cache_dir):
     assert len([f for f in os.listdir(cache_dir) if f.endswith(".safetensors")]) == 2 * rep.layers
 
 
+def test_fill_cache_computes_each_layer_once_and_port_reads_it(files, tmp_path):
+    lora = os.path.join(files["loras"], "kohya_a.safetensors")
+    layers = catalog.base_layers(lora, files["source"], files["target"])
+    half, cache = layers[: len(layers) // 2], str(tmp_path / "cache")
+    subspace = {k: v for k, v in OPTIONS.items() if k in catalog.SUBSPACE_OPTIONS}
+    assert catalog.fill_cache(half, files["source"], files["target"], cache, **subspace)["computed"] == 2 * len(half)
+    rest = catalog.fill_cache(layers, files["source"], files["target"], cache, **subspace)["computed"]
+    assert rest == 2 * (len(layers) - len(half))
+    out = str(tmp_path / "out.safetensors")
+    rep = loraport.port(lora, files["source"], files["target"], out, cache_dir=cache, quiet=True, **OPTIONS)
+    assert [r.subspaces_from_cache for r in rep.rows if r.similarity is not None] == [2] * len(layers)
+    assert same_file_content(out, os.path.join(files["reference"], "kohya_a.safetensors"))
+
+
 def test_groups_balance_cost_and_keep_shapes_together():
     layers = [catalog.BaseLayer("model", f"m{i}", (), (), (m, 16), (m, 16), 4) for i, m in enumerate([48] * 6 + [16] * 6)]
     groups = catalog._groups(layers, 2)
@@ -170,10 +184,11 @@ def ray_task_processes(names=("_plan_task", "_fill_task", "_port_task")):
 
 
 def run_and_kill(find_victims, run):
-    """Run ``run()`` in a thread; kill the first process ``find_victims()`` names (SIGKILL,
-    by its PID) while it runs; returns (the run's result, the PID killed)."""
+    """Run ``run()`` in a thread for at most TIMEOUT seconds; kill the first process
+    ``find_victims()`` names (SIGKILL, by its PID) while it runs, if any; returns (the run's
+    result, the PIDs killed)."""
     result, killed = {}, []
-    thread = threading.Thread(target=lambda: result.setdefault("rep", run()))
+    thread = threading.Thread(target=lambda: result.setdefault("rep", run()), daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
     while thread.is_alive() and not killed and time.monotonic() < deadline:
@@ -187,7 +202,13 @@ def run_and_kill(find_victims, run):
         time.sleep(0.01)
     thread.join(TIMEOUT)
     assert not thread.is_alive(), "the catalog did not finish in time"
-    return result.get("rep"), killed
+    assert "rep" in result, "the catalog raised (see the thread's traceback above)"
+    return result["rep"], killed
+
+
+def bounded(run):
+    """``run()``, failing the test after TIMEOUT seconds instead of hanging it."""
+    return run_and_kill(list, run)[0]
 
 
 @pytest.mark.slow
@@ -206,8 +227,8 @@ def test_embedded_pool_survives_a_killed_worker(files, tmp_path):
 def test_cli_ray_local(files, tmp_path, capsys):
     pytest.importorskip("ray")
     outdir, results = str(tmp_path / "out"), str(tmp_path / "results.jsonl")
-    status = cli.main(["port-many", files["loras"], "--source", files["source"], "--target", files["target"], "-o", outdir,
-                       "--ray", "local", "--workers", "2", "--results", results, *CLI_OPTIONS])  # fmt: skip
+    status = bounded(lambda: cli.main(["port-many", files["loras"], "--source", files["source"], "--target", files["target"],
+                                       "-o", outdir, "--ray", "local", "--workers", "2", "--results", results, *CLI_OPTIONS]))
     assert status == 2  # the broken LoRA
     with open(results) as f:
         rows = [json.loads(line) for line in f]
@@ -239,6 +260,9 @@ def ray_cluster(tmp_path_factory):
         cluster.add_node(include_dashboard=False, **node)
         cluster.add_node(**node)
         cluster.wait_for_nodes(timeout=120)
+        ray.init(address=cluster.address, log_to_driver=False)  # fails here rather than in a test
+        ray.get(ray.remote(lambda: 1).remote(), timeout=120)
+        ray.shutdown()  # each test's port_many joins the cluster by its address
         yield cluster
     finally:
         if ray.is_initialized():
@@ -255,8 +279,8 @@ def ray_cluster(tmp_path_factory):
 @pytest.mark.parametrize("transfer", ["files", "object-store"])
 def test_two_node_ray_cluster(ray_cluster, files, tmp_path, transfer):
     outdir, cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
-    rep = catalog.port_many([files["loras"]], files["source"], files["target"], outdir, ray=ray_cluster.address,
-                            cache_dir=cache_dir, transfer=transfer, quiet=True, **OPTIONS)  # fmt: skip
+    rep = bounded(lambda: catalog.port_many([files["loras"]], files["source"], files["target"], outdir, ray=ray_cluster.address,
+                                            cache_dir=cache_dir, transfer=transfer, quiet=True, **OPTIONS))
     assert rep.runner == "Ray" and rep.workers == 2 and rep.transfer == transfer
     check_catalog(rep, files, outdir)
     check_phase1_once(rep, cache_dir)  # object-store: the driver keeps what the nodes computed

@@ -8,6 +8,8 @@ Public API (a contract for the tools that import loraport):
     subspace_similarity(U1, U2) -> Tensor
     cuda_built() -> bool
     port(lora, source, target, out=None, **options) -> PortReport   (the pipeline)
+    port_many([loras, folders, manifests], source, target, outdir, *, ray=None, workers=None,
+              **options) -> CatalogReport                            (a catalog: loraport.catalog)
     resize(lora, out, *, rank | energy | sv_ratio, ...) -> ToolReport
     extract(base, tuned, out, *, rank | energy, ...) -> ToolReport
     merge(["a.safetensors:0.7", ...], out, *, rank=None, mode="svd"|"concat", ...) -> ToolReport
@@ -37,6 +39,7 @@ if _is_cli_process(getattr(sys, "orig_argv", [])):
 import torch  # noqa: E402, F401  (torch before the extension)
 
 from ._ext import BUILD_INFO, cuda_built
+from .catalog import CatalogReport, port_many
 from .ops import SVDResult, project_lora, rsvd, subspace_similarity
 from .pipeline import PortReport, port
 from .toolbox import ToolReport, extract, merge, resize
@@ -45,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILD_INFO",
+    "CatalogReport",
     "PortReport",
     "SVDResult",
     "ToolReport",
@@ -52,6 +56,7 @@ __all__ = [
     "extract",
     "merge",
     "port",
+    "port_many",
     "project_lora",
     "resize",
     "rsvd",

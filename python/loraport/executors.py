@@ -88,7 +88,8 @@ class RayCluster:
     """Ray: ``address`` "local" starts a private instance on this machine (``workers`` CPUs, a
     small object store, no dashboard) and stops it on close; any other address joins that
     cluster (e.g. "auto" or "10.0.0.5:6379", after ``ray start --head`` there). ``workers``
-    then caps the tasks in flight (default: the cluster's CPUs)."""
+    then caps the tasks in flight (default: the cluster's CPUs). A program that called ray.init
+    itself keeps its connection, before and after."""
 
     name = "Ray"
 
@@ -100,7 +101,7 @@ class RayCluster:
         self.ray = ray
         self.max_retries = max_retries
         self.started = not ray.is_initialized()
-        if address == "local":
+        if self.started and address == "local":
             ray.init(num_cpus=workers or cpu_count(), include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)  # fmt: skip
         elif self.started:
@@ -111,7 +112,7 @@ class RayCluster:
     def slots(self) -> int:
         return self.workers
 
-    def run(self, fn, tasks: list[tuple], resolve_timeout: float | None = None):
+    def run(self, fn, tasks: list[tuple]):
         """As ProcessPool.run, with at most ``workers`` tasks in flight (one CPU each)."""
         ray = self.ray
         remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(fn)
@@ -125,7 +126,7 @@ class RayCluster:
             for ref in done:
                 i = flying.pop(ref)
                 try:
-                    result = ray.get(ref, timeout=resolve_timeout)
+                    result = ray.get(ref)
                 except ray.exceptions.WorkerCrashedError as e:
                     result = WorkerDied(f"its worker process died {self.max_retries + 1} times ({e})")
                 except ray.exceptions.RayTaskError as e:
