@@ -90,6 +90,7 @@ def check_phase1_once(rep, cache_dir):
     assert len([f for f in os.listdir(cache_dir) if f.endswith(".safetensors")]) == 2 * rep.layers
 
 
+@pytest.mark.slow
 def test_fill_cache_computes_each_layer_once_and_port_reads_it(files, tmp_path):
     lora = os.path.join(files["loras"], "kohya_a.safetensors")
     layers = catalog.base_layers(lora, files["source"], files["target"])
@@ -147,6 +148,9 @@ def test_embedded_pool_ports_the_catalog_once_and_resumes(files, tmp_path):
     reused = {os.path.basename(r["lora"]) for r in again.rows if r["reused"]}
     assert reused == {n + ".safetensors" for n in GOOD} and again.subspaces_computed == 0 and again.phase1_tasks == 0
     assert again.exit_status == 2  # the broken file is still broken
+    good = [os.path.join(files["loras"], n + ".safetensors") for n in GOOD]
+    clean = catalog.port_many(good, files["source"], files["target"], outdir, cache_dir=cache_dir, quiet=True, **OPTIONS)
+    assert clean.exit_status == 0 and all(r["reused"] for r in clean.rows)
 
 
 def pool_workers():
