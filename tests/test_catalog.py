@@ -7,6 +7,7 @@ down by their fixture even when a test fails. Every wait is bounded."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -271,7 +272,10 @@ def ray_cluster(tmp_path_factory):
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        scratch = [catalog.node_scratch(node.node_id) for node in cluster.list_all_nodes()]
         cluster.shutdown()
+        for folder in scratch:  # the nodes' copies of cache entries (transfer="object-store")
+            shutil.rmtree(folder, ignore_errors=True)
         ray_constants.ENABLE_RAY_CLUSTER = clusters
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)

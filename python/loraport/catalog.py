@@ -191,12 +191,14 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _node_scratch() -> str:
-    """This Ray node's scratch folder for cache entries and shipped files."""
-    import ray
+def node_scratch(node_id: str | None = None) -> str:
+    """A Ray node's scratch folder for cache entries and shipped files (transfer="object-store"),
+    $TMPDIR/loraport-node/<node id>; default: the node this runs on."""
+    if node_id is None:
+        import ray
 
-    node = ray.get_runtime_context().get_node_id()[:16]
-    folder = os.path.join(tempfile.gettempdir(), "loraport-node", node)
+        node_id = ray.get_runtime_context().get_node_id()
+    folder = os.path.join(tempfile.gettempdir(), "loraport-node", node_id[:16])
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -256,7 +258,7 @@ def _fill_task(layers, source, target, options, threads, cache_dir, names=None):
     the entries ``names`` (file names) come back as bytes."""
     _threads(threads)
     t0 = time.perf_counter()
-    folder = cache_dir or _node_scratch()
+    folder = cache_dir or node_scratch()
     done = fill_cache(layers, source, target, folder, **options)
     done["files"] = _pack(os.path.join(folder, n) for n in names) if names is not None else None
     done["wall"] = time.perf_counter() - t0
@@ -276,7 +278,7 @@ def _port_task(entry: Entry, source, target, options, threads, cache_dir, shippe
             if shipped is not None:
                 import ray
 
-                cache_dir = _node_scratch()
+                cache_dir = node_scratch()
                 missing = [(n, r) for n, r in shipped["entries"] if not os.path.exists(os.path.join(cache_dir, n))]
                 if missing:
                     _unpack(dict(zip([n for n, _ in missing], ray.get([r for _, r in missing]))), cache_dir)
