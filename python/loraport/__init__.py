@@ -9,6 +9,8 @@ Public API (a contract for the tools that import loraport):
     cuda_built() -> bool
     port(lora, source, target, out=None, **options) -> PortReport   (the pipeline)
     port_experts(lora, source, {"high": ..., "low": ...}, out, expert_strength=...) -> {expert: PortReport}
+    port_many([loras, folders, manifests], source, target, outdir, *, ray=None, workers=None,
+              **options) -> CatalogReport                            (a catalog: loraport.catalog)
     resize(lora, out, *, rank | energy | sv_ratio, ...) -> ToolReport
     extract(base, tuned, out, *, rank | energy, ...) -> ToolReport
     merge(["a.safetensors:0.7", ...], out, *, rank=None, mode="svd"|"concat", ...) -> ToolReport
@@ -38,6 +40,7 @@ if _is_cli_process(getattr(sys, "orig_argv", [])):
 import torch  # noqa: E402, F401  (torch before the extension)
 
 from ._ext import BUILD_INFO, cuda_built
+from .catalog import CatalogReport, port_many
 from .ops import SVDResult, project_lora, rsvd, subspace_similarity
 from .pipeline import PortReport, port
 from .toolbox import ToolReport, extract, merge, resize
@@ -47,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILD_INFO",
+    "CatalogReport",
     "PortReport",
     "SVDResult",
     "ToolReport",
@@ -55,6 +59,7 @@ __all__ = [
     "merge",
     "port",
     "port_experts",
+    "port_many",
     "project_lora",
     "resize",
     "rsvd",

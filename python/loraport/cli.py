@@ -1,5 +1,6 @@
 """The ``loraport`` command: ``loraport port LORA --source SRC --target TGT -o OUT [...]`` (a thin
-shell over loraport.pipeline.port) and ``loraport inspect FILE`` (what a LoRA or base-model file is).
+shell over loraport.pipeline.port), ``loraport port-many INPUTS... -o OUTDIR`` (a catalog,
+loraport.catalog.port_many) and ``loraport inspect FILE`` (what a LoRA or base-model file is).
 Bad input ends with exit status 2 and one line on stderr naming the file and tensor; no output
 file is left behind."""
 
@@ -40,6 +41,54 @@ def _parser() -> argparse.ArgumentParser:
         help="with several --target experts: scale that expert's ΔW by S (on top of --strength)",
     )
     q.add_argument("-o", "--out", help="output LoRA path (required unless --dry-run)")
+    _port_options(q)
+    q.add_argument(
+        "--strength",
+        action="append",
+        metavar="S|REGEX=S",
+        help="scale the ported ΔW by S (negative too), folded into the factors; 'REGEX=S' (repeatable) "
+        "scales the modules whose name matches (re.search; the last matching rule wins)",
+    )
+    q.add_argument("--report", help="write the per-layer JSON report here")
+    q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
+    q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    c = sub.add_parser("port-many", help="port a catalog of LoRAs (files, folders, MANIFEST.jsonl) to a target base")
+    c.add_argument("inputs", nargs="+", help="LoRA files, folders of them, or MANIFEST.jsonl files")
+    c.add_argument("--source", required=True, help="base model the LoRAs were trained on")
+    c.add_argument("--target", required=True, help="base model to port to")
+    c.add_argument("-o", "--outdir", required=True, help="output folder: OUTDIR/<input stem>.safetensors")
+    c.add_argument("--results", help="write one JSON line per input here (status, message, seconds, output)")
+    c.add_argument("--ray", help="'local' (start Ray here) or a Ray cluster address; default: a process pool here")
+    c.add_argument("--workers", type=int, help="tasks at once (default: this machine's CPUs, or the cluster's)")
+    c.add_argument(
+        "--transfer",
+        choices=("files", "object-store"),
+        help="how workers reach the subspace cache: 'files' (one machine or a shared file system; the default "
+        "except with a --ray address) or 'object-store' (through Ray; LoRAs and outputs too)",
+    )
+    _port_options(c)
+    c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    c = sub.add_parser(
+        "check",
+        help="list the LoRA keys a base's loader would not consume and the modules whose shape does not fit "
+        "(exit 1 if any)",
+    )
+    c.add_argument("lora")
+    c.add_argument("--base", required=True, help="base model (a diffusers folder with config.json: diffusers' loader)")
+    c.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
+    c.add_argument("--key-maps", action="store_true", help="use loraport's key maps even where diffusers could load it")
+    c.add_argument("--report", help="write the result as JSON here")
+
+    i = sub.add_parser("inspect", help="describe a LoRA or base-model file")
+    i.add_argument("file")
+    _toolbox_parsers(sub)
+    return p
+
+
+def _port_options(q) -> None:
+    """The options `port` and `port-many` share."""
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     q.add_argument(
         "--max-vram",
@@ -82,32 +131,6 @@ def _parser() -> argparse.ArgumentParser:
         help="krylov only: width of each Krylov block (default subspace rank + oversample; "
         "e.g. 3/4 of the subspace rank with --power-iters 3, see benchmarks/RESULTS.md)",
     )
-    q.add_argument(
-        "--strength",
-        action="append",
-        metavar="S|REGEX=S",
-        help="scale the ported ΔW by S (negative too), folded into the factors; 'REGEX=S' (repeatable) "
-        "scales the modules whose name matches (re.search; the last matching rule wins)",
-    )
-    q.add_argument("--report", help="write the per-layer JSON report here")
-    q.add_argument("--dry-run", action="store_true", help="map and check every layer; compute and write nothing")
-    q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-
-    c = sub.add_parser(
-        "check",
-        help="list the LoRA keys a base's loader would not consume and the modules whose shape does not fit "
-        "(exit 1 if any)",
-    )
-    c.add_argument("lora")
-    c.add_argument("--base", required=True, help="base model (a diffusers folder with config.json: diffusers' loader)")
-    c.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
-    c.add_argument("--key-maps", action="store_true", help="use loraport's key maps even where diffusers could load it")
-    c.add_argument("--report", help="write the result as JSON here")
-
-    i = sub.add_parser("inspect", help="describe a LoRA or base-model file")
-    i.add_argument("file")
-    _toolbox_parsers(sub)
-    return p
 
 
 def _toolbox_parsers(sub) -> None:
@@ -215,6 +238,22 @@ def _check(args) -> int:
     return 0 if rep.ok else 1
 
 
+def _port_many(args) -> int:
+    from .catalog import port_many
+
+    rep = port_many(
+        args.inputs, args.source, args.target, args.outdir, results=args.results, ray=args.ray,
+        workers=args.workers, cache_dir=args.cache_dir, transfer=args.transfer, quiet=args.quiet,
+        device=args.device, subspace_rank=args.subspace_rank, energy=args.energy,
+        min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar, rank=args.rank, format=args.format,
+        arch=args.arch, variant=args.variant, power_iters=args.power_iters, method=args.method,
+        block_size=args.block_size, max_memory=args.max_vram,
+    )  # fmt: skip
+    if not args.quiet:
+        print(rep.table())
+    return rep.exit_status
+
+
 def _is_lora(path: str) -> bool:
     if not path.endswith(".safetensors"):
         return False
@@ -267,6 +306,8 @@ def main(argv=None) -> int:
             return _toolbox(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "port-many":
+            return _port_many(args)
         return _port(args) if args.command == "port" else _inspect(args)
     except (InputError, ValueError, OSError) as e:
         print(f"loraport: error: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
-from .errors import InputError
+from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
 from .strength import Strength
@@ -193,8 +193,9 @@ class PortReport:
 class _Plan:
     """One LoRA module mapped onto both bases."""
 
-    module: formats.LoraModule
+    module: formats.LoraModule | None  # None: a layer whose subspaces are only cached (`fill_cache`)
     row: LayerRow
+    component: str = "model"  # the module's component: "model", "te1", "te2"
     src_pieces: list = field(default_factory=list)  # [(base name, row slice, archs.Piece)]
     tgt_pieces: list = field(default_factory=list)
     src_shape: tuple = ()
@@ -337,29 +338,15 @@ def port(
     `loraport.rsvd`; a layer whose subspace rank needs a wider Krylov space than
     (power_iters + 1) blocks of it uses the default width, rank + oversample. ``strength``: a
     float or (regex, S) rules scaling each output module's ΔW exactly (loraport.strength)."""
-    if max_vram is not None:
-        max_memory = max_vram
-    if variant not in VARIANTS:
-        raise ValueError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
-    if on_dissimilar not in ON_DISSIMILAR:
-        raise ValueError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
-    for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"loraport.port: {name} must be a positive integer, got {value!r}")
-    if block_size is not None and method != "krylov":
-        raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
-    if out is None and not dry_run:
-        raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
-    settings = dict(
+    settings = _settings(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
-        max_memory=parse_bytes(max_memory), dry_run=dry_run,
-        cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
-        strength=Strength(strength).to_dict(),
+        max_memory=max_memory if max_vram is None else max_vram, dry_run=dry_run, cache_dir=cache_dir,
+        strength=strength,
     )  # fmt: skip
+    if out is None and not dry_run:
+        raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
     t_start = time.perf_counter()
 
     src, tgt = BaseModel(source), BaseModel(target)
@@ -389,7 +376,7 @@ def port(
         if not modules:
             if report is not None:
                 rep.to_json(report)
-            raise InputError(
+            raise NothingToPort(
                 f"{lf.label}: no module was ported or copied ({rep.summary()['actions']}); nothing written to {out}"
             )
         t0 = time.perf_counter()
@@ -407,6 +394,33 @@ def port(
     if report is not None:
         rep.to_json(report)
     return rep
+
+
+def _settings(
+    *, device="cpu", subspace_rank=None, energy=None, min_similarity=DEFAULT_MIN_SIMILARITY, on_dissimilar="skip",
+    rank=None, variant=VARIANTS[0], power_iters=2, method="power", block_size=None, oversample=8, seed=0,
+    max_memory=DEFAULT_MAX_MEMORY, dry_run=False, cache_dir=None, strength=None,
+) -> dict:  # fmt: skip
+    """`port`'s options, checked (ValueError), as the settings dict the pipeline's steps read."""
+    if variant not in VARIANTS:
+        raise ValueError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
+    if on_dissimilar not in ON_DISSIMILAR:
+        raise ValueError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
+    for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"loraport.port: {name} must be a positive integer, got {value!r}")
+    if block_size is not None and method != "krylov":
+        raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
+    return dict(
+        device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
+        on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
+        method=method, block_size=block_size, oversample=oversample, seed=seed,
+        max_memory=parse_bytes(max_memory), dry_run=dry_run,
+        cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
+        strength=Strength(strength).to_dict(),
+    )  # fmt: skip
 
 
 def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel) -> dict[str, str]:
@@ -432,7 +446,7 @@ def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel) -> dict[s
 def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, styles) -> _Plan:
     """Map one module onto both bases and decide from the shapes what can be done with it."""
     row = LayerRow(m.key, m.name, "planned", m.rank)
-    plan = _Plan(m, row)
+    plan = _Plan(m, row, m.component)
     if not m.known:
         row.action, row.note = "unknown", f"not a module of the {lf.arch.name} key map"
         return plan
@@ -538,6 +552,18 @@ def _gated_channels(plan: _Plan, side: str) -> int | None:
     return None
 
 
+def _cache_key(plan: _Plan, side: str, fingerprint: str, settings: dict) -> str:
+    """The subspace cache key of one side ("source" / "target") of a planned layer."""
+    shape = plan.tgt_shape
+    m, n = shape[0], math.prod(shape[1:])
+    k = _subspace_rank(settings, m, n)
+    svd = {**settings, "block_size": _krylov_block(settings, k, m, n)}
+    pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
+    return SubspaceCache.key(
+        fingerprint, plan.component, pieces, shape[1], k, svd, kept_channels=_gated_channels(plan, side)
+    )
+
+
 @dataclass
 class _Chunk:
     """Same-shape layers ported together: one batched rsvd over the weights not in the cache."""
@@ -553,7 +579,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
     `group_bytes` fits ``max_memory``; InputError when not even one layer fits."""
     groups: dict[tuple, list[_Plan]] = {}
     for p in work:
-        c = p.module.component
+        c = p.component
         dtype = _stack_dtype(
             [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
         )
@@ -567,7 +593,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
         def need(layers):
             return group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
-                method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.module.rank for p in group),
+                method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
                 device=settings["device"], block_size=block,
             )  # fmt: skip
 
@@ -597,10 +623,13 @@ class _Loaded:
     seconds_cache: float = 0.0
 
 
-def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seconds: dict, quiet: bool) -> None:
+def _run(
+    work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seconds: dict, quiet: bool,
+    subspaces_only: bool = False,
+) -> None:  # fmt: skip
     """Stream the planned layers: same-shape chunks sized by `group_bytes` to ``max_memory``,
     each read (or taken from the subspace cache) on a background thread while the previous one
-    is computed."""
+    is computed. ``subspaces_only``: fill the cache and stop there (no LoRA is involved)."""
     from tqdm.auto import tqdm
 
     cache = SubspaceCache(settings["cache_dir"]) if settings["cache_dir"] else None
@@ -615,14 +644,10 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
-        svd = {**settings, "block_size": chunk.block_size}
         for g, p in enumerate(chunk.plans):
-            for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
+            for side in ("source", "target"):
                 if fingerprints.get(side) is not None:
-                    keys[g, side] = cache.key(
-                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd,
-                        kept_channels=_gated_channels(p, side),
-                    )
+                    keys[g, side] = _cache_key(p, side, fingerprints[side], settings)
                     hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
                         found[g, side] = hit
@@ -634,7 +659,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces, _gated_channels(p, side)))
+            frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side)))
         return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     cached_subspaces = 0  # for the progress bar
@@ -645,7 +670,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             seconds["read"] += loaded.seconds_read
             seconds["cache"] += loaded.seconds_cache
-            _port_chunk(chunk, loaded, cache, settings, seconds)
+            _port_chunk(chunk, loaded, cache, settings, seconds, subspaces_only)
             bar.update(len(chunk.plans))
             gb = (src.bytes_read + tgt.bytes_read) / 1e9
             cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
@@ -654,9 +679,10 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
 
-def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict):
+def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict, subspaces_only: bool = False):
     """Subspaces of one chunk of same-shape layers (one batched rsvd over the weights not in the
-    cache), then similarity and projection per layer (sets each plan's row and result)."""
+    cache), then, unless ``subspaces_only``, similarity and projection per layer (sets each
+    plan's row and result)."""
     device = settings["device"]
     t0 = time.perf_counter()
     k_max = chunk.rank
@@ -675,13 +701,16 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
             if job in loaded.keys:
                 cache.put(loaded.keys[job], *subspaces[job])
         seconds["cache"] += time.perf_counter() - t0
+    for g, plan in enumerate(chunk.plans):
+        plan.row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
+    if subspaces_only:
+        return
 
     t0 = time.perf_counter()
     energy = settings["energy"]
     strength = Strength.from_dict(settings["strength"])
     for g, plan in enumerate(chunk.plans):
         row, mod = plan.row, plan.module
-        row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
         Us, Ss, Vs, frob2_s = subspaces[g, "source"]
         Ut, St, Vt, frob2_t = subspaces[g, "target"]
         if energy is None:
