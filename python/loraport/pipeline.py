@@ -49,9 +49,11 @@ import torch
 from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
+from .devices import resolve_device
 from .errors import InputError
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
+from .staging import StagingBuffers
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
@@ -335,6 +337,7 @@ def port(
         raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
     if out is None and not dry_run:
         raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
+    device = resolve_device(device)  # before anything is read
     settings = dict(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
@@ -481,6 +484,14 @@ def group_bytes(
     return weights + upcast + workspace + outputs + factors
 
 
+def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
+    """Host bytes of the reader's two staging slots (`loraport.staging`) for chunks of ``layers``
+    [m, n] layers: the chunk being computed and the next one being read, 2G weights each. On
+    the CPU `group_bytes` counts them already; on a GPU they are host memory (page-locked), and
+    `_chunks` keeps them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
+    return 2 * 2 * layers * m * n * elem
+
+
 def default_subspace_rank(m: int, n: int) -> int:
     """k for [m, n] weights when neither subspace_rank nor energy is given: 64, but at most a
     quarter of min(m, n). Similarity of random k-dim subspaces of R^n is about k/n, and the
@@ -534,11 +545,11 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
         block = _krylov_block(settings, k, m, n)
 
         def need(layers):
-            return group_bytes(
+            return max(group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
                 method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.module.rank for p in group),
                 device=settings["device"], block_size=block,
-            )  # fmt: skip
+            ), staging_bytes(layers, m, n, elem=dtype.itemsize))  # fmt: skip
 
         if need(1) > budget:
             raise InputError(
@@ -559,7 +570,8 @@ class _Loaded:
 
     found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²) from the cache
     todo: list  # [(layer index, side)] to decompose, in the order of ``weights``
-    weights: torch.Tensor  # [len(todo), out, channels, *kernel]
+    slot: int  # the staging slot ``weights`` lies in
+    weights: torch.Tensor  # [len(todo), out, channels, *kernel], a view of the staging slot
     frob2: list  # ‖W‖_F² per weight in ``weights``
     keys: dict  # (layer index, side) -> cache key (bases with a fingerprint only)
     seconds_read: float = 0.0
@@ -577,9 +589,11 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
     fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
     chunks = _chunks(work, src, tgt, settings)
     t_start = time.perf_counter()
-    pin = str(settings["device"]).startswith("cuda")  # page-locked buffers: asynchronous copies
+    # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
+    slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
+    staging = StagingBuffers(slot_bytes, pin=str(settings["device"]).startswith("cuda"))
 
-    def load(chunk: _Chunk) -> _Loaded:
+    def load(chunk: _Chunk, slot: int) -> _Loaded:
         t0 = time.perf_counter()
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
@@ -597,32 +611,36 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
-        weights = torch.empty((len(todo), *shape), dtype=chunk.dtype, pin_memory=pin and bool(todo))
+        weights = staging.take(slot, (len(todo), *shape), chunk.dtype)
         frob2 = []
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
             frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
-        return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
+        return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     cached_subspaces = 0  # for the progress bar
-    with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            loaded = pending.result()
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
-            seconds["read"] += loaded.seconds_read
-            seconds["cache"] += loaded.seconds_cache
-            _port_chunk(chunk, loaded, cache, settings, seconds)
-            bar.update(len(chunk.plans))
-            gb = (src.bytes_read + tgt.bytes_read) / 1e9
-            cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
-            hits = cached_subspaces // 2
-            rate = gb / max(time.perf_counter() - t_start, 1e-9)
-            bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
+    try:
+        with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(load, chunks[0], 0) if chunks else None
+            for i, chunk in enumerate(chunks):
+                loaded = pending.result()
+                # The other slot: chunk i - 1's, whose rsvd has returned (its copy to a GPU is waited for).
+                pending = pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
+                seconds["read"] += loaded.seconds_read
+                seconds["cache"] += loaded.seconds_cache
+                _port_chunk(chunk, loaded, cache, staging, settings, seconds)
+                bar.update(len(chunk.plans))
+                gb = (src.bytes_read + tgt.bytes_read) / 1e9
+                cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
+                hits = cached_subspaces // 2
+                rate = gb / max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
+    finally:
+        staging.release()
 
 
-def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict):
+def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, settings: dict, seconds: dict):
     """Subspaces of one chunk of same-shape layers (one batched rsvd over the weights not in the
     cache), then similarity and projection per layer (sets each plan's row and result)."""
     device = settings["device"]
@@ -630,7 +648,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
     k_max = chunk.rank
     subspaces = dict(loaded.found)  # (layer index, side) -> (U [m, k], S [k], V [n, k], ‖W‖_F²)
     if loaded.todo:
-        weights = loaded.weights.flatten(2).to(device, non_blocking=True)  # [M, m, n]
+        weights = staging.to_device(loaded.slot, loaded.weights.flatten(2), device)  # [M, m, n]
         svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
         U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **svd)  # [M, m, k], [M, k], [M, n, k]
         del weights
