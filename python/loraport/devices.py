@@ -49,6 +49,7 @@ def resolve_device(device) -> str:
         raise InputError(f"device {text!r} is not available: {_why_no_cuda()}; {listing}")
     index = torch.cuda.current_device() if match[1] is None else int(match[1])
     if f"cuda:{index}" not in available:
-        raise InputError(f"device {text!r} is not available: this machine has {len(available) - 1} CUDA GPU(s); {listing}")
+        gpus = len(available) - 1
+        raise InputError(f"device {text!r} is not available: this machine has {gpus} CUDA GPU(s); {listing}")
     return f"cuda:{index}"
 

@@ -73,7 +73,8 @@ def _register(memory: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     status = cudart.cudaHostRegister(memory.data_ptr(), memory.numel(), 0)
     if int(status) != 0:
-        raise RuntimeError(f"loraport: cudaHostRegister of {memory.numel()} bytes failed: {cudart.cudaGetErrorString(status)}")
+        why = cudart.cudaGetErrorString(status)
+        raise RuntimeError(f"loraport: cudaHostRegister of {memory.numel()} bytes failed: {why}")
 
 
 def _unregister(memory: torch.Tensor) -> None:
