@@ -80,8 +80,10 @@ cuda_tests() {  # cuda_tests NAME SECONDS [FILES...]
   local name=$1 seconds=$2
   shift 2
   echo "---- $name: $(with "$name" $py -c 'import loraport; print(loraport.BUILD_INFO)' 2>&1 | tail -1)"
-  with "$name" timeout "$seconds" $py -m pytest -q -m cuda -p no:cacheprovider "${@:-tests}" 2>&1 | tee -a "$OUT/tests.log" |
-    grep -E "passed|failed|error|^(FAILED|ERROR)|loraport: this build" | head -20
+  with "$name" timeout "$seconds" $py -m pytest -q -m cuda -p no:cacheprovider "${@:-tests}" >"$OUT/tests-now.log" 2>&1
+  echo "pytest exit code $? (124: ran out of its $seconds s)"
+  grep -E "passed|failed|error|^(FAILED|ERROR)|loraport: this build" "$OUT/tests-now.log" | head -20
+  cat "$OUT/tests-now.log" >>"$OUT/tests.log" && rm "$OUT/tests-now.log"
 }
 
 stage "default build: CUDA tests, LORAPORT_CUSOLVER_EIGH=require"
