@@ -18,6 +18,11 @@ std::string build_info() {
 #else
   info += ";cuda=";
 #endif
+#ifdef LORAPORT_CUDA_KERNELS
+  info += ";archs=" LORAPORT_CUDA_ARCHS;
+#else
+  info += ";archs=";
+#endif
   return info;
 }
 
@@ -37,6 +42,7 @@ TORCH_LIBRARY(loraport, m) {
         "-> (Tensor up2, Tensor down2)");
   // ||U1^T U2||_F^2 / min(k1, k2) in [0, 1]. U1: [..., m, k1], U2: [..., m, k2] -> [...].
   m.def("subspace_similarity(Tensor U1, Tensor U2) -> Tensor");
-  // "torch=<version built against>;cuda=<nvcc version or empty>".
+  // "torch=<version built against>;cuda=<torch's CUDA version, empty for a CPU-only build>;
+  // archs=<our kernels' architectures: sm_NN (SASS), compute_NN (PTX); empty without them>".
   m.def("build_info() -> str", &loraport::build_info);
 }

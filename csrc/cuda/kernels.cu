@@ -13,6 +13,10 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <mutex>
+#include <unordered_map>
 
 namespace loraport {
 namespace {
@@ -92,6 +96,33 @@ __global__ void upper_inverse_kernel(const double* __restrict__ R,  // [b, l, l]
 }
 
 }  // namespace
+
+bool kernels_run_on(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::unordered_map<c10::DeviceIndex, bool> answers;  // device -> an image of ours runs there
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = answers.find(device); it != answers.end()) return it->second;
+  const c10::cuda::CUDAGuard guard(device);
+  // The fatbinary holds neither SASS for this GPU nor PTX it can compile: the runtime says so
+  // here, for one kernel of this translation unit (they all share its architectures), instead
+  // of at the first launch.
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, gram_fp64_kernel);
+  const bool no_image = status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction;
+  if (status != cudaSuccess && !no_image) C10_CUDA_CHECK(status);
+  const bool runs = status == cudaSuccess;
+  if (!runs) {
+    (void)cudaGetLastError();  // clear the error, so that ATen's next launch check does not report it
+    cudaDeviceProp properties;
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&properties, device));
+    TORCH_WARN("loraport: this build's CUDA kernels have no image for cuda:", int(device), " (", properties.name,
+               ", sm_", properties.major, properties.minor, "): it was compiled for ", LORAPORT_CUDA_ARCHS,
+               ". The loraport ops use ATen's CUDA kernels on this GPU instead (correct, slower); rebuild with "
+               "LORAPORT_CUDA_ARCHS=", properties.major, properties.minor, " for ours.");
+  }
+  answers.emplace(device, runs);
+  return runs;
+}
 
 at::Tensor gram_fp64_cuda(const at::Tensor& Y_in) {
   TORCH_CHECK(Y_in.is_cuda() && Y_in.scalar_type() == at::kFloat && Y_in.dim() == 3,

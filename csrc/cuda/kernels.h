@@ -5,6 +5,11 @@
 
 namespace loraport {
 
+// Whether this build's kernels have an image (SASS for the GPU, or PTX it can compile) for
+// `device`; asked once per device, before the first launch. False: one warning naming the GPU
+// and the build's architectures, and the caller uses ATen's kernels there.
+bool kernels_run_on(c10::DeviceIndex device);
+
 // Y [b, m, l] float32 -> Y^T Y [b, l, l] float64, accumulated in fp64 from the fp32 data.
 at::Tensor gram_fp64_cuda(const at::Tensor& Y);
 

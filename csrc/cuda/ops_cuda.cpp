@@ -1,13 +1,18 @@
 // CUDA kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp on
-// cuBLAS/cuSOLVER (torch's current stream), plus our own fused fp32-in/fp64-accumulate Gram
-// kernel (csrc/cuda/kernels.cu) for CholeskyQR. The policy never synchronizes with the host
-// inside a factorization; rsvd checks once per call whether any CholeskyQR broke down.
+// cuBLAS/cuSOLVER (torch's current stream), plus, in a build with nvcc (LORAPORT_CUDA_KERNELS),
+// our own fused fp32-in/fp64-accumulate Gram and triangular-inverse kernels
+// (csrc/cuda/kernels.cu) for CholeskyQR. This file is plain C++: without nvcc it is compiled
+// against the CUDA headers of torch's nvidia wheels and the ops run on ATen's kernels alone.
+// The policy never synchronizes with the host inside a factorization; rsvd checks once per
+// call whether any CholeskyQR broke down.
 #include <torch/library.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/batched_eigh.h"
-#include "cuda/kernels.h"
 #include "linalg.h"
+#ifdef LORAPORT_CUDA_KERNELS
+#include "cuda/kernels.h"
+#endif
 
 namespace loraport {
 namespace {
@@ -26,12 +31,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   // in all three at L = 192 and 384. Its speed varied with the host machine, whose cores a
   // pipeline reading the next layers meanwhile keeps busy too.
   policy.eigh = &batched_eigh_cusolver;  // one cuSOLVER call for the batch (batched_eigh.h)
-  policy.gram_fp64 = [](const at::Tensor& Y) {
-    return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
-  };
-  policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
-    return R.size(-1) <= kUpperInverseMaxSize ? upper_inverse_cuda(R, dtype) : at::Tensor();  // beyond: ATen
-  };
+#ifdef LORAPORT_CUDA_KERNELS
+  if (kernels_run_on(A.device().index())) {  // else (a GPU this build lacks): ATen's Gram and triangular solve
+    policy.gram_fp64 = [](const at::Tensor& Y) {
+      return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
+    };
+    policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
+      return R.size(-1) <= kUpperInverseMaxSize ? upper_inverse_cuda(R, dtype) : at::Tensor();  // beyond: ATen
+    };
+  }
+#endif
   return rsvd_forward(A, sketch, rank, power_iters, std::string_view(method.data(), method.size()), policy);
 }
 

@@ -12,6 +12,7 @@ from collections import Counter
 
 from . import archs, formats, upgrade
 from .basemodel import BaseModel
+from .devices import DEVICE_HELP
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
 from .toolbox import MERGE_MODES, extract, merge, resize
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _port_options(q) -> None:
     """The options `port` and `port-many` share."""
-    q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    q.add_argument("--device", default="auto", help=DEVICE_HELP)
     q.add_argument(
         "--max-vram",
         default="2GB",
@@ -140,7 +141,7 @@ def _toolbox_parsers(sub) -> None:
         q.add_argument("-o", "--out", required=True, help="output LoRA path")
         q.add_argument("--format", default=fmt_default, choices=("auto", *formats.FORMATS))
         q.add_argument("--arch", default="auto", choices=("auto", *archs.ARCHS))
-        q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--max-vram", default="2GB", help="bound on one batched layer group (default 2GB)")
         q.add_argument("--report", help="write the per-layer JSON report here")
         q.add_argument("--quiet", action="store_true", help="no progress bar or summary")

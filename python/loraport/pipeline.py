@@ -51,9 +51,11 @@ from . import archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
+from .devices import resolve_device
 from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
+from .staging import StagingBuffers
 from .strength import Strength
 from .upgrade import refuse_other_size
 
@@ -401,7 +403,8 @@ def _settings(
     rank=None, variant=VARIANTS[0], power_iters=2, method="power", block_size=None, oversample=8, seed=0,
     max_memory=DEFAULT_MAX_MEMORY, dry_run=False, cache_dir=None, strength=None,
 ) -> dict:  # fmt: skip
-    """`port`'s options, checked (ValueError), as the settings dict the pipeline's steps read."""
+    """`port`'s options, checked (ValueError), as the settings dict the pipeline's steps read;
+    the device is resolved here, before anything is read."""
     if variant not in VARIANTS:
         raise ValueError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
     if on_dissimilar not in ON_DISSIMILAR:
@@ -414,7 +417,7 @@ def _settings(
     if block_size is not None and method != "krylov":
         raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
     return dict(
-        device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
+        device=resolve_device(device), subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
         max_memory=parse_bytes(max_memory), dry_run=dry_run,
@@ -516,6 +519,14 @@ def group_bytes(
     return weights + upcast + workspace + outputs + factors
 
 
+def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
+    """Host bytes of the reader's two staging slots (`loraport.staging`) for chunks of ``layers``
+    [m, n] layers: the chunk being computed and the next one being read, 2G weights each. On
+    the CPU `group_bytes` counts them already; on a GPU they are host memory (page-locked), and
+    `_chunks` keeps them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
+    return 2 * 2 * layers * m * n * elem
+
+
 def default_subspace_rank(m: int, n: int) -> int:
     """k for [m, n] weights when neither subspace_rank nor energy is given: 64, but at most a
     quarter of min(m, n). Similarity of random k-dim subspaces of R^n is about k/n, and the
@@ -591,11 +602,11 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
         block = _krylov_block(settings, k, m, n)
 
         def need(layers):
-            return group_bytes(
+            return max(group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
                 method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
                 device=settings["device"], block_size=block,
-            )  # fmt: skip
+            ), staging_bytes(layers, m, n, elem=dtype.itemsize))  # fmt: skip
 
         if need(1) > budget:
             raise InputError(
@@ -616,7 +627,8 @@ class _Loaded:
 
     found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²) from the cache
     todo: list  # [(layer index, side)] to decompose, in the order of ``weights``
-    weights: torch.Tensor  # [len(todo), out, channels, *kernel]
+    slot: int  # the staging slot ``weights`` lies in
+    weights: torch.Tensor  # [len(todo), out, channels, *kernel], a view of the staging slot
     frob2: list  # ‖W‖_F² per weight in ``weights``
     keys: dict  # (layer index, side) -> cache key (bases with a fingerprint only)
     seconds_read: float = 0.0
@@ -637,9 +649,11 @@ def _run(
     fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
     chunks = _chunks(work, src, tgt, settings)
     t_start = time.perf_counter()
-    pin = str(settings["device"]).startswith("cuda")  # page-locked buffers: asynchronous copies
+    # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
+    slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
+    staging = StagingBuffers(slot_bytes, pin=str(settings["device"]).startswith("cuda"))
 
-    def load(chunk: _Chunk) -> _Loaded:
+    def load(chunk: _Chunk, slot: int) -> _Loaded:
         t0 = time.perf_counter()
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
@@ -654,32 +668,39 @@ def _run(
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
-        weights = torch.empty((len(todo), *shape), dtype=chunk.dtype, pin_memory=pin and bool(todo))
+        weights = staging.take(slot, (len(todo), *shape), chunk.dtype)
         frob2 = []
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
             frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side)))
-        return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
+        return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     cached_subspaces = 0  # for the progress bar
-    with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            loaded = pending.result()
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
-            seconds["read"] += loaded.seconds_read
-            seconds["cache"] += loaded.seconds_cache
-            _port_chunk(chunk, loaded, cache, settings, seconds, subspaces_only)
-            bar.update(len(chunk.plans))
-            gb = (src.bytes_read + tgt.bytes_read) / 1e9
-            cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
-            hits = cached_subspaces // 2
-            rate = gb / max(time.perf_counter() - t_start, 1e-9)
-            bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
+    try:
+        with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(load, chunks[0], 0) if chunks else None
+            for i, chunk in enumerate(chunks):
+                loaded = pending.result()
+                # The other slot: chunk i - 1's, whose rsvd has returned (its copy to a GPU is waited for).
+                pending = pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
+                seconds["read"] += loaded.seconds_read
+                seconds["cache"] += loaded.seconds_cache
+                _port_chunk(chunk, loaded, cache, staging, settings, seconds, subspaces_only)
+                bar.update(len(chunk.plans))
+                gb = (src.bytes_read + tgt.bytes_read) / 1e9
+                cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
+                hits = cached_subspaces // 2
+                rate = gb / max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
+    finally:
+        staging.release()
 
 
-def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict, subspaces_only: bool = False):
+def _port_chunk(
+    chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, settings: dict, seconds: dict,
+    subspaces_only: bool = False,
+):  # fmt: skip
     """Subspaces of one chunk of same-shape layers (one batched rsvd over the weights not in the
     cache), then, unless ``subspaces_only``, similarity and projection per layer (sets each
     plan's row and result)."""
@@ -688,7 +709,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
     k_max = chunk.rank
     subspaces = dict(loaded.found)  # (layer index, side) -> (U [m, k], S [k], V [n, k], ‖W‖_F²)
     if loaded.todo:
-        weights = loaded.weights.flatten(2).to(device, non_blocking=True)  # [M, m, n]
+        weights = staging.to_device(loaded.slot, loaded.weights.flatten(2), device)  # [M, m, n]
         svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
         U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **svd)  # [M, m, k], [M, k], [M, n, k]
         del weights

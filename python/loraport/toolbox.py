@@ -37,6 +37,7 @@ import torch
 
 from . import archs, formats
 from .basemodel import BaseModel
+from .devices import resolve_device
 from .errors import InputError
 from .lowrank import ProductSVD
 from .ops import rsvd
@@ -233,6 +234,7 @@ def resize(
     select = _rank_rule(rank, energy, sv_ratio, "resize")
     if rank is None and energy is None and sv_ratio is None:
         raise ValueError("loraport.resize: give rank, energy or sv_ratio")
+    device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
     out = formats.check_output(out, [lf.path])
@@ -299,6 +301,7 @@ def merge(
     entries = [parse_weighted(e) for e in loras]
     if not entries:
         raise ValueError("loraport.merge: give at least one LoRA")
+    device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
     files = [formats.read_lora(path, arch=arch) for path, _ in entries]
     first = files[0]
@@ -432,6 +435,7 @@ def extract(
         raise ValueError("loraport.extract: give rank or energy")
     format = "kohya" if format in (None, "auto") else format
     select = _rank_rule(rank or DEFAULT_EXTRACT_MAX_RANK, energy, None, "extract")
+    device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
     b, t = BaseModel(base), BaseModel(tuned)
     inputs = [*b.files(), *t.files()]

@@ -1,0 +1,112 @@
+"""The reader's host staging (loraport.staging): two slots allocated once per run and reused,
+whose total stays within max_memory on the CPU and on the GPU path (where they are pinned; the
+accounting is checked here without a GPU)."""
+
+import pytest
+import torch
+
+from loraport import pipeline, tiny
+from loraport.errors import InputError
+from loraport.staging import StagingBuffers
+
+ARCH = "hunyuan-video"
+SVD = dict(subspace_rank=6, power_iters=2, quiet=True)
+BUDGET = 160_000  # bytes: one or two tiny layers a chunk
+
+
+class RecordingStaging(StagingBuffers):
+    """StagingBuffers, never pinned (pinning needs CUDA; the accounting does not), remembering
+    what was asked of it."""
+
+    made: list = []
+
+    def __init__(self, slot_bytes, *, slots=2, pin=False):
+        super().__init__(slot_bytes, slots=slots, pin=False)
+        self.pin_asked = pin
+        self.taken = []  # (slot, bytes taken, slot bytes, total bytes) per chunk read
+        RecordingStaging.made.append(self)
+
+    def take(self, slot, shape, dtype):
+        view = super().take(slot, shape, dtype)
+        self.taken.append((slot, view.numel() * view.element_size(), self.slot_bytes, self.total_bytes))
+        return view
+
+
+@pytest.fixture
+def pair(tmp_path, monkeypatch):
+    source = tiny.base_model(ARCH, width=16, seed=0)
+    paths = {
+        "lora": str(tmp_path / "lora.safetensors"),
+        "source": tiny.save_base(source, str(tmp_path / "source.safetensors")),
+        "target": tiny.save_base(tiny.related(source), str(tmp_path / "target.safetensors")),
+        "out": str(tmp_path / "out.safetensors"),
+    }
+    tiny.save_base(tiny.lora(ARCH, source, fmt="kohya", rank=4, alpha=3.0), paths["lora"])
+    RecordingStaging.made = []
+    monkeypatch.setattr(pipeline, "StagingBuffers", RecordingStaging)
+    return paths
+
+
+def _check_bounded(staging: RecordingStaging, budget: int):
+    """Every chunk went through the same two slots, in turn, each within its slot, and the
+    slots' total stayed within the budget."""
+    assert len(staging.taken) > 2
+    assert [slot for slot, *_ in staging.taken] == [i % 2 for i in range(len(staging.taken))]
+    assert all(nbytes <= slot_bytes for _, nbytes, slot_bytes, _ in staging.taken)
+    assert 0 < max(total for *_, total in staging.taken) <= budget
+    assert staging.total_bytes == 0  # released at the end of the run
+
+
+def test_the_cpu_port_stages_every_chunk_in_two_slots_within_max_memory(pair):
+    p = pair
+    pipeline.port(p["lora"], p["source"], p["target"], p["out"], max_memory=BUDGET, **SVD)
+    (staging,) = RecordingStaging.made
+    assert not staging.pin_asked
+    _check_bounded(staging, BUDGET)
+
+
+def test_the_gpu_path_keeps_its_pinned_staging_within_max_vram(pair, monkeypatch):
+    """On a GPU, group_bytes counts one chunk's weights (they are in VRAM); the two staging
+    slots in host memory are bounded by the same budget (pipeline.staging_bytes)."""
+    p = pair
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda:0")
+    monkeypatch.setattr(pipeline, "_port_chunk", lambda *args: None)  # the plan and the reads, no GPU work
+    with pytest.raises(InputError, match="no module was ported"):
+        pipeline.port(p["lora"], p["source"], p["target"], p["out"], device="cuda", max_memory=BUDGET, **SVD)
+    (staging,) = RecordingStaging.made
+    assert staging.pin_asked
+    _check_bounded(staging, BUDGET)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_chunks_fit_both_vram_and_the_staging_bound(device):
+    """pipeline._chunks' rule, per device: the chunk's `group_bytes` and its `staging_bytes`
+    both within the budget. On the GPU the staging is the tighter one for large weights."""
+    m = n = 3072
+    budget = 2 << 30
+    kwargs = dict(k=64, oversample=8, power_iters=2, method="power", elem=2, lora_rank=32, device=device)
+    layers = 1
+    def need(layers):
+        return max(pipeline.group_bytes(layers, m, n, **kwargs), pipeline.staging_bytes(layers, m, n, elem=2))
+
+    while need(layers + 1) <= budget:
+        layers += 1
+    assert pipeline.staging_bytes(layers, m, n, elem=2) <= budget
+    if device == "cpu":  # the CPU's estimate already holds the next chunk being read
+        assert pipeline.group_bytes(layers, m, n, **kwargs) >= pipeline.staging_bytes(layers, m, n, elem=2)
+    else:
+        assert pipeline.group_bytes(layers, m, n, **kwargs) < pipeline.staging_bytes(layers, m, n, elem=2)
+
+
+def test_a_slot_is_reused_not_reallocated_and_refuses_more_than_it_holds():
+    staging = StagingBuffers(1000)
+    assert staging.slot_bytes == 1024 and staging.total_bytes == 2048
+    a = staging.take(0, (10, 25), torch.float32)  # [10, 25], 1000 bytes
+    b = staging.take(1, (3, 4), torch.bfloat16)
+    assert b.data_ptr() == a.data_ptr() + staging.slot_bytes  # the second slot starts past the first
+    again = staging.take(0, (5, 5), torch.float64)
+    assert again.data_ptr() == a.data_ptr()
+    with pytest.raises(AssertionError, match="1032 bytes asked of a 1024-byte slot"):
+        staging.take(1, (129,), torch.float64)
+    staging.release()
+    assert staging.total_bytes == 0
