@@ -75,13 +75,16 @@ def adapter_tensors(kind: str, shape, g, rank=3) -> dict[str, torch.Tensor]:
 
 
 def adapter_file(kind, hunyuan, *, fmt="kohya", alpha=2.0, rank=3, seed=0, modules=None):
-    """(state dict, {key stem: (tensors, scale, weight shape)}) of a ``kind`` adapter on every
-    adaptable module of the tiny base (or ``modules``) in format ``fmt``."""
+    """(state dict, {key stem: (tensors, scale, weight shape)}) of a ``kind`` adapter (a list:
+    one kind per module in turn) on every adaptable module of the tiny base (or ``modules``) in
+    format ``fmt``."""
     g = torch.Generator().manual_seed(seed)
     plain = formats.read_lora(tiny.lora(ARCH, hunyuan, fmt=fmt, modules=modules), arch=ARCH)
     names = {role: suffix for suffix, role in adapters.suffixes(fmt).items()}
     sd, truth = {}, {}
-    for m in plain.modules:
+    kinds = [kind] if isinstance(kind, str) else kind
+    for i, m in enumerate(plain.modules):
+        kind = kinds[i % len(kinds)]
         t = adapter_tensors(kind, m.shape, g, rank)
         if fmt in ("diffusers", "peft") and "magnitude" in t:
             t["magnitude"] = t["magnitude"].flatten()

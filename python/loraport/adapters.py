@@ -412,6 +412,69 @@ def pad_inputs(m: AdapterModule, source_shape, target_shape) -> AdapterModule:
     return replace(m, tensors=t)
 
 
+# --- porting (pipeline.port) -------------------------------------------------------------------
+
+# What `port` does with a DoRA magnitude: "keep" it as trained, or "rescale" it by the ratio of the
+# target's to the source's weight norms on its axis (a magnitude is trained against ‖W_source‖).
+DORA_MAGNITUDE = ("keep", "rescale")
+
+
+def is_adapter(m) -> bool:
+    return isinstance(m, AdapterModule)
+
+
+def magnitude_axis(m) -> str | None:
+    """The DoRA magnitude's axis ("out" / "in") of a module, None for everything else."""
+    return m.magnitude_axis if isinstance(m, AdapterModule) else None
+
+
+def axis_norms(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖W‖ per output row ("out") or per input channel ("in") of ``weight`` [out, in, *kernel],
+    float64 [out] or [in], as DoRA normalizes."""
+    W = weight.double()
+    if axis == "out":
+        return W.flatten(1).norm(dim=1)
+    return W.transpose(0, 1).flatten(1).norm(dim=1)
+
+
+def check_port(lf, modules, fmt: str, variant: str, rank) -> None:
+    """InputError before any work when ``modules`` hold adapter types that the port cannot carry:
+    a projection variant or an output rank (both make a plain LoRA: convert first), or an output
+    format with no form for the type."""
+    found = [m for m in modules if is_adapter(m)]
+    if not found:
+        return
+    if variant != "copy" or rank is not None:
+        what = f"variant {variant!r}" if variant != "copy" else f"rank {rank}"
+        raise InputError(
+            f"{lf.label}: {len(found)} modules are {found[0].type_name} and more adapter types (e.g. '{found[0].key}'); "
+            f"{what} would turn them into a plain LoRA: run `loraport convert` first, or port with the copy variant"
+        )
+    for m in found:
+        tensors_for(m, m.key, fmt, lf.label)  # raises where fmt has no form for the type
+
+
+def port_module(plan, norms: dict | None, settings: dict) -> AdapterModule:
+    """The module carried to the target (pipeline._Plan ``plan`` already past the gate or copied
+    on a dissimilar layer): its factors unchanged, zero input channels where the target's weight
+    is wider (`pad_inputs`), and a DoRA magnitude kept or, with settings["dora_magnitude"] ==
+    "rescale", multiplied by ‖W_target‖ / ‖W_source‖ on its axis (``norms``: {side: norms})."""
+    m, row = plan.module, plan.row
+    widened = tuple(plan.tgt_shape) != tuple(plan.src_shape)
+    if widened:
+        m = pad_inputs(m, plan.src_shape, plan.tgt_shape)
+    if m.magnitude_axis and settings["dora_magnitude"] == "rescale":
+        src, tgt = norms["source"], norms["target"]
+        ratio = torch.where(src > 0, tgt / src.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(src))
+        mag = m.tensors["magnitude"]
+        m = replace(m, tensors={**m.tensors, "magnitude": (mag.double() * ratio).to(mag.dtype)})
+    copied = row.similarity < settings["min_similarity"]
+    row.action = "copied" if copied else "padded" if widened else "ported"
+    row.rank_out, row.rel_change = m.rank, 0.0
+    row.note = (row.note + "; " if row.note else "") + m.type_name
+    return m
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 
 from . import archs, formats
+from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         help="what a layer that passes the similarity gate gets: 'copy' (default) carries the LoRA over "
         "unchanged, the projections keep only its part in the target's subspaces (LoRA-X); "
         "the quality benchmark measured copy keeping the most, see README",
+    )
+    q.add_argument(
+        "--dora-magnitude",
+        default=DORA_MAGNITUDE[0],
+        choices=DORA_MAGNITUDE,
+        help="DoRA adapters: keep the trained magnitude, or rescale it by the target's / source's weight norms "
+        "(default keep, see README 'Adapter types')",
     )
     q.add_argument("--method", default="power", choices=("power", "krylov"))
     q.add_argument("--power-iters", type=int, default=2)
@@ -149,7 +157,7 @@ def _port(args) -> int:
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
         method=args.method, block_size=args.block_size, max_memory=args.max_vram, cache_dir=args.cache_dir,
-        report=args.report, dry_run=args.dry_run, quiet=args.quiet,
+        report=args.report, dry_run=args.dry_run, quiet=args.quiet, dora_magnitude=args.dora_magnitude,
     )  # fmt: skip
     if not args.quiet:
         print(rep.table())

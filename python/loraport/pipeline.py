@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import archs, formats
+from . import adapters, archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError
@@ -309,6 +309,7 @@ def port(
     report=None,
     dry_run: bool = False,
     quiet: bool = False,
+    dora_magnitude: str = adapters.DORA_MAGNITUDE[0],
 ) -> PortReport:
     """Port ``lora`` (path or state dict) from base ``source`` to base ``target`` (paths to a
     safetensors file, sharded index, .pt checkpoint or diffusers folder, or state dicts), write
@@ -319,7 +320,9 @@ def port(
     ``cache_dir``: folder of the subspace cache (loraport.cache); bases given as state dicts are
     never cached. ``block_size`` (method="krylov" only): width of each Krylov block, as in
     `loraport.rsvd`; a layer whose subspace rank needs a wider Krylov space than
-    (power_iters + 1) blocks of it uses the default width, rank + oversample."""
+    (power_iters + 1) blocks of it uses the default width, rank + oversample. LoHa, LoKr, Tucker
+    LoCon, full-difference and DoRA modules (loraport.adapters) are carried in their own type
+    (variant "copy" only); ``dora_magnitude`` ("keep" or "rescale") is `adapters.port_module`'s."""
     if max_vram is not None:
         max_memory = max_vram
     if variant not in VARIANTS:
@@ -335,11 +338,13 @@ def port(
         raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
     if out is None and not dry_run:
         raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
+    if dora_magnitude not in adapters.DORA_MAGNITUDE:
+        raise ValueError(f"loraport.port: dora_magnitude must be one of {adapters.DORA_MAGNITUDE}, got {dora_magnitude!r}")
     settings = dict(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
-        max_memory=parse_bytes(max_memory), dry_run=dry_run,
+        max_memory=parse_bytes(max_memory), dry_run=dry_run, dora_magnitude=dora_magnitude,
         cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
     )  # fmt: skip
     t_start = time.perf_counter()
@@ -355,6 +360,7 @@ def port(
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
     written = [p.module.component for p in plans if p.row.action == "planned"]
     formats.check_format(format_out, lf.arch, written, lf.label)
+    adapters.check_port(lf, [p.module for p in plans if p.row.action == "planned"], format_out, variant, rank)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
         _run([p for p in plans if p.row.action == "planned"], src, tgt, settings, seconds, quiet)
@@ -422,16 +428,18 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
         return plan
     plan.src_pieces, plan.tgt_pieces, plan.src_shape, plan.tgt_shape = sp, tp, sshape, tshape
     row.shape, row.target_shape = list(sshape), list(tshape)
-    lora_shape = (m.up.shape[0], *m.down.shape[1:])
-    if lora_shape != tuple(sshape):
+    if not m.fits(sshape):
         raise InputError(
-            f"{lf.label}: module '{m.key}' is {list(lora_shape)} (up rows, down input dims) but "
+            f"{lf.label}: module '{m.key}' is {list(m.shape)} (up rows, down input dims) but "
             f"the source weight is {list(sshape)} in {src.label}: LoRA and source base do not match"
         )
     if tshape != sshape:
         widened = tshape[0] == sshape[0] and tshape[2:] == sshape[2:] and tshape[1] > sshape[1]
+        refusal = adapters.pad_refusal(m, sshape, tshape) if widened and adapters.is_adapter(m) else None
         if not widened:
             row.action, row.note = "shape-mismatch", f"source {list(sshape)} vs target {list(tshape)}"
+        elif refusal:
+            row.action, row.note = "refused", f"input channels {sshape[1]} -> {tshape[1]}: {refusal}"
         else:
             row.note = f"input channels {sshape[1]} -> {tshape[1]}: new channels zero in the input LoRA"
     return plan
@@ -564,6 +572,7 @@ class _Loaded:
     keys: dict  # (layer index, side) -> cache key (bases with a fingerprint only)
     seconds_read: float = 0.0
     seconds_cache: float = 0.0
+    norms: dict = field(default_factory=dict)  # DoRA layer index -> {side: weight norms on its magnitude's axis}
 
 
 def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seconds: dict, quiet: bool) -> None:
@@ -586,24 +595,28 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         found, keys, todo = {}, {}, []
         svd = {**settings, "block_size": chunk.block_size}
         for g, p in enumerate(chunk.plans):
+            # rescaling a DoRA magnitude needs the weights' norms, so those weights are read
+            norms_needed = settings["dora_magnitude"] == "rescale" and adapters.magnitude_axis(p.module)
             for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = cache.key(
                         fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd
                     )
-                    hit = cache.get(keys[g, side], m, n, chunk.rank)
+                    hit = None if norms_needed else cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
                         found[g, side] = hit
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
         weights = torch.empty((len(todo), *shape), dtype=chunk.dtype, pin_memory=pin and bool(todo))
-        frob2 = []
+        frob2, norms = [], {}
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
             frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
-        return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
+            if adapters.magnitude_axis(p.module):
+                norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
+        return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
 
     cached_subspaces = 0  # for the progress bar
     with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
@@ -665,6 +678,12 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
         row.subspace_rank, row.similarity_left, row.similarity_right = [ks, kt], left, right
         row.similarity = (left + right) / 2
 
+        if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per settings
+            if row.similarity >= settings["min_similarity"] or settings["on_dissimilar"] == "copy":
+                plan.result = adapters.port_module(plan, loaded.norms.get(g), settings)
+            else:
+                row.action = "skipped"
+            continue
         up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
         channels, kernel = plan.tgt_shape[1], mod.kernel
         if mod.down.shape[1] < channels:  # new input channels: zero columns
