@@ -419,6 +419,11 @@ def pad_inputs(m: AdapterModule, source_shape, target_shape) -> AdapterModule:
 DORA_MAGNITUDE = ("keep", "rescale")
 
 
+def dtype_of(m) -> torch.dtype:
+    """The storage dtype of a module's factors (an AdapterModule's first tensor, a LoRA's up)."""
+    return next(iter(m.tensors.values())).dtype if isinstance(m, AdapterModule) else m.up.dtype
+
+
 def is_adapter(m) -> bool:
     return isinstance(m, AdapterModule)
 

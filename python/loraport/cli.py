@@ -12,6 +12,7 @@ from collections import Counter
 from . import archs, formats
 from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
+from .convert import convert
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
 from .toolbox import MERGE_MODES, extract, merge, resize
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _toolbox_parsers(sub) -> None:
-    """resize, extract, merge (loraport.toolbox)."""
+    """resize, extract, merge (loraport.toolbox), convert (loraport.convert)."""
 
     def common(q, fmt_default="auto"):
         q.add_argument("-o", "--out", required=True, help="output LoRA path")
@@ -111,6 +112,11 @@ def _toolbox_parsers(sub) -> None:
     r.add_argument("lora")
     ranks(r)
     common(r)
+    c = sub.add_parser("convert", help="LoHa, LoKr, Tucker LoCon, DoRA or full-diff adapter -> plain LoRA (best rank-R)")
+    c.add_argument("adapter")
+    ranks(c, sv_ratio=False)
+    c.add_argument("--base", help="base model: needed for DoRA and for conv LoHa without Tucker factors")
+    common(c)
     e = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
     e.add_argument("--base", required=True, help="the base model (file, index.json or folder)")
     e.add_argument("--tuned", required=True, help="the fine-tuned model")
@@ -134,6 +140,10 @@ def _toolbox(args) -> int:
                   report=args.report, quiet=args.quiet)  # fmt: skip
     if args.command == "resize":
         rep = resize(args.lora, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio, **common)
+    elif args.command == "convert":
+        if args.rank is None and args.energy is None:
+            raise InputError(f"{args.adapter}: give --rank R or --energy E")
+        rep = convert(args.adapter, args.out, rank=args.rank, energy=args.energy, base=args.base, **common)
     elif args.command == "extract":
         rep = extract(
             args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, conv=not args.no_conv,
@@ -214,7 +224,7 @@ def _inspect(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("resize", "extract", "merge"):
+        if args.command in ("resize", "extract", "merge", "convert"):
             return _toolbox(args)
         return _port(args) if args.command == "port" else _inspect(args)
     except (InputError, ValueError, OSError) as e:
