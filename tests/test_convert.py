@@ -135,3 +135,6 @@ def test_cli_convert(tmp_path, base, capsys):
     assert main(["convert", path, "-o", str(tmp_path / "x.safetensors"), "--arch", ARCH]) == 2
     assert "give --rank R or --energy E" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+    sd, _ = adapter_file(["lokr", "loha"], base, modules=["double_blocks.0.img_attn_proj", "double_blocks.0.img_mlp.fc1"])
+    assert main(["inspect", save(tmp_path, sd, "two.safetensors")]) == 0
+    assert "types: {'LoKr': 1, 'LoHa': 1}" in capsys.readouterr().out

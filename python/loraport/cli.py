@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections import Counter
 
-from . import archs, formats
+from . import adapters, archs, formats
 from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
 from .convert import convert
@@ -186,7 +186,8 @@ def _is_lora(path: str) -> bool:
             keys = list(f.keys())
     except Exception:
         return False
-    return any(k.endswith(suffix) for k in keys for suffix in (".lora_down.weight", ".lora_A.weight", ".alpha"))
+    plain = any(k.endswith(suffix) for k in keys for suffix in (".lora_down.weight", ".lora_A.weight", ".alpha"))
+    return plain or adapters.is_adapter_file(keys)
 
 
 def _inspect(args) -> int:
@@ -195,10 +196,12 @@ def _inspect(args) -> int:
         lf = formats.read_lora(path)
         ranks = Counter(m.rank for m in lf.modules)
         alphas = Counter(m.alpha for m in lf.modules)
-        dtypes = Counter(str(m.up.dtype).replace("torch.", "") for m in lf.modules)
+        dtypes = Counter(str(adapters.dtype_of(m)).replace("torch.", "") for m in lf.modules)
+        types = Counter(m.type_name if adapters.is_adapter(m) else "LoRA" for m in lf.modules)
         unknown = [m.key for m in lf.modules if not m.known]
         print(f"{path}: LoRA, format {lf.format}, arch {lf.arch.name} ({lf.style} names)")
-        print(f"  modules: {len(lf.modules)} ({sum(1 for m in lf.modules if m.kernel)} conv)")
+        print(f"  modules: {len(lf.modules)} ({sum(1 for m in lf.modules if len(m.shape) > 2)} conv)")
+        print(f"  types: {dict(types)}")
         print(f"  ranks: {dict(ranks)}  alphas: {dict(alphas)}  dtypes: {dict(dtypes)}")
         for m in unknown:
             print(f"  unknown module (not in the {lf.arch.name} key map): {m}")
