@@ -58,13 +58,13 @@ _STRUCTURED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "h
 for _role in _STRUCTURED:  # LyCORIS and PEFT name these alike
     _KOHYA["." + _role] = _PEFT["." + _role] = _role
 _COMFY = {**_KOHYA, ".lora_B.weight": "up", ".lora_A.weight": "down"}  # ComfyUI keys take both; writes A/B
-# any of these in a file makes it an adapter file (the rest are plain LoRA keys)
-MARKERS = ("hada_", "lokr_", ".lora_mid.", ".dora_scale", ".lora_magnitude_vector", ".diff")
+# a key ending in one of these makes a file an adapter file (the other suffixes are plain LoRA's)
+ADAPTER_SUFFIXES = tuple(sorted({k for k, role in {**_KOHYA, **_PEFT}.items() if role not in ("up", "down", "alpha")}))
 
 
 def is_adapter_file(keys) -> bool:
     """True when some key is of a LoHa, LoKr, Tucker LoCon, DoRA or full-difference module."""
-    return any(marker in key for key in keys for marker in MARKERS)
+    return any(key.endswith(ADAPTER_SUFFIXES) for key in keys)
 
 
 def suffixes(fmt: str) -> dict[str, str]:
@@ -90,9 +90,7 @@ class AdapterModule:
     @property
     def type_name(self) -> str:
         what = {"locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "full": "full difference"}[self.kind]
-        if "mid" in self.tensors:
-            what += " (Tucker)"
-        elif "hada_t1" in self.tensors or "lokr_t2" in self.tensors:
+        if {"mid", "hada_t1", "lokr_t2"} & self.tensors.keys():
             what += " (Tucker)"
         return ("DoRA " + what) if self.magnitude_axis else what
 
@@ -185,7 +183,9 @@ def make_module(component, name, stem, known, parts: dict[str, tuple[str, torch.
         shape = _check_shapes(m)
     except (RuntimeError, IndexError, ValueError) as e:  # a product or shape check of the factors failed
         shown = ", ".join(f"{r} {list(t.shape)}" for r, t in tensors.items())
-        raise InputError(f"{label}: {m.type_name} module '{stem}': factors do not fit together ({shown}): {e}") from None
+        raise InputError(
+            f"{label}: {m.type_name} module '{stem}': factors do not fit together ({shown}): {e}"
+        ) from None
     if "magnitude" in tensors:
         mag = tensors["magnitude"]
         out, channels = shape[0], shape[1]
@@ -334,7 +334,8 @@ def _lokr_rows(m: AdapterModule, rows: torch.Tensor, why: str) -> dict:
     t = {r: v.clone() for r, v in m.tensors.items()}
     a, c = _lokr_w1(t).shape[0], _lokr_w2_shape(t)[0]
     blocks = rows.reshape(-1, c) if rows.numel() % c == 0 else None
-    if blocks is not None and bool((blocks == blocks[:, :1] + torch.arange(c)).all()) and bool((blocks[:, 0] % c == 0).all()):
+    whole = blocks is not None and bool((blocks == blocks[:, :1] + torch.arange(c)).all())
+    if whole and bool((blocks[:, 0] % c == 0).all()):
         pick = blocks[:, 0] // c
         if "lokr_w1" in t:
             t["lokr_w1"] = t["lokr_w1"][pick]
@@ -452,8 +453,9 @@ def check_port(lf, modules, fmt: str, variant: str, rank) -> None:
     if variant != "copy" or rank is not None:
         what = f"variant {variant!r}" if variant != "copy" else f"rank {rank}"
         raise InputError(
-            f"{lf.label}: {len(found)} modules are {found[0].type_name} and more adapter types (e.g. '{found[0].key}'); "
-            f"{what} would turn them into a plain LoRA: run `loraport convert` first, or port with the copy variant"
+            f"{lf.label}: {len(found)} modules are LoHa, LoKr, Tucker, DoRA or full differences (e.g. "
+            f"'{found[0].key}', {found[0].type_name}); {what} would turn them into a plain LoRA: run "
+            "`loraport convert` first, or port with the copy variant"
         )
     for m in found:
         tensors_for(m, m.key, fmt, lf.label)  # raises where fmt has no form for the type
@@ -499,10 +501,13 @@ def tensors_for(m: AdapterModule, key: str, fmt: str, label: str) -> dict[str, t
         if "magnitude" in t and m.magnitude_axis == "out":
             out = t["magnitude"].numel()  # PEFT: [out] (linear), [1, out, 1..] (conv)
             kernel = len(m.shape) - 2
-            t["magnitude"] = t["magnitude"].reshape(out) if not kernel else t["magnitude"].reshape(1, out, *[1] * kernel)
+            t["magnitude"] = t["magnitude"].reshape(1, out, *[1] * kernel) if kernel else t["magnitude"].reshape(out)
     elif "magnitude" in t:  # LyCORIS: [out, 1..] or [1, in, 1..]
         mag, dims = t["magnitude"], max(m.magnitude_ndim, len(m.shape), 2)
-        t["magnitude"] = mag.reshape(-1, *[1] * (dims - 1)) if m.magnitude_axis == "out" else mag.reshape(1, -1, *[1] * (dims - 2))
+        if m.magnitude_axis == "out":
+            t["magnitude"] = mag.reshape(-1, *[1] * (dims - 1))
+        else:
+            t["magnitude"] = mag.reshape(1, -1, *[1] * (dims - 2))
     names = {role: suffix for suffix, role in suffixes(fmt).items()}
     out = {key + names[role]: v for role, v in t.items()}
     if not peft and m.alpha is not None and m.kind != "full":
