@@ -184,14 +184,8 @@ def test_peft_writer_folds_the_scale(tmp_path, hunyuan, kind):
         assert b.scale == 1.0 and b.kind == m.kind
         if m.magnitude_axis:
             assert torch.equal(b.tensors["magnitude"], m.tensors["magnitude"])
-            m, b = replace_magnitude(m), replace_magnitude(b)
+            m, b = adapters.without_magnitude(m), adapters.without_magnitude(b)
         assert rel(dense_of(b), dense_of(m)) < 1e-6
-
-
-def replace_magnitude(m):
-    """The same module without its DoRA magnitude (to compare the low-rank part)."""
-    t = {r: v for r, v in m.tensors.items() if r != "magnitude"}
-    return adapters.AdapterModule(m.component, m.name, m.kind, t, m.alpha, m.key, m.known)
 
 
 @pytest.mark.parametrize("kind", ["full", "locon-tucker", "dora-in"])
@@ -216,7 +210,7 @@ def test_split_and_renamed_layers_are_exact(hunyuan, kind):
     parts = [by_name[f"transformer_blocks.0.attn.to_{p}"] for p in "qkv"]
     if kind == "dora":
         assert torch.equal(torch.cat([p.tensors["magnitude"] for p in parts]), src.tensors["magnitude"])
-        parts, want = [replace_magnitude(p) for p in parts], dense_of(replace_magnitude(src))
+        parts, want = [adapters.without_magnitude(p) for p in parts], dense_of(adapters.without_magnitude(src))
     got = torch.cat([dense_of(p) for p in parts])
     assert rel(got, want) < 1e-5
 
@@ -246,7 +240,7 @@ def test_padding_input_channels_is_exact(hunyuan, kind):
     padded = adapters.pad_inputs(m, src, tgt)
     assert padded.fits(tgt)
     if kind == "dora":
-        m, padded = replace_magnitude(m), replace_magnitude(padded)
+        m, padded = adapters.without_magnitude(m), adapters.without_magnitude(padded)
     want = torch.cat([dense_of(m).reshape(16, 4, 4), torch.zeros(16, 4, 4, dtype=torch.float64)], 1).flatten(1)
     assert rel(dense_of(padded), want) < 1e-6
 

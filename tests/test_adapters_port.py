@@ -5,7 +5,7 @@ kept or rescaled against float64 norms, and the combinations that would need a p
 
 import pytest
 import torch
-from test_adapters import ARCH, KINDS, adapter_file, dense_of, rel, replace_magnitude
+from test_adapters import ARCH, KINDS, adapter_file, dense_of, rel
 
 from loraport import adapters, formats, reference, tiny
 from loraport.errors import InputError
@@ -79,9 +79,9 @@ def test_renamed_and_split_for_a_diffusers_output(tmp_path, models, kind):
     t, scale, shape = truth[qkv.key]
     parts = [out[f"transformer_blocks.0.attn.to_{x}"] for x in "qkv"]
     if kind == "dora":
-        want = dense_of(replace_magnitude(qkv))
+        want = dense_of(adapters.without_magnitude(qkv))
         assert torch.equal(torch.cat([m.tensors["magnitude"] for m in parts]), qkv.tensors["magnitude"])
-        parts = [replace_magnitude(m) for m in parts]
+        parts = [adapters.without_magnitude(m) for m in parts]
     else:
         want = reference.adapter_delta(t, scale, shape).flatten(1)
     assert rel(torch.cat([dense_of(m) for m in parts]), want) < 1e-5
@@ -107,7 +107,7 @@ def test_widened_inputs_are_padded_exactly_or_refused_and_listed(tmp_path, model
         assert row.action == "padded" and out["img_in.proj"].fits((16, channels, 1, 2, 2))
         got, m = out["img_in.proj"], src_conv
         if kind == "dora":
-            got, m = replace_magnitude(got), replace_magnitude(m)
+            got, m = adapters.without_magnitude(got), adapters.without_magnitude(m)
         want = torch.zeros(16, channels, 4, dtype=torch.float64)
         want[:, :4] = dense_of(m).reshape(16, 4, 4)
         assert rel(dense_of(got), want.flatten(1)) < 1e-6

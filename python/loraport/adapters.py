@@ -126,7 +126,7 @@ class AdapterModule:
                 return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
             return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1])
         if self.kind == "lokr":
-            (a, b), w2 = _lokr_w1(t).shape, _lokr_w2_shape(t)
+            (a, b), w2 = lokr_w1(t).shape, _lokr_w2_shape(t)
             return (a * w2[0], b * w2[1], *w2[2:])
         return tuple(t["diff"].shape)
 
@@ -137,7 +137,7 @@ class AdapterModule:
         return tuple(weight_shape) == self.shape
 
 
-def _lokr_w1(t) -> torch.Tensor:
+def lokr_w1(t) -> torch.Tensor:
     return t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]  # [a, b]
 
 
@@ -223,9 +223,9 @@ def _check_shapes(m: AdapterModule) -> tuple[int, ...]:
         if _loha_product(t, 1).shape != _loha_product(t, 2).shape:
             raise ValueError("the two Hadamard factors differ in shape")
     elif m.kind == "lokr":
-        if _lokr_w1(t).dim() != 2:
+        if lokr_w1(t).dim() != 2:
             raise ValueError("lokr_w1 must be 2-d")
-        _lokr_w2_flat(t)
+        lokr_w2_flat(t)
     return m.shape
 
 
@@ -246,7 +246,7 @@ def low_rank_pair(t, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.mT, B
 
 
-def _lokr_w2_flat(t) -> torch.Tensor:
+def lokr_w2_flat(t) -> torch.Tensor:
     """LoKr's w2 as [c, d·kernel]."""
     if "lokr_w2" in t:
         return t["lokr_w2"].flatten(1)
@@ -275,7 +275,7 @@ def factors(m) -> tuple[torch.Tensor, torch.Tensor]:
         up = (a1[:, :, None] * a2[:, None, :]).flatten(1)  # [out, r1·r2] row-wise Kronecker
         down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)  # [r1·r2, n] column-wise Kronecker
     elif m.kind == "lokr":
-        U, S, V = kron_svd(_lokr_w1(t), _lokr_w2_flat(t))
+        U, S, V = kron_svd(lokr_w1(t), lokr_w2_flat(t))
         keep = S > S[0] * max(U.shape[0], V.shape[0]) * torch.finfo(torch.float64).eps if S.numel() else S > 0
         root = S[keep].sqrt()
         up, down = U[:, keep] * root, root[:, None] * V[:, keep].mT
@@ -332,7 +332,7 @@ def _lokr_rows(m: AdapterModule, rows: torch.Tensor, why: str) -> dict:
     """LoKr rows: ΔW row a_i·c + c_i, so a selection is exact when it takes whole blocks of c rows
     (select rows of w1) or when w1 has one row (select rows of w2)."""
     t = {r: v.clone() for r, v in m.tensors.items()}
-    a, c = _lokr_w1(t).shape[0], _lokr_w2_shape(t)[0]
+    a, c = lokr_w1(t).shape[0], _lokr_w2_shape(t)[0]
     blocks = rows.reshape(-1, c) if rows.numel() % c == 0 else None
     whole = blocks is not None and bool((blocks == blocks[:, :1] + torch.arange(c)).all())
     if whole and bool((blocks[:, 0] % c == 0).all()):
@@ -363,7 +363,7 @@ def pad_refusal(m: AdapterModule, source_shape, target_shape) -> str | None:
         return "DoRA magnitude per input channel: the new channels' magnitudes are undefined"
     if m.kind != "lokr":
         return None
-    b, d = _lokr_w1(m.tensors).shape[1], _lokr_w2_shape(m.tensors)[1]
+    b, d = lokr_w1(m.tensors).shape[1], _lokr_w2_shape(m.tensors)[1]
     if b == 1 or target_shape[1] % d == 0:
         return None
     return (
@@ -401,7 +401,7 @@ def pad_inputs(m: AdapterModule, source_shape, target_shape) -> AdapterModule:
     elif m.kind == "full":
         t["diff"] = widen(t["diff"], 1, new)
     else:
-        b, d = _lokr_w1(t).shape[1], _lokr_w2_shape(t)[1]
+        b, d = lokr_w1(t).shape[1], _lokr_w2_shape(t)[1]
         if b == 1:
             if "lokr_w2" in t:
                 t["lokr_w2"] = widen(t["lokr_w2"], 1, new)
@@ -418,6 +418,11 @@ def pad_inputs(m: AdapterModule, source_shape, target_shape) -> AdapterModule:
 # What `port` does with a DoRA magnitude: "keep" it as trained, or "rescale" it by the ratio of the
 # target's to the source's weight norms on its axis (a magnitude is trained against ‖W_source‖).
 DORA_MAGNITUDE = ("keep", "rescale")
+
+
+def without_magnitude(m: AdapterModule) -> AdapterModule:
+    """A DoRA module's low-rank part alone (its magnitude dropped)."""
+    return replace(m, tensors={r: v for r, v in m.tensors.items() if r != "magnitude"}, magnitude_axis=None)
 
 
 def dtype_of(m) -> torch.dtype:

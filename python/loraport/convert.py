@@ -47,15 +47,19 @@ def _dense_delta(m, base: BaseModel | None, arch, style, base_style, label) -> t
     if m.kind == "full" and not m.magnitude_axis:
         return m.tensors["diff"].flatten(1).float(), tuple(m.tensors["diff"].shape)
     if base is None:
-        raise InputError(f"{label}: module '{m.key}' is {m.type_name}: its update depends on the base weight; give base=")
+        raise InputError(
+            f"{label}: module '{m.key}' is {m.type_name}: its update depends on the base weight; "
+            "convert it with the base model (loraport convert --base)"
+        )
     pieces, shape = _locate(arch, m, style, base, base_style)
     if pieces is None:
         raise InputError(f"{label}: module '{m.key}': {shape}")
+    if not m.fits(shape):
+        raise InputError(f"{label}: module '{m.key}' is {list(m.shape)} but the base weight is {list(shape)}")
     W = torch.empty(shape)  # [out, in, *kernel], row halves swapped where the layouts differ
     _read_into(W, base, m.component, pieces)
     W = W.double()
-    inner = replace_kind(m)
-    up, down = adapters.factors(inner)
+    up, down = adapters.factors(adapters.without_magnitude(m))
     delta = (up.double() @ down.double()).reshape(W.shape)
     V = W + delta
     norm = adapters.axis_norms(V, m.magnitude_axis)  # [out] or [in]
@@ -65,16 +69,10 @@ def _dense_delta(m, base: BaseModel | None, arch, style, base_style, label) -> t
     return (scale * V - W).flatten(1).float(), tuple(W.shape)
 
 
-def replace_kind(m):
-    """The DoRA module's low-rank part alone (its magnitude dropped)."""
-    t = {r: v for r, v in m.tensors.items() if r != "magnitude"}
-    return adapters.AdapterModule(m.component, m.name, m.kind, t, m.alpha, m.key, m.known, flat_kernel=m.flat_kernel)
-
-
 def _kron_layer(m, select, row: ToolRow) -> formats.LoraModule:
     """A LoKr module's best rank-k factors from the Kronecker SVD of its factors."""
     t = m.tensors
-    U, S, V = adapters.kron_svd(adapters._lokr_w1(t), adapters._lokr_w2_flat(t))
+    U, S, V = adapters.kron_svd(adapters.lokr_w1(t), adapters.lokr_w2_flat(t))
     S = S * abs(m.scale)  # [p] descending
     U = U * math.copysign(1.0, m.scale)
     k = select(S, S.square().sum())

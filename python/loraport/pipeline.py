@@ -30,6 +30,8 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
     LoRA), then the layer is ported as usual (the projection may move some of the update onto
     the new channels). Any other difference is "shape-mismatch" and the layer is skipped.
     Modules missing in a base ("missing") or absent from the key map ("unknown") are skipped.
+LoHa, LoKr, Tucker LoCon, DoRA and full-difference modules take the same gate and are carried in
+their own type, padded where exact or else "refused" (`adapters.port_module`, `adapters.pad_refusal`).
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
 Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
 ``cache_dir`` each base weight's U, S, V and ‖W‖_F² come from (or go to) loraport.cache, and a
