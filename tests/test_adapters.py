@@ -284,3 +284,16 @@ def test_factors_that_do_not_multiply_are_refused(tmp_path, hunyuan):
     sd[key] = torch.ones(7, 1)
     with pytest.raises(InputError, match="DoRA magnitude.*\\[7, 1\\]"):
         formats.read_lora(sd, arch=ARCH)
+
+
+def test_peft_loha_and_lokr_alpha_from_their_config(tmp_path, hunyuan):
+    """PEFT's LoHa/LoKr configs call it ``alpha`` (scale alpha / r); a LoKr with both factors
+    full has no rank and stays at scale 1."""
+    for kind, scale in (("loha", 2.0), ("lokr", 2.0), ("lokr-full", 1.0)):
+        sd, _ = adapter_file(kind, hunyuan, fmt="peft", modules=["double_blocks.0.img_attn_proj"])
+        folder = tmp_path / kind
+        folder.mkdir()
+        save_file(sd, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text('{"r": 3, "alpha": 6, "peft_type": "LOHA"}')
+        [m] = formats.read_lora(folder / "adapter_model.safetensors", arch=ARCH).modules
+        assert m.kind == kind.split("-")[0] and m.scale == scale
