@@ -9,7 +9,8 @@ measured in the same run on the same files:
     (streamed, batched loraport.rsvd, block Krylov, q = 2), end to end including reading and writing.
 
 Jobs: (1) resize a Hunyuan-Video-shaped rank-128 kohya LoRA to rank 32; (2) extract a rank-64 LoRA
-from a Hunyuan-shaped base / fine-tune pair (bf16 safetensors; ΔW = 5 % of ‖W‖ with a slowly
+from a Hunyuan-shaped base / fine-tune pair; (3, 4) convert a LoHa and a LoKr to a rank-32 LoRA
+(benchmarks/convert.py) (bf16 safetensors; ΔW = 5 % of ‖W‖ with a slowly
 decaying spectrum, columns scaled by j^-1/2 in random order). Both over ``--blocks`` double and
 single blocks at FULL layer shapes (3072 wide; ``--quick``: 768 wide), the layers of Musubi's
 Hunyuan LoRAs: double-block img/txt attn qkv [9216, 3072], proj [3072, 3072], mlp fc1
@@ -44,11 +45,13 @@ import loraport
 from loraport import archs, formats
 from loraport.basemodel import BaseModel
 
+from . import convert as convert_bench
 from .rsvd import machine_description, markdown_tee
 
 TYPES = ("qkv", "proj", "fc1", "fc2", "linear1", "linear2")
 FULL_COUNTS = {t: 40 for t in TYPES}  # Hunyuan Video: 20 double blocks x img/txt, 40 single blocks
 METHODS = ("loraport", "dense full SVD", "dense svd_lowrank")
+JOBS = ("resize", "extract", "convert-loha", "convert-lokr")  # convert: benchmarks/convert.py
 OVERSAMPLE = 8
 
 
@@ -130,7 +133,13 @@ def worker(args) -> dict:
     optimal: dict[str, float] = {}
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # output factors of the checked layers
     wall = None
-    if args.job == "resize":
+    if args.job.startswith("convert"):
+        r = convert_bench.worker(args, paths, layer_list, dense_names, OVERSAMPLE)
+        times, optimal, wall = r["times"], r["optimal"], r["wall"]
+        peak = vm_kib("VmHWM")  # before the error evaluation below
+        for name, (new_up, new_down) in r["kept"].items():
+            errors[name] = frob_error(convert_bench.dense_delta(r["lora_in"][name]), new_up, new_down)
+    elif args.job == "resize":
         if args.method == "loraport":
             start = time.perf_counter()
             rep = loraport.resize(paths["lora"], os.path.join(args.dir, "out.safetensors"), rank=rank, quiet=True)
@@ -209,9 +218,10 @@ def worker(args) -> dict:
 
 
 def run_method(args, job: str, method: str, paths: dict, folder: str) -> dict:
+    rank = {"resize": args.resize_rank, "extract": args.extract_rank}.get(job, args.convert_rank)
     cmd = [sys.executable, "-m", "benchmarks.toolbox", "--worker", job, method, "--dir", folder,
            "--paths", json.dumps(paths), "--width", str(args.width), "--blocks", str(args.blocks),
-           "--rank", str(args.resize_rank if job == "resize" else args.extract_rank),
+           "--rank", str(rank),
            "--dense-layers", str(args.dense_layers)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
@@ -238,9 +248,15 @@ def report(args, job: str, results: dict[str, dict], writer) -> None:
             mean = {t: [times[n + key] for n in times if not n.endswith("+read") and kinds[n] == t] for t in TYPES}
             total_blocks[method] = (sum(counts[t] * sum(v) / len(v) for t, v in mean.items()), "extrapolated")
     full = {m: sum(FULL_COUNTS[t] * per_type[m][t] for t in TYPES) for m in results}
-    rank = args.resize_rank if job == "resize" else args.extract_rank
-    title = (f"resize a rank-{args.lora_rank} LoRA to rank {rank}" if job == "resize"
-             else f"extract a rank-{rank} LoRA from a base / fine-tune pair")  # fmt: skip
+    rank = {"resize": args.resize_rank, "extract": args.extract_rank}.get(job, args.convert_rank)
+    title = {
+        "resize": f"resize a rank-{args.lora_rank} LoRA to rank {rank}",
+        "extract": f"extract a rank-{rank} LoRA from a base / fine-tune pair",
+        "convert-loha": f"convert a rank-{convert_bench.LOHA_RANK} LoHa (exact rank "
+        f"{convert_bench.LOHA_RANK ** 2}) to a rank-{rank} LoRA",
+        "convert-lokr": f"convert a LoKr (w1 {convert_bench.LOKR_FACTOR}x{convert_bench.LOKR_FACTOR}, w2 rank "
+        f"{convert_bench.LOKR_RANK}: exact rank {convert_bench.LOKR_FACTOR * convert_bench.LOKR_RANK}) to a rank-{rank} LoRA",
+    }[job]
     writer(f"\n### {title}: {args.blocks} double + {args.blocks} single blocks at width {args.width} "
            f"({len(layer_list)} layers)")  # fmt: skip
     writer("\nper layer, seconds (the decomposition; dense methods include forming ΔW):\n")
@@ -271,12 +287,13 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="768 wide instead of 3072: seconds")
     p.add_argument("--blocks", type=int, default=1, help="double and single blocks each (default 1)")
     p.add_argument("--dense-layers", type=int, default=1, help="layers per type for the dense full SVD (default 1)")
-    p.add_argument("--jobs", nargs="*", default=["resize", "extract"], choices=["resize", "extract"])
+    p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=JOBS)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                    help="a subset (without the dense full SVD: no error / speed-up columns)")
     p.add_argument("--lora-rank", type=int, default=128)
     p.add_argument("--resize-rank", type=int, default=32)
     p.add_argument("--extract-rank", type=int, default=64)
+    p.add_argument("--convert-rank", type=int, default=32)
     p.add_argument("--markdown", help="also append the tables to this file")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -294,6 +311,8 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="loraport-bench-") as folder:
             paths = make_inputs(folder, args.width, args.blocks, args.lora_rank)
+            if any(job.startswith("convert") for job in args.jobs):
+                paths.update(convert_bench.make_inputs(folder, layers(args.width, args.blocks)))
             writer(f"inputs written in {time.perf_counter() - started:.0f} s")
             for job in args.jobs:
                 results = {m: run_method(args, job, m, paths, folder) for m in args.methods}

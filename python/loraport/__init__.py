@@ -14,6 +14,7 @@ Public API (a contract for the tools that import loraport):
     resize(lora, out, *, rank | energy | sv_ratio, ...) -> ToolReport
     extract(base, tuned, out, *, rank | energy, ...) -> ToolReport
     merge(["a.safetensors:0.7", ...], out, *, rank=None, mode="svd"|"concat", ...) -> ToolReport
+    convert(adapter, out, *, rank | energy, base=None, ...) -> ToolReport   (LoHa, LoKr, ... -> LoRA)
 """
 
 import os
@@ -41,6 +42,7 @@ import torch  # noqa: E402, F401  (torch before the extension)
 
 from ._ext import BUILD_INFO, cuda_built
 from .catalog import CatalogReport, port_many
+from .convert import convert
 from .ops import SVDResult, project_lora, rsvd, subspace_similarity
 from .pipeline import PortReport, port
 from .toolbox import ToolReport, extract, merge, resize
@@ -54,6 +56,7 @@ __all__ = [
     "PortReport",
     "SVDResult",
     "ToolReport",
+    "convert",
     "cuda_built",
     "extract",
     "merge",

@@ -46,7 +46,7 @@ from .errors import InputError, NothingToPort
 SUBSPACE_OPTIONS = ("device", "subspace_rank", "energy", "method", "power_iters", "block_size", "oversample",
                     "seed", "max_memory")  # fmt: skip
 # options a manifest line may set for its own LoRA
-PER_LORA_OPTIONS = ("rank", "variant", "min_similarity", "on_dissimilar", "format", "arch")
+PER_LORA_OPTIONS = ("rank", "variant", "min_similarity", "on_dissimilar", "format", "arch", "dora_magnitude")
 STATUSES = ("ported", "nothing-to-port", "bad-input", "error")  # exit status 0, 0, 2, 1
 TRANSFERS = ("files", "object-store")
 

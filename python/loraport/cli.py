@@ -10,8 +10,10 @@ import argparse
 import sys
 from collections import Counter
 
-from . import archs, formats, upgrade
+from . import adapters, archs, formats, upgrade
+from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
+from .convert import convert
 from .devices import DEVICE_HELP
 from .errors import InputError
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
@@ -124,6 +126,13 @@ def _port_options(q) -> None:
         "unchanged, the projections keep only its part in the target's subspaces (LoRA-X); "
         "the quality benchmark measured copy keeping the most, see README",
     )
+    q.add_argument(
+        "--dora-magnitude",
+        default=DORA_MAGNITUDE[0],
+        choices=DORA_MAGNITUDE,
+        help="DoRA adapters: keep the trained magnitude, or rescale it by the target's / source's weight norms "
+        "(default keep, see README 'Adapter types')",
+    )
     q.add_argument("--method", default="power", choices=("power", "krylov"))
     q.add_argument("--power-iters", type=int, default=2)
     q.add_argument(
@@ -135,7 +144,7 @@ def _port_options(q) -> None:
 
 
 def _toolbox_parsers(sub) -> None:
-    """resize, extract, merge (loraport.toolbox)."""
+    """resize, extract, merge (loraport.toolbox), convert (loraport.convert)."""
 
     def common(q, fmt_default="auto"):
         q.add_argument("-o", "--out", required=True, help="output LoRA path")
@@ -157,6 +166,11 @@ def _toolbox_parsers(sub) -> None:
     r.add_argument("lora")
     ranks(r)
     common(r)
+    c = sub.add_parser("convert", help="LoHa, LoKr, Tucker LoCon, DoRA or full-diff adapter -> plain LoRA (best rank-R)")
+    c.add_argument("adapter")
+    ranks(c, sv_ratio=False)
+    c.add_argument("--base", help="base model: needed for DoRA and for conv LoHa without Tucker factors")
+    common(c)
     e = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
     e.add_argument("--base", required=True, help="the base model (file, index.json or folder)")
     e.add_argument("--tuned", required=True, help="the fine-tuned model")
@@ -180,6 +194,10 @@ def _toolbox(args) -> int:
                   report=args.report, quiet=args.quiet)  # fmt: skip
     if args.command == "resize":
         rep = resize(args.lora, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio, **common)
+    elif args.command == "convert":
+        if args.rank is None and args.energy is None:
+            raise InputError(f"{args.adapter}: give --rank R or --energy E")
+        rep = convert(args.adapter, args.out, rank=args.rank, energy=args.energy, base=args.base, **common)
     elif args.command == "extract":
         rep = extract(
             args.base, args.tuned, args.out, rank=args.rank, energy=args.energy, conv=not args.no_conv,
@@ -204,6 +222,7 @@ def _port(args) -> int:
         rank=args.rank, format=args.format, arch=args.arch, variant=args.variant, power_iters=args.power_iters,
         method=args.method, block_size=args.block_size, max_memory=args.max_vram, cache_dir=args.cache_dir,
         report=args.report, dry_run=args.dry_run, quiet=args.quiet, strength=args.strength,
+        dora_magnitude=args.dora_magnitude,
     )  # fmt: skip
     targets = upgrade.parse_targets(args.target)
     if isinstance(targets, dict):
@@ -248,7 +267,7 @@ def _port_many(args) -> int:
         device=args.device, subspace_rank=args.subspace_rank, energy=args.energy,
         min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar, rank=args.rank, format=args.format,
         arch=args.arch, variant=args.variant, power_iters=args.power_iters, method=args.method,
-        block_size=args.block_size, max_memory=args.max_vram,
+        block_size=args.block_size, max_memory=args.max_vram, dora_magnitude=args.dora_magnitude,
     )  # fmt: skip
     if not args.quiet:
         print(rep.table())
@@ -265,7 +284,8 @@ def _is_lora(path: str) -> bool:
             keys = list(f.keys())
     except Exception:
         return False
-    return any(k.endswith(suffix) for k in keys for suffix in (".lora_down.weight", ".lora_A.weight", ".alpha"))
+    plain = any(k.endswith(suffix) for k in keys for suffix in (".lora_down.weight", ".lora_A.weight", ".alpha"))
+    return plain or adapters.is_adapter_file(keys)
 
 
 def _inspect(args) -> int:
@@ -274,10 +294,12 @@ def _inspect(args) -> int:
         lf = formats.read_lora(path)
         ranks = Counter(m.rank for m in lf.modules)
         alphas = Counter(m.alpha for m in lf.modules)
-        dtypes = Counter(str(m.up.dtype).replace("torch.", "") for m in lf.modules)
+        dtypes = Counter(str(adapters.dtype_of(m)).replace("torch.", "") for m in lf.modules)
+        types = Counter(m.type_name if adapters.is_adapter(m) else "LoRA" for m in lf.modules)
         unknown = [m.key for m in lf.modules if not m.known]
         print(f"{path}: LoRA, format {lf.format}, arch {lf.arch.name} ({lf.style} names)")
-        print(f"  modules: {len(lf.modules)} ({sum(1 for m in lf.modules if m.kernel)} conv)")
+        print(f"  modules: {len(lf.modules)} ({sum(1 for m in lf.modules if len(m.shape) > 2)} conv)")
+        print(f"  types: {dict(types)}")
         print(f"  ranks: {dict(ranks)}  alphas: {dict(alphas)}  dtypes: {dict(dtypes)}")
         for m in unknown:
             print(f"  unknown module (not in the {lf.arch.name} key map): {m}")
@@ -303,7 +325,7 @@ def _inspect(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("resize", "extract", "merge"):
+        if args.command in ("resize", "extract", "merge", "convert"):
             return _toolbox(args)
         if args.command == "check":
             return _check(args)

@@ -14,7 +14,7 @@ is folded into ``up`` (and the header's ``lora_adapter_metadata``, if any, is se
 ComfyUI stores ``.alpha`` when the module has one. Header metadata is kept, ``ss_network_dim`` and
 ``ss_network_alpha`` updated. Writes go to a temporary file in the output's folder, then
 os.replace; an input is never overwritten. LoHa, LoKr, DoRA, Tucker (lora_mid) and full-weight
-diffs raise an "unsupported" InputError naming the file and tensor."""
+diffs are read into adapters.AdapterModule (loraport/adapters.py) and written back in their type."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import archs
+from . import adapters, archs
 from .errors import InputError
 
 FORMATS = ("kohya", "tencent", "diffusers", "peft", "comfy")
@@ -56,15 +56,6 @@ _FACTORS = {
     ".lora_B.weight": "up",
     ".alpha": "alpha",
 }
-_UNSUPPORTED = (
-    ("hada_", "LoHa"),
-    ("lokr_", "LoKr"),
-    ("dora_scale", "DoRA"),
-    ("lora_magnitude_vector", "DoRA"),
-    ("lora_mid", "LoCon with a Tucker mid factor (lora_mid)"),
-    (".diff_b", "full bias difference"),
-    (".diff", "full weight difference"),
-)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
@@ -91,6 +82,15 @@ class LoraModule:
     @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.down.shape[2:])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(out, in, *kernel) of the adapted weight."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def fits(self, weight_shape) -> bool:
+        """Whether this module adapts a weight of ``weight_shape`` [out, in, *kernel]."""
+        return tuple(weight_shape) == self.shape
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(up [out, r], down [r, in·prod(kernel)]) in float32 with the scale folded into up."""
@@ -197,22 +197,20 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
     label = path or "<state dict>"
     fmt = detect_format(tensors, label)
 
+    factors = adapters.suffixes(fmt) if adapters.is_adapter_file(tensors) else _FACTORS
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
-        for marker, what in _UNSUPPORTED:
-            if marker in key:
-                raise InputError(f"{label}: tensor '{key}': unsupported adapter type {what} (only plain LoRA / LoCon)")
-        suffix = next((s for s in _FACTORS if key.endswith(s)), None)
+        suffix = next((s for s in factors if key.endswith(s)), None)
         if suffix is None:
-            raise InputError(f"{label}: tensor '{key}' is not a LoRA factor ({', '.join(_FACTORS)})")
+            raise InputError(f"{label}: tensor '{key}' is not a LoRA factor ({', '.join(factors)})")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{label}: tensor '{key}' contains NaN or Inf")
-        groups.setdefault(key[: -len(suffix)], {})[_FACTORS[suffix]] = (key, t)
+        groups.setdefault(key[: -len(suffix)], {})[factors[suffix]] = (key, t)
 
     parsed = []  # (component, name-as-in-file, underscored, stem, parts)
     for stem, parts in groups.items():
         _, prefix, comp, underscored = _prefix_of(stem)
-        for need in ("up", "down"):
+        for need in ("up", "down") if set(parts) <= {"up", "down", "alpha"} else ():
             if need not in parts:
                 raise InputError(f"{label}: module '{stem}' has no {need} factor")
         parsed.append((comp, stem[len(prefix) :], underscored, stem, parts))
@@ -235,30 +233,60 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
 
     modules = []
     for comp, name, u, stem, parts in parsed:
+        if fmt == "comfy":  # ComfyUI's own names where they differ from the original ones
+            name = arch.from_comfy(name)
+        if not set(parts) <= {"up", "down", "alpha"}:  # LoHa, LoKr, Tucker, DoRA, full difference
+            modules.append(_adapter_module(comp, name, u, stem, parts, arch, style, fmt, cfg, label))
+            continue
         (_, up), (_, down) = parts["up"], parts["down"]
         if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0] or any(d != 1 for d in up.shape[2:]):
             raise InputError(
                 f"{label}: module '{stem}': up {list(up.shape)} and down {list(down.shape)} are not "
                 "LoRA factors (up [out, r, 1...], down [r, in, ...])"
             )
-        if fmt == "comfy":  # ComfyUI's own names where they differ from the original ones
-            name = arch.from_comfy(name)
-        try:
-            dotted = arch.resolve_underscored(comp, name, style) if u else name
-        except ValueError as e:
-            raise InputError(f"{label}: {str(e).removeprefix('loraport: ')}") from None
-        known = dotted is not None and arch.match(style, comp, dotted) is not None
-        if "alpha" in parts:
-            alpha_key, a = parts["alpha"]
-            if a.numel() != 1:
-                raise InputError(f"{label}: tensor '{alpha_key}' must hold one number, has shape {list(a.shape)}")
-            alpha = float(a.float().item())
-            if not math.isfinite(alpha):
-                raise InputError(f"{label}: tensor '{alpha_key}' is not finite")
-        else:
-            alpha = _peft_alpha(cfg, dotted or name, down.shape[0], label)
-        modules.append(LoraModule(comp, dotted if known else name, up, down, alpha, stem, known))
+        name, known = _module_name(arch, comp, name, u, style, label)
+        alpha = _file_alpha(parts, label)
+        if alpha is None:
+            alpha = _peft_alpha(cfg, name, down.shape[0], label)
+        modules.append(LoraModule(comp, name, up, down, alpha, stem, known))
     return LoraFile(modules, fmt, arch, style, metadata, path, cfg if path else None)
+
+
+def _module_name(arch, comp, name, underscored, style, label) -> tuple[str, bool]:
+    """(the dotted name if in the key map, else the name as in the file; known)."""
+    try:
+        dotted = arch.resolve_underscored(comp, name, style) if underscored else name
+    except ValueError as e:
+        raise InputError(f"{label}: {str(e).removeprefix('loraport: ')}") from None
+    known = dotted is not None and arch.match(style, comp, dotted) is not None
+    return (dotted if known else name), known
+
+
+def _file_alpha(parts, label) -> float | None:
+    """The module's ``.alpha`` tensor as a number, None when the file has none."""
+    if "alpha" not in parts:
+        return None
+    alpha_key, a = parts["alpha"]
+    if a.numel() != 1:
+        raise InputError(f"{label}: tensor '{alpha_key}' must hold one number, has shape {list(a.shape)}")
+    alpha = float(a.float().item())
+    if not math.isfinite(alpha):
+        raise InputError(f"{label}: tensor '{alpha_key}' is not finite")
+    return alpha
+
+
+def _adapter_module(comp, name, underscored, stem, parts, arch, style, fmt, cfg, label):
+    """An adapters.AdapterModule; its alpha from the file's ``.alpha`` or the PEFT config
+    (``lora_alpha`` for LoRA/DoRA factors, ``alpha`` for PEFT's LoHa/LoKr)."""
+    name, known = _module_name(arch, comp, name, underscored, style, label)
+    alpha = _file_alpha(parts, label)
+    m = adapters.make_module(comp, name, stem, known, parts, alpha, fmt, label)
+    if alpha is None and cfg and m.kind == "locon":
+        alpha = _peft_alpha({**cfg, "use_dora": False}, name, m.rank, label)
+    elif alpha is None and cfg and "alpha" in cfg and m.kind in ("loha", "lokr") and m.rank:
+        alpha = float(cfg["alpha"])
+    m.alpha = alpha
+    return m
 
 
 def format_style(fmt: str, arch: archs.Arch) -> str:
@@ -282,6 +310,12 @@ def convert_style(lora: LoraFile, to_style: str) -> list[LoraModule]:
                 f"{lora.label}: module '{m.key}' is not in the {arch.name} key map; cannot rename it to {to_style} names"
             )
         parent = arch.fused_parent(m.name) if to_style == "original" else None
+        adapter = isinstance(m, adapters.AdapterModule)
+        if parent is not None and adapter:
+            raise InputError(
+                f"{lora.label}: module '{m.key}' ({m.type_name}) is one part of the fused {parent[0]}, which "
+                f"a {m.type_name} cannot express; convert it to a plain LoRA first (loraport convert)"
+            )
         if parent is not None:
             fused_name, index, rule, _ = parent
             fused.setdefault(fused_name, (rule, {}, m))[1][index] = m
@@ -289,6 +323,11 @@ def convert_style(lora: LoraFile, to_style: str) -> list[LoraModule]:
         split = arch.split_parts(m.name) if to_style == "diffusers" else None
         if split is not None:
             try:
+                rows = [torch.arange(m.shape[0])[p.rows(m.shape[0])] for p in split]
+                if adapter:
+                    out += [replace(adapters.select_rows(m, r, f"splitting {m.name}"), name=p.name)
+                            for p, r in zip(split, rows, strict=True)]  # fmt: skip
+                    continue
                 out += [
                     replace(m, name=p.name, up=m.up[p.rows(m.up.shape[0])].clone(), down=m.down.clone()) for p in split
                 ]
@@ -300,6 +339,13 @@ def convert_style(lora: LoraFile, to_style: str) -> list[LoraModule]:
             raise InputError(
                 f"{lora.label}: module '{m.key}' has no {to_style}-style counterpart in the {arch.name} key map"
             )
+        if adapter:
+            rows = pieces[0].arrange(torch.arange(m.shape[0]))  # rows in to_style's order
+            try:
+                out.append(replace(adapters.select_rows(m, rows, f"renaming {m.name}"), name=pieces[0].name))
+            except ValueError as e:
+                raise InputError(f"{lora.label}: module '{m.key}': {e}") from None
+            continue
         out.append(replace(m, name=pieces[0].name, up=pieces[0].arrange(m.up)))  # rows in to_style's order
     for fused_name, (rule, parts, first) in fused.items():
         unit = next(p.up.shape[0] // rule.units[i] for i, p in parts.items())
@@ -367,6 +413,9 @@ def state_dict(lora: LoraFile, fmt: str | None = None) -> dict[str, torch.Tensor
         key = prefix + stem
         if key + ".alpha" in out or key + ".lora_A.weight" in out:
             raise InputError(f"{lora.label}: two modules map to the same key '{key}' in the {fmt} format")
+        if isinstance(m, adapters.AdapterModule):
+            out.update(adapters.tensors_for(m, key, fmt, lora.label))
+            continue
         if fmt in ("kohya", "tencent"):
             up, alpha = m.up, (m.alpha if m.alpha is not None else float(m.rank))
             out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = m.down, up

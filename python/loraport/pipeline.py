@@ -30,6 +30,8 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
     LoRA), and the target's subspaces are those of its old channels (new ones zeroed), so the gate
     compares the part the LoRA acts on and the new channels get no update in any variant. Any other difference is "shape-mismatch" and the layer is skipped.
     Modules missing in a base ("missing") or absent from the key map ("unknown") are skipped.
+LoHa, LoKr, Tucker LoCon, DoRA and full-difference modules take the same gate and are carried in
+their own type, padded where exact or else "refused" (`adapters.port_module`, `adapters.pad_refusal`).
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
 Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
 ``cache_dir`` each base weight's U, S, V and ‖W‖_F² come from (or go to) loraport.cache, and a
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import archs, formats
+from . import adapters, archs, formats
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
@@ -328,6 +330,7 @@ def port(
     dry_run: bool = False,
     quiet: bool = False,
     strength=None,
+    dora_magnitude: str = adapters.DORA_MAGNITUDE[0],
 ) -> PortReport:
     """Port ``lora`` (path or state dict) from base ``source`` to base ``target`` (paths to a
     safetensors file, sharded index, .pt checkpoint or diffusers folder, or state dicts), write
@@ -339,13 +342,16 @@ def port(
     never cached. ``block_size`` (method="krylov" only): width of each Krylov block, as in
     `loraport.rsvd`; a layer whose subspace rank needs a wider Krylov space than
     (power_iters + 1) blocks of it uses the default width, rank + oversample. ``strength``: a
-    float or (regex, S) rules scaling each output module's ΔW exactly (loraport.strength)."""
+    float or (regex, S) rules scaling each output module's ΔW exactly (loraport.strength). LoHa,
+    LoKr, Tucker LoCon, full-difference and DoRA modules (loraport.adapters) are carried in their
+    own type (variant "copy" only); ``dora_magnitude`` ("keep" or "rescale") is
+    `adapters.port_module`'s."""
     settings = _settings(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
         max_memory=max_memory if max_vram is None else max_vram, dry_run=dry_run, cache_dir=cache_dir,
-        strength=strength,
+        strength=strength, dora_magnitude=dora_magnitude,
     )  # fmt: skip
     if out is None and not dry_run:
         raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
@@ -363,6 +369,7 @@ def port(
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
     written = [p.module.component for p in plans if p.row.action == "planned"]
     formats.check_format(format_out, lf.arch, written, lf.label)
+    adapters.check_port(lf, [p.module for p in plans if p.row.action == "planned"], format_out, variant, rank)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
         _run([p for p in plans if p.row.action == "planned"], src, tgt, settings, seconds, quiet)
@@ -402,6 +409,7 @@ def _settings(
     *, device="cpu", subspace_rank=None, energy=None, min_similarity=DEFAULT_MIN_SIMILARITY, on_dissimilar="skip",
     rank=None, variant=VARIANTS[0], power_iters=2, method="power", block_size=None, oversample=8, seed=0,
     max_memory=DEFAULT_MAX_MEMORY, dry_run=False, cache_dir=None, strength=None,
+    dora_magnitude=adapters.DORA_MAGNITUDE[0],
 ) -> dict:  # fmt: skip
     """`port`'s options, checked (ValueError), as the settings dict the pipeline's steps read;
     the device is resolved here, before anything is read."""
@@ -416,13 +424,15 @@ def _settings(
             raise ValueError(f"loraport.port: {name} must be a positive integer, got {value!r}")
     if block_size is not None and method != "krylov":
         raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
+    if dora_magnitude not in adapters.DORA_MAGNITUDE:
+        raise ValueError(f"loraport.port: dora_magnitude must be one of {adapters.DORA_MAGNITUDE}, got {dora_magnitude!r}")
     return dict(
         device=resolve_device(device), subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
         max_memory=parse_bytes(max_memory), dry_run=dry_run,
         cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
-        strength=Strength(strength).to_dict(),
+        strength=Strength(strength).to_dict(), dora_magnitude=dora_magnitude,
     )  # fmt: skip
 
 
@@ -460,16 +470,18 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
         return plan
     plan.src_pieces, plan.tgt_pieces, plan.src_shape, plan.tgt_shape = sp, tp, sshape, tshape
     row.shape, row.target_shape = list(sshape), list(tshape)
-    lora_shape = (m.up.shape[0], *m.down.shape[1:])
-    if lora_shape != tuple(sshape):
+    if not m.fits(sshape):
         raise InputError(
-            f"{lf.label}: module '{m.key}' is {list(lora_shape)} (up rows, down input dims) but "
+            f"{lf.label}: module '{m.key}' is {list(m.shape)} (up rows, down input dims) but "
             f"the source weight is {list(sshape)} in {src.label}: LoRA and source base do not match"
         )
     if tshape != sshape:
         widened = tshape[0] == sshape[0] and tshape[2:] == sshape[2:] and tshape[1] > sshape[1]
+        refusal = adapters.pad_refusal(m, sshape, tshape) if widened and adapters.is_adapter(m) else None
         if not widened:
             row.action, row.note = "shape-mismatch", f"source {list(sshape)} vs target {list(tshape)}"
+        elif refusal:
+            row.action, row.note = "refused", f"input channels {sshape[1]} -> {tshape[1]}: {refusal}"
         else:
             row.note = f"input channels {sshape[1]} -> {tshape[1]}: new channels zero in the input LoRA"
     return plan
@@ -633,6 +645,7 @@ class _Loaded:
     keys: dict  # (layer index, side) -> cache key (bases with a fingerprint only)
     seconds_read: float = 0.0
     seconds_cache: float = 0.0
+    norms: dict = field(default_factory=dict)  # DoRA layer index -> {side: weight norms on its magnitude's axis}
 
 
 def _run(
@@ -659,22 +672,26 @@ def _run(
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
         for g, p in enumerate(chunk.plans):
+            # rescaling a DoRA magnitude needs the weights' norms, so those weights are read
+            norms_needed = settings["dora_magnitude"] == "rescale" and adapters.magnitude_axis(p.module)
             for side in ("source", "target"):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = _cache_key(p, side, fingerprints[side], settings)
-                    hit = cache.get(keys[g, side], m, n, chunk.rank)
+                    hit = None if norms_needed else cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
                         found[g, side] = hit
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
         weights = staging.take(slot, (len(todo), *shape), chunk.dtype)
-        frob2 = []
+        frob2, norms = [], {}
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
             frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side)))
-        return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
+            if adapters.magnitude_axis(p.module):
+                norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
+        return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
 
     cached_subspaces = 0  # for the progress bar
     try:
@@ -748,6 +765,12 @@ def _port_chunk(
         row.subspace_rank, row.similarity_left, row.similarity_right = [ks, kt], left, right
         row.similarity = (left + right) / 2
 
+        if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per settings
+            if row.similarity >= settings["min_similarity"] or settings["on_dissimilar"] == "copy":
+                plan.result = adapters.port_module(plan, loaded.norms.get(g), settings)
+            else:
+                row.action = "skipped"
+            continue
         up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
         channels, kernel = plan.tgt_shape[1], mod.kernel
         if mod.down.shape[1] < channels:  # new input channels: zero columns

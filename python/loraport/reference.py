@@ -73,3 +73,46 @@ def matrix_with_spectrum(
     U = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=generator)).Q
     V = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator)).Q
     return (U * singular_values.double()) @ V.mT
+
+
+def adapter_delta(t: dict, scale: float, shape) -> torch.Tensor:
+    """ΔW [out, in, *kernel] in float64 of an adapter's tensors ``t`` (roles as in
+    loraport.adapters: up/down/mid, hada_*, lokr_*, diff) written as LyCORIS writes it:
+    tucker_weight_from_conv, HadaWeight(Tucker), make_kron with rebuild_tucker."""
+    t = {k: v.double() for k, v in t.items()}
+    if "diff" in t:
+        return t["diff"]
+    if "hada_w1_a" in t:
+        if "hada_t1" in t:
+            w1 = torch.einsum("ij...,jr,ip->pr...", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+            w2 = torch.einsum("ij...,jr,ip->pr...", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+        else:
+            w1 = t["hada_w1_a"] @ t["hada_w1_b"]
+            w2 = t["hada_w2_a"] @ t["hada_w2_b"]
+        return (w1 * w2 * scale).reshape(shape)
+    if "lokr_w1" in t or "lokr_w1_a" in t:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        elif "lokr_t2" in t:
+            w2 = torch.einsum("ij...,ip,jr->pr...", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            b = t["lokr_w2_b"]
+            w2 = (t["lokr_w2_a"] @ b.reshape(b.shape[0], -1)).reshape(-1, *b.shape[1:])
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
+        return torch.kron(w1.contiguous(), w2.contiguous()) * scale
+    up, down = t["up"], t["down"]
+    if "mid" in t:
+        return torch.einsum("mn...,im,nj->ij...", t["mid"], up.flatten(1), down.flatten(1)) * scale
+    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+
+
+def dora_weight(W: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
+    """DoRA's adapted weight m ⊙ (W + ΔW) / ‖W + ΔW‖ in float64 (W, ΔW [out, in, *kernel]), the
+    norm per output row (axis "out": PEFT, LyCORIS wd_on_output) or per input channel ("in")."""
+    V = W.double() + delta.double()
+    if axis == "out":
+        norm = V.flatten(1).norm(dim=1).reshape(-1, *[1] * (V.dim() - 1))
+        return magnitude.double().reshape(norm.shape) * V / norm
+    norm = V.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (V.dim() - 2))
+    return magnitude.double().reshape(norm.shape) * V / norm

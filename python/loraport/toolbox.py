@@ -1,6 +1,8 @@
 """The other SVD jobs people run on LoRAs, on loraport's engine: `resize` (lower a LoRA's rank),
 `extract` (a LoRA from the difference of two checkpoints) and `merge` (several weighted LoRAs
-into one). Each returns a `ToolReport` and writes like `port`: the same formats and key maps,
+into one). LoHa, LoKr, Tucker LoCon and full-difference
+inputs are taken through their exact low-rank factors (loraport/convert.py, adapters.py). Each
+returns a `ToolReport` and writes like `port`: the same formats and key maps,
 atomic writes, never over an input, InputError on bad input.
 
 The math (ΔW = scale · up @ down, the scale always folded into the factors; outputs have scale 1,
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import archs, formats
+from . import adapters, archs, formats
 from .basemodel import BaseModel
 from .devices import resolve_device
 from .errors import InputError
@@ -150,17 +152,18 @@ def _rank_rule(rank, energy, sv_ratio, job: str):
 class _Factors:
     """One layer's update ΔW = up @ down (scale folded) and where its result goes."""
 
-    template: formats.LoraModule  # component, name, key, down's shape and the output dtype
+    template: formats.LoraModule  # component, name, key, shape and the output dtype (or an AdapterModule)
     up: torch.Tensor  # [m, p] float32
     down: torch.Tensor  # [p, n] float32
     row: ToolRow
     result: formats.LoraModule | None = None
 
 
-def _module(template: formats.LoraModule, up: torch.Tensor, down: torch.Tensor, dtype) -> formats.LoraModule:
-    """A scale-1 LoraModule from factors up [m, k], down [k, in·kernel] in the template's layout."""
+def _module(template, up: torch.Tensor, down: torch.Tensor, dtype) -> formats.LoraModule:
+    """A scale-1 LoraModule from factors up [m, k], down [k, in·kernel] in the layout of the
+    template (a LoraModule or adapters.AdapterModule)."""
     return formats.module_from_factors(
-        template.component, template.name, template.key, up, down, template.down.shape[1:], dtype, template.known
+        template.component, template.name, template.key, up, down, template.shape[1:], dtype, template.known
     )
 
 
@@ -185,7 +188,7 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
             for g, it in enumerate(chunk):
                 s2, k = S_host[g].square(), ks[g]
                 total = float(s2.sum())
-                it.result = _module(it.template, new_up[g, :, :k], new_down[g, :k], it.template.up.dtype)
+                it.result = _module(it.template, new_up[g, :, :k], new_down[g, :k], adapters.dtype_of(it.template))
                 it.row.rank_out, it.row.seconds = k, share
                 it.row.energy = float(s2[:k].sum()) / total if total > 0 else 1.0
                 it.row.rel_error = math.sqrt(float(s2[k:].sum()) / total) if total > 0 else 0.0
@@ -241,20 +244,19 @@ def resize(
     formats.check_format(lf.format if format in (None, "auto") else format, lf.arch,
                          [m.component for m in lf.modules], lf.label)  # fmt: skip
     settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory))
-    items = []
-    for m in lf.modules:
-        up, down = m.factors()  # [out, r], [r, in·kernel]
-        row = ToolRow(m.name, "resized", m.rank, shape=[m.up.shape[0], *m.down.shape[1:]])
-        items.append(_Factors(m, up, down, row))
-    rep = ToolReport("resize", [it.row for it in items], lf.arch.name, format, [lf.label], out, settings)
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(items), unit="layer", disable=quiet, desc="resizing") as bar:
-        _truncate(items, select, device, settings["max_memory"], rep.seconds, bar)
+    from .convert import low_rank_modules  # the path of every adapter type; convert.py builds on this module
+
+    seconds: dict = {}
+    with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="resizing") as bar:
+        rows, results = low_rank_modules(lf, select, action="resized", rank=rank, energy=energy, device=device,
+                                         max_memory=settings["max_memory"], seconds=seconds, bar=bar)  # fmt: skip
+    rep = ToolReport("resize", rows, lf.arch.name, format, [lf.label], out, settings, seconds)
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return _finish(rep, result, [it.result for it in items], out, format, meta, [lf.path], report, t_start)
+    return _finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
 
 
 def parse_weighted(entry) -> tuple[str, float]:
@@ -326,15 +328,15 @@ def merge(
     items, results, rows = [], [], []
     for parts in by_module.values():
         m0 = parts[0][1]
-        layout = (m0.up.shape[0], *m0.down.shape[1:])  # [out, in, *kernel]
+        layout = m0.shape  # [out, in, *kernel]
         ups, downs = [], []
         for i, m in parts:
-            if (m.up.shape[0], *m.down.shape[1:]) != layout:
+            if m.shape != layout:
                 raise InputError(
-                    f"{files[i].label}: module '{m.key}' is {[m.up.shape[0], *m.down.shape[1:]]} but "
+                    f"{files[i].label}: module '{m.key}' is {list(m.shape)} but "
                     f"{list(layout)} in {files[parts[0][0]].label}: the LoRAs are for different models"
                 )
-            up, down = m.factors()  # [out, r_i], [r_i, in·kernel]
+            up, down = adapters.factors(m)  # [out, r_i], [r_i, in·kernel]; exact for LoHa, LoKr, ...
             ups.append(up * entries[i][1])
             downs.append(down)
         up, down = torch.cat(ups, 1), torch.cat(downs, 0)  # [out, Σr], [Σr, in·kernel]
@@ -344,7 +346,7 @@ def merge(
             row.note = "in " + ", ".join(os.path.basename(files[i].label) for i, _ in parts) + " only"
         if mode == "concat":
             row.rank_out, row.energy, row.rel_error = up.shape[1], 1.0, 0.0
-            results.append(_module(m0, up, down, m0.up.dtype))
+            results.append(_module(m0, up, down, adapters.dtype_of(m0)))
         else:
             items.append(_Factors(m0, up, down, row))
     rep = ToolReport("merge", rows, first.arch.name, format, [lf.label for lf in files], out, settings)
