@@ -135,9 +135,8 @@ def _check_key_maps(lora, tensors, label, base, base_label, arch) -> CheckReport
         if pieces is None:
             rep.unconsumed += keys
             continue
-        lora_shape = [m.up.shape[0], *m.down.shape[1:]]
-        if lora_shape != list(shape):
-            rep.misfits.append({"module": m.name, "lora": lora_shape, "base": list(shape)})
+        if not m.fits(shape):  # LoRA factors and every adapter type know the weight shape they adapt
+            rep.misfits.append({"module": m.name, "lora": list(m.shape), "base": list(shape)})
     rep.unconsumed.sort()
     return rep
 
