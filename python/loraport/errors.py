@@ -1,7 +1,24 @@
-"""The one exception type of the porting pipeline: bad input (a missing or corrupt file, a tensor
-with NaN/Inf, a LoRA for another architecture, an unsupported adapter type). Its message is one
-line naming the file and the tensor; the CLI prints it and exits with status 2."""
+"""loraport's own exception types and the exit statuses the CLI gives them.
+
+InputError is bad input (a missing or corrupt file, a tensor with NaN/Inf, a LoRA for another
+architecture, an unsupported adapter type, an option out of range, an output path that cannot be
+written): its message is one line naming the file and the tensor, and the CLI prints it and exits
+with status 2. NothingToPort is the outcome of a run whose similarity gate or target left no
+module to write: not a broken input, so it gets its own status (3), and a script can tell the two
+apart. Any other exception is a bug in loraport: the CLI lets it end the process with its
+traceback (status 1)."""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # Python's own status for an uncaught exception
+EXIT_INPUT = 2  # also argparse's status for a usage error
+EXIT_NOTHING = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `cmd | head` ends other Unix tools
 
 
 class InputError(ValueError):
     """Bad input to loraport's pipeline; str(e) is one line naming the file and tensor."""
+
+
+class NothingToPort(InputError):
+    """The run was valid but no module passed the gate or exists in the target: nothing written."""
