@@ -1,6 +1,7 @@
 """LoRA file formats: reading real key layouts, round trips through every writer, style
 conversion (fused <-> split), alpha conventions, metadata, atomic writes and clean errors."""
 
+import errno
 import json
 import os
 
@@ -239,9 +240,9 @@ def test_writes_are_atomic_and_never_overwrite_an_input(tmp_path, hunyuan, monke
     def failing_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(formats, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(formats, "save_safetensors", failing_save)
+    with pytest.raises(InputError, match="out.safetensors: cannot write the output .No space left on device.; nothing written"):
         formats.write_lora(lf, tmp_path / "out.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]

@@ -19,9 +19,8 @@ import warnings
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import formats
+from .outfiles import atomic_write, save_safetensors
 
 FORMAT_VERSION = 1  # bump when the meaning of an entry changes
 _KEY = "loraport.subspace_key"
@@ -86,4 +85,4 @@ class SubspaceCache:
             "V": V.detach().to("cpu", torch.float32).contiguous(),  # [n, k]
             "frob2": frob2.detach().to("cpu", torch.float64).reshape(()),  # ‖W‖_F²
         }
-        formats.atomic_write(self.path(key), lambda tmp: save_file(tensors, tmp, metadata={_KEY: key}))
+        atomic_write(self.path(key), lambda tmp: save_safetensors(tensors, tmp, {_KEY: key}))

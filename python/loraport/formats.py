@@ -22,16 +22,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import archs
 from .errors import InputError
+from .outfiles import atomic_write, check_not_input, check_output, save_safetensors  # noqa: F401  (formats.* API)
 
 FORMATS = ("kohya", "tencent", "diffusers", "peft", "comfy")
 
@@ -142,6 +141,10 @@ def _load(src) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
     if isinstance(src, Mapping):
         return dict(src), {}, None
     path = os.fspath(src)
+    if os.path.isdir(path):
+        inside = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise InputError(f"{path}: is a folder; give the LoRA's .safetensors file{hint}")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -222,8 +225,9 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
             arch = archs.detect([(c, n, u) for c, n, u, _, _ in parsed], list(base_names))
         except ValueError as e:
             raise InputError(f"{label}: {str(e).removeprefix('loraport: ')}") from None
-    elif isinstance(arch, str):
-        arch = archs.get(arch)
+    else:
+        arch = archs.get(arch) if isinstance(arch, str) else arch
+        _check_forced_arch(arch, parsed, base_names, label)
 
     if parsed[0][2]:  # kohya-style names: the style most of them resolve in, ties to the usual one
         hits = {s: sum(arch.match(s, c, n, u) is not None for c, n, u, *_ in parsed) for s in arch.styles}
@@ -257,6 +261,21 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
             alpha = _peft_alpha(cfg, dotted or name, down.shape[0], label)
         modules.append(LoraModule(comp, dotted if known else name, up, down, alpha, stem, known))
     return LoraFile(modules, fmt, arch, style, metadata, path, cfg if path else None)
+
+
+def _check_forced_arch(arch: archs.Arch, parsed, base_names, label: str) -> None:
+    """InputError when a LoRA read as ``arch`` (forced, not detected) has no module of its key
+    map in any naming style: the message says what the names look like instead, rather than
+    calling the file an ``arch`` LoRA further on."""
+    if any(arch.match(s, c, n, u) is not None for s in arch.styles for c, n, u, *_ in parsed):
+        return
+    try:
+        detected = f"its names look like a {archs.detect([(c, n, u) for c, n, u, *_ in parsed], list(base_names)).name} LoRA"
+    except ValueError:
+        detected = "its names match no known architecture"
+    raise InputError(
+        f"{label}: none of its {len(parsed)} modules is in the {arch.name} key map (--arch {arch.name}); {detected}"
+    )
 
 
 def format_style(fmt: str, arch: archs.Arch) -> str:
@@ -414,16 +433,6 @@ def _updated_metadata(lora: LoraFile, fmt: str, tensors: dict[str, torch.Tensor]
     return meta
 
 
-def check_output(out, inputs) -> str:
-    """The absolute output path, after checking it is none of the ``inputs`` and its folder
-    exists (InputError otherwise)."""
-    out = os.path.abspath(os.fspath(out))
-    check_not_input(out, inputs)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise InputError(f"{out}: output folder {os.path.dirname(out)} does not exist")
-    return out
-
-
 def module_from_factors(component, name, key, up, down, in_shape, dtype, known=True) -> LoraModule:
     """A scale-1 LoraModule on the CPU in ``dtype`` from factors up [out, k] and down
     [k, in·kernel] (device, float32), laid out for a weight of input shape ``in_shape`` =
@@ -438,37 +447,6 @@ def module_from_factors(component, name, key, up, down, in_shape, dtype, known=T
         key,
         known,
     )
-
-
-def check_not_input(path, inputs) -> None:
-    """InputError when ``path`` is (a link to) one of the ``inputs`` files."""
-    path = os.path.abspath(os.fspath(path))
-    for p in inputs:
-        if p is None:
-            continue
-        same = os.path.realpath(p) == os.path.realpath(path)
-        if same or (os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path)):
-            raise InputError(f"{path}: the output path is an input file; refusing to overwrite it")
-
-
-def atomic_write(path: str, write, *, protect=()) -> None:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
-    Refuses a ``path`` that is one of the ``protect`` files (the inputs); removes the temporary
-    file on any error."""
-    check_not_input(path, protect)
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def report_json(report, path=None, *, protect=()) -> str:
@@ -502,7 +480,7 @@ def write_lora(lora: LoraFile, path, *, format: str | None = None, metadata=None
     meta.update(metadata or {})
     path = os.path.abspath(os.fspath(path))
     protect = tuple(protect) + (lora.path,)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), protect=protect)
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta), protect=protect)
     if lora.adapter_config is not None and fmt == "peft" and os.path.basename(path) == "adapter_model.safetensors":
         cfg = dict(lora.adapter_config)
         cfg.update(_peft_scale_one(tensors))
