@@ -22,3 +22,16 @@ class InputError(ValueError):
 
 class NothingToPort(InputError):
     """The run was valid but no module passed the gate or exists in the target: nothing written."""
+
+
+def brief(e: BaseException, limit: int = 300) -> str:
+    """``e`` as "Type: message" on one line of at most ``limit`` characters, for an InputError
+    that quotes a library's own error (torch's unpickler writes paragraphs)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"  # torch.load(weights_only=True): the one informative line
+    if marker in text:
+        text = text[text.index(marker) :].split("Check the documentation")[0]
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"

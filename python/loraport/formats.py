@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 
 from . import archs
-from .errors import InputError
+from .errors import InputError, brief
 from .outfiles import atomic_write, check_not_input, check_output, save_safetensors  # noqa: F401  (formats.* API)
 
 FORMATS = ("kohya", "tencent", "diffusers", "peft", "comfy")
@@ -152,7 +152,7 @@ def _load(src) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt / truncated files
-        raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({brief(e)})") from None
     return tensors, metadata, path
 
 
@@ -163,20 +163,46 @@ def _peft_config(metadata: dict[str, str], path: str | None, prefix: str) -> dic
         cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
         if os.path.isfile(cfg_path):
             try:
-                with open(cfg_path) as f:
-                    return json.load(f)
-            except (OSError, ValueError) as e:
-                raise InputError(f"{cfg_path}: unreadable adapter config ({e})") from None
+                with open(cfg_path, "rb") as f:
+                    cfg = json.loads(f.read())
+            except (OSError, ValueError, RecursionError) as e:
+                raise InputError(f"{cfg_path}: unreadable adapter config ({brief(e)})") from None
+            return _checked_config(cfg, cfg_path)
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if raw is None:
         return None
+    where = f"{path or '<state dict>'}: header metadata '{ADAPTER_METADATA_KEY}'"
     try:
         cfg = json.loads(raw)
-    except ValueError as e:
-        raise InputError(
-            f"{path or '<state dict>'}: header metadata '{ADAPTER_METADATA_KEY}' is not JSON ({e})"
-        ) from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{where} is not JSON ({brief(e)})") from None
+    cfg = _checked_config(cfg, where)
     return {k[len(prefix) + 1 :] if prefix and k.startswith(prefix + ".") else k: v for k, v in cfg.items()}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _checked_config(cfg, where: str) -> dict:
+    """``cfg`` after checking the fields the reader uses: an object, with a numeric lora_alpha
+    and an alpha_pattern of numbers keyed by valid patterns (any of them may carry a diffusers
+    component prefix); InputError naming ``where`` otherwise."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: the adapter config is a JSON {type(cfg).__name__}, not an object")
+    for key, value in cfg.items():
+        field = key.rsplit(".", 1)[-1]
+        if field == "lora_alpha" and not _is_number(value):
+            raise InputError(f"{where}: '{key}' must be a finite number, got {value!r:.60}")
+        if field == "alpha_pattern" and value is not None:
+            if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+                raise InputError(f"{where}: '{key}' must map module patterns to numbers, got {value!r:.60}")
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise InputError(f"{where}: '{key}' holds an invalid pattern {pattern!r:.60} ({e})") from None
+    return cfg
 
 
 def _peft_alpha(cfg: dict | None, name: str, rank: int, label: str) -> float | None:
@@ -210,7 +236,10 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
             raise InputError(f"{label}: tensor '{key}' is not a LoRA factor ({', '.join(_FACTORS)})")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{label}: tensor '{key}' contains NaN or Inf")
-        groups.setdefault(key[: -len(suffix)], {})[_FACTORS[suffix]] = (key, t)
+        group = groups.setdefault(key[: -len(suffix)], {})
+        if _FACTORS[suffix] in group:  # e.g. both .lora_A and .lora_down: which one is meant?
+            raise InputError(f"{label}: tensors '{group[_FACTORS[suffix]][0]}' and '{key}' are the same factor of one module")
+        group[_FACTORS[suffix]] = (key, t)
 
     parsed = []  # (component, name-as-in-file, underscored, stem, parts)
     for stem, parts in groups.items():
@@ -245,6 +274,10 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
                 f"{label}: module '{stem}': up {list(up.shape)} and down {list(down.shape)} are not "
                 "LoRA factors (up [out, r, 1...], down [r, in, ...])"
             )
+        if up.numel() == 0 or down.numel() == 0:  # rank 0 would divide alpha by zero; no layer is empty
+            raise InputError(f"{label}: module '{stem}': up {list(up.shape)} and down {list(down.shape)} are empty")
+        if not up.is_floating_point() or not down.is_floating_point():
+            raise InputError(f"{label}: module '{stem}': factors must be floating point, got {up.dtype} and {down.dtype}")
         try:
             dotted = arch.resolve_underscored(comp, name, style) if u else name
         except ValueError as e:
@@ -260,6 +293,11 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
         else:
             alpha = _peft_alpha(cfg, dotted or name, down.shape[0], label)
         modules.append(LoraModule(comp, dotted if known else name, up, down, alpha, stem, known))
+    seen: dict[tuple[str, str], str] = {}
+    for m in modules:  # one layer under two spellings would be ported (and written) twice
+        other = seen.setdefault((m.component, m.name), m.key)
+        if other != m.key:
+            raise InputError(f"{label}: modules '{other}' and '{m.key}' are the same layer ({m.name}) under two names")
     return LoraFile(modules, fmt, arch, style, metadata, path, cfg if path else None)
 
 
