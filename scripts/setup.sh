@@ -13,7 +13,7 @@ torch_spec=${LORAPORT_TORCH:-torch==2.13.0}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 echo "== installing $torch_spec and the build/test tools into $venv"
 "$venv/bin/pip" install -q "$torch_spec" numpy safetensors tqdm pytest pytest-benchmark \
-    "scikit-build-core>=0.10" "cmake>=3.26" ninja diffusers peft
+    "scikit-build-core>=0.10" "cmake>=3.26" ninja diffusers peft hypothesis
 echo "== building loraport against $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
 # --no-build-isolation: compile against the torch installed above, not a fresh download.
 "$venv/bin/pip" install -q --no-build-isolation .
