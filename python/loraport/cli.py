@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 import traceback
 from collections import Counter
 
-from . import __version__, archs, formats
+from . import __version__, _interrupted_early, archs, formats
 from .basemodel import BaseModel
 from .errors import EXIT_BROKEN_PIPE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, InputError, NothingToPort
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
@@ -246,6 +247,8 @@ def _one_line(e: InputError) -> str:
 
 
 def main(argv=None) -> int:
+    if signal.getsignal(signal.SIGINT) is _interrupted_early:  # loraport/__init__'s import-time one
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)  # a usage error exits 2 here
     try:
         if args.command in ("resize", "extract", "merge"):
