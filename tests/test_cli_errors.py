@@ -53,7 +53,7 @@ def test_an_internal_error_is_not_dressed_as_bad_input(example, tmp_path, monkey
         "import sys, loraport.cli as c\n"
         "def buggy(*a, **k): raise KeyError('a bug')\n"
         "c.port = buggy\n"
-        f"sys.exit(c.main(sys.argv[1:]))\n"
+        "sys.exit(c.main(sys.argv[1:]))\n"
     )
     res = subprocess.run([sys.executable, "-c", code, "port", example["lora"], *_bases(example), "-o",
                           str(tmp_path / "o.safetensors")], capture_output=True, text=True, env=ENV)  # fmt: skip

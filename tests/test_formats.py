@@ -262,6 +262,9 @@ def test_reader_rejects_what_the_fuzzer_found(tmp_path, hunyuan):
     for change, pattern in cases:
         with pytest.raises(InputError, match=pattern):
             formats.read_lora({**sd, **change})
+    with pytest.raises(InputError) as e:  # a newline in a tensor name stays one line, shown escaped
+        formats.read_lora({"lora_unet_\nx.lora_down.weight": torch.ones(1, 1), "\n": torch.ones(1)})
+    assert "\n" not in str(e.value) and "'\\n'" in str(e.value)
     peft = tiny.lora("flux", tiny.base_model("flux", width=16), fmt="peft", alpha=None)
     save_file(peft, tmp_path / "adapter_model.safetensors")
     for cfg, pattern in (([1], "is a JSON list, not an object"), ({"lora_alpha": "8"}, "'lora_alpha' must be a finite number"),

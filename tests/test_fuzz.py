@@ -22,7 +22,7 @@ def test_the_fuzzer_would_see_a_reader_bug(monkeypatch):
     real = fuzz.formats.read_lora
 
     def buggy(path, **kwargs):
-        lf = real(path, **kwargs)
+        real(path, **kwargs)
         raise ZeroDivisionError("a reader bug")
 
     monkeypatch.setattr(fuzz.formats, "read_lora", buggy)

@@ -162,7 +162,7 @@ def test_sigint_prints_one_line_and_exits_130(example, tmp_path):
                             stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    out_text, err = proc.communicate(timeout=TIMEOUT)
+    _, err = proc.communicate(timeout=TIMEOUT)
     if proc.returncode == 0:  # the import beat the signal on a fast machine: nothing to check
         pytest.skip("the process finished before the signal arrived")
     assert proc.returncode == 130 and err.strip().splitlines() == ["loraport: interrupted; nothing written"], err

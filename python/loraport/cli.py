@@ -16,10 +16,10 @@ import traceback
 from collections import Counter
 
 from . import __version__, _interrupted_early, archs, formats
+from . import toolbox as _tb
 from .basemodel import BaseModel
 from .errors import EXIT_BROKEN_PIPE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, InputError, NothingToPort
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
-from . import toolbox as _tb
 from .toolbox import MERGE_MODES, extract, merge, resize
 
 

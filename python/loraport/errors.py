@@ -17,7 +17,15 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `cmd | head` ends other Unix tools
 
 
 class InputError(ValueError):
-    """Bad input to loraport's pipeline; str(e) is one line naming the file and tensor."""
+    """Bad input to loraport's pipeline; str(e) is one line naming the file and tensor (control
+    characters, e.g. a newline in a tensor name read from a file, are shown escaped)."""
+
+    def __init__(self, message: str):
+        super().__init__(_escape_controls(str(message)))
+
+
+def _escape_controls(text: str) -> str:
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 class NothingToPort(InputError):
