@@ -1,6 +1,7 @@
 """Lazy base-model readers: every on-disk layout gives the same tensors, reads only what is
 asked, strips ComfyUI's packing prefix, fingerprints files and reports bad files cleanly."""
 
+import json
 import os
 
 import pytest
@@ -97,3 +98,24 @@ def test_bad_base_files(tmp_path):
     pt.write_bytes(b"not a pickle")
     with pytest.raises(InputError, match="junk.pt: not a loadable torch checkpoint"):
         BaseModel(str(pt))
+
+
+def test_index_names_only_shards_beside_it(tmp_path, weights):
+    """A weight_map that is not a dict of plain file names (a path elsewhere, a list, a number)
+    is one InputError line; nothing outside the folder is opened."""
+    folder = tiny.save_base(weights, str(tmp_path / "sharded"), "sharded")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    good = json.load(open(index))
+    first = next(iter(good["weight_map"]))
+    for weight_map, pattern in (({first: "../../etc/passwd"}, "not a file beside the index"),
+                                ({first: ["a"]}, "not a file beside the index"),
+                                ("shards", "'weight_map' must map tensor names"),
+                                ({}, "'weight_map' must map tensor names")):  # fmt: skip
+        with open(index, "w") as f:
+            json.dump({"weight_map": weight_map}, f)
+        with pytest.raises(InputError, match=pattern):
+            BaseModel(index)
+    with open(index, "w") as f:
+        f.write('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(InputError, match="not a safetensors index"):
+        BaseModel(index)

@@ -1,6 +1,7 @@
 """LoRA file formats: reading real key layouts, round trips through every writer, style
 conversion (fused <-> split), alpha conventions, metadata, atomic writes and clean errors."""
 
+import errno
 import json
 import os
 
@@ -221,9 +222,36 @@ def test_writes_are_atomic_and_never_overwrite_an_input(tmp_path, hunyuan, monke
     def failing_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(formats, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(formats, "save_safetensors", failing_save)
+    with pytest.raises(InputError, match="out.safetensors: cannot write the output .No space left on device.; nothing written"):
         formats.write_lora(lf, tmp_path / "out.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+def test_reader_rejects_what_the_fuzzer_found(tmp_path, hunyuan):
+    """Each one InputError line: rank-0 factors (alpha / 0), integer factors, one factor under two
+    suffixes, an adapter config whose alpha fields are not numbers or valid patterns."""
+    sd = tiny.lora("hunyuan-video", hunyuan, fmt="kohya")
+    stem = next(k for k in sd if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    cases = [
+        ({stem + ".lora_down.weight": sd[stem + ".lora_down.weight"][:0],
+          stem + ".lora_up.weight": sd[stem + ".lora_up.weight"][:, :0]}, "are empty"),  # fmt: skip
+        ({stem + ".lora_down.weight": sd[stem + ".lora_down.weight"].to(torch.int8)}, "must be floating point"),
+        ({stem + ".lora_A.weight": sd[stem + ".lora_down.weight"]}, "are the same factor of one module"),
+    ]
+    for change, pattern in cases:
+        with pytest.raises(InputError, match=pattern):
+            formats.read_lora({**sd, **change})
+    with pytest.raises(InputError) as e:  # a newline in a tensor name stays one line, shown escaped
+        formats.read_lora({"lora_unet_\nx.lora_down.weight": torch.ones(1, 1), "\n": torch.ones(1)})
+    assert "\n" not in str(e.value) and "'\\n'" in str(e.value)
+    peft = tiny.lora("flux", tiny.base_model("flux", width=16), fmt="peft", alpha=None)
+    save_file(peft, tmp_path / "adapter_model.safetensors")
+    for cfg, pattern in (([1], "is a JSON list, not an object"), ({"lora_alpha": "8"}, "'lora_alpha' must be a finite number"),
+                         ({"lora_alpha": 8, "alpha_pattern": {"(": 4}}, "invalid pattern"),
+                         ({"lora_alpha": 8, "alpha_pattern": [1]}, "must map module patterns to numbers")):  # fmt: skip
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(InputError, match=pattern):
+            formats.read_lora(tmp_path / "adapter_model.safetensors", arch="flux")

@@ -100,7 +100,7 @@ def test_similarity_gate_tells_related_from_unrelated(trained):
     related = port(paths["lora"], paths["v1"], paths["a"], str(folder / "rel.safetensors"), subspace_rank=k, quiet=True)
     assert all(r.similarity > 0.9 and r.action == "ported" for r in related.rows)
     # The unrelated pair through the real CLI with its defaults (k = min(64, width / 4) = k here,
-    # min similarity 0.5): every layer under the gate, exit status 2, no file.
+    # min similarity 0.5): every layer under the gate, exit status 3, no file.
     out = str(folder / "unrelated.safetensors")
     rep = E.cli_port(paths["lora"], paths["v1"], paths["c"], out)
     assert all(r["subspace_rank"] == [k, k] for r in rep["layers"])

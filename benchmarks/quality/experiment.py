@@ -134,7 +134,7 @@ class SeedResult:
 
 def cli_port(lora: str, source: str, target: str, out: str, *args: str) -> dict:
     """``python -m loraport port`` in a subprocess (the real CLI); returns its JSON report, with
-    "out" None when the similarity gate skipped every layer (exit status 2, no file)."""
+    "out" None when the similarity gate skipped every layer (exit status 3, no file)."""
     report = out + ".json"
     env = dict(os.environ)
     pkg = os.path.dirname(os.path.dirname(loraport.__file__))
@@ -143,7 +143,7 @@ def cli_port(lora: str, source: str, target: str, out: str, *args: str) -> dict:
     cmd = [sys.executable, "-m", "loraport", "port", lora, "--source", source, "--target", target,
            "-o", out, "--report", report, "--quiet", *args]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    skipped_all = proc.returncode == 2 and "no module was ported" in proc.stderr
+    skipped_all = proc.returncode == 3 and "no module was ported" in proc.stderr
     if proc.returncode != 0 and not skipped_all:
         raise RuntimeError(f"loraport port failed ({proc.returncode}): {proc.stderr.strip()}")
     with open(report) as f:

@@ -30,6 +30,11 @@ def _is_cli_process(argv: list[str]) -> bool:
     )
 
 
+def _interrupted_early(signum, frame):
+    sys.stderr.write("loraport: interrupted; nothing written\n")
+    os._exit(130)
+
+
 if _is_cli_process(getattr(sys, "orig_argv", [])):
     # torch's CPU allocator then backs tensors of 2 MB and more with transparent huge pages
     # (read once, at torch's first allocation, so before `import torch`). The port allocates a
@@ -37,6 +42,11 @@ if _is_cli_process(getattr(sys, "orig_argv", [])):
     # Hunyuan-shaped port (benchmarks/RESULTS.md): 13.6M -> 0.61M page faults, 53-55 -> 29-35 s
     # kernel time, 102 -> 82-95 s wall. Library users can set it themselves (README).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # Ctrl-C while torch is being imported: the CLI's one line and status 130, not a traceback
+    # (cli.main puts Python's own handler back, and catches the KeyboardInterrupt it raises).
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupted_early)
 
 import torch  # noqa: E402, F401  (torch before the extension)
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from safetensors import safe_open
 
-from .errors import InputError
+from .errors import InputError, brief
 from .openclip import OpenClipView, is_openclip
 
 _STRIPPED_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -101,7 +101,7 @@ class _SafetensorsStore(_Store):
             try:
                 self._handles[path] = safe_open(path, framework="pt")
             except Exception as e:
-                raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+                raise InputError(f"{path}: not a readable safetensors file ({brief(e)})") from None
         return self._handles[path]
 
     def _slice(self, name):
@@ -117,18 +117,25 @@ class _SafetensorsStore(_Store):
     def _layout(self, path: str) -> dict:
         """key -> (dtype, shape, first byte, end byte) from the file's header (8-byte length, JSON)."""
         if path not in self._layouts:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            start, size = 8 + length, os.path.getsize(path)
-            layout = {}
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = (start + o for o in info["data_offsets"])
-                if not begin <= end <= size:
-                    raise InputError(f"{path}: tensor '{key}' lies outside the file (a truncated download?)")
-                layout[key] = (_ST_DTYPES.get(info["dtype"]), tuple(info["shape"]), begin, end)
+            size = os.path.getsize(path)
+            try:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    if length > size - 8:  # checked before reading: a forged length allocates nothing
+                        raise ValueError(f"header length {length} exceeds the file's {size} bytes")
+                    header = json.loads(f.read(length))
+                start, layout = 8 + length, {}
+                for key, info in header.items():
+                    if key == "__metadata__":
+                        continue
+                    begin, end = (start + int(o) for o in info["data_offsets"])
+                    if not start <= begin <= end <= size:
+                        raise InputError(f"{path}: tensor '{key}' lies outside the file (a truncated download?)")
+                    layout[key] = (_ST_DTYPES.get(info["dtype"]), tuple(int(d) for d in info["shape"]), begin, end)
+            except (struct.error, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+                if isinstance(e, InputError):
+                    raise
+                raise InputError(f"{path}: not a readable safetensors header ({brief(e)})") from None
             self._layouts[path] = layout
         return self._layouts[path]
 
@@ -170,7 +177,7 @@ class _SafetensorsStore(_Store):
             sl = safe_open(self._file_of[key], framework="pt").get_slice(key)
             return sl[rows] if rows is not None else sl[:]
         except Exception as e:
-            raise InputError(f"{self._file_of[key]}: cannot read tensor '{key}' ({type(e).__name__}: {e})") from None
+            raise InputError(f"{self._file_of[key]}: cannot read tensor '{key}' ({brief(e)})") from None
 
 
 class _DictStore(_Store):
@@ -194,7 +201,7 @@ def _load_pickle(path: str) -> Mapping[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise InputError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a loadable torch checkpoint ({brief(e)})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):
         obj = obj["module"]
     if not isinstance(obj, Mapping):
@@ -212,10 +219,15 @@ def _model_files(folder: str) -> list[str] | None:
 
 def _index_files(index: str) -> list[str]:
     try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+        with open(index, "rb") as f:
+            weight_map = json.loads(f.read())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise InputError(f"{index}: not a safetensors index (needs a 'weight_map'): {brief(e)}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index}: 'weight_map' must map tensor names to shard files, got {weight_map!r:.60}")
+    for name in weight_map.values():  # a shard is a plain file name beside the index, not a path elsewhere
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise InputError(f"{index}: 'weight_map' names a shard {name!r:.60}, not a file beside the index")
     folder = os.path.dirname(index)
     return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
 

@@ -8,7 +8,11 @@ weight's tensor names and row slices (fused/split layouts), the zero-padded inpu
 subspace rank and the rsvd settings (method, power_iters, oversample, seed). That key is hashed into
 the file name and also stored in the file's header; a file whose stored key, shapes or values
 do not check out (truncated, corrupt, a hash collision) is ignored with a warning and recomputed.
-Files are written to a temporary name and renamed, so a crash never leaves a half entry."""
+Files are written to a temporary name and renamed (outfiles.atomic_write), so a crash never leaves
+a half entry under an entry's name, and two processes filling one folder at once each rename a
+complete file (the same bytes for the same key); temporary files of killed processes are removed
+when the folder is next opened. An entry that cannot be stored (a full disk) is reported with a
+warning and the port goes on without it."""
 
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ import warnings
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import formats
+from .errors import InputError, brief
+from .outfiles import atomic_write, remove_stale_temps, save_safetensors
 
 FORMAT_VERSION = 1  # bump when the meaning of an entry changes
 _KEY = "loraport.subspace_key"
@@ -32,7 +36,11 @@ class SubspaceCache:
 
     def __init__(self, folder):
         self.folder = os.path.abspath(os.fspath(folder))
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{self.folder}: cannot use it as the subspace cache folder ({e.strerror or e})") from None
+        remove_stale_temps(self.folder)
 
     @staticmethod
     def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict,
@@ -79,7 +87,7 @@ class SubspaceCache:
             if not all(bool(torch.isfinite(t).all()) for t in (U, S, V, frob2)):
                 raise ValueError("it holds NaN or Inf")
         except Exception as e:  # any unreadable entry is recomputed, never trusted
-            warnings.warn(f"loraport: ignoring the broken subspace cache entry {path} ({type(e).__name__}: {e})")
+            warnings.warn(f"loraport: ignoring the broken subspace cache entry {path} ({brief(e)})")
             return None
         return U, S, V, frob2
 
@@ -90,4 +98,7 @@ class SubspaceCache:
             "V": V.detach().to("cpu", torch.float32).contiguous(),  # [n, k]
             "frob2": frob2.detach().to("cpu", torch.float64).reshape(()),  # ‖W‖_F²
         }
-        formats.atomic_write(self.path(key), lambda tmp: save_file(tensors, tmp, metadata={_KEY: key}))
+        try:
+            atomic_write(self.path(key), lambda tmp: save_safetensors(tensors, tmp, {_KEY: key}))
+        except InputError as e:  # the cache only saves time: a port goes on without the entry
+            warnings.warn(f"loraport: subspace cache entry not stored: {e}")

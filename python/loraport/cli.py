@@ -1,31 +1,56 @@
 """The ``loraport`` command: ``loraport port LORA --source SRC --target TGT -o OUT [...]`` (a thin
 shell over loraport.pipeline.port), ``loraport port-many INPUTS... -o OUTDIR`` (a catalog,
-loraport.catalog.port_many) and ``loraport inspect FILE`` (what a LoRA or base-model file is).
-Bad input ends with exit status 2 and one line on stderr naming the file and tensor; no output
-file is left behind."""
+loraport.catalog.port_many), ``loraport inspect FILE`` (what a LoRA or base-model file is),
+``loraport check`` and the toolbox (resize, extract, merge, convert). Exit statuses (errors.py):
+0 done; 2 bad input or usage, one line on stderr naming the file and tensor, no output file left
+behind; 3 nothing to write (the gate, the target or the filters left no module); 1 a bug in
+loraport, with its traceback; 130 interrupted (Ctrl-C). ``--debug`` prints the traceback of an
+input error too."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
 import sys
+import traceback
 from collections import Counter
 
-from . import adapters, archs, formats, upgrade
+from . import __version__, _interrupted_early, adapters, archs, formats, upgrade
+from . import toolbox as _tb
 from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
 from .convert import convert
 from .devices import DEVICE_HELP
-from .errors import InputError
+from .errors import EXIT_BROKEN_PIPE, EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, InputError, NothingToPort
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
 from .toolbox import MERGE_MODES, extract, merge, resize
+
+
+EXIT_CODES = """exit status:
+  0    done
+  2    bad input or usage (one line on stderr naming the file and tensor; nothing written)
+  3    nothing to write: the similarity gate, the target or the filters left no module
+  1    an internal error (a bug in loraport), with its traceback
+  130  interrupted (Ctrl-C); no output left behind
+  141  stdout was closed early (e.g. `loraport inspect X | head`); said nothing more
+--debug prints the traceback of an input error too."""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loraport",
         description="Port LoRA adapters across base-model releases (subspace similarity gate; copy or LoRA-X projection).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"loraport {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an input error too")
+    # accepted after the subcommand as well; SUPPRESS keeps a subcommand from resetting it
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_subparser(debug))
 
     q = sub.add_parser("port", help="port a LoRA from a source base model to a target one")
     q.add_argument("lora", help="LoRA safetensors file")
@@ -76,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "check",
         help="list the LoRA keys a base's loader would not consume and the modules whose shape does not fit "
-        "(exit 1 if any)",
+        "(exit 4 if any)",
     )
     c.add_argument("lora")
     c.add_argument("--base", required=True, help="base model (a diffusers folder with config.json: diffusers' loader)")
@@ -143,6 +168,14 @@ def _port_options(q) -> None:
     )
 
 
+def _subparser(debug: argparse.ArgumentParser):
+    class Sub(argparse.ArgumentParser):
+        def __init__(self, **kw):
+            super().__init__(parents=[debug], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    return Sub
+
+
 def _toolbox_parsers(sub) -> None:
     """resize, extract, merge (loraport.toolbox), convert (loraport.convert)."""
 
@@ -190,6 +223,9 @@ def _toolbox_parsers(sub) -> None:
 
 
 def _toolbox(args) -> int:
+    inputs = {"resize": lambda: [args.lora], "extract": lambda: [args.base, args.tuned],
+              "merge": lambda: [_tb.parse_weighted(e)[0] for e in args.loras]}[args.command]()  # fmt: skip
+    formats.check_output(args.out, inputs)
     common = dict(format=args.format, arch=args.arch, device=args.device, max_memory=args.max_vram,
                   report=args.report, quiet=args.quiet)  # fmt: skip
     if args.command == "resize":
@@ -216,6 +252,8 @@ def _toolbox(args) -> int:
 def _port(args) -> int:
     if args.out is None and not args.dry_run:
         raise InputError(f"{args.lora}: give -o OUT (or --dry-run)")
+    if args.out is not None and not args.dry_run:
+        formats.check_output(args.out, [args.lora, args.source, *args.target])
     options = dict(
         device=args.device, subspace_rank=args.subspace_rank,
         energy=args.energy, min_similarity=args.min_similarity, on_dissimilar=args.on_dissimilar,
@@ -255,7 +293,7 @@ def _check(args) -> int:
                 json.dump(rep.to_dict(), f, indent=2)
 
         formats.atomic_write(args.report, dump, protect=(args.lora,))
-    return 0 if rep.ok else 1
+    return 0 if rep.ok else EXIT_CHECK_FAILED
 
 
 def _port_many(args) -> int:
@@ -322,8 +360,16 @@ def _inspect(args) -> int:
     return 0
 
 
+def _one_line(e: InputError) -> str:
+    """The error's message without a "loraport: " / "loraport.port: " prefix of its own (the CLI
+    adds "loraport: error: ")."""
+    return re.sub(r"^loraport(\.\w+)?: ", "", str(e)).replace("\n", " ")
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is _interrupted_early:  # loraport/__init__'s import-time one
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = _parser().parse_args(argv)  # a usage error exits 2 here
     try:
         if args.command in ("resize", "extract", "merge", "convert"):
             return _toolbox(args)
@@ -332,9 +378,18 @@ def main(argv=None) -> int:
         if args.command == "port-many":
             return _port_many(args)
         return _port(args) if args.command == "port" else _inspect(args)
-    except (InputError, ValueError, OSError) as e:
-        print(f"loraport: error: {e}", file=sys.stderr)
-        return 2
+    except InputError as e:  # NothingToPort included; any other exception is a bug: traceback, exit 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"loraport: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_NOTHING if isinstance(e, NothingToPort) else EXIT_INPUT
+    except KeyboardInterrupt:  # temporary files were removed on the way out (outfiles.atomic_write)
+        print("loraport: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `loraport ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail too
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import adapters, archs
-from .errors import InputError
+from .errors import InputError, brief
+from .outfiles import atomic_write, check_not_input, check_output, save_safetensors  # noqa: F401  (formats.* API)
 
 FORMATS = ("kohya", "tencent", "diffusers", "peft", "comfy")
 
@@ -142,6 +141,10 @@ def _load(src) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
     if isinstance(src, Mapping):
         return dict(src), {}, None
     path = os.fspath(src)
+    if os.path.isdir(path):
+        inside = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise InputError(f"{path}: is a folder; give the LoRA's .safetensors file{hint}")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -149,7 +152,7 @@ def _load(src) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt / truncated files
-        raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({brief(e)})") from None
     return tensors, metadata, path
 
 
@@ -160,20 +163,46 @@ def _peft_config(metadata: dict[str, str], path: str | None, prefix: str) -> dic
         cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
         if os.path.isfile(cfg_path):
             try:
-                with open(cfg_path) as f:
-                    return json.load(f)
-            except (OSError, ValueError) as e:
-                raise InputError(f"{cfg_path}: unreadable adapter config ({e})") from None
+                with open(cfg_path, "rb") as f:
+                    cfg = json.loads(f.read())
+            except (OSError, ValueError, RecursionError) as e:
+                raise InputError(f"{cfg_path}: unreadable adapter config ({brief(e)})") from None
+            return _checked_config(cfg, cfg_path)
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if raw is None:
         return None
+    where = f"{path or '<state dict>'}: header metadata '{ADAPTER_METADATA_KEY}'"
     try:
         cfg = json.loads(raw)
-    except ValueError as e:
-        raise InputError(
-            f"{path or '<state dict>'}: header metadata '{ADAPTER_METADATA_KEY}' is not JSON ({e})"
-        ) from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{where} is not JSON ({brief(e)})") from None
+    cfg = _checked_config(cfg, where)
     return {k[len(prefix) + 1 :] if prefix and k.startswith(prefix + ".") else k: v for k, v in cfg.items()}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _checked_config(cfg, where: str) -> dict:
+    """``cfg`` after checking the fields the reader uses: an object, with a numeric lora_alpha
+    and an alpha_pattern of numbers keyed by valid patterns (any of them may carry a diffusers
+    component prefix); InputError naming ``where`` otherwise."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: the adapter config is a JSON {type(cfg).__name__}, not an object")
+    for key, value in cfg.items():
+        field = key.rsplit(".", 1)[-1]
+        if field == "lora_alpha" and not _is_number(value):
+            raise InputError(f"{where}: '{key}' must be a finite number, got {value!r:.60}")
+        if field == "alpha_pattern" and value is not None:
+            if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+                raise InputError(f"{where}: '{key}' must map module patterns to numbers, got {value!r:.60}")
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise InputError(f"{where}: '{key}' holds an invalid pattern {pattern!r:.60} ({e})") from None
+    return cfg
 
 
 def _peft_alpha(cfg: dict | None, name: str, rank: int, label: str) -> float | None:
@@ -205,7 +234,10 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
             raise InputError(f"{label}: tensor '{key}' is not a LoRA factor ({', '.join(factors)})")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{label}: tensor '{key}' contains NaN or Inf")
-        groups.setdefault(key[: -len(suffix)], {})[factors[suffix]] = (key, t)
+        group = groups.setdefault(key[: -len(suffix)], {})
+        if factors[suffix] in group:  # e.g. both .lora_A and .lora_down: which one is meant?
+            raise InputError(f"{label}: tensors '{group[factors[suffix]][0]}' and '{key}' are the same factor of one module")
+        group[factors[suffix]] = (key, t)
 
     parsed = []  # (component, name-as-in-file, underscored, stem, parts)
     for stem, parts in groups.items():
@@ -220,8 +252,9 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
             arch = archs.detect([(c, n, u) for c, n, u, _, _ in parsed], list(base_names))
         except ValueError as e:
             raise InputError(f"{label}: {str(e).removeprefix('loraport: ')}") from None
-    elif isinstance(arch, str):
-        arch = archs.get(arch)
+    else:
+        arch = archs.get(arch) if isinstance(arch, str) else arch
+        _check_forced_arch(arch, parsed, base_names, label)
 
     if parsed[0][2]:  # kohya-style names: the style most of them resolve in, ties to the usual one
         hits = {s: sum(arch.match(s, c, n, u) is not None for c, n, u, *_ in parsed) for s in arch.styles}
@@ -244,11 +277,20 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
                 f"{label}: module '{stem}': up {list(up.shape)} and down {list(down.shape)} are not "
                 "LoRA factors (up [out, r, 1...], down [r, in, ...])"
             )
+        if up.numel() == 0 or down.numel() == 0:  # rank 0 would divide alpha by zero; no layer is empty
+            raise InputError(f"{label}: module '{stem}': up {list(up.shape)} and down {list(down.shape)} are empty")
+        if not up.is_floating_point() or not down.is_floating_point():
+            raise InputError(f"{label}: module '{stem}': factors must be floating point, got {up.dtype} and {down.dtype}")
         name, known = _module_name(arch, comp, name, u, style, label)
         alpha = _file_alpha(parts, label)
         if alpha is None:
             alpha = _peft_alpha(cfg, name, down.shape[0], label)
         modules.append(LoraModule(comp, name, up, down, alpha, stem, known))
+    seen: dict[tuple[str, str], str] = {}
+    for m in modules:  # one layer under two spellings would be ported (and written) twice
+        other = seen.setdefault((m.component, m.name), m.key)
+        if other != m.key:
+            raise InputError(f"{label}: modules '{other}' and '{m.key}' are the same layer ({m.name}) under two names")
     return LoraFile(modules, fmt, arch, style, metadata, path, cfg if path else None)
 
 
@@ -287,6 +329,21 @@ def _adapter_module(comp, name, underscored, stem, parts, arch, style, fmt, cfg,
         alpha = float(cfg["alpha"])
     m.alpha = alpha
     return m
+
+
+def _check_forced_arch(arch: archs.Arch, parsed, base_names, label: str) -> None:
+    """InputError when a LoRA read as ``arch`` (forced, not detected) has no module of its key
+    map in any naming style: the message says what the names look like instead, rather than
+    calling the file an ``arch`` LoRA further on."""
+    if any(arch.match(s, c, n, u) is not None for s in arch.styles for c, n, u, *_ in parsed):
+        return
+    try:
+        detected = f"its names look like a {archs.detect([(c, n, u) for c, n, u, *_ in parsed], list(base_names)).name} LoRA"
+    except ValueError:
+        detected = "its names match no known architecture"
+    raise InputError(
+        f"{label}: none of its {len(parsed)} modules is in the {arch.name} key map (--arch {arch.name}); {detected}"
+    )
 
 
 def format_style(fmt: str, arch: archs.Arch) -> str:
@@ -467,16 +524,6 @@ def _updated_metadata(lora: LoraFile, fmt: str, tensors: dict[str, torch.Tensor]
     return meta
 
 
-def check_output(out, inputs) -> str:
-    """The absolute output path, after checking it is none of the ``inputs`` and its folder
-    exists (InputError otherwise)."""
-    out = os.path.abspath(os.fspath(out))
-    check_not_input(out, inputs)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise InputError(f"{out}: output folder {os.path.dirname(out)} does not exist")
-    return out
-
-
 def module_from_factors(component, name, key, up, down, in_shape, dtype, known=True) -> LoraModule:
     """A scale-1 LoraModule on the CPU in ``dtype`` from factors up [out, k] and down
     [k, in·kernel] (device, float32), laid out for a weight of input shape ``in_shape`` =
@@ -491,37 +538,6 @@ def module_from_factors(component, name, key, up, down, in_shape, dtype, known=T
         key,
         known,
     )
-
-
-def check_not_input(path, inputs) -> None:
-    """InputError when ``path`` is (a link to) one of the ``inputs`` files."""
-    path = os.path.abspath(os.fspath(path))
-    for p in inputs:
-        if p is None:
-            continue
-        same = os.path.realpath(p) == os.path.realpath(path)
-        if same or (os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path)):
-            raise InputError(f"{path}: the output path is an input file; refusing to overwrite it")
-
-
-def atomic_write(path: str, write, *, protect=()) -> None:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
-    Refuses a ``path`` that is one of the ``protect`` files (the inputs); removes the temporary
-    file on any error."""
-    check_not_input(path, protect)
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def report_json(report, path=None, *, protect=()) -> str:
@@ -555,7 +571,7 @@ def write_lora(lora: LoraFile, path, *, format: str | None = None, metadata=None
     meta.update(metadata or {})
     path = os.path.abspath(os.fspath(path))
     protect = tuple(protect) + (lora.path,)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), protect=protect)
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta), protect=protect)
     if lora.adapter_config is not None and fmt == "peft" and os.path.basename(path) == "adapter_model.safetensors":
         cfg = dict(lora.adapter_config)
         cfg.update(_peft_scale_one(tensors))

@@ -213,7 +213,7 @@ def parse_bytes(value) -> int:
         return value
     m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
     if not m:
-        raise ValueError(f"loraport: cannot read a size from {value!r} (e.g. 2GB, 512MiB)")
+        raise InputError(f"loraport: cannot read a size from {value!r} (e.g. 2GB, 512MiB)")
     unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * unit)
 
@@ -354,16 +354,19 @@ def port(
         strength=strength, dora_magnitude=dora_magnitude,
     )  # fmt: skip
     if out is None and not dry_run:
-        raise ValueError("loraport.port: give out= (the output path) or dry_run=True")
+        raise InputError("loraport.port: give out= (the output path) or dry_run=True")
     t_start = time.perf_counter()
 
     src, tgt = BaseModel(source), BaseModel(target)
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
+    top = max(m.rank for m in lf.modules)
+    if rank is not None and rank > top:
+        raise InputError(f"{lf.label}: rank {rank} is above the LoRA's largest rank {top}; the output rank is at most the input's")
     format_out = lf.format if format in (None, "auto") else format
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
         out = formats.check_output(out, inputs)
-    styles = _base_styles(lf, src, tgt)
+    styles = _base_styles(lf, src, tgt, forced=arch != "auto")
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
     refuse_other_size([p.row for p in plans], lf.label, src.label, tgt.label)
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
@@ -411,21 +414,23 @@ def _settings(
     max_memory=DEFAULT_MAX_MEMORY, dry_run=False, cache_dir=None, strength=None,
     dora_magnitude=adapters.DORA_MAGNITUDE[0],
 ) -> dict:  # fmt: skip
-    """`port`'s options, checked (ValueError), as the settings dict the pipeline's steps read;
+    """`port`'s options, checked (InputError), as the settings dict the pipeline's steps read;
     the device is resolved here, before anything is read."""
     if variant not in VARIANTS:
-        raise ValueError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
+        raise InputError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
     if on_dissimilar not in ON_DISSIMILAR:
-        raise ValueError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
+        raise InputError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
     if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
+        raise InputError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
+    if not 0 <= min_similarity <= 1:  # a subspace similarity lies in [0, 1]; NaN fails too
+        raise InputError(f"loraport.port: min_similarity must be in [0, 1], got {min_similarity!r}")
     for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"loraport.port: {name} must be a positive integer, got {value!r}")
+            raise InputError(f"loraport.port: {name} must be a positive integer, got {value!r}")
     if block_size is not None and method != "krylov":
-        raise ValueError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
+        raise InputError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
     if dora_magnitude not in adapters.DORA_MAGNITUDE:
-        raise ValueError(f"loraport.port: dora_magnitude must be one of {adapters.DORA_MAGNITUDE}, got {dora_magnitude!r}")
+        raise InputError(f"loraport.port: dora_magnitude must be one of {adapters.DORA_MAGNITUDE}, got {dora_magnitude!r}")
     return dict(
         device=resolve_device(device), subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
@@ -436,8 +441,10 @@ def _settings(
     )  # fmt: skip
 
 
-def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel) -> dict[str, str]:
-    """The naming style of each base; InputError when a base is of another architecture."""
+def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, forced: bool = False) -> dict[str, str]:
+    """The naming style of each base; InputError when a base is of another architecture (with
+    ``forced``, the arch was the caller's --arch, and the message says so rather than call the
+    LoRA by it)."""
     a, styles = lf.arch, {}
     for which, base in (("source", src), ("target", tgt)):
         try:
@@ -445,6 +452,11 @@ def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel) -> dict[s
         except ValueError:  # ambiguous or unknown on its own: judged by the template match below
             base_arch = a.name
         if base_arch != a.name and {base_arch, a.name} != {"sd15", "sdxl"}:
+            if forced:
+                raise InputError(
+                    f"{lf.label}: read with --arch {a.name}, but the {which} base {base.label} is a {base_arch} "
+                    "model; leave --arch out to detect the LoRA's architecture"
+                )
             raise InputError(f"{lf.label}: a {a.name} LoRA, but the {which} base {base.label} is a {base_arch} model")
         styles[which] = a.base_style(base.module_names())
         if styles[which] is None:

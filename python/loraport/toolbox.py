@@ -40,7 +40,7 @@ import torch
 from . import adapters, archs, formats
 from .basemodel import BaseModel
 from .devices import resolve_device
-from .errors import InputError
+from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
 from .ops import rsvd
 from .pipeline import DEFAULT_MAX_MEMORY, _energy_rank, parse_bytes
@@ -129,13 +129,13 @@ def _rank_rule(rank, energy, sv_ratio, job: str):
     """Check the rank options; returns select(S, total) -> k, with S [p] descending (float64) and
     total = ‖ΔW‖_F²."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"loraport.{job}: rank must be a positive integer, got {rank!r}")
+        raise InputError(f"loraport.{job}: rank must be a positive integer, got {rank!r}")
     if energy is not None and sv_ratio is not None:
-        raise ValueError(f"loraport.{job}: give energy or sv_ratio, not both")
+        raise InputError(f"loraport.{job}: give energy or sv_ratio, not both")
     if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"loraport.{job}: energy must be in (0, 1], got {energy!r}")
+        raise InputError(f"loraport.{job}: energy must be in (0, 1], got {energy!r}")
     if sv_ratio is not None and not sv_ratio >= 1:
-        raise ValueError(f"loraport.{job}: sv_ratio must be >= 1, got {sv_ratio!r}")
+        raise InputError(f"loraport.{job}: sv_ratio must be >= 1, got {sv_ratio!r}")
 
     def select(S: torch.Tensor, total: torch.Tensor) -> int:
         k = S.numel()
@@ -197,7 +197,7 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
 
 
 def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
-    """Write the output LoRA and the report; InputError (report still written) when no layer
+    """Write the output LoRA and the report; NothingToPort (report still written) when no layer
     produced anything."""
     fmt = lf.format if fmt in (None, "auto") else fmt
     rep.format_out = fmt
@@ -206,7 +206,7 @@ def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, prot
         if report is not None:
             rep.to_json(report)
         actions = rep.summary()["actions"]
-        raise InputError(f"{rep.inputs[0]}: {rep.job} produced no layer ({actions}); nothing written to {out}")
+        raise NothingToPort(f"{rep.inputs[0]}: {rep.job} produced no layer ({actions}); nothing written to {out}")
     t0 = time.perf_counter()
     lf.modules = results
     formats.write_lora(lf, out, format=fmt, metadata=meta, protect=protect)
@@ -236,7 +236,7 @@ def resize(
     (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's)."""
     select = _rank_rule(rank, energy, sv_ratio, "resize")
     if rank is None and energy is None and sv_ratio is None:
-        raise ValueError("loraport.resize: give rank, energy or sv_ratio")
+        raise InputError("loraport.resize: give rank, energy or sv_ratio")
     device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
@@ -296,13 +296,13 @@ def merge(
     ``energy`` / ``sv_ratio``. A module present in only some inputs is merged from those (the
     others contribute nothing) and reported."""
     if mode not in MERGE_MODES:
-        raise ValueError(f"loraport.merge: mode must be one of {MERGE_MODES}, got {mode!r}")
+        raise InputError(f"loraport.merge: mode must be one of {MERGE_MODES}, got {mode!r}")
     if mode == "concat" and (rank is not None or energy is not None or sv_ratio is not None):
-        raise ValueError("loraport.merge: rank, energy and sv_ratio apply to mode 'svd' only (concat is exact)")
+        raise InputError("loraport.merge: rank, energy and sv_ratio apply to mode 'svd' only (concat is exact)")
     select = _rank_rule(rank, energy, sv_ratio, "merge")
     entries = [parse_weighted(e) for e in loras]
     if not entries:
-        raise ValueError("loraport.merge: give at least one LoRA")
+        raise InputError("loraport.merge: give at least one LoRA")
     device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
     files = [formats.read_lora(path, arch=arch) for path, _ in entries]
@@ -434,7 +434,7 @@ def extract(
     over ΔW (measured at 768 wide, rank 64, q = 2), but on small layers the op truncates the
     Krylov space to its first block."""
     if rank is None and energy is None:
-        raise ValueError("loraport.extract: give rank or energy")
+        raise InputError("loraport.extract: give rank or energy")
     format = "kohya" if format in (None, "auto") else format
     select = _rank_rule(rank or DEFAULT_EXTRACT_MAX_RANK, energy, None, "extract")
     device = resolve_device(device)  # before anything is read
@@ -463,7 +463,7 @@ def extract(
     rep = ToolReport("extract", [la.row for la in layers], arch.name, format, [b.label, t.label], out, settings)
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
     if method not in ("auto", "power", "krylov"):
-        raise ValueError(f"loraport.extract: method must be auto, power or krylov, got {method!r}")
+        raise InputError(f"loraport.extract: method must be auto, power or krylov, got {method!r}")
     svd = dict(oversample=oversample, power_iters=power_iters, seed=seed)
 
     groups: dict[tuple, list[_Layer]] = {}
