@@ -224,6 +224,7 @@ def _toolbox_parsers(sub) -> None:
 
 def _toolbox(args) -> int:
     inputs = {"resize": lambda: [args.lora], "extract": lambda: [args.base, args.tuned],
+              "convert": lambda: [args.adapter, *([args.base] if args.base else [])],
               "merge": lambda: [_tb.parse_weighted(e)[0] for e in args.loras]}[args.command]()  # fmt: skip
     formats.check_output(args.out, inputs)
     common = dict(format=args.format, arch=args.arch, device=args.device, max_memory=args.max_vram,
