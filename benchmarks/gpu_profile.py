@@ -123,7 +123,7 @@ def small_svd_candidates(batch: int, width: int) -> None:
 
 
 def ritz_finish_candidates() -> None:
-    """The QR after the eigensolver (csrc/linalg.cpp, small_svd_by_eigh): the Ritz vectors'
+    """The QR after the eigensolver (csrc/linalg/rayleigh_ritz.cpp, small_svd_by_eigh): the Ritz vectors'
     images W [batch, L, rank], columns orthogonal and scaled to unit norm, factored in fp64 by
     ATen's Householder QR (cuSOLVER's orgqr runs once per matrix) or by CholeskyQR2 in batched
     ATen calls, as the op's orthonormalizer does (its triangular inverse is a kernel of ours
@@ -189,7 +189,7 @@ def rayleigh_ritz_on_device_or_host() -> None:
 
 def skinny_gemm_rates(batch: int, m: int, n: int) -> None:
     """TFLOP/s of the tall-skinny products of one pass at several widths: A X, and A^T Q as
-    matmul(A^T, Q) and as (Q^T A)^T (linalg.cpp's adjoint_times)."""
+    matmul(A^T, Q) and as (Q^T A)^T (csrc/linalg/range_finders.cpp, adjoint_times)."""
     print(f"\n### skinny GEMMs on {batch} x [{m}, {n}]: TFLOP/s (median of 20)")
     print("| width | A X | A^T Q | (Q^T A)^T |")
     print("|---:|---:|---:|---:|")

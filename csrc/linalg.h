@@ -1,6 +1,10 @@
 // Device-generic math behind the loraport ops, written against ATen only: the same code runs
 // on CPU tensors (MKL/OpenBLAS GEMMs) and CUDA tensors (cuBLAS on torch's current stream). The
 // per-device files (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) choose a policy and register kernels.
+// The implementation, by responsibility, in csrc/linalg/: rsvd.cpp (the op's control flow),
+// range_finders.cpp (power and block Krylov), orthonormalize.cpp (CholeskyQR2 with a
+// Householder fallback), rayleigh_ritz.cpp (the small SVD), lowrank_ops.cpp (project_lora,
+// subspace_similarity).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,7 +29,7 @@ struct RsvdPolicy {
   // The Rayleigh-Ritz SVD of the small L x L factor:
   //   Svd: one SVD in the working precision (LAPACK on the CPU);
   //   Eigh: the fp64 eigendecomposition of its Gram matrix, then the QR of the Ritz vectors'
-  //     images by the op's CholeskyQR2 (small_svd_by_eigh in linalg.cpp), on the tensor's
+  //     images by the op's CholeskyQR2 (small_svd_by_eigh in linalg/rayleigh_ritz.cpp), on the tensor's
   //     device. On CUDA, cuSOLVER's fp32 Jacobi SVD left its
   //     singular vectors orthogonal to only 2e-5 (L = 72) and 1e-4 (L = 216), which
   //     U = basis Ur inherits, and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver
@@ -70,6 +74,10 @@ struct RsvdPolicy {
 // Rayleigh-Ritz step. The CPU op runs with exactly this under LORAPORT_POLICY=cuda, so that the
 // CPU tests cover the CUDA op's control flow (the fallbacks above all) on machines without a GPU.
 RsvdPolicy cuda_flow_policy();
+
+// Blocks of the Krylov space [Q0, Q1, ...] that rsvd's method "krylov" builds from blocks of
+// `block` columns: power_iters + 1, but never wider than the matrix (min_dim = min(m, n)).
+int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(
     const at::Tensor& A, const at::Tensor& sketch, int64_t rank, int64_t power_iters,

@@ -1,7 +1,7 @@
 // THE schema file: every loraport op's signature, on one screen.
 //
 // Kernels live beside their device: csrc/cpu/ops_cpu.cpp (CPU), csrc/cuda/ops_cuda.cpp and
-// csrc/cuda/kernels.cu (CUDA); the device-generic math is in csrc/linalg.cpp. Fake (meta)
+// csrc/cuda/kernels.cu (CUDA); the device-generic math is in csrc/linalg/. Fake (meta)
 // kernels for torch.compile are registered from Python in python/loraport/_fake.py, and the
 // pure-PyTorch float64 oracles are in python/loraport/reference.py.
 #include <torch/library.h>

@@ -354,7 +354,7 @@ def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, choice, met
 
 
 def test_rsvd_eigh_rayleigh_ritz_in_slices(monkeypatch, generator):
-    """More small matrices than one batched eigensolver call takes (4096, csrc/linalg.cpp): the
+    """More small matrices than one batched eigensolver call takes (4096, csrc/linalg/rayleigh_ritz.cpp): the
     slices give what the SVD gives."""
     A = torch.randn(4100, 12, 7, generator=generator)
     results = {}

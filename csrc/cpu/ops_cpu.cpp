@@ -1,4 +1,4 @@
-// CPU kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp run on
+// CPU kernels of the loraport ops: the device-generic algorithms of csrc/linalg/ run on
 // ATen's CPU BLAS, with a CPU policy (check each CholeskyQR at once, Householder QR for small
 // blocks, the AVX2 kernels of csrc/cpu/kernels_avx2.h). Schemas: csrc/ops.cpp.
 #include <torch/library.h>

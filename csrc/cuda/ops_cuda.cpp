@@ -1,4 +1,4 @@
-// CUDA kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp on
+// CUDA kernels of the loraport ops: the device-generic algorithms of csrc/linalg/ on
 // cuBLAS/cuSOLVER (torch's current stream), plus our own fused fp32-in/fp64-accumulate Gram
 // kernel (csrc/cuda/kernels.cu) for CholeskyQR. The policy never synchronizes with the host
 // inside a factorization; rsvd checks once per call whether any CholeskyQR broke down.
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
   // pipeline reading the next layers meanwhile keeps busy too.
   policy.eigh = &batched_eigh_cusolver;  // one cuSOLVER call for the batch (batched_eigh.h)
   policy.gram_fp64 = [](const at::Tensor& Y) {
-    return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
+    return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg/orthonormalize.cpp's ATen Gram
   };
   policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
     return R.size(-1) <= kUpperInverseMaxSize ? upper_inverse_cuda(R, dtype) : at::Tensor();  // beyond: ATen

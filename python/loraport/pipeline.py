@@ -445,7 +445,7 @@ def group_bytes(
     elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None,
 ) -> int:  # fmt: skip
     """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
-    stacked element) holds at once on ``device``, following csrc/linalg.cpp's rsvd:
+    stacked element) holds at once on ``device``, following csrc/linalg/'s rsvd:
 
       weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
                                          on the CPU twice that plus one tensor being read
