@@ -40,16 +40,14 @@ struct RsvdPolicy {
   //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. Its speed
   //     on a GPU machine varied from lease to lease (measurements in ops_cuda.cpp).
   // float64 work takes Svd whatever the policy says (rsvd_forward: Eigh squares the factor's
-  // condition number). LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides both (the CPU tests run
-  // each choice with it).
+  // condition number). The knob LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides both (config.h;
+  // the CPU tests run each choice with it).
   enum class SmallSvd { Svd, Eigh, EighOnHost };
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
   // fp64 symmetric G [b, L, L] -> {eigenvalues ascending [b, L], eigenvectors [b, L, L]} for the
   // Eigh choice; undefined tensors where the hook does not take G. Null or undefined =
   // at::linalg_eigh. CUDA: cuSOLVER's batched eigensolver (csrc/cuda/batched_eigh.cpp).
   std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor& G)> eigh;
-  // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
-  int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64; an undefined tensor where the hook
   // does not take Y. Null or undefined = ATen (copy to fp64 + GEMM).
   std::function<at::Tensor(const at::Tensor&)> gram_fp64;
@@ -71,7 +69,7 @@ struct RsvdPolicy {
 // The CUDA policy's device-independent choices, to which ops_cuda.cpp adds its kernels: no host
 // synchronization inside a factorization (failures are collected and their matrices redone
 // once, at the end), no Householder QR for small blocks, the fp64 eigensolver for the
-// Rayleigh-Ritz step. The CPU op runs with exactly this under LORAPORT_POLICY=cuda, so that the
+// Rayleigh-Ritz step. The CPU op runs with exactly this under the test knob cpu_policy=cuda, so that the
 // CPU tests cover the CUDA op's control flow (the fallbacks above all) on machines without a GPU.
 RsvdPolicy cuda_flow_policy();
 

@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "config.h"
+
 namespace loraport {
 
 // Build facts, so Python can say "built for torch X, you have Y" instead of failing later.
@@ -39,4 +41,10 @@ TORCH_LIBRARY(loraport, m) {
   m.def("subspace_similarity(Tensor U1, Tensor U2) -> Tensor");
   // "torch=<version built against>;cuda=<nvcc version or empty>".
   m.def("build_info() -> str", &loraport::build_info);
+  // TEST HOOK: sets an engine knob (docs/engine-knobs.md; "" = its default) for the rest of the
+  // process and returns its previous value. Production code reads the knobs from the environment.
+  m.def("_testing_set_knob(str name, str value) -> str", [](c10::string_view name, c10::string_view value) {
+    return loraport::set_knob_for_testing(std::string_view(name.data(), name.size()),
+                                          std::string_view(value.data(), value.size()));
+  });
 }

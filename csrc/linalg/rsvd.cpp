@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "config.h"
 #include "linalg.h"
 #include "linalg/checks.h"
 #include "linalg/range_finders.h"
@@ -81,6 +82,17 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_batch(const Tensor& A, const Tensor& ske
   return {U, S.to(work), V};
 }
 
+// The bound on rsvd's float32 copy of float16/bfloat16 input: it is upcast this many bytes of
+// matrices at a time, through one staging buffer.
+constexpr int64_t kUpcastChunkBytes = int64_t(256) << 20;
+
+// How many matrices of a float16/bfloat16 batch of b [m, n] rsvd upcasts to float32 at a time:
+// as many as kUpcastChunkBytes (or the knob LORAPORT_UPCAST_CHUNK_BYTES) holds, at least one.
+int64_t upcast_batch(int64_t b, int64_t m, int64_t n, const EngineConfig& config) {
+  const int64_t bound = config.upcast_chunk_bytes > 0 ? config.upcast_chunk_bytes : kUpcastChunkBytes;
+  return std::min(b, std::max<int64_t>(1, bound / std::max<int64_t>(1, m * n * int64_t(sizeof(float)))));
+}
+
 }  // namespace
 
 int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block) {
@@ -127,11 +139,12 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
   const at::ScalarType work = compute_dtype({A});
   RsvdPolicy policy = device_policy;
   using SmallSvd = RsvdPolicy::SmallSvd;
-  if (const char* env = std::getenv("LORAPORT_RAYLEIGH_RITZ")) {
-    const std::string_view choice(env);
-    TORCH_CHECK_VALUE(choice == "svd" || choice == "eigh" || choice == "host",
-                      "LORAPORT_RAYLEIGH_RITZ must be svd, eigh or host, got ", choice);
-    policy.rayleigh_ritz = choice == "svd" ? SmallSvd::Svd : choice == "eigh" ? SmallSvd::Eigh : SmallSvd::EighOnHost;
+  using RayleighRitz = EngineConfig::RayleighRitz;
+  const EngineConfig config = engine_config();
+  if (config.rayleigh_ritz != RayleighRitz::Default) {
+    policy.rayleigh_ritz = config.rayleigh_ritz == RayleighRitz::Svd    ? SmallSvd::Svd
+                           : config.rayleigh_ritz == RayleighRitz::Eigh ? SmallSvd::Eigh
+                                                                        : SmallSvd::EighOnHost;
   } else if (work == at::kDouble) {
     // The eigendecomposition of the factor's Gram squares its condition number: singular values
     // below ~sqrt(u64) sigma_1 come out with an absolute error ~u64 sigma_1^2 / sigma_i, invisible
@@ -162,11 +175,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_forward(const Tensor& A, const Tensor& s
 
   const bool upcast = A.scalar_type() != work;
 
-  // LORAPORT_UPCAST_CHUNK_BYTES overrides the policy's bound (tests use it to run the loop).
-  int64_t chunk_bytes = policy.upcast_chunk_bytes;
-  if (const char* env = std::getenv("LORAPORT_UPCAST_CHUNK_BYTES")) chunk_bytes = std::max<int64_t>(1, std::atoll(env));
-  const int64_t elem = c10::elementSize(work);
-  const int64_t chunk = A.scalar_type() == work ? b : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, m * n * elem));
+  const int64_t chunk = upcast ? upcast_batch(b, m, n, config) : b;
   // The batch, `chunk` matrices at a time. bf16/fp16 go through one staging buffer, refilled
   // chunk after chunk: a fresh allocation per chunk cost 8x the conversion itself in first-touch
   // page faults on the CPU (0.36 s vs 0.045 s for 4 x [21504, 3072]).
