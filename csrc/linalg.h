@@ -77,6 +77,12 @@ RsvdPolicy cuda_flow_policy();
 // `block` columns: power_iters + 1, but never wider than the matrix (min_dim = min(m, n)).
 int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block);
 
+// Bytes that one rsvd call on `batch` [m, n] matrices of `dtype` allocates at its peak, with
+// sketch width `width` (the Krylov block) and `rank` outputs: an estimate from above of its
+// workspace, float32 upcast chunk and outputs (csrc/linalg/rsvd.cpp says what it counts).
+int64_t rsvd_workspace_bytes(int64_t batch, int64_t m, int64_t n, at::ScalarType dtype, int64_t rank, int64_t width,
+                             int64_t power_iters, std::string_view method);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(
     const at::Tensor& A, const at::Tensor& sketch, int64_t rank, int64_t power_iters,
     std::string_view method, const RsvdPolicy& policy);

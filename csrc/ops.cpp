@@ -9,6 +9,7 @@
 #include <string>
 
 #include "config.h"
+#include "linalg.h"
 
 namespace loraport {
 
@@ -39,6 +40,17 @@ TORCH_LIBRARY(loraport, m) {
         "-> (Tensor up2, Tensor down2)");
   // ||U1^T U2||_F^2 / min(k1, k2) in [0, 1]. U1: [..., m, k1], U2: [..., m, k2] -> [...].
   m.def("subspace_similarity(Tensor U1, Tensor U2) -> Tensor");
+  // Facts of rsvd that Python sizes its work with (csrc/linalg/rsvd.cpp), so they live in one
+  // place: the Krylov space's block count for a matrix with short side min_dim, and the bytes one
+  // rsvd call on batch x [m, n] of dtype allocates (its workspace, upcast chunk and outputs).
+  m.def("krylov_blocks(int power_iters, int min_dim, int block) -> int", &loraport::krylov_blocks);
+  m.def("rsvd_workspace_bytes(int batch, int m, int n, ScalarType dtype, int rank, int width, int power_iters, "
+        "str method) -> int",
+        [](int64_t batch, int64_t m, int64_t n, c10::ScalarType dtype, int64_t rank, int64_t width, int64_t power_iters,
+           c10::string_view method) {
+          return loraport::rsvd_workspace_bytes(batch, m, n, dtype, rank, width, power_iters,
+                                                std::string_view(method.data(), method.size()));
+        });
   // "torch=<version built against>;cuda=<nvcc version or empty>".
   m.def("build_info() -> str", &loraport::build_info);
   // TEST HOOK: sets an engine knob (docs/engine-knobs.md; "" = its default) for the rest of the

@@ -96,7 +96,37 @@ int64_t upcast_batch(int64_t b, int64_t m, int64_t n, const EngineConfig& config
 }  // namespace
 
 int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block) {
+  TORCH_CHECK_VALUE(power_iters >= 0 && min_dim >= 1 && block >= 1, "loraport.krylov_blocks: needs power_iters >= 0, "
+                    "min_dim >= 1 and block >= 1, got ", power_iters, ", ", min_dim, ", ", block);
   return std::max<int64_t>(1, std::min(power_iters + 1, min_dim / block));
+}
+
+// Per matrix in flight (b = the batch, or the upcast chunk of float16/bfloat16 input), in the
+// working precision's e bytes: the basis [m, L], B^T [n, L] and its orthonormal factor P [n, L]
+// (3(m + n)L, which also covers the Krylov loop's projection temporaries), CholeskyQR2's input,
+// Q1 and Q ([max(m, n), l] each) and its float64 copy for the Gram matrix (8 max(m, n) l); plus
+// the float32 staging buffer of an upcast chunk and the outputs U, S, V of the whole batch. Small
+// terms (the sketch, l x l Grams, the Householder redo of a matrix whose CholeskyQR broke down)
+// are left out: tests/test_memory_model.py checks the sum against measured peaks.
+int64_t rsvd_workspace_bytes(int64_t batch, int64_t m, int64_t n, at::ScalarType dtype, int64_t rank, int64_t width,
+                             int64_t power_iters, std::string_view method_name) {
+  const Method method = parse_method(method_name);
+  TORCH_CHECK_VALUE(batch >= 0 && m >= 1 && n >= 1 && rank >= 1 && width >= 1 && power_iters >= 0,
+                    "loraport.rsvd_workspace_bytes: needs batch >= 0 and m, n, rank, width >= 1, power_iters >= 0, "
+                    "got batch=", batch, ", m=", m, ", n=", n, ", rank=", rank, ", width=", width, ", power_iters=",
+                    power_iters);
+  TORCH_CHECK_VALUE(at::isFloatingType(dtype), "loraport.rsvd_workspace_bytes: dtype must be a floating-point type, got ",
+                    dtype);
+  const at::ScalarType work = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t e = int64_t(c10::elementSize(work));
+  const int64_t l = std::min({width, m, n}), long_side = std::max(m, n);
+  const int64_t L = method == Method::Krylov ? l * krylov_blocks(power_iters, std::min(m, n), l) : l;
+  const bool upcast = dtype != work;
+  const int64_t in_flight = upcast ? upcast_batch(batch, m, n, engine_config()) : batch;
+  const int64_t staging = upcast ? in_flight * m * n * e : 0;
+  const int64_t workspace = in_flight * (e * (3 * (m + n) * L + 3 * long_side * l) + 8 * long_side * l);
+  const int64_t outputs = batch * e * (m + n + 1) * rank;
+  return staging + workspace + outputs;
 }
 
 RsvdPolicy cuda_flow_policy() {
