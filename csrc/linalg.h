@@ -87,6 +87,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(
     const at::Tensor& A, const at::Tensor& sketch, int64_t rank, int64_t power_iters,
     std::string_view method, const RsvdPolicy& policy);
 
+// The SVD of a batch of low-rank products up down (up [..., m, p], down [..., p, n]) from the
+// factors, in their coordinates: A, B [..., p, p] and S [..., p] (descending), all float64, with
+// up down = (up A) diag(S) (down^T B)^T, up A and down^T B orthonormal (or zero) columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> product_svd_forward(const at::Tensor& up, const at::Tensor& down);
+
 std::tuple<at::Tensor, at::Tensor> project_lora_forward(
     const at::Tensor& up, const at::Tensor& down, const at::Tensor& U, const at::Tensor& V,
     int64_t rank);

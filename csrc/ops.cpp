@@ -38,6 +38,11 @@ TORCH_LIBRARY(loraport, m) {
   // Returns up2 [..., m, rank], down2 [..., rank, n] in the dtype of up/down.
   m.def("project_lora(Tensor up, Tensor down, Tensor U, Tensor V, int rank) "
         "-> (Tensor up2, Tensor down2)");
+  // The SVD of the low-rank products up @ down from the factors, up: [..., m, p], down: [..., p, n]:
+  // A [..., p, p], S [..., p] descending, B [..., p, p], all float64, with
+  // up @ down = (up @ A) diag(S) (down^T @ B)^T, the columns of up @ A and down^T @ B orthonormal
+  // (zero for directions beyond the factors' numerical rank). project_lora's core.
+  m.def("product_svd(Tensor up, Tensor down) -> (Tensor A, Tensor S, Tensor B)");
   // ||U1^T U2||_F^2 / min(k1, k2) in [0, 1]. U1: [..., m, k1], U2: [..., m, k2] -> [...].
   m.def("subspace_similarity(Tensor U1, Tensor U2) -> Tensor");
   // Facts of rsvd that Python sizes its work with (csrc/linalg/rsvd.cpp), so they live in one

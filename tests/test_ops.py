@@ -11,6 +11,7 @@ import torch
 import loraport
 from loraport import reference as ref
 from loraport.engine_knobs import override_for_testing
+from loraport.lowrank import ProductSVD
 
 from conftest import DEVICES
 
@@ -460,6 +461,30 @@ def test_project_lora_rank_above_subspace_is_clamped_default(generator):
     torch.testing.assert_close(up2 @ down2, ref.project_lora_dense(up, down, U, V), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_product_svd_is_the_svd_of_the_product(dtype, generator):
+    """product_svd (the core of project_lora and of lowrank.ProductSVD) against float64
+    torch.linalg.svd of the dense product of the same (rounded) factors, on a batch in which one
+    stack is exactly rank-deficient (a LoRA merged with itself); ProductSVD's rank-k factors are
+    the best rank-k approximation."""
+    G, m, n, p = 3, 70, 50, 6
+    up = torch.randn(G, m, p, generator=generator, dtype=torch.float64)
+    down = torch.randn(G, p, n, generator=generator, dtype=torch.float64)
+    up[1, :, 3:], down[1, 3:] = up[1, :, :3], down[1, :3]  # rank 3 in 6 columns
+    up, down = up.to(dtype), down.to(dtype)
+    A, S, B = torch.ops.loraport.product_svd(up, down)  # [G, p, p], [G, p], [G, p, p] float64
+    dense = up.double() @ down.double()  # [G, m, n]
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:, :p], rtol=0, atol=1e-12 * S[:, :1].max().item())
+    Uf, Vf = up.double() @ A, down.double().mT @ B  # [G, m, p], [G, n, p]
+    torch.testing.assert_close((Uf * S[:, None, :]) @ Vf.mT, dense, rtol=0, atol=1e-11 * dense.abs().max().item())
+    for g, rank in ((0, p), (1, 3), (2, p)):  # orthonormal columns where S > 0
+        torch.testing.assert_close(Uf[g, :, :rank].mT @ Uf[g, :, :rank], torch.eye(rank, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert S[1, 3:].max() <= 1e-12 * S[1, 0]
+    new_up, new_down = ProductSVD(up.double(), down.double()).factors(2)
+    for g in range(G):
+        torch.testing.assert_close(new_up[g] @ new_down[g], ref.best_rank(dense[g], 2), rtol=1e-10, atol=1e-10)
+
+
 def test_project_lora_never_forms_m_by_n():
     """m = n = 2^20: the dense update would need 8 TiB in fp64; the op must not care."""
     m = n = 1 << 20
@@ -553,6 +578,7 @@ def _opcheck_cases(device):
         (torch.ops.loraport.rsvd.default, (*to(A, sketch), 6, 2, "power")),
         (torch.ops.loraport.rsvd.default, (*to(A.bfloat16(), sketch), 6, 1, "krylov")),
         (torch.ops.loraport.project_lora.default, (*to(up, down, U, V), 3)),
+        (torch.ops.loraport.product_svd.default, tuple(to(up, down))),
         (torch.ops.loraport.subspace_similarity.default, tuple(to(U, U[..., :3]))),
     ]
 
@@ -579,7 +605,7 @@ def test_ops_trace_under_torch_compile():
 
 
 def test_build_registers_cuda_kernels_iff_built():
-    for op in ("rsvd", "project_lora", "subspace_similarity"):
+    for op in ("rsvd", "project_lora", "product_svd", "subspace_similarity"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"loraport::{op}", "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"loraport::{op}", "CUDA") == loraport.cuda_built()
     assert loraport.BUILD_INFO["torch"] == torch.__version__

@@ -69,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
 
 TORCH_LIBRARY_IMPL(loraport, CPU, m) {
   m.impl("rsvd", &rsvd_cpu);
+  m.impl("product_svd", &product_svd_forward);
   m.impl("project_lora", &project_lora_forward);
   m.impl("subspace_similarity", &subspace_similarity_forward);
 }

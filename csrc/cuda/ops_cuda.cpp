@@ -41,6 +41,11 @@ std::tuple<at::Tensor, at::Tensor> project_lora_cuda(const at::Tensor& up, const
   return project_lora_forward(up, down, U, V, rank);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> product_svd_cuda(const at::Tensor& up, const at::Tensor& down) {
+  const c10::cuda::CUDAGuard guard(up.device());
+  return product_svd_forward(up, down);
+}
+
 at::Tensor subspace_similarity_cuda(const at::Tensor& U1, const at::Tensor& U2) {
   const c10::cuda::CUDAGuard guard(U1.device());
   return subspace_similarity_forward(U1, U2);
@@ -50,6 +55,7 @@ at::Tensor subspace_similarity_cuda(const at::Tensor& U1, const at::Tensor& U2) 
 
 TORCH_LIBRARY_IMPL(loraport, CUDA, m) {
   m.impl("rsvd", &rsvd_cuda);
+  m.impl("product_svd", &product_svd_cuda);
   m.impl("project_lora", &project_lora_cuda);
   m.impl("subspace_similarity", &subspace_similarity_cuda);
 }

@@ -1,6 +1,9 @@
-// The two small ops on factors and bases: project_lora (the LoRA-X projection U U^T (up down)
-// V V^T as factors, never forming an m x n matrix) and subspace_similarity.
+// The small ops on factors and bases: product_svd (the one SVD of a low-rank product from its
+// factors, which project_lora and Python's lowrank.ProductSVD both use), project_lora (the LoRA-X
+// projection U U^T (up down) V V^T as factors, never forming an m x n matrix) and
+// subspace_similarity.
 #include <algorithm>
+#include <limits>
 #include <utility>
 
 #include "linalg.h"
@@ -10,6 +13,47 @@ namespace loraport {
 
 using at::Tensor;
 using namespace detail;
+
+namespace {
+
+// X = Q R with Q = X W orthonormal, without forming Q, for X [..., a, p]: from the float64 Gram
+// X^T X = E diag(lam) E^T, R = diag(lam)^(1/2) E^T and W = E diag(lam)^(-1/2), a pseudo-inverse:
+// directions with lam <= p * eps * lam_max (exactly rank-deficient factors, such as a LoRA merged
+// with itself) get a zero column in W and a zero row in R. Returns W, R [..., p, p] float64.
+// Two Gram products and a p x p eigendecomposition: tens of times faster than Householder QR of a
+// tall X on a CPU, and accurate to the float64 rounding of the Gram, far below the precision of
+// float32 or bfloat16 factors.
+std::pair<Tensor, Tensor> orthogonal_factor(const Tensor& X) {
+  const Tensor Xd = X.to(at::kDouble);
+  auto [lam, E] = at::linalg_eigh(at::matmul(Xd.mT(), Xd));  // [..., p] ascending, [..., p, p]
+  lam.clamp_min_(0);
+  const Tensor root = lam.sqrt();
+  const double cutoff = double(X.size(-1)) * std::numeric_limits<double>::epsilon();
+  const Tensor keep = lam.gt(lam.narrow(-1, lam.size(-1) - 1, 1) * cutoff);
+  const Tensor inverse_root =
+      at::where(keep, root.clamp_min(std::numeric_limits<double>::min()).reciprocal(), at::zeros_like(root));
+  return {E * inverse_root.unsqueeze(-2), root.unsqueeze(-1) * E.mT()};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> product_svd_forward(const Tensor& up, const Tensor& down) {
+  const char* op = "product_svd";
+  check_matrix(op, "up", up);
+  check_matrix(op, "down", down);
+  check_float(op, "up", up);
+  check_float(op, "down", down);
+  TORCH_CHECK_VALUE(up.size(-1) == down.size(-2) && up.sizes().slice(0, up.dim() - 2) == down.sizes().slice(0, down.dim() - 2),
+                    "loraport.product_svd: up [..., m, p] and down [..., p, n] must share the batch dims and p, got ",
+                    shape_str(up), " and ", shape_str(down));
+  // up = Qu Ru and down^T = Qd Rd with orthonormal Qu = up Wu, Qd = down^T Wd, so
+  // up down = Qu (Ru Rd^T) Qd^T, and the SVD of the p x p core Ru Rd^T = Uc S Vc^T is the exact
+  // SVD up down = (up Wu Uc) S (down^T Wd Vc)^T (its top k triplets the best rank-k approximation).
+  auto [Wu, Ru] = orthogonal_factor(up);                                              // [..., p, p]
+  auto [Wd, Rd] = orthogonal_factor(down.mT());
+  auto [Uc, S, Vch] = at::linalg_svd(at::matmul(Ru, Rd.mT()), /*full_matrices=*/false);  // [..., p, p], [..., p]
+  return {at::matmul(Wu, Uc), S, at::matmul(Wd, Vch.mT())};
+}
 
 std::tuple<Tensor, Tensor> project_lora_forward(const Tensor& up, const Tensor& down, const Tensor& U,
                                                 const Tensor& V, int64_t rank) {
@@ -35,17 +79,17 @@ std::tuple<Tensor, Tensor> project_lora_forward(const Tensor& up, const Tensor& 
   const at::ScalarType work = compute_dtype({up, down, U, V});
   const at::ScalarType out_dtype = at::promote_types(up.scalar_type(), down.scalar_type());
   const Tensor Uw = U.to(work), Vw = V.to(work);
-  // C = (U^T up)(down V) = P1 P2^T has rank <= r: factor both thin sides by QR and take the
-  // exact SVD of the small core R1 R2^T, so no k x k (let alone m x n) matrix is formed.
+  // C = (U^T up)(down V) = P1 P2^T has rank <= r: product_svd of the thin sides P1 [..., k, r]
+  // and P2^T gives its exact SVD C = (P1 A) S (P2 B)^T, so no k x k (let alone m x n) matrix is
+  // formed. P1 A and P2 B are small and taken in float64: A and B carry 1 / sigma(P) for weak
+  // directions of P, and a float32 product would cancel there.
   const Tensor P1 = at::matmul(Uw.mT(), up.to(work));       // [..., k, r]
   const Tensor P2 = at::matmul(Vw.mT(), down.to(work).mT());  // [..., k, r]
-  auto [Q1, R1] = at::linalg_qr(P1, "reduced");              // [..., k, c], [..., c, r], c = min(k, r)
-  auto [Q2, R2] = at::linalg_qr(P2, "reduced");
-  auto [Um, Sm, Vmh] = at::linalg_svd(at::matmul(R1, R2.mT()), /*full_matrices=*/false);  // [..., c, c]
-  const Tensor root = Sm.narrow(-1, 0, rank).sqrt();                                      // [..., rank]
-  // Singular values split evenly: up2 = U Q1 Um sqrt(S), down2 = sqrt(S) Vm^T Q2^T V^T.
-  const Tensor left = at::matmul(Q1, Um.narrow(-1, 0, rank)) * root.unsqueeze(-2);             // [..., k, rank]
-  const Tensor right = at::matmul(Q2, Vmh.narrow(-2, 0, rank).mT()) * root.unsqueeze(-2);      // [..., k, rank]
+  auto [A, S, B] = product_svd_forward(P1, P2.mT());         // [..., r, r], [..., r], [..., r, r] float64
+  const Tensor root = S.narrow(-1, 0, rank).sqrt();          // [..., rank]
+  // Singular values split evenly: up2 = U P1 A sqrt(S), down2 = sqrt(S) B^T P2^T V^T.
+  const Tensor left = at::matmul(P1.to(at::kDouble), A.narrow(-1, 0, rank) * root.unsqueeze(-2)).to(work);   // [..., k, rank]
+  const Tensor right = at::matmul(P2.to(at::kDouble), B.narrow(-1, 0, rank) * root.unsqueeze(-2)).to(work);  // [..., k, rank]
   Tensor up2 = at::matmul(Uw, left).to(out_dtype).contiguous();                                 // [..., m, rank]
   Tensor down2 = at::matmul(right.mT(), Vw.mT()).to(out_dtype).contiguous();                    // [..., rank, n]
   return {up2, down2};
