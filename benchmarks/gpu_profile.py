@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import loraport
+from loraport.engine_knobs import override_for_testing
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ def small_svd_candidates(batch: int, width: int) -> None:
 
 
 def ritz_finish_candidates() -> None:
-    """The QR after the eigensolver (csrc/linalg.cpp, small_svd_by_eigh): the Ritz vectors'
+    """The QR after the eigensolver (csrc/linalg/rayleigh_ritz.cpp, small_svd_by_eigh): the Ritz vectors'
     images W [batch, L, rank], columns orthogonal and scaled to unit norm, factored in fp64 by
     ATen's Householder QR (cuSOLVER's orgqr runs once per matrix) or by CholeskyQR2 in batched
     ATen calls, as the op's orthonormalizer does (its triangular inverse is a kernel of ours
@@ -168,7 +169,6 @@ def rayleigh_ritz_on_device_or_host() -> None:
         (4096, 64, 64, 8, "power", None, 2),
     ]
     settings = (("eigh", "1"), ("eigh", "0"), ("host", "1"))  # (LORAPORT_RAYLEIGH_RITZ, LORAPORT_CUSOLVER_EIGH)
-    saved = {name: os.environ.get(name) for name in ("LORAPORT_RAYLEIGH_RITZ", "LORAPORT_CUSOLVER_EIGH")}
     for batch, m, n, rank, method, block, q in cases:
         A = torch.randn(batch, m, n, device="cuda") / m**0.5
         width = block or rank + 8
@@ -176,20 +176,15 @@ def rayleigh_ritz_on_device_or_host() -> None:
         call = lambda: loraport.rsvd(A, rank, power_iters=q, method=method, block_size=block, seed=0)
         cells = []
         for rayleigh_ritz, batched in settings:
-            os.environ["LORAPORT_RAYLEIGH_RITZ"], os.environ["LORAPORT_CUSOLVER_EIGH"] = rayleigh_ritz, batched
-            cells.append(f"{median_ms(call, repeats=10):.2f}")
+            with override_for_testing(rayleigh_ritz=rayleigh_ritz, cusolver_eigh=batched):
+                cells.append(f"{median_ms(call, repeats=10):.2f}")
         print(f"| {batch} x [{m}, {n}] | {method} rank {rank} q={q} | {L} | " + " | ".join(cells) + " |")
         del A
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def skinny_gemm_rates(batch: int, m: int, n: int) -> None:
     """TFLOP/s of the tall-skinny products of one pass at several widths: A X, and A^T Q as
-    matmul(A^T, Q) and as (Q^T A)^T (linalg.cpp's adjoint_times)."""
+    matmul(A^T, Q) and as (Q^T A)^T (csrc/linalg/range_finders.cpp, adjoint_times)."""
     print(f"\n### skinny GEMMs on {batch} x [{m}, {n}]: TFLOP/s (median of 20)")
     print("| width | A X | A^T Q | (Q^T A)^T |")
     print("|---:|---:|---:|---:|")

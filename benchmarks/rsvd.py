@@ -28,17 +28,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 
 import loraport
 from loraport import reference as ref
+from loraport.engine_knobs import override_for_testing
 
 HUNYUAN_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
 QUICK_SHAPES = [(768, 768), (2304, 768), (768, 3072)]
@@ -184,8 +183,8 @@ def peers(k: int, oversample: int, device: str):
         torch.manual_seed(0)  # its sketch comes from the global generator: same sketch every run
         return torch.svd_lowrank(A, q=k + oversample, niter=q)
 
-    def one_gemm_per_product(A, q):  # the CPU's fused pass off (LORAPORT_GRAM_PASS=0)
-        with mock.patch.dict(os.environ, {"LORAPORT_GRAM_PASS": "0"}):
+    def one_gemm_per_product(A, q):  # the CPU's fused pass off (knob LORAPORT_GRAM_PASS=0)
+        with override_for_testing(gram_pass="0"):
             return loraport_rsvd("power")(A, q)
 
     methods = {

@@ -1,6 +1,10 @@
 // Device-generic math behind the loraport ops, written against ATen only: the same code runs
 // on CPU tensors (MKL/OpenBLAS GEMMs) and CUDA tensors (cuBLAS on torch's current stream). The
 // per-device files (cpu/ops_cpu.cpp, cuda/ops_cuda.cpp) choose a policy and register kernels.
+// The implementation, by responsibility, in csrc/linalg/: rsvd.cpp (the op's control flow),
+// range_finders.cpp (power and block Krylov), orthonormalize.cpp (CholeskyQR2 with a
+// Householder fallback), rayleigh_ritz.cpp (the small SVD), lowrank_ops.cpp (project_lora,
+// subspace_similarity).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,7 +29,7 @@ struct RsvdPolicy {
   // The Rayleigh-Ritz SVD of the small L x L factor:
   //   Svd: one SVD in the working precision (LAPACK on the CPU);
   //   Eigh: the fp64 eigendecomposition of its Gram matrix, then the QR of the Ritz vectors'
-  //     images by the op's CholeskyQR2 (small_svd_by_eigh in linalg.cpp), on the tensor's
+  //     images by the op's CholeskyQR2 (small_svd_by_eigh in linalg/rayleigh_ritz.cpp), on the tensor's
   //     device. On CUDA, cuSOLVER's fp32 Jacobi SVD left its
   //     singular vectors orthogonal to only 2e-5 (L = 72) and 1e-4 (L = 216), which
   //     U = basis Ur inherits, and its fp64 SVD took 1.4-1.6x as long; the fp64 eigensolver
@@ -36,16 +40,14 @@ struct RsvdPolicy {
   //     ATen's CUDA eigensolver does for its error check, so the op makes no extra sync. Its speed
   //     on a GPU machine varied from lease to lease (measurements in ops_cuda.cpp).
   // float64 work takes Svd whatever the policy says (rsvd_forward: Eigh squares the factor's
-  // condition number). LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides both (the CPU tests run
-  // each choice with it).
+  // condition number). The knob LORAPORT_RAYLEIGH_RITZ=svd|eigh|host overrides both (config.h;
+  // the CPU tests run each choice with it).
   enum class SmallSvd { Svd, Eigh, EighOnHost };
   SmallSvd rayleigh_ritz = SmallSvd::Svd;
   // fp64 symmetric G [b, L, L] -> {eigenvalues ascending [b, L], eigenvectors [b, L, L]} for the
   // Eigh choice; undefined tensors where the hook does not take G. Null or undefined =
   // at::linalg_eigh. CUDA: cuSOLVER's batched eigensolver (csrc/cuda/batched_eigh.cpp).
   std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor& G)> eigh;
-  // Half/bf16 inputs are upcast chunk by chunk; this bounds the fp32 copy.
-  int64_t upcast_chunk_bytes = int64_t(256) << 20;
   // Y [b, m, l] (fp32 or fp64) -> Y^T Y [b, l, l] in fp64; an undefined tensor where the hook
   // does not take Y. Null or undefined = ATen (copy to fp64 + GEMM).
   std::function<at::Tensor(const at::Tensor&)> gram_fp64;
@@ -67,13 +69,28 @@ struct RsvdPolicy {
 // The CUDA policy's device-independent choices, to which ops_cuda.cpp adds its kernels: no host
 // synchronization inside a factorization (failures are collected and their matrices redone
 // once, at the end), no Householder QR for small blocks, the fp64 eigensolver for the
-// Rayleigh-Ritz step. The CPU op runs with exactly this under LORAPORT_POLICY=cuda, so that the
+// Rayleigh-Ritz step. The CPU op runs with exactly this under the test knob cpu_policy=cuda, so that the
 // CPU tests cover the CUDA op's control flow (the fallbacks above all) on machines without a GPU.
 RsvdPolicy cuda_flow_policy();
+
+// Blocks of the Krylov space [Q0, Q1, ...] that rsvd's method "krylov" builds from blocks of
+// `block` columns: power_iters + 1, but never wider than the matrix (min_dim = min(m, n)).
+int64_t krylov_blocks(int64_t power_iters, int64_t min_dim, int64_t block);
+
+// Bytes that one rsvd call on `batch` [m, n] matrices of `dtype` allocates at its peak, with
+// sketch width `width` (the Krylov block) and `rank` outputs: an estimate from above of its
+// workspace, float32 upcast chunk and outputs (csrc/linalg/rsvd.cpp says what it counts).
+int64_t rsvd_workspace_bytes(int64_t batch, int64_t m, int64_t n, at::ScalarType dtype, int64_t rank, int64_t width,
+                             int64_t power_iters, std::string_view method);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_forward(
     const at::Tensor& A, const at::Tensor& sketch, int64_t rank, int64_t power_iters,
     std::string_view method, const RsvdPolicy& policy);
+
+// The SVD of a batch of low-rank products up down (up [..., m, p], down [..., p, n]) from the
+// factors, in their coordinates: A, B [..., p, p] and S [..., p] (descending), all float64, with
+// up down = (up A) diag(S) (down^T B)^T, up A and down^T B orthonormal (or zero) columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> product_svd_forward(const at::Tensor& up, const at::Tensor& down);
 
 std::tuple<at::Tensor, at::Tensor> project_lora_forward(
     const at::Tensor& up, const at::Tensor& down, const at::Tensor& U, const at::Tensor& V,

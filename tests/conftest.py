@@ -1,10 +1,13 @@
 """Shared pytest setup: device parametrization and the skip rule for CUDA tests (skipped
 cleanly when there is no GPU or the CUDA kernels were not built)."""
 
+import contextlib
+
 import pytest
 import torch
 
 import loraport
+from loraport.engine_knobs import override_for_testing
 
 
 def cuda_ready() -> bool:
@@ -29,15 +32,23 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
     params=[("cpu", "cpu"), ("cpu", "cuda"), pytest.param(("cuda", "cuda"), marks=pytest.mark.cuda)],
     ids=["cpu", "cpu-cuda-flow", "cuda"],
 )
-def rsvd_device(request, monkeypatch):
+def rsvd_device(request):
     """The device of an rsvd test, with the CPU op run twice: under its own policy and under the
-    CUDA op's control flow (LORAPORT_POLICY=cuda; csrc/linalg.h, cuda_flow_policy: CholeskyQR
+    CUDA op's control flow (test knob cpu_policy=cuda; csrc/linalg.h, cuda_flow_policy: CholeskyQR
     failures collected and their matrices redone at the end of the op, no Householder QR for
     small blocks, the fp64 eigensolver for the Rayleigh-Ritz step), so machines without a GPU
     test the CUDA op's fallbacks too."""
     device, policy = request.param
-    monkeypatch.setenv("LORAPORT_POLICY", policy)
-    return device
+    with override_for_testing(cpu_policy=policy):
+        yield device
+
+
+@pytest.fixture
+def engine_knob():
+    """set(**knobs): sets engine knobs (docs/engine-knobs.md) for the rest of the test through the
+    op library's test hook; they are put back when the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **knobs: stack.enter_context(override_for_testing(**knobs))
 
 
 @pytest.fixture

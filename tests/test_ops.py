@@ -10,6 +10,8 @@ import torch
 
 import loraport
 from loraport import reference as ref
+from loraport.engine_knobs import override_for_testing
+from loraport.lowrank import ProductSVD
 
 from conftest import DEVICES
 
@@ -139,14 +141,14 @@ def test_rsvd_narrow_krylov_block_beats_power_at_equal_flops(generator):
 
 @pytest.mark.parametrize("m, n", [(120, 90), (90, 120)])
 @pytest.mark.parametrize("per_chunk", [1, 2])
-def test_rsvd_half_precision_upcast_in_chunks(generator, monkeypatch, m, n, per_chunk, rsvd_device):
+def test_rsvd_half_precision_upcast_in_chunks(generator, engine_knob, m, n, per_chunk, rsvd_device):
     """A bf16 batch larger than one upcast chunk is decomposed chunk by chunk (1 or 2 matrices per
-    chunk, set through LORAPORT_UPCAST_CHUNK_BYTES; with 2, the last chunk half-fills the reused
+    chunk, set through the knob upcast_chunk_bytes; with 2, the last chunk half-fills the reused
     staging buffer), tall and wide, with the same result as in one chunk."""
     device = rsvd_device
     A = spectrum_matrix(m, n, SLOW, generator, batch=(5,)).to(device, torch.bfloat16)
     whole = loraport.rsvd(A, 8, seed=5, method="krylov")
-    monkeypatch.setenv("LORAPORT_UPCAST_CHUNK_BYTES", str(per_chunk * m * n * 4 + 100))  # fp32 matrices
+    engine_knob(upcast_chunk_bytes=str(per_chunk * m * n * 4 + 100))  # fp32 matrices
     chunked = loraport.rsvd(A, 8, seed=5, method="krylov")
     torch.testing.assert_close(chunked.S, whole.S, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked.U, whole.U, rtol=1e-4, atol=1e-4)
@@ -211,10 +213,9 @@ def assert_same_decomposition(got, want, A, k, error_rtol):
     assert orthogonality_error(got.U) <= 1e-5 and orthogonality_error(got.V) <= 1e-5
 
 
-def _rsvd_plain(monkeypatch, A, rank, **kw):
+def _rsvd_plain(A, rank, **kw):
     """rsvd with the fused CPU pass turned off: one GEMM per product."""
-    with monkeypatch.context() as mp:
-        mp.setenv("LORAPORT_GRAM_PASS", "0")
+    with override_for_testing(gram_pass="0"):
         return loraport.rsvd(A, rank, **kw)
 
 
@@ -232,14 +233,14 @@ def _rsvd_plain(monkeypatch, A, rank, **kw):
         ((), 4101, 130, 4),  # tall, M has 130 columns: a 2-column last tile of W
     ],
 )
-def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, method, q, batch, m, n, k):
+def test_rsvd_gram_pass_matches_one_gemm_per_product(generator, method, q, batch, m, n, k):
     """The fused CPU pass (csrc/cpu/gram_pass_avx2.cpp: M X and M^T (M X) in one read of M) is
     the same power or block Krylov iteration as one GEMM per product, up to fp32 rounding, on
     shapes that hit every edge of its tiling; and it does run (the results are not bit-identical,
     as they are when the op falls back to the plain path)."""
     A = spectrum_matrix(m, n, SLOW, generator, batch=batch).float()
     fused = loraport.rsvd(A, k, power_iters=q, method=method, seed=4)
-    plain = _rsvd_plain(monkeypatch, A, k, power_iters=q, method=method, seed=4)
+    plain = _rsvd_plain(A, k, power_iters=q, method=method, seed=4)
     assert not torch.equal(fused.S, plain.S) or not torch.equal(fused.U, plain.U)
     assert_same_decomposition(fused, plain, A, k, error_rtol=1e-4)
 
@@ -247,7 +248,7 @@ def test_rsvd_gram_pass_matches_one_gemm_per_product(monkeypatch, generator, met
 @needs_avx2
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
-def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, method, m, n):
+def test_rsvd_gram_pass_falls_back_on_fast_spectra(generator, method, m, n):
     """On a spectrum decaying by 2x per singular value, applying M^T to an unorthonormalized M X
     would lose the weaker sketch directions to fp32 rounding: the op sees the ill-conditioning
     and redoes the matrix with one GEMM per product, giving exactly the plain path's result. In
@@ -255,7 +256,7 @@ def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, metho
     fast = 0.5 ** torch.arange(300, dtype=torch.float64)
     A = spectrum_matrix(m, n, fast, generator).float()
     fused = loraport.rsvd(A, 12, power_iters=2, method=method, seed=1)
-    plain = _rsvd_plain(monkeypatch, A, 12, power_iters=2, method=method, seed=1)
+    plain = _rsvd_plain(A, 12, power_iters=2, method=method, seed=1)
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)
     mixed = torch.stack([spectrum_matrix(m, n, SLOW, generator), A.double(), spectrum_matrix(m, n, SLOW, generator)]).float()
@@ -267,7 +268,7 @@ def test_rsvd_gram_pass_falls_back_on_fast_spectra(monkeypatch, generator, metho
 
 @needs_avx2
 @pytest.mark.parametrize("m, n", [(1001, 203), (203, 1001)], ids=["tall", "wide"])
-def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatch, generator, m, n):
+def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(generator, m, n):
     """A of exact rank 12 and Krylov blocks of 8: the first block is well conditioned, but only 4
     new directions are left for the second, the rest being rounding. The fused Krylov pass would
     blow that rounding of A^T Y up in the block's image; the op sees the amplification and redoes
@@ -276,7 +277,7 @@ def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatc
     A = spectrum_matrix(m, n, flat, generator).float()
     kw = dict(power_iters=2, method="krylov", block_size=8, seed=2)
     fused = loraport.rsvd(A, 8, **kw)
-    plain = _rsvd_plain(monkeypatch, A, 8, **kw)
+    plain = _rsvd_plain(A, 8, **kw)
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)
 
@@ -296,7 +297,7 @@ def test_rsvd_gram_pass_krylov_falls_back_when_the_space_is_exhausted(monkeypatc
         # Krylov's Rayleigh-Ritz basis (384 columns) goes to ATen's triangular solve
     ],
 )
-def test_rsvd_skinny_kernels_match_aten(monkeypatch, generator, method, spectrum, batch, m, n, k):
+def test_rsvd_skinny_kernels_match_aten(generator, method, spectrum, batch, m, n, k):
     """The CPU's small-product kernels (csrc/cpu/skinny_avx2.cpp: CholeskyQR's fp32 and fp64
     Grams, Y R^{-1} with its triangular inverse, the Rayleigh-Ritz products) give ATen's results
     up to fp32 rounding, on shapes that hit every edge of their tiling; and they do run. On the
@@ -305,8 +306,7 @@ def test_rsvd_skinny_kernels_match_aten(monkeypatch, generator, method, spectrum
     k = k if spectrum == "slow" else min(k, 32)  # fast: sigma_32 / sigma_1 = 8e-4, resolved in fp32
     A = spectrum_matrix(m, n, decay, generator, batch=batch).float()
     ours = loraport.rsvd(A, k, power_iters=2, method=method, seed=3)
-    with monkeypatch.context() as mp:
-        mp.setenv("LORAPORT_SKINNY_KERNELS", "0")
+    with override_for_testing(skinny_kernels="0"):
         aten = loraport.rsvd(A, k, power_iters=2, method=method, seed=3)
     assert not torch.equal(ours.U, aten.U)
     assert_same_decomposition(ours, aten, A, k, error_rtol=1e-4)
@@ -316,10 +316,10 @@ def test_rsvd_skinny_kernels_match_aten(monkeypatch, generator, method, spectrum
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("case", ["slow", "fast", "rank-deficient", "float64"])
 @pytest.mark.parametrize("rank", [20, 60])
-def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, choice, method, case, rank):
+def test_rsvd_eigh_rayleigh_ritz_matches_svd(engine_knob, generator, choice, method, case, rank):
     """The CUDA op's Rayleigh-Ritz steps (the fp64 eigendecomposition of the small factor's Gram,
     then the QR of the Ritz vectors' images, on the device or on the host:
-    RsvdPolicy::SmallSvd), run on the CPU through LORAPORT_RAYLEIGH_RITZ: the SVD's triplets
+    RsvdPolicy::SmallSvd), run on the CPU through the knob rayleigh_ritz: the SVD's triplets
     where they are resolved, orthonormal everywhere, also across the noise directions of an
     exactly rank-deficient input. On the device that QR is the op's CholeskyQR2; on the CPU it
     is Householder QR up to 2048 elements (rank 20: 28 x 20, 84 x 20 for krylov) and
@@ -332,7 +332,7 @@ def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, choice, met
         A = A if case == "float64" else A.float()
     results = {}
     for small_svd in ("svd", choice):
-        monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+        engine_knob(rayleigh_ritz=small_svd)
         results[small_svd] = loraport.rsvd(A, rank, power_iters=2, method=method, seed=4)
     (U, S, V), (U_svd, S_svd, V_svd) = results[choice], results["svd"]
     orthonormal = 1e-12 if case == "float64" else 1e-5
@@ -353,13 +353,13 @@ def test_rsvd_eigh_rayleigh_ritz_matches_svd(monkeypatch, generator, choice, met
         assert loraport.subspace_similarity(X[..., :top], X_svd[..., :top]).min().item() == pytest.approx(1.0, abs=tol)
 
 
-def test_rsvd_eigh_rayleigh_ritz_in_slices(monkeypatch, generator):
-    """More small matrices than one batched eigensolver call takes (4096, csrc/linalg.cpp): the
-    slices give what the SVD gives."""
+def test_rsvd_eigh_rayleigh_ritz_in_slices(engine_knob, generator):
+    """More small matrices than one batched eigensolver call takes (4096,
+    csrc/linalg/rayleigh_ritz.cpp): the slices give what the SVD gives."""
     A = torch.randn(4100, 12, 7, generator=generator)
     results = {}
     for choice in ("svd", "eigh"):
-        monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", choice)
+        engine_knob(rayleigh_ritz=choice)
         results[choice] = loraport.rsvd(A, 3, oversample=2, seed=0)
     torch.testing.assert_close(results["eigh"].S, results["svd"].S, rtol=1e-5, atol=1e-6)
     for part in (slice(0, 3), slice(4094, 4098), slice(-2, None)):
@@ -397,13 +397,13 @@ def test_rsvd_exactly_low_rank_input_keeps_orthonormal_basis(method, m, rsvd_dev
 @pytest.mark.parametrize("small_svd", ["svd", "eigh", "host"])
 @pytest.mark.parametrize("method", ["power", "krylov"])
 @pytest.mark.parametrize("shape", [(3, 500, 90), (2, 90, 500), (3, 40, 30)])
-def test_rsvd_zero_matrix(monkeypatch, small_svd, method, shape, rsvd_device):
+def test_rsvd_zero_matrix(engine_knob, small_svd, method, shape, rsvd_device):
     """An all-zero layer (rank 60 of a 90-wide one; rank 20 of [40, 30]): S = 0 and orthonormal
     U, V, by every Rayleigh-Ritz choice. Every factorization on the way sees a zero matrix, so
     each CholeskyQR fails and must fall back to Householder QR, the eigh choice's QR of the Ritz
     vectors' images included (the images are exactly zero)."""
     device = rsvd_device
-    monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+    engine_knob(rayleigh_ritz=small_svd)
     rank = 20 if shape[-1] == 30 else 60
     U, S, V = loraport.rsvd(torch.zeros(shape, device=device), rank, method=method, seed=0)
     assert U.isfinite().all() and V.isfinite().all()
@@ -459,6 +459,30 @@ def test_project_lora_rank_above_subspace_is_clamped_default(generator):
     up2, down2 = loraport.project_lora(up, down, U, V)  # k = 4 < r = 16: output rank 4, exact
     assert up2.shape == (40, 4)
     torch.testing.assert_close(up2 @ down2, ref.project_lora_dense(up, down, U, V), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_product_svd_is_the_svd_of_the_product(dtype, generator):
+    """product_svd (the core of project_lora and of lowrank.ProductSVD) against float64
+    torch.linalg.svd of the dense product of the same (rounded) factors, on a batch in which one
+    stack is exactly rank-deficient (a LoRA merged with itself); ProductSVD's rank-k factors are
+    the best rank-k approximation."""
+    G, m, n, p = 3, 70, 50, 6
+    up = torch.randn(G, m, p, generator=generator, dtype=torch.float64)
+    down = torch.randn(G, p, n, generator=generator, dtype=torch.float64)
+    up[1, :, 3:], down[1, 3:] = up[1, :, :3], down[1, :3]  # rank 3 in 6 columns
+    up, down = up.to(dtype), down.to(dtype)
+    A, S, B = torch.ops.loraport.product_svd(up, down)  # [G, p, p], [G, p], [G, p, p] float64
+    dense = up.double() @ down.double()  # [G, m, n]
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:, :p], rtol=0, atol=1e-12 * S[:, :1].max().item())
+    Uf, Vf = up.double() @ A, down.double().mT @ B  # [G, m, p], [G, n, p]
+    torch.testing.assert_close((Uf * S[:, None, :]) @ Vf.mT, dense, rtol=0, atol=1e-11 * dense.abs().max().item())
+    for g, rank in ((0, p), (1, 3), (2, p)):  # orthonormal columns where S > 0
+        torch.testing.assert_close(Uf[g, :, :rank].mT @ Uf[g, :, :rank], torch.eye(rank, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert S[1, 3:].max() <= 1e-12 * S[1, 0]
+    new_up, new_down = ProductSVD(up.double(), down.double()).factors(2)
+    for g in range(G):
+        torch.testing.assert_close(new_up[g] @ new_down[g], ref.best_rank(dense[g], 2), rtol=1e-10, atol=1e-10)
 
 
 def test_project_lora_never_forms_m_by_n():
@@ -529,12 +553,12 @@ def test_bad_input_raises_value_error(call, message):
 @pytest.mark.parametrize("small_svd", ["svd", "eigh", "host"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("method", ["power", "krylov"])
-def test_rsvd_non_finite_entry_in_a_batch_raises_value_error(monkeypatch, small_svd, value, method, rsvd_device, generator):
+def test_rsvd_non_finite_entry_in_a_batch_raises_value_error(engine_knob, small_svd, value, method, rsvd_device, generator):
     """One NaN or Inf entry in one matrix of a batch of layer-sized blocks (CholeskyQR2, not
     Householder, on every device): ValueError naming it, for each Rayleigh-Ritz choice and in the
     CUDA flow too, where the failed factorizations are redone at the end of the op and the redo
     meets the NaN."""
-    monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+    engine_knob(rayleigh_ritz=small_svd)
     A = torch.randn(3, 500, 90, generator=generator)
     A[1, 17, 40] = value
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -554,6 +578,7 @@ def _opcheck_cases(device):
         (torch.ops.loraport.rsvd.default, (*to(A, sketch), 6, 2, "power")),
         (torch.ops.loraport.rsvd.default, (*to(A.bfloat16(), sketch), 6, 1, "krylov")),
         (torch.ops.loraport.project_lora.default, (*to(up, down, U, V), 3)),
+        (torch.ops.loraport.product_svd.default, tuple(to(up, down))),
         (torch.ops.loraport.subspace_similarity.default, tuple(to(U, U[..., :3]))),
     ]
 
@@ -580,7 +605,7 @@ def test_ops_trace_under_torch_compile():
 
 
 def test_build_registers_cuda_kernels_iff_built():
-    for op in ("rsvd", "project_lora", "subspace_similarity"):
+    for op in ("rsvd", "project_lora", "product_svd", "subspace_similarity"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"loraport::{op}", "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"loraport::{op}", "CUDA") == loraport.cuda_built()
     assert loraport.BUILD_INFO["torch"] == torch.__version__
@@ -634,12 +659,12 @@ def test_cuda_gram_kernel_at_layer_sizes_matches_cpu(method, generator):
 @pytest.mark.cuda
 @pytest.mark.parametrize("small_svd", ["eigh", "host"])
 @pytest.mark.parametrize("block", [130, 350])
-def test_cuda_wide_krylov_space_matches_cpu(monkeypatch, small_svd, block, generator):
+def test_cuda_wide_krylov_space_matches_cpu(engine_knob, small_svd, block, generator):
     """Krylov spaces of 3 x 130 = 390 and 3 x 350 = 1050 columns: CholeskyQR's triangular
     inverses at widths ragged against the kernel's 4-warp blocks (csrc/cuda/kernels.cu), and
     beyond its 1024-column limit (ATen's solve), and the Rayleigh-Ritz step on the device or on
     the host (LORAPORT_RAYLEIGH_RITZ): the CPU's result."""
-    monkeypatch.setenv("LORAPORT_RAYLEIGH_RITZ", small_svd)
+    engine_knob(rayleigh_ritz=small_svd)
     A = spectrum_matrix(3000, 1200, SLOW, generator, batch=(2,)).float()
     sketch = torch.randn(1200, block, generator=generator)
     cpu = torch.ops.loraport.rsvd(A, sketch, 100, 2, "krylov")
@@ -652,7 +677,7 @@ def test_cuda_wide_krylov_space_matches_cpu(monkeypatch, small_svd, block, gener
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["power", "krylov"])
-def test_cuda_batched_eigensolver_matches_torch_eigh(monkeypatch, method, generator):
+def test_cuda_batched_eigensolver_matches_torch_eigh(engine_knob, method, generator):
     """The Rayleigh-Ritz eigensolver by one cuSOLVER call for the batch (csrc/cuda/batched_eigh.cpp;
     L = 72 for power, 216 for krylov, batch 3): LORAPORT_CUSOLVER_EIGH=require makes any fallback
     to torch.linalg.eigh an error, so this fails unless it ran and passed its own check; and it
@@ -660,7 +685,7 @@ def test_cuda_batched_eigensolver_matches_torch_eigh(monkeypatch, method, genera
     A = spectrum_matrix(1500, 600, SLOW, generator, batch=(3,)).float().cuda()
     results = {}
     for choice in ("require", "0"):
-        monkeypatch.setenv("LORAPORT_CUSOLVER_EIGH", choice)
+        engine_knob(cusolver_eigh=choice)
         results[choice] = loraport.rsvd(A, 64, method=method, seed=5)
     batched, aten = results["require"], results["0"]
     torch.testing.assert_close(batched.S, aten.S, rtol=1e-5, atol=1e-6)

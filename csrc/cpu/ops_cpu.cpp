@@ -1,11 +1,11 @@
-// CPU kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp run on
+// CPU kernels of the loraport ops: the device-generic algorithms of csrc/linalg/ run on
 // ATen's CPU BLAS, with a CPU policy (check each CholeskyQR at once, Householder QR for small
 // blocks, the AVX2 kernels of csrc/cpu/kernels_avx2.h). Schemas: csrc/ops.cpp.
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string_view>
 
+#include "config.h"
 #include "cpu/kernels_avx2.h"
 #include "linalg.h"
 
@@ -22,13 +22,6 @@ bool avx2_kernels_available() {
 
 namespace {
 
-// LORAPORT_GRAM_PASS=0 turns the fused pass off, LORAPORT_SKINNY_KERNELS=0 the small products
-// (tests and benchmarks compare each with ATen's GEMMs).
-bool enabled(const char* env_name) {
-  const char* env = std::getenv(env_name);
-  return avx2_kernels_available() && !(env && std::string_view(env) == "0");
-}
-
 // The operands skinny_avx2.cpp takes: CPU float32, X (and Y) [b, m, l] with unit column stride.
 bool skinny_operand(const at::Tensor& X) {
   return X.dim() == 3 && X.scalar_type() == at::kFloat && X.stride(-1) == 1 && X.device().is_cpu();
@@ -38,12 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
                                                         int64_t rank, int64_t power_iters,
                                                         c10::string_view method) {
   const std::string_view method_name(method.data(), method.size());
-  if (const char* env = std::getenv("LORAPORT_POLICY")) {
-    const std::string_view choice(env);
-    TORCH_CHECK_VALUE(choice == "cpu" || choice == "cuda", "LORAPORT_POLICY must be cpu or cuda, got ", choice);
-    // The CUDA op's control flow without its kernels (linalg.h, cuda_flow_policy), for the tests.
-    if (choice == "cuda") return rsvd_forward(A, sketch, rank, power_iters, method_name, cuda_flow_policy());
-  }
+  const EngineConfig config = engine_config();
+  // Test knob cpu_policy=cuda: the CUDA op's control flow without its kernels (linalg.h, cuda_flow_policy).
+  if (config.cpu_runs_cuda_flow) return rsvd_forward(A, sketch, rank, power_iters, method_name, cuda_flow_policy());
   RsvdPolicy policy;
   policy.check_each_qr = true;
   // Householder for blocks of at most 2048 elements: ATen's batched QR runs LAPACK one matrix
@@ -54,8 +44,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
   // rank 16: 145 / 150 / 194 ms; 16 x [640, 640] rank 64: 104 / 100 / 109 ms.
   policy.householder_max_elements = 2048;
 #if defined(LORAPORT_WITH_AVX2)
-  if (enabled("LORAPORT_GRAM_PASS")) policy.gram_pass = &gram_pass_avx2;
-  if (enabled("LORAPORT_SKINNY_KERNELS")) {
+  // The knobs LORAPORT_GRAM_PASS=0 and LORAPORT_SKINNY_KERNELS=0 turn the fused pass and the small
+  // products off (tests and benchmarks compare each with ATen's GEMMs).
+  if (config.gram_pass && avx2_kernels_available()) policy.gram_pass = &gram_pass_avx2;
+  if (config.skinny_kernels && avx2_kernels_available()) {
     policy.gram = [](const at::Tensor& Y) { return skinny_operand(Y) ? gram_avx2(Y) : at::Tensor(); };
     policy.gram_fp64 = [](const at::Tensor& Y) {
       return skinny_operand(Y) ? gram_fp64_avx2(Y) : at::Tensor();
@@ -77,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A, con
 
 TORCH_LIBRARY_IMPL(loraport, CPU, m) {
   m.impl("rsvd", &rsvd_cpu);
+  m.impl("product_svd", &product_svd_forward);
   m.impl("project_lora", &project_lora_forward);
   m.impl("subspace_similarity", &subspace_similarity_forward);
 }

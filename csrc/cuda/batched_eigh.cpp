@@ -15,6 +15,8 @@
 // missing means at::linalg_eigh.
 #include "cuda/batched_eigh.h"
 
+#include "config.h"
+
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cusolverDn.h>
@@ -37,16 +39,10 @@ namespace {
 
 using at::Tensor;
 
-enum class Mode { Off, On, Require };
+using Mode = EngineConfig::CusolverEigh;
 
-Mode mode_from_env() {
-  const char* env = std::getenv("LORAPORT_CUSOLVER_EIGH");
-  if (!env) return Mode::On;
-  const std::string_view choice(env);
-  TORCH_CHECK_VALUE(choice == "0" || choice == "1" || choice == "require",
-                    "LORAPORT_CUSOLVER_EIGH must be 0, 1 or require, got ", choice);
-  return choice == "0" ? Mode::Off : choice == "require" ? Mode::Require : Mode::On;
-}
+// The knob LORAPORT_CUSOLVER_EIGH (config.h), parsed once.
+Mode configured_mode() { return engine_config().cusolver_eigh; }
 
 // at::linalg_eigh's turn (undefined tensors); an error instead under LORAPORT_CUSOLVER_EIGH=require.
 std::tuple<Tensor, Tensor> fall_back(Mode mode, const char* why) {
@@ -140,7 +136,7 @@ constexpr double kCheckTolerance = 1e-10;
 }  // namespace
 
 std::tuple<Tensor, Tensor> batched_eigh_cusolver(const Tensor& G) {
-  const Mode mode = mode_from_env();
+  const Mode mode = configured_mode();
   if (mode == Mode::Off || !takes(G)) return {};
   auto fallback = [mode](const char* why) { return fall_back(mode, why); };
   if (distrusted.load()) return fallback("an earlier result failed its check");
@@ -196,7 +192,7 @@ std::tuple<Tensor, Tensor> batched_eigh_cusolver(const Tensor& G) {
 #else  // cuSOLVER headers without cusolverDnXsyevBatched (CUDA < 12.6): at::linalg_eigh only
 
 std::tuple<Tensor, Tensor> batched_eigh_cusolver(const Tensor& G) {
-  const Mode mode = mode_from_env();
+  const Mode mode = configured_mode();
   return mode == Mode::Off || !takes(G) ? std::tuple<Tensor, Tensor>() : fall_back(mode, "built without it (CUDA < 12.6)");
 }
 

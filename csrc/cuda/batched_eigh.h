@@ -1,5 +1,5 @@
 // One call of cuSOLVER's batched eigensolver for the Rayleigh-Ritz step on CUDA
-// (csrc/cuda/batched_eigh.cpp), which the CUDA policy (ops_cuda.cpp) hands to linalg.cpp.
+// (csrc/cuda/batched_eigh.cpp), which the CUDA policy (ops_cuda.cpp) hands to csrc/linalg/.
 #pragma once
 
 #include <ATen/ATen.h>

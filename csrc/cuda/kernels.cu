@@ -3,7 +3,7 @@
 // gram_fp64: G = Y^T Y for a batch of tall-skinny fp32 Y [b, m, l], accumulated in fp64
 // straight from the fp32 data. cuBLAS has no fp32-input/fp64-compute GEMM, so the alternative
 // is an fp64 copy of Y plus a DGEMM; this kernel reads Y once. It is the first step of the
-// mixed-precision CholeskyQR in csrc/linalg.cpp.
+// mixed-precision CholeskyQR in csrc/linalg/orthonormalize.cpp.
 //
 // upper_inverse: R^{-1} for a batch of small upper-triangular fp64 R [b, l, l], the second
 // step of CholeskyQR (Q = Y R^{-1} is then one GEMM). ATen's route, a batched triangular solve

@@ -1,4 +1,4 @@
-// CUDA kernels of the loraport ops: the device-generic algorithms of csrc/linalg.cpp on
+// CUDA kernels of the loraport ops: the device-generic algorithms of csrc/linalg/ on
 // cuBLAS/cuSOLVER (torch's current stream), plus, in a build with nvcc (LORAPORT_CUDA_KERNELS),
 // our own fused fp32-in/fp64-accumulate Gram and triangular-inverse kernels
 // (csrc/cuda/kernels.cu) for CholeskyQR. This file is plain C++: without nvcc it is compiled
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A, co
 #ifdef LORAPORT_CUDA_KERNELS
   if (kernels_run_on(A.device().index())) {  // else (a GPU this build lacks): ATen's Gram and triangular solve
     policy.gram_fp64 = [](const at::Tensor& Y) {
-      return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg.cpp's ATen Gram
+      return Y.scalar_type() == at::kFloat ? gram_fp64_cuda(Y) : at::Tensor();  // fp64 Y: linalg/orthonormalize.cpp's ATen Gram
     };
     policy.upper_inverse = [](const at::Tensor& R, at::ScalarType dtype) {
       return R.size(-1) <= kUpperInverseMaxSize ? upper_inverse_cuda(R, dtype) : at::Tensor();  // beyond: ATen
@@ -50,6 +50,11 @@ std::tuple<at::Tensor, at::Tensor> project_lora_cuda(const at::Tensor& up, const
   return project_lora_forward(up, down, U, V, rank);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> product_svd_cuda(const at::Tensor& up, const at::Tensor& down) {
+  const c10::cuda::CUDAGuard guard(up.device());
+  return product_svd_forward(up, down);
+}
+
 at::Tensor subspace_similarity_cuda(const at::Tensor& U1, const at::Tensor& U2) {
   const c10::cuda::CUDAGuard guard(U1.device());
   return subspace_similarity_forward(U1, U2);
@@ -59,6 +64,7 @@ at::Tensor subspace_similarity_cuda(const at::Tensor& U1, const at::Tensor& U2) 
 
 TORCH_LIBRARY_IMPL(loraport, CUDA, m) {
   m.impl("rsvd", &rsvd_cuda);
+  m.impl("product_svd", &product_svd_cuda);
   m.impl("project_lora", &project_lora_cuda);
   m.impl("subspace_similarity", &subspace_similarity_cuda);
 }

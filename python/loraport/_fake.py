@@ -22,6 +22,16 @@ def _rsvd_fake(A, sketch, rank, power_iters, method):
     )
 
 
+@torch.library.register_fake("loraport::product_svd")
+def _product_svd_fake(up, down):
+    *batch, _, p = up.shape
+    return (
+        up.new_empty((*batch, p, p), dtype=torch.float64),
+        up.new_empty((*batch, p), dtype=torch.float64),
+        up.new_empty((*batch, p, p), dtype=torch.float64),
+    )
+
+
 @torch.library.register_fake("loraport::project_lora")
 def _project_lora_fake(up, down, U, V, rank):
     dtype = torch.promote_types(up.dtype, down.dtype)

@@ -46,9 +46,9 @@ def _check_int(op: str, name: str, value: object, minimum: int) -> int:
 
 def krylov_blocks(short_side: int, width: int, power_iters: int) -> int:
     """Blocks of the Krylov space rsvd builds from blocks of ``width`` columns on a matrix whose
-    short side is ``short_side``: power_iters + 1, but never wider than the matrix (the op's
-    krylov_blocks in csrc/linalg.cpp)."""
-    return max(1, min(power_iters + 1, short_side // width))
+    short side is ``short_side``: power_iters + 1, but never wider than the matrix. Asked from
+    the op library (loraport::krylov_blocks, csrc/linalg/rsvd.cpp), whose rsvd applies it."""
+    return torch.ops.loraport.krylov_blocks(power_iters, short_side, width)
 
 
 def rsvd(

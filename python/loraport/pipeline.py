@@ -499,48 +499,34 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
     return plan
 
 
-UPCAST_CHUNK_BYTES = 256 << 20  # csrc/linalg.h, RsvdPolicy::upcast_chunk_bytes
-
-
 def group_bytes(
     layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
     elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None,
 ) -> int:  # fmt: skip
     """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
-    stacked element) holds at once on ``device``, following csrc/linalg.cpp's rsvd:
+    stacked element: 2 for float16/bfloat16, 4 for float32, 8 for float64) holds at once on
+    ``device``:
 
       weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
                                          on the CPU twice that plus one tensor being read
                                          (the next chunk is read meanwhile, into host memory)
-      upcast     b·m·n·4                 bf16/fp16 input: rsvd upcasts b = min(2G, 256 MiB /
-                                         (4mn)) matrices at a time (at least 1); fp32 input is
-                                         used in place and b = 2G
-      workspace  b·(4·(3(m+n)L + 3·max(m,n)·l) + 8·max(m,n)·l)
-                                         per matrix in flight, l = min(k + oversample, m, n)
-                                         sketch columns (krylov: the block_size, if given),
-                                         L = l (power) or the Krylov basis width
-                                         l·min(q + 1, min(m, n)/l): the basis [m, L], Bᵀ [n, L]
-                                         and its orthonormal factor P [n, L] (3(m+n)L also covers
-                                         the Krylov loop's projection temporaries),
-                                         CholeskyQR2's input, Q1 and Q ([max(m,n), l] each)
-                                         and its float64 copy for the Gram matrix
-      outputs    2G·4·(m + n + 1)·k      U [2G, m, k], S [2G, k], V [2G, n, k] in float32
+      rsvd       the op's own bound       for one rsvd call on the 2G weights at subspace rank k
+                                         and width l = k + oversample (or the Krylov block_size):
+                                         loraport::rsvd_workspace_bytes (csrc/linalg/rsvd.cpp),
+                                         its workspace, float32 upcast chunk and outputs, checked
+                                         against measured allocations (tests/test_memory_model.py)
       factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
 
-    Small terms (the sketch, l×l Grams, cuBLAS workspace, the Householder redo of a matrix
-    whose CholeskyQR broke down) are left out; the budget is an estimate, not an allocator cap."""
-    l = min(k + oversample if block_size is None else block_size, m, n)
-    L = l * (krylov_blocks(min(m, n), l, power_iters) if method == "krylov" else 1)
+    The budget is an estimate, not an allocator cap."""
+    width = min(k + oversample if block_size is None else block_size, m, n)
     matrices = 2 * layers
     weights = matrices * m * n * elem
     if not str(device).startswith("cuda"):
         weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
-    batch = matrices if elem == 4 else min(matrices, max(1, UPCAST_CHUNK_BYTES // (4 * m * n)))
-    upcast = 0 if elem == 4 else batch * m * n * 4
-    workspace = batch * (4 * (3 * (m + n) * L + 3 * max(m, n) * l) + 8 * max(m, n) * l)
-    outputs = matrices * 4 * (m + n + 1) * k
+    dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
+    rsvd_bytes = torch.ops.loraport.rsvd_workspace_bytes(matrices, m, n, dtype, k, width, power_iters, method)
     factors = 4 * 2 * (m + n) * lora_rank
-    return weights + upcast + workspace + outputs + factors
+    return weights + rsvd_bytes + factors
 
 
 def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
