@@ -25,11 +25,12 @@ def _commands(tmp_path):
         "resize": ["resize", missing, "--rank", "2", "-o", out],
         "extract": ["extract", "--base", missing, "--tuned", missing, "--rank", "2", "-o", out],
         "merge": ["merge", missing, missing, "-o", out],
+        "convert": ["convert", missing, "--rank", "2", "-o", out],
     }
 
 
 @pytest.mark.parametrize("device", WRONG, ids=lambda d: f"device={d}")  # not the id "cuda": that marks a CUDA test
-@pytest.mark.parametrize("command", ["port", "resize", "extract", "merge"])
+@pytest.mark.parametrize("command", ["port", "resize", "extract", "merge", "convert"])
 def test_a_wrong_or_absent_device_is_one_line_and_exit_2_before_any_reading(tmp_path, capsys, command, device):
     argv = _commands(tmp_path)[command] + ["--device", device]
     assert cli.main(argv) == 2
@@ -50,6 +51,7 @@ def test_the_python_api_raises_value_error_naming_the_device(tmp_path, device):
         lambda: resize(missing, tmp_path / "o.safetensors", rank=2, device=device),
         lambda: extract(missing, missing, tmp_path / "o.safetensors", rank=2, device=device),
         lambda: merge([missing], tmp_path / "o.safetensors", device=device),
+        lambda: loraport.convert(missing, tmp_path / "o.safetensors", rank=2, device=device),
     ]
     for call in calls:
         with pytest.raises(ValueError, match=f"device {device!r}") as caught:

@@ -28,6 +28,7 @@ import torch
 
 from . import adapters, formats
 from .basemodel import BaseModel
+from .devices import resolve_device
 from .errors import InputError
 from .ops import rsvd
 from .pipeline import DEFAULT_MAX_MEMORY, _locate, _read_into, parse_bytes
@@ -182,8 +183,9 @@ def convert(
     factors (whose kernel size only the base knows). ``max_memory`` bounds each batch of dense
     layers (full differences, DoRA) on ``device``."""
     if rank is None and energy is None:
-        raise ValueError("loraport.convert: give rank or energy")
+        raise InputError("loraport.convert: give rank or energy")
     select = _rank_rule(rank, energy, None, "convert")
+    device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
     b = BaseModel(base) if base is not None else None
     lf = formats.read_lora(adapter, arch=arch, base_names=b.module_names() if b else ())
