@@ -173,7 +173,7 @@ def rayleigh_ritz_on_device_or_host() -> None:
         A = torch.randn(batch, m, n, device="cuda") / m**0.5
         width = block or rank + 8
         L = width * (q + 1 if method == "krylov" else 1)
-        call = lambda: loraport.rsvd(A, rank, power_iters=q, method=method, block_size=block, seed=0)
+        call = lambda: loraport.rsvd(A, rank, power_iters=q, method=method, block_size=block, seed=0)  # noqa: F821 (A is the loop's; ruff misreads it)
         cells = []
         for rayleigh_ritz, batched in settings:
             with override_for_testing(rayleigh_ritz=rayleigh_ritz, cusolver_eigh=batched):

@@ -231,7 +231,7 @@ def device_ceilings(device: str, repeats: int) -> tuple[float, float]:
     written): what the GPU can do at best, measured in this run."""
     g = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(8192, 8192, device=device, generator=g) for _ in range(2))
-    seconds, _ = timed(lambda: a @ b, device, repeats)
+    seconds, _ = timed(lambda: a @ b, device, repeats)  # noqa: F821 (a, b: the line above; ruff misreads it)
     gemm = 2 * 8192**3 / seconds / 1e9
     del a, b
     src = torch.randn(1 << 29, device=device, generator=g)  # 2 GiB

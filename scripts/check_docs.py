@@ -23,7 +23,6 @@ import argparse
 import glob
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -44,7 +43,18 @@ USER_FILES = {
     "hunyuan_i2v.safetensors": f"{EXAMPLE}/target.safetensors",
     "base.safetensors": f"{EXAMPLE}/source.safetensors",
     "finetune.safetensors": f"{EXAMPLE}/target.safetensors",
+    "hunyuan_video.safetensors": f"{EXAMPLE}/source.safetensors",
+    # the multi-expert recipe (Wan 2.2 A14B) runs on the Hunyuan example: the same code path
+    "wan21_lora.safetensors": f"{EXAMPLE}/lora.safetensors",
+    "wan2.1_t2v_14b.safetensors": f"{EXAMPLE}/source.safetensors",
+    "wan2.2_t2v_high_noise.safetensors": f"{EXAMPLE}/target.safetensors",
+    "wan2.2_t2v_low_noise.safetensors": f"{EXAMPLE}/target.safetensors",
+    # no LyCORIS file is bundled: convert runs on the plain LoRA, the same path end to end
+    "lycoris_loha.safetensors": f"{EXAMPLE}/lora.safetensors",
+    "dora.safetensors": f"{EXAMPLE}/lora.safetensors",
 }
+# Output folders named in the docs -> under OUTPUTS.
+USER_DIRS = ("ported_catalog",)
 # The only reasons a documented command may be left out here (this machine has no GPU).
 NOT_RUN = {"needs a GPU": re.compile(r"needs an? (NVIDIA |CUDA )?GPU", re.I)}
 SUITE_CLAIM = re.compile(r"runs (\d[\d,]*) tests in about (\d+(?:\.\d+)?) minutes")
@@ -105,7 +115,10 @@ def substitute(command: str) -> str:
         return f"{OUTPUTS}/{name}"
 
     # a bare file name (no folder) ending in a model/report extension, not part of a path
-    return re.sub(r"(?<![\w/.-])[\w-]+\.(?:safetensors|json|jsonl)(?![\w/])", one, command)
+    command = re.sub(r"(?<![\w/.-])[\w.-]+\.(?:safetensors|json|jsonl)(?![\w/])", one, command)
+    for folder in USER_DIRS:
+        command = re.sub(rf"(?<![\w/.-]){folder}(?![\w/.-])", f"{OUTPUTS}/{folder}", command)
+    return command
 
 
 def help_examples(venv_bin: str) -> list[tuple[str, str, str]]:

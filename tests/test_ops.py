@@ -7,13 +7,12 @@ import platform
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import loraport
 from loraport import reference as ref
 from loraport.engine_knobs import override_for_testing
 from loraport.lowrank import ProductSVD
-
-from conftest import DEVICES
 
 SLOW = torch.arange(1, 301, dtype=torch.float64) ** -0.5  # sigma_i = i^-1/2: slow decay
 FAST = 0.8 ** torch.arange(300, dtype=torch.float64)  # geometric: fast decay (fp32-representable)

@@ -23,15 +23,23 @@ from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
 from .convert import convert
 from .devices import DEVICE_HELP
-from .errors import EXIT_BROKEN_PIPE, EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, InputError, NothingToPort
+from .errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CHECK_FAILED,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING,
+    InputError,
+    NothingToPort,
+)
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
 from .toolbox import MERGE_MODES, extract, merge, resize
-
 
 EXIT_CODES = """exit status:
   0    done
   2    bad input or usage (one line on stderr naming the file and tensor; nothing written)
   3    nothing to write: the similarity gate, the target or the filters left no module
+  4    check: keys the base's loader would not consume, or modules that do not fit
   1    an internal error (a bug in loraport), with its traceback
   130  interrupted (Ctrl-C); no output left behind
   141  stdout was closed early (e.g. `loraport inspect X | head`); said nothing more

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext  # noqa: F401  (loads the op library)
-from . import _fake  # noqa: F401  (registers the fake kernels)
+from . import (
+    _ext,  # noqa: F401  (loads the op library)
+    _fake,  # noqa: F401  (registers the fake kernels)
+)
 
 
 class ProductSVD:

@@ -7,8 +7,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import _ext  # noqa: F401  (loads the op library)
-from . import _fake  # noqa: F401  (registers the fake kernels)
+from . import (
+    _ext,  # noqa: F401  (loads the op library)
+    _fake,  # noqa: F401  (registers the fake kernels)
+)
 
 METHODS = ("power", "krylov")
 
