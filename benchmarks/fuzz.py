@@ -506,8 +506,7 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
 def _run_cli(inputs) -> dict:
     """``python -m loraport inspect FILE`` on each kept input: exit 0 or 2, <= 1 stderr line, no
     traceback, under CASE_SECONDS."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.path.join(root, "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = tiny.subprocess_env()  # the loraport this run imported, installed or from the source tree
     result = {"cases": 0, "failures": [], "seconds": 0.0}
     t0 = time.perf_counter()
     # a case may take CASE_SECONDS beyond what starting the interpreter and torch takes now (on

@@ -12,8 +12,7 @@ import pytest
 from loraport import cli, formats, tiny
 from loraport.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python")}
+ENV = tiny.subprocess_env()  # the loraport this test imported, installed or from the source tree
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from safetensors import safe_open
 
 from loraport import cli, formats, outfiles, tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python")}
+ENV = tiny.subprocess_env()  # the loraport this test imported, installed or from the source tree
 TIMEOUT = 120  # seconds any one subprocess may take on a loaded 2-core machine
 
 # Runs cli.main(argv[2:]); "stall" makes the chosen writer ("output": the LoRA, "cache": a cache

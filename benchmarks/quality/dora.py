@@ -9,7 +9,7 @@ trained on v1 with the LoRA recipe (rank, steps, learning rate), saved as a PEFT
 variant) once per `dora_magnitude` choice, and scored on v2 with the DoRA formula applied to
 v2's weights. Retention = (ported − v2 alone) / (DoRA retrained on v2 − v2 alone).
 
-    PYTHONPATH=python python -m benchmarks.quality.dora [--seeds 0 1 2] [--quick]
+    python -m benchmarks.quality.dora [--seeds 0 1 2] [--quick]
 """
 
 from __future__ import annotations

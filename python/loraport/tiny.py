@@ -325,3 +325,13 @@ def write_example(folder: str, arch: str = "hunyuan-video") -> dict[str, str]:
         metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0", "modelspec.title": "tiny example"},
     )
     return paths
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a ``python -m loraport`` subprocess that imports the same loraport as
+    this process: the folder holding this package goes first on PYTHONPATH (a source tree with
+    its compiled library, or the installed package), never a source tree without one."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": package_parent + (os.pathsep + rest if rest else "")}
+
