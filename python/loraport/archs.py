@@ -142,15 +142,16 @@ class Arch:
 
     def to_comfy(self, name: str) -> str:
         """The module name a comfy-format LoRA uses for original-style module ``name``."""
-        for rx, template, _, _ in self._comfy_index:
-            m = rx.match(name)
-            if m:
-                return _fill(template, m.groups())
-        return name
+        return self._comfy_rename(name, back=False)
 
     def from_comfy(self, name: str) -> str:
         """The inverse of `to_comfy`."""
-        for _, _, rx, template in self._comfy_index:
+        return self._comfy_rename(name, back=True)
+
+    def _comfy_rename(self, name: str, back: bool) -> str:
+        """``name`` through `comfy_names`: original -> comfy, or comfy -> original with ``back``."""
+        for rx_original, comfy, rx_comfy, original in self._comfy_index:
+            rx, template = (rx_comfy, original) if back else (rx_original, comfy)
             m = rx.match(name)
             if m:
                 return _fill(template, m.groups())
