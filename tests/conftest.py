@@ -2,6 +2,7 @@
 cleanly when there is no GPU or the CUDA kernels were not built)."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -65,3 +66,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class WarningsCollector(logging.Handler):
+    """Collects the messages of WARNING and above from the logger it is added to (diffusers'
+    logger does not propagate to pytest's caplog, so its warnings about unconsumed LoRA keys are
+    read this way)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())

@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import torch
+from conftest import WarningsCollector
 from safetensors.torch import load_file
 
 diffusers = pytest.importorskip("diffusers")
@@ -60,19 +61,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _load_every_key(model, sd: dict, prefix: str, adapter: str) -> None:
     """model.load_lora_adapter, failing on diffusers' warning about unexpected or missing LoRA keys
     (diffusers' logger does not propagate to pytest's caplog)."""
-    log, warnings = logging.getLogger("diffusers"), _Warnings()
+    log, warnings = logging.getLogger("diffusers"), WarningsCollector()
     log.addHandler(warnings)
     try:
         model.load_lora_adapter(sd, prefix=prefix, adapter_name=adapter)

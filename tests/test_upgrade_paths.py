@@ -21,6 +21,7 @@ import os
 
 import pytest
 import torch
+from conftest import WarningsCollector
 from safetensors.torch import load_file, save_file
 
 from loraport import formats, tiny
@@ -71,22 +72,13 @@ def weights(model, seed=0) -> dict[str, torch.Tensor]:
     return tiny.random_weights({k: v.shape for k, v in model.state_dict().items()}, seed=seed)
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def load_into(model, target: dict, path: str, prefix: str) -> None:
     """Load the target weights and the ported diffusers LoRA into ``model``; every key consumed
     (diffusers warns about unexpected or missing LoRA keys; its logger does not reach caplog)."""
     model.load_state_dict(target)
     from peft.tuners.lora import LoraLayer
 
-    log, warnings = logging.getLogger("diffusers"), _Warnings()
+    log, warnings = logging.getLogger("diffusers"), WarningsCollector()
     log.addHandler(warnings)
     try:
         model.load_lora_adapter(load_file(path), prefix=prefix, adapter_name="ported")
