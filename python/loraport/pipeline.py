@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import archs, formats
+from . import archs, formats, gate
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError
+from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
 
@@ -58,7 +59,6 @@ _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, do
 
 VARIANTS = ("copy", "target", "source-then-target")  # the first is the default: benchmarks/quality
 ON_DISSIMILAR = ("skip", "copy")
-DEFAULT_SUBSPACE_RANK = 64  # capped at min(m, n) // 4, where the gate still works: `default_subspace_rank`
 DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.855) from unrelated (<= 0.268) layers: benchmarks/quality
 DEFAULT_MAX_MEMORY = 2 << 30
 
@@ -75,9 +75,11 @@ class LayerRow:
     shape: list[int] | None = None  # source base weight [out, in, *kernel]
     target_shape: list[int] | None = None
     subspace_rank: list[int] | None = None  # [k_source, k_target]
-    similarity: float | None = None  # mean of left and right subspace similarity
+    similarity: float | None = None  # mean of left and right subspace similarity (loraport.gate)
     similarity_left: float | None = None
     similarity_right: float | None = None
+    margin: float | None = None  # the gate's margin, >= 0 passes: gate.margin
+    gate_steps: int | None = None  # the default gate's iteration steps (0: identical weights)
     rel_change: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
     note: str = ""
     subspaces_from_cache: int = 0  # 0, 1 or 2 of [source, target] read from the subspace cache
@@ -118,6 +120,7 @@ class PortReport:
             "rel_change_mean": sum(changes) / len(changes) if changes else None,
             "rel_change_max": max(changes) if changes else None,
             "ranks": ranks,
+            "borderline": [r.module for r in self.rows if r.margin is not None and abs(r.margin) < gate.BORDERLINE],
             "layers_from_cache": sum(1 for r in self.rows if r.subspaces_from_cache == 2),
             "subspaces_from_cache": sum(r.subspaces_from_cache for r in self.rows),
             "gb_read": self.bytes_read / 1e9,
@@ -142,6 +145,9 @@ class PortReport:
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
                  f"mean {s['similarity_mean']:.3f}")
             )  # fmt: skip
+        if s["borderline"]:
+            rows.append(("borderline", f"{len(s['borderline'])} layers within {gate.BORDERLINE} of the threshold: "
+                         + ", ".join(s["borderline"])))  # fmt: skip
         if s["rel_change_max"]:  # a projection or truncation changed ΔW: say by how much
             rows.append(("ΔW changed by", f"mean {s['rel_change_mean']:.3f}  max {s['rel_change_max']:.3f} "
                          "(‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F per layer)"))  # fmt: skip
@@ -170,7 +176,7 @@ class PortReport:
         if others:
             lines.append(f"not ported or changed ({len(others)}):")
         for r in others:
-            sim = f" similarity {r.similarity:.3f}" if r.similarity is not None else ""
+            sim = f" similarity {r.similarity:.3f} (margin {r.margin:+.3f})" if r.similarity is not None else ""
             lines.append(f"  {r.action:<14} {r.module}{sim} {r.note}".rstrip())
         return "\n".join(lines)
 
@@ -442,7 +448,7 @@ UPCAST_CHUNK_BYTES = 256 << 20  # csrc/linalg.h, RsvdPolicy::upcast_chunk_bytes
 
 def group_bytes(
     layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
-    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None,
+    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None, gate: bool = False,
 ) -> int:  # fmt: skip
     """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
     stacked element) holds at once on ``device``, following csrc/linalg.cpp's rsvd:
@@ -465,6 +471,8 @@ def group_bytes(
       outputs    2G·4·(m + n + 1)·k      U [2G, m, k], S [2G, k], V [2G, n, k] in float32
       factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
 
+    The default gate (``gate``: loraport.gate) upcasts one layer's two weights at a time and
+    iterates on them: upcast 2·m·n·4 for bf16/fp16 (0 for fp32), workspace for b = 2 at L = l.
     Small terms (the sketch, l×l Grams, cuBLAS workspace, the Householder redo of a matrix
     whose CholeskyQR broke down) are left out; the budget is an estimate, not an allocator cap."""
     l = min(k + oversample if block_size is None else block_size, m, n)
@@ -474,6 +482,8 @@ def group_bytes(
     if not str(device).startswith("cuda"):
         weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
     batch = matrices if elem == 4 else min(matrices, max(1, UPCAST_CHUNK_BYTES // (4 * m * n)))
+    if gate:
+        batch = 2
     upcast = 0 if elem == 4 else batch * m * n * 4
     workspace = batch * (4 * (3 * (m + n) * L + 3 * max(m, n) * l) + 8 * max(m, n) * l)
     outputs = matrices * 4 * (m + n + 1) * k
@@ -481,19 +491,21 @@ def group_bytes(
     return weights + upcast + workspace + outputs + factors
 
 
-def default_subspace_rank(m: int, n: int) -> int:
-    """k for [m, n] weights when neither subspace_rank nor energy is given: 64, but at most a
-    quarter of min(m, n). Similarity of random k-dim subspaces of R^n is about k/n, and the
-    quality benchmark measured related (>= 0.855) and unrelated (<= 0.268) layers apart at
-    k = n/4 but overlapping at k = n; on real widths (>= 256) this is 64."""
-    return max(1, min(DEFAULT_SUBSPACE_RANK, min(m, n) // 4))
-
-
 def _subspace_rank(settings: dict, m: int, n: int) -> int:
-    """The largest subspace rank computed for [m, n] weights (energy searches below it)."""
+    """The largest subspace rank computed for [m, n] weights: the given rank, else the default
+    gate's cap (`gate.gate_rank`) or `default_subspace_rank`. Energy searches below it: an
+    energy rank is capped like the default, since on flat spectra (k = 128-271 at energy 0.9 on
+    384-wide encoders) it let unrelated layers through."""
     if settings["subspace_rank"] is not None:
         return min(settings["subspace_rank"], m, n)
-    return min(m, n) if settings["energy"] is not None else default_subspace_rank(m, n)
+    return gate.gate_rank(m, n) if _fast_gate(settings) else default_subspace_rank(m, n)
+
+
+def _fast_gate(settings: dict) -> bool:
+    """The default gate (loraport.gate: spectrum-following k, iterations until settled) decides
+    the copy variant when neither a subspace rank nor an energy is given; the projections and
+    explicit ranks get subspaces from one rsvd at the settings' iterations."""
+    return settings.get("variant") == "copy" and settings.get("subspace_rank") is None and settings.get("energy") is None
 
 
 def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
@@ -537,7 +549,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
             return group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
                 method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.module.rank for p in group),
-                device=settings["device"], block_size=block,
+                device=settings["device"], block_size=block, gate=_fast_gate(settings),
             )  # fmt: skip
 
         if need(1) > budget:
@@ -557,7 +569,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
 class _Loaded:
     """What the reader thread prepared for one chunk."""
 
-    found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²) from the cache
+    found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²), or a gate.Sketch, from the cache
     todo: list  # [(layer index, side)] to decompose, in the order of ``weights``
     weights: torch.Tensor  # [len(todo), out, channels, *kernel]
     frob2: list  # ‖W‖_F² per weight in ``weights``
@@ -584,14 +596,21 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
-        svd = {**settings, "block_size": chunk.block_size}
+        fast = _fast_gate(settings)
+        svd = {**settings, "block_size": chunk.block_size, "steps": 2}
+        width = min(chunk.rank + settings["oversample"], m, n)  # the default gate's sketch width
         for g, p in enumerate(chunk.plans):
             for side, pieces in (("source", p.src_pieces), ("target", p.tgt_pieces)):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = cache.key(
-                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd
-                    )
-                    hit = cache.get(keys[g, side], m, n, chunk.rank)
+                        fingerprints[side], p.module.component, pieces, shape[1], chunk.rank, svd,
+                        kind="gate-sketch" if fast else "subspaces",
+                    )  # fmt: skip
+                    if fast:
+                        hit = cache.get_tensors(keys[g, side], {"U": [2, m, width], "S": [2, width], "V": [2, n, width]})
+                        hit = None if hit is None else gate.Sketch(**hit, steps=2)
+                    else:
+                        hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
                         found[g, side] = hit
                         continue
@@ -605,6 +624,13 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
         return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
+    def read_weight(plan: _Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
+        """One base weight read now (the default gate refining a layer whose sketch came from
+        the cache): [out, channels, *kernel]."""
+        out = torch.empty(plan.tgt_shape, dtype=dtype)
+        _read_into(out, bases[side], plan.module.component, plan.src_pieces if side == "source" else plan.tgt_pieces)
+        return out
+
     cached_subspaces = 0  # for the progress bar
     with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(load, chunks[0]) if chunks else None
@@ -613,7 +639,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             seconds["read"] += loaded.seconds_read
             seconds["cache"] += loaded.seconds_cache
-            _port_chunk(chunk, loaded, cache, settings, seconds)
+            _port_chunk(chunk, loaded, cache, settings, seconds, read_weight)
             bar.update(len(chunk.plans))
             gb = (src.bytes_read + tgt.bytes_read) / 1e9
             cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
@@ -622,11 +648,34 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
 
-def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict):
-    """Subspaces of one chunk of same-shape layers (one batched rsvd over the weights not in the
-    cache), then similarity and projection per layer (sets each plan's row and result)."""
+def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict, read_weight):
+    """The gate for one chunk of same-shape layers (`_gate_chunk`, or subspaces from one batched
+    rsvd over the weights not in the cache), then copy or projection per layer (sets each
+    plan's row and result)."""
     device = settings["device"]
     t0 = time.perf_counter()
+    if _fast_gate(settings):
+        shape = chunk.plans[0].tgt_shape
+        index = {job: i for i, job in enumerate(loaded.todo)}  # (layer index, side) -> weight in loaded.weights
+        results = gate.gate_layers(
+            len(chunk.plans), shape[0], math.prod(shape[1:]), loaded.weights, index, loaded.found,
+            lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys,
+            cap=chunk.rank, oversample=settings["oversample"], seed=settings["seed"],
+            threshold=settings["min_similarity"], device=settings["device"],
+        )  # fmt: skip
+        seconds["svd"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for g, (plan, res) in enumerate(zip(chunk.plans, results)):
+            row = plan.row
+            row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
+            row.subspace_rank, row.gate_steps = [res.k, res.k], res.steps
+            if res.steps == 0:
+                row.note = "identical in both bases"
+            elif res.unsure:
+                row.note = f"gate unsure after {res.steps} steps"
+            _carry(plan, res.left, res.right, None, settings)
+        seconds["project"] += time.perf_counter() - t0
+        return
     k_max = chunk.rank
     subspaces = dict(loaded.found)  # (layer index, side) -> (U [m, k], S [k], V [n, k], ‖W‖_F²)
     if loaded.todo:
@@ -662,38 +711,50 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
         # finite (LoRA factors on read, rsvd's S, cache entries), and each wrapper check would be
         # a full isfinite scan and a host sync per tensor per layer. One sync for both values.
         left, right = torch.stack([_similarity(us, ut), _similarity(vs, vt)]).tolist()
-        row.subspace_rank, row.similarity_left, row.similarity_right = [ks, kt], left, right
-        row.similarity = (left + right) / 2
-
-        up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
-        channels, kernel = plan.tgt_shape[1], mod.kernel
-        if mod.down.shape[1] < channels:  # new input channels: zero columns
-            d = mod.down.float()  # [r, in, *kernel]
-            down = torch.cat([d, d.new_zeros(d.shape[0], channels - d.shape[1], *kernel)], 1).flatten(1)
-        up, down = up.to(device), down.to(device)
-
-        if row.similarity < settings["min_similarity"]:
-            if settings["on_dissimilar"] == "skip":
-                row.action, row.rank_out = "skipped", None
-                continue
-            row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
-            new_up, new_down = up, down
-        else:
-            r_out = min(settings["rank"] or mod.rank, mod.rank)
-            if settings["variant"] == "copy":
-                if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
-                    new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
-                else:
-                    new_up, new_down = up, down
-            elif settings["variant"] == "source-then-target":
-                u1, d1 = _project(up, down, us, vs, min(mod.rank, ks))
-                new_up, new_down = _project(u1, d1, ut, vt, min(r_out, kt))
-            else:
-                new_up, new_down = _project(up, down, ut, vt, min(r_out, kt))
-            row.action = "padded" if mod.down.shape[1] < channels else "ported"
-            row.rank_out = new_up.shape[1]
-            row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
-        plan.result = formats.module_from_factors(
-            mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
-        )
+        row.subspace_rank = [ks, kt]
+        _carry(plan, left, right, (us, vs, ut, vt), settings)
     seconds["project"] += time.perf_counter() - t0
+
+
+def _carry(plan: _Plan, left: float, right: float, subspaces, settings: dict) -> None:
+    """The gate's verdict on one layer from its side similarities, and the module it gets: the
+    copy, a projection onto ``subspaces`` (us [m, ks], vs [n, ks], ut [m, kt], vt [n, kt]; None
+    for the copy variant), or nothing (sets the plan's row and result)."""
+    row, mod, device = plan.row, plan.module, settings["device"]
+    row.similarity_left, row.similarity_right = left, right
+    row.similarity = (left + right) / 2
+    row.margin = gate.margin(left, right, settings["min_similarity"])
+    up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
+    channels, kernel = plan.tgt_shape[1], mod.kernel
+    if mod.down.shape[1] < channels:  # new input channels: zero columns
+        d = mod.down.float()  # [r, in, *kernel]
+        down = torch.cat([d, d.new_zeros(d.shape[0], channels - d.shape[1], *kernel)], 1).flatten(1)
+    up, down = up.to(device), down.to(device)
+
+    if row.margin < 0:
+        if settings["on_dissimilar"] == "skip":
+            row.action, row.rank_out = "skipped", None
+            return
+        row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
+        new_up, new_down = up, down
+    else:
+        r_out = min(settings["rank"] or mod.rank, mod.rank)
+        if settings["variant"] == "copy":
+            if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
+                new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
+            else:
+                new_up, new_down = up, down
+        elif settings["variant"] == "source-then-target":
+            us, vs, ut, vt = subspaces
+            ks, kt = us.shape[1], ut.shape[1]
+            u1, d1 = _project(up, down, us, vs, min(mod.rank, ks))
+            new_up, new_down = _project(u1, d1, ut, vt, min(r_out, kt))
+        else:
+            _, _, ut, vt = subspaces
+            new_up, new_down = _project(up, down, ut, vt, min(r_out, ut.shape[1]))
+        row.action = "padded" if mod.down.shape[1] < channels else "ported"
+        row.rank_out = new_up.shape[1]
+        row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
+    plan.result = formats.module_from_factors(
+        mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
+    )

@@ -73,3 +73,14 @@ def matrix_with_spectrum(
     U = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=generator)).Q
     V = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator)).Q
     return (U * singular_values.double()) @ V.mT
+
+
+def gate_exact(ws: torch.Tensor, wt: torch.Tensor, cap: int) -> tuple[float, float, int]:
+    """The similarity gate from exact float64 SVDs (the oracle of loraport.gate): (left, right, k)
+    with k = gate.spectrum_rank of the exact spectra at ``cap`` (decide with gate.margin)."""
+    from .gate import spectrum_rank
+
+    Us, Ss, Vs = svd_truncated(ws.flatten(1), cap + 1)
+    Ut, St, Vt = svd_truncated(wt.flatten(1), cap + 1)
+    k = spectrum_rank(Ss, St, cap)
+    return float(subspace_similarity(Us[:, :k], Ut[:, :k])), float(subspace_similarity(Vs[:, :k], Vt[:, :k])), k
