@@ -11,6 +11,7 @@ import torch
 
 from loraport import formats, reference, tiny
 from loraport.errors import InputError
+from loraport.gate import gate_rank
 from loraport.pipeline import VARIANTS, default_subspace_rank, port
 
 ARCH = "hunyuan-video"
@@ -188,8 +189,9 @@ def test_energy_rank_and_output_rank(tmp_path, models, lora_sd):
 
 
 def test_defaults_copy_where_the_gate_passes_at_a_quarter_of_the_width(tmp_path, models, lora_sd):
-    """No variant, no subspace rank: each layer gets k = min(64, min(m, n) // 4), is gated on
-    the similarity at that k and carried over unchanged; rank= truncates optimally."""
+    """No variant, no subspace rank: the default gate (k from the spectrum, at most
+    min(16, min(m, n) // 4)) decides each layer as the exact float64 gate does, and the layer is
+    carried over unchanged; rank= truncates optimally."""
     p = files(tmp_path, models, lora_sd)
     rep = port(p["lora"], p["source"], p["target"], p["out"], power_iters=4, quiet=True)
     assert rep.settings["variant"] == "copy"
@@ -199,9 +201,9 @@ def test_defaults_copy_where_the_gate_passes_at_a_quarter_of_the_width(tmp_path,
     assert out.keys() == lora_in.keys()
     for r in rep.rows:
         ws, wt = (models[side][r.module + ".weight"].double() for side in ("source", "target"))
-        k = min(64, min(wt.shape[0], wt[0].numel()) // 4)
-        assert r.subspace_rank == [k, k] == [default_subspace_rank(wt.shape[0], wt[0].numel())] * 2
-        assert abs(r.similarity - similarity(ws, wt, k)) < 1e-3, r.module
+        left, right, k = reference.gate_exact(ws, wt, gate_rank(wt.shape[0], wt[0].numel()))
+        assert r.subspace_rank == [k, k] and k <= default_subspace_rank(wt.shape[0], wt[0].numel())
+        assert abs(r.similarity - (left + right) / 2) < 1e-2, r.module
         assert r.action == "ported" and r.rel_change == 0.0 and r.rank_out == 4
         torch.testing.assert_close(delta(out[r.module]), delta(lora_in[r.module]))
     assert default_subspace_rank(3072, 21504) == 64 and default_subspace_rank(64, 3072) == 16

@@ -228,9 +228,11 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
     return out, (rows_total, *rest)
 
 
-def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> torch.Tensor:
+def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces, sums: bool = True) -> torch.Tensor | None:
     """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
-    channels beyond the stored ones zero; returns ‖W‖_F² (float64 scalar, for energy ranks)."""
+    channels beyond the stored ones zero; returns ‖W‖_F² (float64 scalar, for energy ranks),
+    checking for NaN/Inf in the same pass. ``sums=False`` (the default gate, whose first rsvd
+    finds any NaN/Inf through its singular values): neither, None."""
     row, read = 0, []
     for name, rows, piece in pieces:
         shape = base.shape(component, name)  # [rows, in, *kernel]
@@ -242,6 +244,8 @@ def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces) -> to
         read.append((name, dest))
         row += n
     out[:, channels:].zero_()
+    if not sums:
+        return None
     frob2 = torch.zeros((), dtype=torch.float64)
     for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
         frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
@@ -621,7 +625,7 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces))
+            frob2.append(_read_into(weights[i], bases[side], p.module.component, pieces, sums=not fast))
         return _Loaded(found, todo, weights, frob2, keys, time.perf_counter() - t1, t1 - t0)
 
     def read_weight(plan: _Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
@@ -639,7 +643,12 @@ def _run(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seco
             pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
             seconds["read"] += loaded.seconds_read
             seconds["cache"] += loaded.seconds_cache
-            _port_chunk(chunk, loaded, cache, settings, seconds, read_weight)
+            try:
+                _port_chunk(chunk, loaded, cache, settings, seconds, read_weight)
+            except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
+                for g, side in loaded.todo:
+                    read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
+                raise
             bar.update(len(chunk.plans))
             gb = (src.bytes_read + tgt.bytes_read) / 1e9
             cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
