@@ -182,10 +182,10 @@ def _adapted_ranges(path: str, names: set) -> list[tuple[int, int]]:
     return sorted(ranges)
 
 
-def read_floor(folder: str, adapted_only: bool = False) -> dict:
+def read_floor(folder: str, adapted_only: bool = False, drop: bool = True) -> dict:
     """Seconds to read every byte of both bases once (or, with ``adapted_only``, the bytes of the
     weights the LoRA adapts), sequentially in 64 MiB reads, after dropping the page cache."""
-    cold = drop_page_cache()
+    cold = drop_page_cache() if drop else False
     names = {n + ".weight" for n in lora_modules(_names(folder))}
     buf = bytearray(CHUNK)
     total, t0 = 0, time.perf_counter()
