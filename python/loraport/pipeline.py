@@ -3,15 +3,16 @@ similarity gate -> copy or projection -> writer, returning a `PortReport`.
 
 Per adapted layer, with W_s, W_t the source and target base weights (conv weights flattened to
 [out, in·kernel]; fused/split layouts mapped by archs.Arch.translate):
-  * U, V: top-k left/right singular vectors of W_s and W_t from loraport.rsvd; layers of the same
-    shape are stacked into one batched call, one group at a time (the next group is read on a
-    background thread meanwhile); k = ``subspace_rank``, or with ``energy`` the smallest k whose
-    singular values keep that fraction of ‖W‖_F² (searched up to ``subspace_rank``, default
-    min(m, n)); with neither, k = min(64, min(m, n) // 4) (`default_subspace_rank`: the gate
-    tells related from unrelated bases only where k / min(m, n) <= 1/4, benchmarks/quality).
-  * similarity = (sim(U_s, U_t) + sim(V_s, V_t)) / 2 with sim = ‖U_sᵀU_t‖_F² / k ∈ [0, 1]: the
-    mean of the column- and row-space overlaps, since ΔW is projected on both sides.
-  * below ``min_similarity``: "skipped" (left out of the output) or, with on_dissimilar="copy",
+  * the similarity gate (loraport.gate): left/right overlaps of the top-k singular subspaces of
+    W_s and W_t, similarity = their mean, pass when it is >= ``min_similarity`` and both sides
+    are >= half of it; each row gets its margin. Default (variant copy, no ``subspace_rank`` or
+    ``energy``): `gate.gate_layers`, k from the spectrum up to min(16, min(m, n) // 4), a narrow
+    sketch iterated until the decision settles. Otherwise U, V come from loraport.rsvd (layers
+    of one shape stacked into one batched call, one group at a time, the next group read on a
+    background thread meanwhile) at k = ``subspace_rank``, or with ``energy`` the smallest k
+    whose singular values keep that fraction of ‖W‖_F² (searched up to ``subspace_rank``,
+    default min(64, min(m, n) // 4): `default_subspace_rank`).
+  * failing the gate: "skipped" (left out of the output) or, with on_dissimilar="copy",
     "copied" unchanged; always reported.
   * otherwise, by ``variant``: "copy" (the default) carries ΔW = scale·up·down over unchanged
     (renamed to the target's keys, padded as below); "target" projects it with
@@ -32,8 +33,8 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
     Modules missing in a base ("missing") or absent from the key map ("unknown") are skipped.
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
 Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
-``cache_dir`` each base weight's U, S, V and ‖W‖_F² come from (or go to) loraport.cache, and a
-weight found there is neither read nor decomposed."""
+``cache_dir`` each base weight's U, S, V and ‖W‖_F² (or the default gate's sketch) come from (or go
+to) loraport.cache, and a weight found there is neither read nor decomposed."""
 
 from __future__ import annotations
 
