@@ -20,14 +20,14 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed):
     """Few dominant directions over a noise floor (16, 4, 2), a slow decay; related by drift or
     by a new noise floor; unrelated, also with a shared (residual-stream-like) input side. The
     exact gate separates the labels with |margin| >= 0.1 (none borderline), and the default gate decides every
-    pair as it does, its margin within 0.05 of the exact one."""
+    pair as it does, its margin within 0.1 of the exact one (0.06 at most measured)."""
     rows = list(gate_suite(160, 320, seed))
     assert len(rows) == 15
     for name, related, (left, right, k), res, _ in rows:
         exact = gate.margin(left, right, 0.5)
         assert (exact >= 0) == related and abs(exact) >= gate.BORDERLINE, (name, exact)
         assert res.k == k, name
-        assert abs(gate.margin(res.left, res.right, 0.5) - exact) < 0.05, name
+        assert abs(gate.margin(res.left, res.right, 0.5) - exact) < 0.1, name  # it stops once far from 0
         assert not res.unsure and res.steps >= 2, name
     # the shared input side alone would pass an unrelated layer on the two-sided mean
     shared = [(left + right) / 2 for name, _, (left, right, _), *_ in rows if "shared input side" in name]

@@ -476,8 +476,8 @@ def group_bytes(
       outputs    2G·4·(m + n + 1)·k      U [2G, m, k], S [2G, k], V [2G, n, k] in float32
       factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
 
-    The default gate (``gate``: loraport.gate) upcasts one layer's two weights at a time and
-    iterates on them: upcast 2·m·n·4 for bf16/fp16 (0 for fp32), workspace for b = 2 at L = l.
+    The default gate (``gate``: loraport.gate) copies one layer's two weights at a time to
+    float32 and iterates on them: upcast 2·m·n·4 (any dtype), workspace for b = 2 at L = l.
     Small terms (the sketch, l×l Grams, cuBLAS workspace, the Householder redo of a matrix
     whose CholeskyQR broke down) are left out; the budget is an estimate, not an allocator cap."""
     l = min(k + oversample if block_size is None else block_size, m, n)
@@ -489,7 +489,7 @@ def group_bytes(
     batch = matrices if elem == 4 else min(matrices, max(1, UPCAST_CHUNK_BYTES // (4 * m * n)))
     if gate:
         batch = 2
-    upcast = 0 if elem == 4 else batch * m * n * 4
+    upcast = 0 if elem == 4 and not gate else batch * m * n * 4
     workspace = batch * (4 * (3 * (m + n) * L + 3 * max(m, n) * l) + 8 * max(m, n) * l)
     outputs = matrices * 4 * (m + n + 1) * k
     factors = 4 * 2 * (m + n) * lora_rank
