@@ -35,17 +35,25 @@ import torch
 
 from .ops import rsvd
 
-_rsvd = torch.ops.loraport.rsvd  # (A, sketch [short side, l], k, power_iters, method) -> U, S, V
+_rsvd = (
+    torch.ops.loraport.rsvd
+)  # (A, sketch [short side, l], k, power_iters, method) -> U, S, V
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> []
 
-DEFAULT_SUBSPACE_RANK = 64  # the cap of explicit-rank and energy ranks: `default_subspace_rank`
+DEFAULT_SUBSPACE_RANK = (
+    64  # the cap of explicit-rank and energy ranks: `default_subspace_rank`
+)
 GATE_RANK = 16  # the default gate's cap on k (16 dominant directions: 0.91 at k = 16, 0.527 at 64)
 MIN_RANK = 2  # the spectrum never picks fewer directions (a single direction is too easily shared)
 GAP = 2.0  # σ_j / σ_{j+1} that counts as the edge of the dominant directions
 BAND = 0.05  # never stop closer to the threshold than this
-SETTLE = 4.0  # stop when |similarity − threshold| > SETTLE · (change over the last step)
+SETTLE = (
+    4.0  # stop when |similarity − threshold| > SETTLE · (change over the last step)
+)
 MAX_STEPS = 12  # iteration steps (two products each) before a layer is reported unsure
-BORDERLINE = 0.1  # |similarity − threshold| under which the report lists a layer as borderline
+BORDERLINE = (
+    0.1  # |similarity − threshold| under which the report lists a layer as borderline
+)
 
 
 def default_subspace_rank(m: int, n: int) -> int:
@@ -68,8 +76,13 @@ def spectrum_rank(S_s: torch.Tensor, S_t: torch.Tensor, cap: int) -> int:
     n = min(S_s.numel(), S_t.numel(), cap + 1)
     if cap <= MIN_RANK or n <= MIN_RANK:
         return min(cap, n)
-    s = (S_s[:n].double() / S_s[0].double().clamp_min(1e-300) + S_t[:n].double() / S_t[0].double().clamp_min(1e-300)) / 2
-    ratios = s[MIN_RANK - 1 : n - 1] / s[MIN_RANK:n].clamp_min(1e-300)  # ratios[i]: σ_j / σ_{j+1}, j = MIN_RANK + i
+    s = (
+        S_s[:n].double() / S_s[0].double().clamp_min(1e-300)
+        + S_t[:n].double() / S_t[0].double().clamp_min(1e-300)
+    ) / 2
+    ratios = s[MIN_RANK - 1 : n - 1] / s[MIN_RANK:n].clamp_min(
+        1e-300
+    )  # ratios[i]: σ_j / σ_{j+1}, j = MIN_RANK + i
     if ratios.numel() == 0:
         return cap
     best = int(torch.argmax(ratios))
@@ -78,7 +91,9 @@ def spectrum_rank(S_s: torch.Tensor, S_t: torch.Tensor, cap: int) -> int:
 
 def side_similarities(Us, Vs, Ut, Vt, k: int) -> tuple[float, float]:
     """(left, right) = (‖U_sᵀU_t‖_F² / k, ‖V_sᵀV_t‖_F² / k) over the first k columns, one sync."""
-    left, right = torch.stack([_similarity(Us[:, :k], Ut[:, :k]), _similarity(Vs[:, :k], Vt[:, :k])]).tolist()
+    left, right = torch.stack(
+        [_similarity(Us[:, :k], Ut[:, :k]), _similarity(Vs[:, :k], Vt[:, :k])]
+    ).tolist()
     return left, right
 
 
@@ -118,11 +133,20 @@ def first_steps(A: torch.Tensor, width: int, seed: int) -> list[Sketch]:
     """Two steps for every matrix of A [M, m, n] (float32 or float64): the first from the shared
     Gaussian sketch drawn from ``seed`` (the same test matrix for every weight of this shape),
     the second started from the first's short-side vectors."""
-    U0, S0, V0 = rsvd(A, width, oversample=0, power_iters=0, seed=seed)  # [M, m, l], [M, l], [M, n, l]
+    U0, S0, V0 = rsvd(
+        A, width, oversample=0, power_iters=0, seed=seed
+    )  # [M, m, l], [M, l], [M, n, l]
     width, out = U0.shape[-1], []  # clamped to the short side
     for i in range(A.shape[0]):
         U1, S1, V1 = _step(A[i], U0[i], V0[i], width)
-        out.append(Sketch(torch.stack([U0[i], U1]), torch.stack([S0[i], S1]), torch.stack([V0[i], V1]), 2))
+        out.append(
+            Sketch(
+                torch.stack([U0[i], U1]),
+                torch.stack([S0[i], S1]),
+                torch.stack([V0[i], V1]),
+                2,
+            )
+        )
     return out
 
 
@@ -137,21 +161,39 @@ def _step(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, width: int):
 def refine(A: torch.Tensor, sketch: Sketch) -> Sketch:
     """``sketch`` advanced by one step over its weight A [m, n]."""
     U, S, V = _step(A, sketch.U[1], sketch.V[1], sketch.U.shape[-1])
-    return Sketch(torch.stack([sketch.U[1], U]), torch.stack([sketch.S[1], S]), torch.stack([sketch.V[1], V]), sketch.steps + 1)
+    return Sketch(
+        torch.stack([sketch.U[1], U]),
+        torch.stack([sketch.S[1], S]),
+        torch.stack([sketch.V[1], V]),
+        sketch.steps + 1,
+    )
 
 
-def decide(source: Sketch, target: Sketch, cap: int, threshold: float, weights=None) -> tuple[GateResult, bool]:
+def decide(
+    source: Sketch, target: Sketch, cap: int, threshold: float, weights=None
+) -> tuple[GateResult, bool]:
     """The gate from the two sketches (same number of steps), iterating further while it has not
     settled and ``weights`` (a callable returning (W_s, W_t) [m, n] float) can supply the
     weights; returns (result, settled). Without weights an unsettled result is returned as is."""
     A = None
     while True:
         k = spectrum_rank(source.S[1], target.S[1], cap)
-        before = margin(*side_similarities(source.U[0], source.V[0], target.U[0], target.V[0], k), threshold)
-        left, right = side_similarities(source.U[1], source.V[1], target.U[1], target.V[1], k)
+        before = margin(
+            *side_similarities(source.U[0], source.V[0], target.U[0], target.V[0], k),
+            threshold,
+        )
+        left, right = side_similarities(
+            source.U[1], source.V[1], target.U[1], target.V[1], k
+        )
         done = settled(before, margin(left, right, threshold))
         if done or source.steps >= MAX_STEPS or weights is None:
-            return GateResult(left, right, k, source.steps, unsure=not done and source.steps >= MAX_STEPS), done
+            return GateResult(
+                left,
+                right,
+                k,
+                source.steps,
+                unsure=not done and source.steps >= MAX_STEPS,
+            ), done
         if A is None:
             A = weights()
         source, target = refine(A[0], source), refine(A[1], target)
@@ -177,17 +219,23 @@ def gate_layers(
     sides = ("source", "target")
     results = []
     for g in range(layers):
-        if all((g, side) in index for side in sides) and identical(weights[index[g, "source"]], weights[index[g, "target"]]):
+        if all((g, side) in index for side in sides) and identical(
+            weights[index[g, "source"]], weights[index[g, "target"]]
+        ):
             results.append(GateResult(1.0, 1.0, cap, 0))
             continue
-        A = torch.empty((2, m, n), device=device)  # both weights in float32, filled when needed
+        A = torch.empty(
+            (2, m, n), device=device
+        )  # both weights in float32, filled when needed
         filled = [False, False]
 
         def both(which=(0, 1)):
             for i in which:
                 if not filled[i]:
                     job = (g, sides[i])
-                    A[i].copy_((weights[index[job]] if job in index else read(*job)).flatten(1))  # upcast
+                    A[i].copy_(
+                        (weights[index[job]] if job in index else read(*job)).flatten(1)
+                    )  # upcast
                     filled[i] = True
             return A
 
@@ -195,11 +243,17 @@ def gate_layers(
         missing = [i for i, side in enumerate(sides) if side not in sketches]
         if missing:
             both(missing)
-            batch = A if len(missing) == 2 else A[missing[0] : missing[0] + 1]  # [1 or 2, m, n], a view
+            batch = (
+                A if len(missing) == 2 else A[missing[0] : missing[0] + 1]
+            )  # [1 or 2, m, n], a view
             for i, sketch in zip(missing, first_steps(batch, width, seed)):
                 sketches[sides[i]] = sketch
                 if cache is not None and (g, sides[i]) in keys:
-                    cache.put_tensors(keys[g, sides[i]], {"U": sketch.U, "S": sketch.S, "V": sketch.V})
-        result, _ = decide(sketches["source"], sketches["target"], cap, threshold, weights=both)
+                    cache.put_tensors(
+                        keys[g, sides[i]], {"U": sketch.U, "S": sketch.S, "V": sketch.V}
+                    )
+        result, _ = decide(
+            sketches["source"], sketches["target"], cap, threshold, weights=both
+        )
         results.append(result)
     return results

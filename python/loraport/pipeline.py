@@ -51,7 +51,7 @@ from . import archs, formats, gate
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError
-from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank
+from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank  # noqa: F401  (DEFAULT_SUBSPACE_RANK: for cli)
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
 
@@ -706,7 +706,7 @@ def _port_chunk(chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: 
     t0 = time.perf_counter()
     energy = settings["energy"]
     for g, plan in enumerate(chunk.plans):
-        row, mod = plan.row, plan.module
+        row = plan.row
         row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
         Us, Ss, Vs, frob2_s = subspaces[g, "source"]
         Ut, St, Vt, frob2_t = subspaces[g, "target"]
