@@ -14,6 +14,7 @@ at power_iters 0, 1, 2, with its time.
 
     python -m benchmarks.gate                    # 3072 x 3072, k = 64 (a few minutes on 2 cores)
     python -m benchmarks.gate --shape 768 768    # seconds
+    python -m benchmarks.gate --suite --shape 1024 3072   # the default gate vs the exact gate on real-like spectra
 """
 
 from __future__ import annotations
@@ -48,6 +49,58 @@ def _drift(kind: str, m: int, n: int, gen: torch.Generator) -> torch.Tensor:
     update = (_orthonormal(m, 32, gen) * weights) @ _orthonormal(n, 32, gen).T
     update = update / update.norm() + 0.1 * noise / noise.norm()
     return update / update.norm()
+
+
+def _noise(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """A Gaussian noise floor scaled so its top singular value is about 1."""
+    return torch.randn(m, n, dtype=torch.float64, generator=gen) / (m**0.5 + n**0.5)  # [m, n]
+
+
+def _dominant(m: int, n: int, d: int, top: float, decay: float, gen, V=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank-d part with singular values top·decay^j over the unit noise floor, and its V [n, d]."""
+    V = _orthonormal(n, d, gen) if V is None else V
+    return (_orthonormal(m, d, gen) * (top * decay ** torch.arange(d, dtype=torch.float64))) @ V.T, V
+
+
+def real_like_pairs(m: int, n: int, gen: torch.Generator) -> list[tuple[str, torch.Tensor, torch.Tensor, bool]]:
+    """(name, W_s, W_t, related) pairs [m, n] float64 with spectra like released weights: a few
+    dominant directions over a noise floor (16, 4 and 2 of them), a slow decay σ_j = j^-1/2. Related:
+    drift (the same weight plus new noise of 10 % of its norm), or the same dominant part over a new
+    noise floor (noise-floor directions differ between releases). Unrelated: independent weights, and
+    residual-stream-like ones that share the source's input side (V) but nothing else."""
+    pairs = []
+    for d, top, decay in ((16, 8.0, 0.93), (4, 4.0, 0.85), (2, 20.0, 0.85)):
+        L, V = _dominant(m, n, d, top, decay, gen)
+        ws = L + _noise(m, n, gen)
+        drift = _noise(m, n, gen)
+        pairs += [
+            (f"{d} dominant, drift 10 %", ws, ws + 0.1 * ws.norm() * drift / drift.norm(), True),
+            (f"{d} dominant, new noise floor", ws, L + _noise(m, n, gen), True),
+            (f"{d} dominant, unrelated", ws, _dominant(m, n, d, top, decay, gen)[0] + _noise(m, n, gen), False),
+            (f"{d} dominant, unrelated, shared input side", ws,
+             _dominant(m, n, d, top, decay, gen, V=V)[0] + _noise(m, n, gen), False),
+        ]  # fmt: skip
+    ws = _weight(m, n, gen)
+    for eps in (0.1, 0.3):
+        drift = torch.randn(m, n, dtype=torch.float64, generator=gen)
+        pairs.append((f"slow decay, drift {eps:g}", ws, ws + eps * ws.norm() * drift / drift.norm(), True))
+    pairs.append(("slow decay, unrelated", ws, _weight(m, n, gen), False))
+    return pairs
+
+
+def gate_suite(m: int, n: int, seed: int = 0, threshold: float = 0.5):
+    """Yields (name, related, exact (left, right, k), gate.GateResult, seconds) for every pair of
+    `real_like_pairs`: the exact float64 gate (reference.gate_exact) and the default gate
+    (loraport.gate, as `port` runs it: both weights in float32, oversample 8, seed 0)."""
+    from loraport import gate
+
+    cap = gate.gate_rank(m, n)
+    for name, ws, wt, related in real_like_pairs(m, n, torch.Generator().manual_seed(seed)):
+        exact = reference.gate_exact(ws, wt, cap)
+        t0 = time.perf_counter()
+        (result,) = gate.gate_layers(1, m, n, torch.stack([ws, wt]).float(), {(0, "source"): 0, (0, "target"): 1}, {},
+                                     None, None, {}, cap=cap, oversample=8, seed=0, threshold=threshold, device="cpu")  # fmt: skip
+        yield name, related, exact, result, time.perf_counter() - t0
 
 
 def _similarity(us, vs, ut, vt) -> float:
@@ -85,8 +138,21 @@ def main(argv=None) -> None:
     p.add_argument("--shape", type=int, nargs=2, default=(3072, 3072), metavar=("M", "N"))
     p.add_argument("--rank", type=int, default=64, help="subspace rank k (default 64, port's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", action="store_true", help="the default gate against the exact gate on real-like spectra")
     args = p.parse_args(argv)
     m, n = args.shape
+    if args.suite:
+        from loraport.gate import margin
+
+        print(f"[{m}, {n}], threshold 0.5; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("| pair | label | exact k | exact left / right / mean | exact margin | gate k | gate margin | steps | "
+              "same decision | gate seconds |\n|---|---|---:|---|---:|---:|---:|---:|---|---:|")  # fmt: skip
+        for name, related, (left, right, k), res, sec in gate_suite(m, n, args.seed):
+            exact, est = margin(left, right, 0.5), margin(res.left, res.right, 0.5)
+            print(f"| {name} | {'related' if related else 'unrelated'} | {k} | {left:.3f} / {right:.3f} / "
+                  f"{(left + right) / 2:.3f} | {exact:+.3f} | {res.k} | {est:+.3f} | {res.steps} | "
+                  f"{'yes' if (exact >= 0) == (est >= 0) else 'NO'} | {sec:.2f} |", flush=True)  # fmt: skip
+        return
     print(f"[{m}, {n}], k = {args.rank}, σ_j = j^-1/2; torch {torch.__version__}, {torch.get_num_threads()} threads")
     cols = " | ".join(f"q={q}" for q in ITERATIONS)
     print(f"| pair (drift ε) | exact | {cols} | rsvd seconds (2 weights), {' / '.join(f'q={q}' for q in ITERATIONS)} |")

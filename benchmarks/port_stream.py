@@ -14,13 +14,21 @@ Steps, each timed and reported:
      different rank-64 component (a related release). Two rank-32 kohya LoRAs (alpha 16) on
      Musubi's 240 modules (double-block img/txt attn_qkv, attn_proj, mlp fc1/fc2; single-block
      linear1/linear2).
-  2. I/O floor: read every byte of both bases once (sequential 64 MiB reads), after dropping the
-     page cache when this process may (root: /proc/sys/vm/drop_caches); otherwise the table says
-     "warm" and the number is a page-cache rate, not a disk rate.
+  2. I/O floors, after dropping the page cache when this process may (root:
+     /proc/sys/vm/drop_caches; otherwise the table says "warm" and the number is a page-cache
+     rate, not a disk rate): every byte of both bases once (sequential 64 MiB reads), and the
+     bytes the port needs, the adapted weights of both bases, the same way (the cold floor the
+     port is compared with: it never reads the modulations, embedders and norms). Measured again
+     after the cold port: the shared disk's rate drifts by 2-3x within minutes.
   3. port LoRA 1 with an empty subspace cache, in a fresh process with THP_MEM_ALLOC_ENABLE=1
      as the loraport CLI has (peak RSS is VmHWM of that process, peak VRAM
      torch.cuda.max_memory_allocated), page cache dropped first;
   4. port LoRA 2 with the cache that run 3 filled (no base weight is read, no rSVD runs).
+  5. warm page cache: a fresh process that imports loraport and reads and sums every adapted
+     weight of both bases (safetensors, bf16 -> float32 sum), then port LoRA 1 with an empty
+     subspace cache, then the read-and-sum again, page cache not dropped; ratio = port / mean of
+     the two read-and-sums. (Whether the pages were still cached shows in the read-and-sum's
+     GB/s: the pair may not fit in this machine's page cache.)
 The generated files are deleted at the end unless --keep."""
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -154,22 +163,76 @@ def drop_page_cache() -> bool:
         return False
 
 
-def read_floor(folder: str) -> dict:
-    """Seconds to read every byte of both bases once, sequentially."""
-    cold = drop_page_cache()
-    files = sorted(
+def _shards(folder: str) -> list[str]:
+    return sorted(
         os.path.join(folder, side, f)
         for side in ("source", "target")
         for f in os.listdir(os.path.join(folder, side))
         if f.endswith(".safetensors")
     )
+
+
+def _adapted_ranges(path: str, names: set) -> list[tuple[int, int]]:
+    """[(file offset, length)] of the tensors ``names`` in one safetensors file, in file order."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    ranges = [(8 + length + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+              for k, v in header.items() if k in names]  # fmt: skip
+    return sorted(ranges)
+
+
+def read_floor(folder: str, adapted_only: bool = False, drop: bool = True) -> dict:
+    """Seconds to read every byte of both bases once (or, with ``adapted_only``, the bytes of the
+    weights the LoRA adapts), sequentially in 64 MiB reads, after dropping the page cache."""
+    cold = drop_page_cache() if drop else False
+    names = {n + ".weight" for n in lora_modules(_names(folder))}
     buf = bytearray(CHUNK)
     total, t0 = 0, time.perf_counter()
-    for path in files:
+    for path in _shards(folder):
         with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                total += n
+            if not adapted_only:
+                while n := f.readinto(buf):
+                    total += n
+                continue
+            for offset, size in _adapted_ranges(path, names):
+                f.seek(offset)
+                while size > 0:
+                    n = f.readinto(memoryview(buf)[: min(size, CHUNK)])
+                    total, size = total + n, size - n
     return {"seconds": time.perf_counter() - t0, "bytes": total, "cold": cold}
+
+
+def _names(folder: str) -> dict:
+    """{name: shape} of the generated pair in ``folder``."""
+    config = json.load(open(os.path.join(folder, "bench.json")))
+    return model_shapes(config["double"], config["single"])
+
+
+def read_and_sum_child(folder: str) -> None:
+    """Run in a fresh process: import loraport, read every adapted weight of both bases with
+    safetensors and sum it in float32; prints a JSON line with the seconds and bytes."""
+    from safetensors import safe_open
+
+    import loraport  # noqa: F401  (the same imports a port has)
+
+    names = {n + ".weight" for n in lora_modules(_names(folder))}
+    t0, total, checksum = time.perf_counter(), 0, 0.0
+    for path in _shards(folder):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name in names:
+                    t = f.get_tensor(name)
+                    checksum += float(t.float().sum())
+                    total += t.numel() * t.element_size()
+    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": total, "checksum": checksum}))
+
+
+def read_and_sum(folder: str) -> dict:
+    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.port_stream", "--read-and-sum", folder],
+                         stdout=subprocess.PIPE, text=True, check=True, env=env)  # fmt: skip
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def port_child(args_json: str) -> None:
@@ -178,7 +241,7 @@ def port_child(args_json: str) -> None:
 
     a = json.loads(args_json)
     t0 = time.perf_counter()
-    rep = loraport.port(a["lora"], a["source"], a["target"], a["out"], device=a["device"], cache_dir=a["cache"],
+    rep = loraport.port(a["lora"], a["source"], a["target"], a["out"], device=a["device"], cache_dir=a["cache"] or None,
                         max_memory=a["max_vram"], subspace_rank=a["subspace_rank"], variant=a["variant"])  # fmt: skip
     wall = time.perf_counter() - t0
     print(rep.table(), file=sys.stderr, flush=True)
@@ -188,15 +251,17 @@ def port_child(args_json: str) -> None:
     s = rep.summary()
     print(json.dumps({"wall": wall, "seconds": rep.seconds, "bytes_read": rep.bytes_read, "peak_rss": hwm,
                       "peak_vram": vram, "actions": s["actions"], "layers_from_cache": s["layers_from_cache"],
-                      "similarity_median": s["similarity_median"]}))  # fmt: skip
+                      "similarity_median": s["similarity_median"], "borderline": len(s["borderline"]),
+                      "margin_min": min((abs(r.margin) for r in rep.rows if r.margin is not None), default=None),
+                      "gate_steps": sorted({r.gate_steps for r in rep.rows if r.gate_steps is not None})}))  # fmt: skip
 
 
-def run_port(folder: str, lora: int, args) -> dict:
-    cold = drop_page_cache()
+def run_port(folder: str, lora: int, args, *, drop: bool = True, cache: bool = True) -> dict:
+    cold = drop_page_cache() if drop else False
     spec = {
         "lora": os.path.join(folder, f"lora{lora}.safetensors"), "source": os.path.join(folder, "source"),
         "target": os.path.join(folder, "target"), "out": os.path.join(folder, f"ported{lora}.safetensors"),
-        "cache": os.path.join(folder, "cache"), "device": args.device, "max_vram": args.max_vram,
+        "cache": os.path.join(folder, "cache") if cache else "", "device": args.device, "max_vram": args.max_vram,
         "subspace_rank": args.subspace_rank, "variant": args.variant,
     }  # fmt: skip
     env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ}  # as the loraport CLI sets for itself
@@ -217,23 +282,40 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated files (a rerun reuses them)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-vram", default="2GB")
-    p.add_argument("--subspace-rank", type=int, default=64)
-    p.add_argument("--variant", default="target", help="port variant (default target: the projection, as recorded in "
-                   "RESULTS.md; loraport's default, copy, skips that step)")  # fmt: skip
+    p.add_argument("--subspace-rank", type=int, default=None, help="default: loraport's (the default gate for copy)")
+    p.add_argument("--variant", default="copy", help="port variant (default copy, loraport's; runs recorded before "
+                   "2026-12-04 used target, the projection, at --subspace-rank 64)")  # fmt: skip
+    p.add_argument("--no-warm", action="store_true", help="skip step 5 (the warm-page-cache ratio)")
     p.add_argument("--markdown", help="also append the table to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--read-and-sum", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return port_child(args.child)
+    if args.read_and_sum:
+        return read_and_sum_child(args.read_and_sum)
 
     folder = os.path.abspath(args.dir)
     shutil.rmtree(os.path.join(folder, "cache"), ignore_errors=True)
     try:
         gen = generate(folder, args.blocks_double, args.blocks_single)
-        floor = read_floor(folder)
-        print(f"I/O floor: {floor['bytes'] / 1e9:.1f} GB in {floor['seconds']:.1f} s", flush=True)
+        whole = read_floor(folder)
+        print(f"I/O floor, both bases: {whole['bytes'] / 1e9:.1f} GB in {whole['seconds']:.1f} s", flush=True)
+        floor = read_floor(folder, adapted_only=True)
+        print(f"I/O floor, adapted weights: {floor['bytes'] / 1e9:.1f} GB in {floor['seconds']:.1f} s", flush=True)
         first = run_port(folder, 1, args)
+        print(f"port LoRA 1: {first['wall']:.1f} s", flush=True)
+        floor_after = read_floor(folder, adapted_only=True)
+        print(f"I/O floor again: {floor_after['seconds']:.1f} s", flush=True)
         second = run_port(folder, 2, args)
+        warm = None
+        if not args.no_warm:
+            sums = [read_and_sum(folder)]
+            port_warm = run_port(folder, 1, args, drop=False, cache=False)
+            sums.append(read_and_sum(folder))
+            warm = (sums, port_warm)
+            print(f"warm: read-and-sum {sums[0]['seconds']:.1f} / {sums[1]['seconds']:.1f} s, port {port_warm['wall']:.1f} s",
+                  flush=True)  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -253,9 +335,21 @@ def main(argv=None) -> None:
     if gen["seconds"] is not None:
         lines.append(f"| generate both bases + LoRAs | {gen['seconds']:.0f} | {gb(gen['bytes'])} | "
                      f"{gen['bytes'] / gen['seconds'] / 1e9:.2f} | | | | | written, not counted below |")  # fmt: skip
-    lines.append(f"| I/O floor: read both bases once | {floor['seconds']:.1f} | {gb(floor['bytes'])} | "
-                 f"{floor['bytes'] / floor['seconds'] / 1e9:.2f} | | | | 1.00 | {state(floor['cold'])} |")  # fmt: skip
-    for label, r in (("port LoRA 1, empty cache", first), ("port LoRA 2, warm cache", second)):
+    lines.append(f"| I/O floor: read both bases once | {whole['seconds']:.1f} | {gb(whole['bytes'])} | "
+                 f"{whole['bytes'] / whole['seconds'] / 1e9:.2f} | | | | {whole['seconds'] / floor['seconds']:.2f} | "
+                 f"{state(whole['cold'])} |")  # fmt: skip
+    for label, f in (("**cold floor**: read the adapted weights of both bases", floor), ("the same after port LoRA 1", floor_after)):
+        lines.append(f"| {label} | {f['seconds']:.1f} | {gb(f['bytes'])} | {f['bytes'] / f['seconds'] / 1e9:.2f} | | | | "
+                     f"{f['seconds'] / floor['seconds']:.2f} | {state(f['cold'])} |")  # fmt: skip
+    runs = [("port LoRA 1, empty cache", first), ("port LoRA 2, warm cache", second)]
+    if warm is not None:
+        sums, port_warm = warm
+        for i, r in enumerate(sums):
+            lines.append(f"| read-and-sum of the adapted weights ({'before' if i == 0 else 'after'} the warm port) | "
+                         f"{r['seconds']:.1f} | {gb(r['bytes'])} | {r['bytes'] / r['seconds'] / 1e9:.2f} | | | | "
+                         f"{r['seconds'] / floor['seconds']:.2f} | fresh process, page cache not dropped |")  # fmt: skip
+        runs.append(("port LoRA 1 again, empty subspace cache, page cache not dropped", port_warm))
+    for label, r in runs:
         s = r["seconds"]
         split = " / ".join(f"{s[k]:.1f}" for k in ("read", "svd", "project", "write", "cache"))
         vram = "-" if r["peak_vram"] is None else f"{r['peak_vram'] / 1e9:.2f}"
@@ -264,8 +358,18 @@ def main(argv=None) -> None:
         lines.append(
             f"| {label} | {r['wall']:.1f} | {gb(r['bytes_read'])} | {rate} | {split} | {r['peak_rss'] / 1e9:.2f} | "
             f"{vram} | {r['wall'] / floor['seconds']:.2f} | {acts}; {r['layers_from_cache']} layers from cache; "
-            f"median similarity {r['similarity_median']:.3f}; {state(r['cold'])} |"
+            f"median similarity {r['similarity_median']:.3f}; {r['borderline']} borderline; smallest |margin| "
+            f"{r['margin_min']:.3f}; gate steps {r['gate_steps']}; {state(r['cold'])} |"
         )
+    lines.append("")
+    lines.append(f"- port LoRA 1 (empty cache, cold) / cold floor (adapted weights, before the port): "
+                 f"**{first['wall'] / floor['seconds']:.2f}x** (against the floor measured after it: "
+                 f"{first['wall'] / floor_after['seconds']:.2f}x; against reading both whole bases: "
+                 f"{first['wall'] / whole['seconds']:.2f}x)")  # fmt: skip
+    if warm is not None:
+        sums, port_warm = warm
+        mean = sum(r["seconds"] for r in sums) / len(sums)
+        lines.append(f"- warm page cache: port / read-and-sum (mean of the two) = **{port_warm['wall'] / mean:.2f}x**")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -29,3 +29,20 @@ def test_structured_weights_have_a_dominant_top_subspace():
     s = torch.linalg.svdvals(w)
     noise_edge = 0.02 * (96**0.5 + 160**0.5)
     assert s[0] > 3 * noise_edge and s[-1] < 1.5 * noise_edge
+
+
+def test_cold_floor_reads_only_the_adapted_weights(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from benchmarks.port_stream import read_floor
+
+    for side in ("source", "target"):
+        (tmp_path / side).mkdir()
+        save_file({"double_blocks.0.img_attn_qkv.weight": torch.ones(8, 4, dtype=torch.bfloat16),  # adapted: 64 B
+                   "double_blocks.0.img_mod.linear.weight": torch.ones(16, 4, dtype=torch.bfloat16)},  # not: 128 B
+                  str(tmp_path / side / "double_blocks-00.safetensors"))  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps({"double": 1, "single": 0, "seed": 0, "hidden": 3072}))
+    assert read_floor(str(tmp_path), adapted_only=True, drop=False)["bytes"] == 2 * 64
+    assert read_floor(str(tmp_path), drop=False)["bytes"] > 2 * (64 + 128)  # whole files, headers included

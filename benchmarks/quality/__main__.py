@@ -25,7 +25,7 @@ from dataclasses import asdict
 import torch
 
 import loraport
-from loraport import pipeline
+from loraport import gate, pipeline
 
 from . import experiment as E
 from . import report
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": args.threads,
         "loraport defaults": dict(
-            subspace_rank=f"min({pipeline.DEFAULT_SUBSPACE_RANK}, width/4) = "
-            f"{pipeline.default_subspace_rank(setup.cfg.width, setup.cfg.width)}",
+            subspace_rank=f"the default gate: from the spectrum, at most min({gate.GATE_RANK}, width/4) = "
+            f"{gate.gate_rank(setup.cfg.width, setup.cfg.width)}",
             min_similarity=pipeline.DEFAULT_MIN_SIMILARITY,
             variant=pipeline.VARIANTS[0],
         ),

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 import loraport
-from loraport import archs, errors, formats, pipeline, tiny
+from loraport import archs, errors, formats, gate, pipeline, reference, tiny
 
 from . import model as M
 
@@ -153,6 +153,25 @@ def cli_port(lora: str, source: str, target: str, out: str, *args: str) -> dict:
     return doc
 
 
+def gate_vs_exact(rep: dict, v1: dict, v2: dict, threshold: float = pipeline.DEFAULT_MIN_SIMILARITY) -> dict:
+    """The CLI report's gate decisions against loraport.reference.gate_exact on the same weights:
+    layers, how many decided alike, the smallest exact |margin| and the largest margin difference."""
+    same, exact_margins, diffs = 0, [], []
+    for row in rep["layers"]:
+        if row["similarity"] is None:
+            continue
+        ws, wt = v1[row["module"] + ".weight"].double(), v2[row["module"] + ".weight"].double()
+        if wt.shape[1] > ws.shape[1]:  # widened inputs: the source gets zero columns, as in the port
+            ws = torch.cat([ws, ws.new_zeros(ws.shape[0], wt.shape[1] - ws.shape[1])], 1)
+        left, right, _ = reference.gate_exact(ws, wt, gate.gate_rank(wt.shape[0], wt.shape[1]))
+        exact = gate.margin(left, right, threshold)
+        same += (exact >= 0) == (row["margin"] >= 0)
+        exact_margins.append(abs(exact))
+        diffs.append(abs(exact - row["margin"]))
+    return {"layers": len(diffs), "same_decision": same, "min_abs_margin_exact": round(min(exact_margins), 3),
+            "max_margin_difference": round(max(diffs), 3)}  # fmt: skip
+
+
 PROJECTIONS = [v for v in pipeline.VARIANTS if v != "copy"]
 # every variant at the port() defaults; "copy" uses the subspaces only for the gate, so one method
 VARIANT_GRID = [("copy", "power"), *[(v, m) for v in PROJECTIONS for m in ("power", "krylov")]]
@@ -200,6 +219,8 @@ def run_seed(s: Setup, seed: int, folder: str, *, sweeps: bool = True, cli: bool
             sc["default (CLI)"] = score(v2, load_lora(out, v2)) if rep["out"] else sc["alone"]
             res.similarity[up] = [r["similarity"] for r in rep["layers"] if r["similarity"] is not None]
             res.facts.setdefault(up, {})["cli_actions"] = rep["summary"]["actions"]
+            res.facts[up]["gate_vs_exact"] = gate_vs_exact(rep, v1, v2)
+            print(f"  {up}: CLI gate vs exact float64 gate: {res.facts[up]['gate_vs_exact']}", flush=True)
         res.scores[up] = sc
         res.facts.setdefault(up, {}).update(
             rel_change=rel_change(models["v1"], v2, modules),

@@ -194,7 +194,7 @@ def plots(results, setup, folder: str) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     panels = (
-        (f"CLI defaults (subspace rank {E.pipeline.default_subspace_rank(width, width)})",
+        (f"CLI defaults (the default gate, subspace rank <= {E.gate.gate_rank(width, width)})",
          lambda u: [x for r in results for x in r.similarity.get(u, [])]),
         (f"subspace rank {width} (full width: square layers always score 1)",
          lambda u: _sims(results, [u], "subspace_rank", 1, variant="target")),

@@ -1,11 +1,15 @@
-"""The subspace cache: the truncated SVD (U, S, V) of one base weight and its ‖W‖_F², stored as one
-safetensors file per base weight in a cache folder, so that porting a second LoRA for the same
-model pair skips both the rSVD and the reading of that weight.
+"""The subspace cache: what the pipeline computed from one base weight, stored as one safetensors
+file per base weight in a cache folder, so that porting a second LoRA for the same model pair
+skips both the decomposition and the reading of that weight. Two kinds of entry, told apart by
+the key: "subspaces" (the truncated SVD U, S, V and ‖W‖_F², for projections and explicit ranks)
+and "gate-sketch" (the default gate's first two subspace-iteration estimates, loraport.gate.Sketch,
+which are not accurate subspaces and are never served for a "subspaces" request).
 
 An entry is identified by everything its value depends on: the base files' fingerprint
 (BaseModel.fingerprint: sizes, mtimes and a hash of each file's first MiB), the component, the
 weight's tensor names and row slices (fused/split layouts), the zero-padded input channels, the
-subspace rank and the rsvd settings (method, power_iters, oversample, seed). That key is hashed into
+kind, the subspace rank and the settings the value depends on (subspaces: method, power_iters,
+oversample, seed; gate-sketch: oversample, seed and the number of steps). That key is hashed into
 the file name and also stored in the file's header; a file whose stored key, shapes or values
 do not check out (truncated, corrupt, a hash collision) is ignored with a warning and recomputed.
 Files are written to a temporary name and renamed (outfiles.atomic_write), so a crash never leaves
@@ -27,7 +31,7 @@ from safetensors import safe_open
 from .errors import InputError, brief
 from .outfiles import atomic_write, remove_stale_temps, save_safetensors
 
-FORMAT_VERSION = 1  # bump when the meaning of an entry changes
+FORMAT_VERSION = 2  # bump when the meaning of an entry changes (2: entries say their kind)
 _KEY = "loraport.subspace_key"
 
 
@@ -44,13 +48,15 @@ class SubspaceCache:
 
     @staticmethod
     def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict,
-            kept_channels: int | None = None) -> str:  # fmt: skip
+            kept_channels: int | None = None, kind: str = "subspaces") -> str:  # fmt: skip
         """The entry key as canonical JSON. pieces: [(tensor name, row slice or None, archs.Piece)]
         (a piece read with its row halves swapped has other left singular vectors, so the swap is
         part of the key); svd: the rsvd settings (method, power_iters, oversample, seed, and the
-        Krylov block_size where one is set: keys without it stay those of earlier versions); kept_channels: the
-        input channels kept of a widened target weight (the rest zeroed), where that applies."""
+        Krylov block_size where one is set); kept_channels: the input channels kept of a widened
+        target weight (the rest zeroed), where that applies; kind "gate-sketch": the default gate's
+        sketch, keyed by oversample, seed and steps."""
         doc = {
+            "kind": kind,
             "version": FORMAT_VERSION,
             "base": fingerprint,
             "component": component,
@@ -63,6 +69,8 @@ class SubspaceCache:
         }
         if kept_channels is not None:  # input channels beyond it zeroed (pipeline._gated_channels)
             doc["kept_channels"] = kept_channels
+        if kind == "gate-sketch":
+            doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "steps")}
         if svd.get("block_size") is not None:
             doc["svd"]["block_size"] = svd["block_size"]
         return json.dumps(doc, sort_keys=True)
@@ -73,6 +81,12 @@ class SubspaceCache:
     def get(self, key: str, m: int, n: int, k: int):
         """(U [m, k], S [k], V [n, k], frob2 [] float64) on the CPU, or None when there is no
         valid entry (a broken one is reported with a warning)."""
+        got = self.get_tensors(key, {"U": [m, k], "S": [k], "V": [n, k], "frob2": []})
+        return None if got is None else (got["U"], got["S"], got["V"], got["frob2"])
+
+    def get_tensors(self, key: str, shapes: dict) -> dict | None:
+        """{name: tensor} with exactly ``shapes`` ({name: [dims]}), on the CPU, or None when there
+        is no valid entry (a broken one is reported with a warning)."""
         path = self.path(key)
         if not os.path.exists(path):
             return None
@@ -80,16 +94,16 @@ class SubspaceCache:
             with safe_open(path, framework="pt") as f:
                 if (f.metadata() or {}).get(_KEY) != key:
                     raise ValueError("its stored key differs (another entry under the same hash?)")
-                U, S, V, frob2 = (f.get_tensor(name) for name in ("U", "S", "V", "frob2"))
-            shapes = [list(t.shape) for t in (U, S, V, frob2)]
-            if shapes != [[m, k], [k], [n, k], []]:
-                raise ValueError(f"shapes {shapes}, expected {[[m, k], [k], [n, k], []]}")
-            if not all(bool(torch.isfinite(t).all()) for t in (U, S, V, frob2)):
+                got = {name: f.get_tensor(name) for name in shapes}
+            found = {name: list(t.shape) for name, t in got.items()}
+            if found != {name: list(s) for name, s in shapes.items()}:
+                raise ValueError(f"shapes {found}, expected {shapes}")
+            if not all(bool(torch.isfinite(t).all()) for t in got.values()):
                 raise ValueError("it holds NaN or Inf")
         except Exception as e:  # any unreadable entry is recomputed, never trusted
             warnings.warn(f"loraport: ignoring the broken subspace cache entry {path} ({brief(e)})")
             return None
-        return U, S, V, frob2
+        return got
 
     def put(self, key: str, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, frob2: torch.Tensor) -> None:
         tensors = {
@@ -98,6 +112,10 @@ class SubspaceCache:
             "V": V.detach().to("cpu", torch.float32).contiguous(),  # [n, k]
             "frob2": frob2.detach().to("cpu", torch.float64).reshape(()),  # ‖W‖_F²
         }
+        self.put_tensors(key, tensors)
+
+    def put_tensors(self, key: str, tensors: dict) -> None:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         try:
             atomic_write(self.path(key), lambda tmp: save_safetensors(tensors, tmp, {_KEY: key}))
         except InputError as e:  # the cache only saves time: a port goes on without the entry

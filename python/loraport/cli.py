@@ -137,10 +137,11 @@ def _port_options(q) -> None:
     k.add_argument(
         "--subspace-rank",
         type=int,
-        help=f"singular vectors kept per base weight (default min({DEFAULT_SUBSPACE_RANK}, "
-        "a quarter of the weight's shorter side))",
+        help="singular vectors kept per base weight (default: for --variant copy the default gate's, from the "
+        f"spectrum, at most min(16, a quarter of the shorter side); else min({DEFAULT_SUBSPACE_RANK}, a quarter))",
     )
-    k.add_argument("--energy", type=float, help="keep the fewest singular vectors holding this fraction of ‖W‖²")
+    k.add_argument("--energy", type=float, help="keep the fewest singular vectors holding this fraction of ‖W‖² "
+                   f"(at most min({DEFAULT_SUBSPACE_RANK}, a quarter of the weight's shorter side))")  # fmt: skip
     q.add_argument(
         "--min-similarity",
         type=float,

@@ -3,15 +3,16 @@ similarity gate -> copy or projection -> writer, returning a `PortReport`.
 
 Per adapted layer, with W_s, W_t the source and target base weights (conv weights flattened to
 [out, in·kernel]; fused/split layouts mapped by archs.Arch.translate):
-  * U, V: top-k left/right singular vectors of W_s and W_t from loraport.rsvd; layers of the same
-    shape are stacked into one batched call, one group at a time (the next group is read on a
-    background thread meanwhile); k = ``subspace_rank``, or with ``energy`` the smallest k whose
-    singular values keep that fraction of ‖W‖_F² (searched up to ``subspace_rank``, default
-    min(m, n)); with neither, k = min(64, min(m, n) // 4) (`default_subspace_rank`: the gate
-    tells related from unrelated bases only where k / min(m, n) <= 1/4, benchmarks/quality).
-  * similarity = (sim(U_s, U_t) + sim(V_s, V_t)) / 2 with sim = ‖U_sᵀU_t‖_F² / k ∈ [0, 1]: the
-    mean of the column- and row-space overlaps, since ΔW is projected on both sides.
-  * below ``min_similarity``: "skipped" (left out of the output) or, with on_dissimilar="copy",
+  * the similarity gate (loraport.gate): left/right overlaps of the top-k singular subspaces of
+    W_s and W_t, similarity = their mean, pass when it is >= ``min_similarity`` and both sides
+    are >= half of it; each row gets its margin. Default (variant copy, no ``subspace_rank`` or
+    ``energy``): `gate.gate_layers`, k from the spectrum up to min(16, min(m, n) // 4), a narrow
+    sketch iterated until the decision settles. Otherwise U, V come from loraport.rsvd (layers
+    of one shape stacked into one batched call, one group at a time, the next group read on a
+    background thread meanwhile) at k = ``subspace_rank``, or with ``energy`` the smallest k
+    whose singular values keep that fraction of ‖W‖_F² (searched up to ``subspace_rank``,
+    default min(64, min(m, n) // 4): `default_subspace_rank`).
+  * failing the gate: "skipped" (left out of the output) or, with on_dissimilar="copy",
     "copied" unchanged; always reported.
   * otherwise, by ``variant``: "copy" (the default) carries ΔW = scale·up·down over unchanged
     (renamed to the target's keys, padded as below); "target" projects it with
@@ -34,8 +35,8 @@ LoHa, LoKr, Tucker LoCon, DoRA and full-difference modules take the same gate an
 their own type, padded where exact or else "refused" (`adapters.port_module`, `adapters.pad_refusal`).
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
 Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
-``cache_dir`` each base weight's U, S, V and ‖W‖_F² come from (or go to) loraport.cache, and a
-weight found there is neither read nor decomposed."""
+``cache_dir`` each base weight's U, S, V and ‖W‖_F² (or the default gate's sketch) come from (or go
+to) loraport.cache, and a weight found there is neither read nor decomposed."""
 
 from __future__ import annotations
 
@@ -49,12 +50,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters, archs, formats
+from . import adapters, archs, formats, gate
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
 from .devices import resolve_device
 from .errors import InputError, NothingToPort
+from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank  # noqa: F401  (re-exported for cli, toolbox)
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
 from .staging import StagingBuffers
@@ -66,7 +68,6 @@ _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, do
 
 VARIANTS = ("copy", "target", "source-then-target")  # the first is the default: benchmarks/quality
 ON_DISSIMILAR = ("skip", "copy")
-DEFAULT_SUBSPACE_RANK = 64  # capped at min(m, n) // 4, where the gate still works: `default_subspace_rank`
 DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.855) from unrelated (<= 0.268) layers: benchmarks/quality
 DEFAULT_MAX_MEMORY = 2 << 30
 
@@ -83,9 +84,11 @@ class LayerRow:
     shape: list[int] | None = None  # source base weight [out, in, *kernel]
     target_shape: list[int] | None = None
     subspace_rank: list[int] | None = None  # [k_source, k_target]
-    similarity: float | None = None  # mean of left and right subspace similarity
+    similarity: float | None = None  # mean of left and right subspace similarity (loraport.gate)
     similarity_left: float | None = None
     similarity_right: float | None = None
+    margin: float | None = None  # the gate's margin, >= 0 passes: gate.margin
+    gate_steps: int | None = None  # the default gate's iteration steps (0: identical weights)
     rel_change: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
     note: str = ""
     subspaces_from_cache: int = 0  # 0, 1 or 2 of [source, target] read from the subspace cache
@@ -127,6 +130,7 @@ class PortReport:
             "rel_change_mean": sum(changes) / len(changes) if changes else None,
             "rel_change_max": max(changes) if changes else None,
             "ranks": ranks,
+            "borderline": [r.module for r in self.rows if r.margin is not None and abs(r.margin) < gate.BORDERLINE],
             "layers_from_cache": sum(1 for r in self.rows if r.subspaces_from_cache == 2),
             "subspaces_from_cache": sum(r.subspaces_from_cache for r in self.rows),
             "gb_read": self.bytes_read / 1e9,
@@ -155,6 +159,9 @@ class PortReport:
                 ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
                  f"mean {s['similarity_mean']:.3f}")
             )  # fmt: skip
+        if s["borderline"]:
+            rows.append(("borderline", f"{len(s['borderline'])} layers within {gate.BORDERLINE} of the threshold: "
+                         + ", ".join(s["borderline"])))  # fmt: skip
         if s["rel_change_max"]:  # a projection or truncation changed ΔW: say by how much
             rows.append(("ΔW changed by", f"mean {s['rel_change_mean']:.3f}  max {s['rel_change_max']:.3f} "
                          "(‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F per layer)"))  # fmt: skip
@@ -189,6 +196,7 @@ class PortReport:
             lines.append(f"not ported or changed ({len(others)}):")
         for r in others:
             sim = f" similarity {r.similarity:.3f}" if r.similarity is not None else ""
+            sim += f" (margin {r.margin:+.3f})" if r.margin is not None else ""
             lines.append(f"  {r.action:<14} {r.module}{sim} {r.note}".rstrip())
         return "\n".join(lines)
 
@@ -241,10 +249,13 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
     return out, (rows_total, *rest)
 
 
-def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces, keep: int | None = None) -> torch.Tensor:
+def _read_into(
+    out: torch.Tensor, base: BaseModel, component: str, pieces, keep: int | None = None, sums: bool = True
+) -> torch.Tensor | None:
     """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
     channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
-    for energy ranks)."""
+    for energy ranks), checking for NaN/Inf in the same pass. ``sums=False`` (the default gate,
+    whose first rsvd finds any NaN/Inf through its singular values): neither, None."""
     row, read = 0, []
     for name, rows, piece in pieces:
         shape = base.shape(component, name)  # [rows, in, *kernel]
@@ -256,6 +267,8 @@ def _read_into(out: torch.Tensor, base: BaseModel, component: str, pieces, keep:
         read.append((name, dest))
         row += n
     out[:, channels if keep is None else keep :].zero_()
+    if not sums:
+        return None
     frob2 = torch.zeros((), dtype=torch.float64)
     for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
         frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
@@ -294,7 +307,8 @@ def _variant_line(settings: dict) -> str:
     else:
         what = "ΔW projected onto the subspaces" + (f" (at most rank {rank})" if rank else "")
     other = "skipped" if settings["on_dissimilar"] == "skip" else "copied unchanged"
-    return f"{variant}: {what} where similarity >= {settings['min_similarity']}, else {other}"
+    t = settings["min_similarity"]
+    return f"{variant}: {what} where similarity >= {t} and each side >= {t / 2:g}, else {other}"
 
 
 def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
@@ -501,7 +515,7 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
 
 def group_bytes(
     layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
-    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None,
+    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None, gate: bool = False,
 ) -> int:  # fmt: skip
     """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
     stacked element: 2 for float16/bfloat16, 4 for float32, 8 for float64) holds at once on
@@ -517,14 +531,19 @@ def group_bytes(
                                          against measured allocations (tests/test_memory_model.py)
       factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
 
-    The budget is an estimate, not an allocator cap."""
+    The default gate (``gate``: loraport.gate) instead copies one layer's two weights at a time
+    to float32 (2·m·n·4, any dtype) and runs rsvd on those two at width l, one power step at a
+    time. The budget is an estimate, not an allocator cap."""
     width = min(k + oversample if block_size is None else block_size, m, n)
     matrices = 2 * layers
     weights = matrices * m * n * elem
     if not str(device).startswith("cuda"):
         weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
     dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
-    rsvd_bytes = torch.ops.loraport.rsvd_workspace_bytes(matrices, m, n, dtype, k, width, power_iters, method)
+    if gate:
+        rsvd_bytes = 2 * m * n * 4 + torch.ops.loraport.rsvd_workspace_bytes(2, m, n, torch.float32, k, width, 0, "power")
+    else:
+        rsvd_bytes = torch.ops.loraport.rsvd_workspace_bytes(matrices, m, n, dtype, k, width, power_iters, method)
     factors = 4 * 2 * (m + n) * lora_rank
     return weights + rsvd_bytes + factors
 
@@ -537,19 +556,21 @@ def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
     return 2 * 2 * layers * m * n * elem
 
 
-def default_subspace_rank(m: int, n: int) -> int:
-    """k for [m, n] weights when neither subspace_rank nor energy is given: 64, but at most a
-    quarter of min(m, n). Similarity of random k-dim subspaces of R^n is about k/n, and the
-    quality benchmark measured related (>= 0.855) and unrelated (<= 0.268) layers apart at
-    k = n/4 but overlapping at k = n; on real widths (>= 256) this is 64."""
-    return max(1, min(DEFAULT_SUBSPACE_RANK, min(m, n) // 4))
-
-
 def _subspace_rank(settings: dict, m: int, n: int) -> int:
-    """The largest subspace rank computed for [m, n] weights (energy searches below it)."""
+    """The largest subspace rank computed for [m, n] weights: the given rank, else the default
+    gate's cap (`gate.gate_rank`) or `default_subspace_rank`. Energy searches below it: an
+    energy rank is capped like the default, since on flat spectra (k = 128-271 at energy 0.9 on
+    384-wide encoders) it let unrelated layers through."""
     if settings["subspace_rank"] is not None:
         return min(settings["subspace_rank"], m, n)
-    return min(m, n) if settings["energy"] is not None else default_subspace_rank(m, n)
+    return gate.gate_rank(m, n) if _fast_gate(settings) else default_subspace_rank(m, n)
+
+
+def _fast_gate(settings: dict) -> bool:
+    """The default gate (loraport.gate: spectrum-following k, iterations until settled) decides
+    the copy variant when neither a subspace rank nor an energy is given; the projections and
+    explicit ranks get subspaces from one rsvd at the settings' iterations."""
+    return settings.get("variant") == "copy" and settings.get("subspace_rank") is None and settings.get("energy") is None
 
 
 def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
@@ -578,11 +599,12 @@ def _cache_key(plan: _Plan, side: str, fingerprint: str, settings: dict) -> str:
     shape = plan.tgt_shape
     m, n = shape[0], math.prod(shape[1:])
     k = _subspace_rank(settings, m, n)
-    svd = {**settings, "block_size": _krylov_block(settings, k, m, n)}
+    svd = {**settings, "block_size": _krylov_block(settings, k, m, n), "steps": gate.FIRST_STEPS}
     pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
     return SubspaceCache.key(
-        fingerprint, plan.component, pieces, shape[1], k, svd, kept_channels=_gated_channels(plan, side)
-    )
+        fingerprint, plan.component, pieces, shape[1], k, svd, kept_channels=_gated_channels(plan, side),
+        kind="gate-sketch" if _fast_gate(settings) else "subspaces",
+    )  # fmt: skip
 
 
 @dataclass
@@ -615,7 +637,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
             return max(group_bytes(
                 layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
                 method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
-                device=settings["device"], block_size=block,
+                device=settings["device"], block_size=block, gate=_fast_gate(settings),
             ), staging_bytes(layers, m, n, elem=dtype.itemsize))  # fmt: skip
 
         if need(1) > budget:
@@ -635,7 +657,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
 class _Loaded:
     """What the reader thread prepared for one chunk."""
 
-    found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²) from the cache
+    found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²), or a gate.Sketch, from the cache
     todo: list  # [(layer index, side)] to decompose, in the order of ``weights``
     slot: int  # the staging slot ``weights`` lies in
     weights: torch.Tensor  # [len(todo), out, channels, *kernel], a view of the staging slot
@@ -669,13 +691,21 @@ def _run(
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
+        fast = _fast_gate(settings)
+        width = min(chunk.rank + settings["oversample"], m, n)  # the default gate's sketch width
         for g, p in enumerate(chunk.plans):
             # rescaling a DoRA magnitude needs the weights' norms, so those weights are read
             norms_needed = settings["dora_magnitude"] == "rescale" and adapters.magnitude_axis(p.module)
             for side in ("source", "target"):
                 if fingerprints.get(side) is not None:
                     keys[g, side] = _cache_key(p, side, fingerprints[side], settings)
-                    hit = None if norms_needed else cache.get(keys[g, side], m, n, chunk.rank)
+                    if norms_needed:
+                        hit = None
+                    elif fast:
+                        hit = cache.get_tensors(keys[g, side], {"U": [2, m, width], "S": [2, width], "V": [2, n, width]})
+                        hit = None if hit is None else gate.Sketch(**hit, steps=gate.FIRST_STEPS)
+                    else:
+                        hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
                         found[g, side] = hit
                         continue
@@ -686,10 +716,20 @@ def _run(
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side)))
+            frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side), not fast))
             if adapters.magnitude_axis(p.module):
                 norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
         return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
+
+    def read_weight(plan: _Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
+        """One base weight read now, [out, channels, *kernel]: the default gate refining a layer
+        whose sketch came from the cache, or naming the tensor that holds NaN/Inf."""
+        out = torch.empty(plan.tgt_shape, dtype=dtype)
+        pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
+        _read_into(out, bases[side], plan.component, pieces, _gated_channels(plan, side))
+        return out
+
+    upcast = gate.Upcast()  # the default gate's float32 copy of a layer's two weights, reused
 
     cached_subspaces = 0  # for the progress bar
     try:
@@ -701,7 +741,12 @@ def _run(
                 pending = pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
                 seconds["read"] += loaded.seconds_read
                 seconds["cache"] += loaded.seconds_cache
-                _port_chunk(chunk, loaded, cache, staging, settings, seconds, subspaces_only)
+                try:
+                    _port_chunk(chunk, loaded, cache, staging, settings, seconds, subspaces_only, read_weight, upcast)
+                except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
+                    for g, side in loaded.todo:
+                        read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
+                    raise
                 bar.update(len(chunk.plans))
                 gb = (src.bytes_read + tgt.bytes_read) / 1e9
                 cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
@@ -714,11 +759,14 @@ def _run(
 
 def _port_chunk(
     chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, settings: dict, seconds: dict,
-    subspaces_only: bool = False,
+    subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
-    """Subspaces of one chunk of same-shape layers (one batched rsvd over the weights not in the
-    cache), then, unless ``subspaces_only``, similarity and projection per layer (sets each
-    plan's row and result)."""
+    """The gate for one chunk of same-shape layers (`_gate_chunk`, or subspaces from one batched
+    rsvd over the weights not in the cache), then, unless ``subspaces_only``, copy or projection
+    per layer (sets each plan's row and result)."""
+    if _fast_gate(settings):
+        _gate_chunk(chunk, loaded, cache, settings, seconds, subspaces_only, read_weight, upcast)
+        return
     device = settings["device"]
     t0 = time.perf_counter()
     k_max = chunk.rank
@@ -744,9 +792,7 @@ def _port_chunk(
 
     t0 = time.perf_counter()
     energy = settings["energy"]
-    strength = Strength.from_dict(settings["strength"])
     for g, plan in enumerate(chunk.plans):
-        row, mod = plan.row, plan.module
         Us, Ss, Vs, frob2_s = subspaces[g, "source"]
         Ut, St, Vt, frob2_t = subspaces[g, "target"]
         if energy is None:
@@ -760,48 +806,90 @@ def _port_chunk(
         # finite (LoRA factors on read, rsvd's S, cache entries), and each wrapper check would be
         # a full isfinite scan and a host sync per tensor per layer. One sync for both values.
         left, right = torch.stack([_similarity(us, ut), _similarity(vs, vt)]).tolist()
-        row.subspace_rank, row.similarity_left, row.similarity_right = [ks, kt], left, right
-        row.similarity = (left + right) / 2
-
-        if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per settings
-            if row.similarity >= settings["min_similarity"] or settings["on_dissimilar"] == "copy":
-                plan.result = adapters.port_module(plan, loaded.norms.get(g), settings)
-            else:
-                row.action = "skipped"
-            continue
-        up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
-        channels, kernel = plan.tgt_shape[1], mod.kernel
-        if mod.down.shape[1] < channels:  # new input channels: zero columns
-            d = mod.down.float()  # [r, in, *kernel]
-            down = torch.cat([d, d.new_zeros(d.shape[0], channels - d.shape[1], *kernel)], 1).flatten(1)
-        up, down = up.to(device), down.to(device)
-
-        if row.similarity < settings["min_similarity"]:
-            if settings["on_dissimilar"] == "skip":
-                row.action, row.rank_out = "skipped", None
-                continue
-            row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
-            new_up, new_down = up, down
-        else:
-            r_out = min(settings["rank"] or mod.rank, mod.rank)
-            if settings["variant"] == "copy":
-                if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
-                    new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
-                else:
-                    new_up, new_down = up, down
-            elif settings["variant"] == "source-then-target":
-                u1, d1 = _project(up, down, us, vs, min(mod.rank, ks))
-                new_up, new_down = _project(u1, d1, ut, vt, min(r_out, kt))
-            else:
-                new_up, new_down = _project(up, down, ut, vt, min(r_out, kt))
-            row.action = "padded" if mod.down.shape[1] < channels else "ported"
-            row.rank_out = new_up.shape[1]
-            row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
-        factor = strength(mod.name)
-        if factor != 1.0:  # in float32, before the cast to the output dtype: one rounding
-            new_up = new_up * factor
-            row.note = (row.note + f" strength {factor:g}").strip()
-        plan.result = formats.module_from_factors(
-            mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
-        )
+        plan.row.subspace_rank = [ks, kt]
+        _carry(plan, left, right, (us, vs, ut, vt), loaded.norms.get(g), settings)
     seconds["project"] += time.perf_counter() - t0
+
+
+def _gate_chunk(
+    chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict, subspaces_only: bool, read_weight, upcast,
+):  # fmt: skip
+    """`_port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
+    t0 = time.perf_counter()
+    shape = chunk.plans[0].tgt_shape
+    index = {job: i for i, job in enumerate(loaded.todo)}  # (layer index, side) -> weight in loaded.weights
+    results = gate.gate_layers(
+        len(chunk.plans), shape[0], math.prod(shape[1:]), loaded.weights, index, loaded.found,
+        lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys, upcast,
+        cap=chunk.rank, oversample=settings["oversample"], seed=settings["seed"],
+        threshold=settings["min_similarity"], device=settings["device"], decide=not subspaces_only,
+    )  # fmt: skip
+    seconds["svd"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for g, plan in enumerate(chunk.plans):
+        plan.row.subspaces_from_cache = sum((g, side) in loaded.found for side in ("source", "target"))
+    if subspaces_only:
+        return
+    for g, (plan, res) in enumerate(zip(chunk.plans, results)):
+        row = plan.row
+        row.subspace_rank, row.gate_steps = [res.k, res.k], res.steps
+        if res.steps == 0:
+            row.note = "identical in both bases"
+        elif res.unsure:
+            row.note = f"gate unsure after {res.steps} steps"
+        _carry(plan, res.left, res.right, None, loaded.norms.get(g), settings)
+    seconds["project"] += time.perf_counter() - t0
+
+
+def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: dict) -> None:
+    """The gate's verdict on one layer from its side similarities, and the module it gets: the
+    copy, a projection onto ``subspaces`` (us [m, ks], vs [n, ks], ut [m, kt], vt [n, kt]; None
+    for the copy variant), the adapter in its own type, or nothing (sets the plan's row and
+    result). norms: a DoRA layer's base weight norms per side."""
+    row, mod, device = plan.row, plan.module, settings["device"]
+    row.similarity_left, row.similarity_right = left, right
+    row.similarity = (left + right) / 2
+    row.margin = gate.margin(left, right, settings["min_similarity"])
+    if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per settings
+        if row.margin >= 0 or settings["on_dissimilar"] == "copy":
+            plan.result = adapters.port_module(plan, norms, settings)
+        else:
+            row.action = "skipped"
+        return
+    up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
+    channels, kernel = plan.tgt_shape[1], mod.kernel
+    if mod.down.shape[1] < channels:  # new input channels: zero columns
+        d = mod.down.float()  # [r, in, *kernel]
+        down = torch.cat([d, d.new_zeros(d.shape[0], channels - d.shape[1], *kernel)], 1).flatten(1)
+    up, down = up.to(device), down.to(device)
+
+    if row.margin < 0:
+        if settings["on_dissimilar"] == "skip":
+            row.action, row.rank_out = "skipped", None
+            return
+        row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
+        new_up, new_down = up, down
+    else:
+        r_out = min(settings["rank"] or mod.rank, mod.rank)
+        if settings["variant"] == "copy":
+            if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
+                new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
+            else:
+                new_up, new_down = up, down
+        elif settings["variant"] == "source-then-target":
+            us, vs, ut, vt = subspaces
+            u1, d1 = _project(up, down, us, vs, min(mod.rank, us.shape[1]))
+            new_up, new_down = _project(u1, d1, ut, vt, min(r_out, ut.shape[1]))
+        else:
+            _, _, ut, vt = subspaces
+            new_up, new_down = _project(up, down, ut, vt, min(r_out, ut.shape[1]))
+        row.action = "padded" if mod.down.shape[1] < channels else "ported"
+        row.rank_out = new_up.shape[1]
+        row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
+    factor = Strength.from_dict(settings["strength"])(mod.name)
+    if factor != 1.0:  # in float32, before the cast to the output dtype: one rounding
+        new_up = new_up * factor
+        row.note = (row.note + f" strength {factor:g}").strip()
+    plan.result = formats.module_from_factors(
+        mod.component, mod.name, mod.key, new_up, new_down, (channels, *kernel), mod.up.dtype
+    )

@@ -116,3 +116,14 @@ def dora_weight(W: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, a
         return magnitude.double().reshape(norm.shape) * V / norm
     norm = V.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (V.dim() - 2))
     return magnitude.double().reshape(norm.shape) * V / norm
+
+
+def gate_exact(ws: torch.Tensor, wt: torch.Tensor, cap: int) -> tuple[float, float, int]:
+    """The similarity gate from exact float64 SVDs (the oracle of loraport.gate): (left, right, k)
+    with k = gate.spectrum_rank of the exact spectra at ``cap`` (decide with gate.margin)."""
+    from .gate import spectrum_rank
+
+    Us, Ss, Vs = svd_truncated(ws.flatten(1), cap + 1)
+    Ut, St, Vt = svd_truncated(wt.flatten(1), cap + 1)
+    k = spectrum_rank(Ss, St, cap)
+    return float(subspace_similarity(Us[:, :k], Ut[:, :k])), float(subspace_similarity(Vs[:, :k], Vt[:, :k])), k
