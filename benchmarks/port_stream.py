@@ -229,7 +229,7 @@ def read_and_sum_child(folder: str) -> None:
 
 
 def read_and_sum(folder: str) -> dict:
-    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ}
+    env = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     res = subprocess.run([sys.executable, "-m", "benchmarks.port_stream", "--read-and-sum", folder],
                          stdout=subprocess.PIPE, text=True, check=True, env=env)  # fmt: skip
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -264,7 +264,7 @@ def run_port(folder: str, lora: int, args, *, drop: bool = True, cache: bool = T
         "cache": os.path.join(folder, "cache") if cache else "", "device": args.device, "max_vram": args.max_vram,
         "subspace_rank": args.subspace_rank, "variant": args.variant,
     }  # fmt: skip
-    env = {"THP_MEM_ALLOC_ENABLE": "1", **os.environ}  # as the loraport CLI sets for itself
+    env = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # as the loraport CLI sets for itself
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.port_stream", "--child", json.dumps(spec)],
         stdout=subprocess.PIPE, text=True, check=True, env=env,

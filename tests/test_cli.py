@@ -94,7 +94,12 @@ def test_only_loraports_own_processes_turn_on_huge_pages_for_torch():
     assert not _is_cli_process(["/usr/bin/python3", "-m", "pytest", "tests"])
     assert not _is_cli_process(["/usr/bin/python3", "train.py", "--loraport"])
     assert not _is_cli_process(["/usr/bin/python3"])
-    code = "import os, loraport; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    code = "import os, loraport; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert res.stdout.strip() == "None"
+    assert res.stdout.strip() == "None None"
+    # the CLI's own process: both set before torch is imported (what libgomp and the allocator read)
+    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'loraport']; import os, loraport, torch; "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ.get('OMP_WAIT_POLICY'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert res.stdout.strip() == "1 PASSIVE"

@@ -42,6 +42,11 @@ if _is_cli_process(getattr(sys, "orig_argv", [])):
     # Hunyuan-shaped port (benchmarks/RESULTS.md): 13.6M -> 0.61M page faults, 53-55 -> 29-35 s
     # kernel time, 102 -> 82-95 s wall. Library users can set it themselves (README).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # OpenMP's worker threads then sleep between parallel regions instead of spinning (libgomp
+    # reads it when torch loads it): the port's reader thread copies the next chunk out of the
+    # page cache on the same cores while the gate computes, and spinning workers took 22% of
+    # both cores' samples in a profile of the default port (benchmarks/RESULTS.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Ctrl-C while torch is being imported: the CLI's one line and status 130, not a traceback
     # (cli.main puts Python's own handler back, and catches the KeyboardInterrupt it raises).
     import signal

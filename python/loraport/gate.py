@@ -204,8 +204,10 @@ class Upcast:
     """The float32 copy of one layer's two weights that the gate iterates on, kept between layers
     of a run: a fresh allocation per layer would pay the page faults of a new mapping each time."""
 
-    def __init__(self):
-        self.buffer: torch.Tensor | None = None
+    def __init__(self, numel: int = 0, device="cpu"):
+        """``numel``: the largest 2·m·n the run will ask for, allocated now (growing it later would
+        fault in a new mapping again)."""
+        self.buffer: torch.Tensor | None = torch.empty(numel, device=device) if numel else None
 
     def take(self, m: int, n: int, device) -> torch.Tensor:
         """[2, m, n] float32 on ``device``, contents undefined."""

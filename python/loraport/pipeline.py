@@ -729,7 +729,11 @@ def _run(
         _read_into(out, bases[side], plan.component, pieces, _gated_channels(plan, side))
         return out
 
-    upcast = gate.Upcast()  # the default gate's float32 copy of a layer's two weights, reused
+    # the default gate's float32 copy of a layer's two weights, one buffer for the run
+    upcast = gate.Upcast(
+        max((2 * math.prod(c.plans[0].tgt_shape) for c in chunks), default=0) if _fast_gate(settings) else 0,
+        settings["device"],
+    )
 
     cached_subspaces = 0  # for the progress bar
     try:
