@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--blocks-single", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="6 LoRAs on a 1 + 1 block pair (docs checks, CI)")
     p.add_argument("--configs", default="pool:1,pool:2,ray:1,ray:2", help="runner:workers,... (runner pool or ray)")
-    p.add_argument("--subspace-rank", type=int, default=64)
+    p.add_argument("--subspace-rank", type=int, default=None, help="default: loraport's (the default gate)")
     p.add_argument("--dir", default="/work/bench-tmp/port_many", help="where the pair and the LoRAs are generated")
     p.add_argument("--keep", action="store_true", help="keep the generated files (a rerun reuses them)")
     p.add_argument("--markdown", help="also write the section to this file (at the top, below its title)")

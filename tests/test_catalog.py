@@ -295,6 +295,17 @@ def test_two_node_ray_cluster(ray_cluster, files, tmp_path, transfer):
 
 
 @pytest.mark.slow
+def test_ray_local_starts_its_own_instance_beside_a_running_cluster(ray_cluster, files, tmp_path):
+    """`--ray local` while another Ray cluster runs on this machine (which ray.init would join on
+    its own): a private one-worker instance, not the two-node cluster."""
+    outdir = str(tmp_path / "out")
+    rep = bounded(lambda: catalog.port_many([files["loras"]], files["source"], files["target"], outdir, ray="local",
+                                            workers=1, cache_dir=str(tmp_path / "cache"), quiet=True, **OPTIONS))
+    assert rep.runner == "Ray" and rep.workers == 1
+    check_catalog(rep, files, outdir)
+
+
+@pytest.mark.slow
 def test_two_node_ray_cluster_survives_a_killed_worker(ray_cluster, files, tmp_path):
     outdir = str(tmp_path / "out")
     rep, killed = run_and_kill(

@@ -102,7 +102,9 @@ class RayCluster:
         self.max_retries = max_retries
         self.started = not ray.is_initialized()
         if self.started and address == "local":
-            ray.init(num_cpus=workers or cpu_count(), include_dashboard=False,
+            # address="local": a new instance even where a cluster runs on this machine (without
+            # it ray.init joins that cluster and then refuses num_cpus)
+            ray.init(address="local", num_cpus=workers or cpu_count(), include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)  # fmt: skip
         elif self.started:
             ray.init(address=address, log_to_driver=False)
