@@ -39,10 +39,11 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.basemodel import BaseModel
 from loraport.cache import SubspaceCache
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 CASE_SECONDS = 10
 RSS_SLACK = 32 << 20

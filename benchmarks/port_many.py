@@ -30,7 +30,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from loraport import tiny
+from loraport.testing import tiny
 
 from .port_stream import generate, lora_modules, model_shapes
 from .rsvd import machine_description

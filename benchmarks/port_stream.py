@@ -36,7 +36,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from loraport import tiny
+from loraport.testing import tiny
 
 from .rsvd import machine_description
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraport import archs, formats, reference, tiny
+from loraport import archs, formats, reference
 from loraport.errors import InputError
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

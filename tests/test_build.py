@@ -71,3 +71,30 @@ for w in caught:
     else:
         assert len(warnings) == 1, warnings
         assert torch.cuda.get_device_name() in warnings[0] and loraport.BUILD_INFO["archs"] in warnings[0]
+
+
+def test_the_library_does_not_import_its_test_fixtures():
+    """loraport.testing ships in the wheel as a plainly named testing package; the library never
+    imports it (fixtures may import the library, not the reverse)."""
+    import ast
+
+    package = os.path.dirname(loraport.__file__)
+    offenders = []
+    for folder, _, files in os.walk(package):
+        if os.path.relpath(folder, package).split(os.sep)[0] == "testing":
+            continue
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                if isinstance(node, ast.ImportFrom):
+                    module = "." * node.level + (node.module or "")
+                    names = [module + "." + a.name for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                if any(re.match(r"\.+testing\b|loraport\.testing\b", n) for n in names):
+                    offenders.append(f"{os.path.relpath(path, package)}: {names}")
+    assert os.path.isdir(os.path.join(package, "testing")) and offenders == [], offenders

@@ -22,7 +22,8 @@ import re
 
 import pytest
 
-from loraport import formats, tiny
+from loraport import formats
+from loraport.testing import tiny
 
 _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")
 

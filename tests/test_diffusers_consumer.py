@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # load_lora_adapter injects the LoRA layers with PEFT
 
-from loraport import archs, formats, reference, tiny  # noqa: E402
+from loraport import archs, formats, reference  # noqa: E402
 from loraport.pipeline import port  # noqa: E402
+from loraport.testing import tiny  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 K = 6  # subspace rank; LoRA rank 4 <= K

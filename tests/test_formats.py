@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 
 def delta(m: formats.LoraModule) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torch
 
 from benchmarks.quality import experiment as E
 from benchmarks.quality import model as M
-from loraport import formats, tiny
+from loraport import formats
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 SETUP = E.Setup(M.Config(width=32, ffn=64, length=4), pretrain_steps=120, upgrade_steps=40, lora_steps=60,
                 lora_rank=4, lora_lr=1e-2, eval_sequences=256)  # fmt: skip

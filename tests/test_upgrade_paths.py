@@ -24,10 +24,11 @@ import torch
 from conftest import WarningsCollector
 from safetensors.torch import load_file, save_file
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.cli import main
 from loraport.errors import InputError
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,8 @@ import time
 import torch
 
 import loraport
-from loraport import adapters, archs, errors, formats, tiny
+from loraport import adapters, archs, errors, formats
+from loraport.testing import tiny
 
 from . import experiment as E
 from . import model as M

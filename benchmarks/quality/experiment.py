@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 import loraport
-from loraport import archs, errors, formats, pipeline, tiny
+from loraport import archs, errors, formats, pipeline
+from loraport.testing import tiny
 
 from . import model as M
 
