@@ -82,7 +82,9 @@ def single_file_to_diffusers(arch: str, original: dict, model: nn.Module) -> dic
     if arch == "wan":
         return sfu.convert_wan_transformer_to_diffusers(original)
     if arch in ("sd15", "sdxl"):
-        return sfu.convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in original.items()}, model.config)
+        return sfu.convert_ldm_unet_checkpoint(
+            {"model.diffusion_model." + k: v for k, v in original.items()}, model.config
+        )
     raise ValueError(arch)
 
 
@@ -138,22 +140,49 @@ def assert_same_deltas(theirs: dict, ours: dict, rtol: float = 1e-6) -> None:
 
 
 def hunyuan_video(**kw):
-    cfg = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-               num_single_layers=2, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
-               rope_axes_dim=(2, 2, 4))  # fmt: skip
+    cfg = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+    )
     return diffusers().HunyuanVideoTransformer3DModel(**{**cfg, **kw})
 
 
 def flux(**kw):
-    cfg = dict(in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-               joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))  # fmt: skip
+    cfg = dict(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
     return diffusers().FluxTransformer2DModel(**{**cfg, **kw})
 
 
 def wan(**kw):
     """Wan 2.1 T2V at a tiny width; ``image_dim=16, added_kv_proj_dim=16`` make it an I2V one."""
-    cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
-               freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)  # fmt: skip
+    cfg = dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
     return diffusers().WanTransformer3DModel(**{**cfg, **kw})
 
 
@@ -161,24 +190,35 @@ def sdxl_unet(transformer_layers=(1, 1, 2)):
     """SDXL's UNet layout (no attention in the first down / last up block, more transformer blocks
     in the innermost attentions, text_time add_embedding) at a tiny width."""
     return diffusers().UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4,
+        sample_size=8,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=transformer_layers, cross_attention_dim=16, attention_head_dim=(2, 4, 4),
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
+        transformer_layers_per_block=transformer_layers,
+        cross_attention_dim=16,
+        attention_head_dim=(2, 4, 4),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=32,
         use_linear_projection=True,
-    )  # fmt: skip
+    )
 
 
 def sd15_unet():
     """SD 1.5's UNet layout (four levels, attention in the first three down and last three up
     blocks, two resnets per level) at a tiny width."""
     return diffusers().UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4,
+        sample_size=8,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2,
-    )  # fmt: skip
+        cross_attention_dim=16,
+        attention_head_dim=2,
+    )
 
 
 def random_weights(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -56,13 +56,16 @@ def test_original_names_are_what_diffusers_single_file_converters_read(name):
 def _kohya_to_diffusers_round_trip(lora_in: formats.LoraFile, arch: str) -> None:
     """loraport's diffusers file, read back and written as kohya, is the input exactly (fused
     layers rebuilt from their split parts)."""
-    back = formats.read_lora(formats.state_dict(formats.read_lora(formats.state_dict(lora_in, "diffusers"), arch=arch),
-                                                "kohya"), arch=arch)  # fmt: skip
+    back = formats.read_lora(
+        formats.state_dict(formats.read_lora(formats.state_dict(lora_in, "diffusers"), arch=arch), "kohya"), arch=arch
+    )
     want = {m.name: m for m in lora_in.modules}
     assert sorted(m.name for m in back.modules) == sorted(want)
     for m in back.modules:
         (u1, d1), (u2, d2) = m.factors(), want[m.name].factors()
-        torch.testing.assert_close(u1.double().flatten(1) @ d1.double().flatten(1), u2.double().flatten(1) @ d2.double().flatten(1))
+        torch.testing.assert_close(
+            u1.double().flatten(1) @ d1.double().flatten(1), u2.double().flatten(1) @ d2.double().flatten(1)
+        )
 
 
 @pytest.mark.parametrize("guidance", [True, False])
@@ -76,8 +79,10 @@ def test_kohya_flux_lora_means_to_diffusers_what_it_means_to_loraport(guidance):
     rest = [n for n in tiny.lora_targets("flux", weights) if n not in final]
     # diffusers drops the alpha of final_layer modules (assign_remaining_weights, "TODO: alphas"):
     # those get alpha = rank (scale 1); every other module a scale of 0.75
-    sd = {**tiny.lora("flux", real_rows(weights), fmt="kohya", rank=rank, alpha=1.5, modules=rest),
-          **tiny.lora("flux", real_rows(weights), fmt="kohya", rank=rank, alpha=float(rank), modules=final, seed=4)}  # fmt: skip
+    sd = {
+        **tiny.lora("flux", real_rows(weights), fmt="kohya", rank=rank, alpha=1.5, modules=rest),
+        **tiny.lora("flux", real_rows(weights), fmt="kohya", rank=rank, alpha=float(rank), modules=final, seed=4),
+    }
     theirs = lora_deltas(diffusers.FluxPipeline.lora_state_dict(dict(sd)), prefix="transformer.")
     lora_in = formats.read_lora(sd, arch="flux")
     ours = lora_deltas(formats.state_dict(lora_in, "diffusers"), prefix="transformer.")
@@ -117,8 +122,9 @@ def test_diffusion_pipe_hunyuan_lora_means_to_diffusers_what_it_means_to_lorapor
     lora_in = formats.read_lora(sd, arch="hunyuan-video")
     assert sorted(m.name for m in lora_in.modules) == sorted(m.name for m in kohya.modules if not m.name.endswith(skip))
     ours = lora_deltas(formats.state_dict(lora_in, "diffusers"), prefix="transformer.")
-    left_out = {"norm_out.linear"} | {n for n in adaptable_modules(model) if ".refiner_blocks." in n and ".attn.to_" in n
-                                      and "to_out" not in n}  # fmt: skip
+    left_out = {"norm_out.linear"} | {
+        n for n in adaptable_modules(model) if ".refiner_blocks." in n and ".attn.to_" in n and "to_out" not in n
+    }
     assert set(theirs) == adaptable_modules(model) - left_out
     assert_same_deltas(theirs, ours)
     _kohya_to_diffusers_round_trip(kohya, "hunyuan-video")
@@ -136,10 +142,14 @@ def test_wan_lora_means_to_diffusers_what_it_means_to_loraport(fmt):
     weights = tiny.to_original_names("wan", random_weights(model))
     targets = tiny.lora_targets("wan", weights)
     if fmt == "kohya":
-        sd = tiny.lora("wan", weights, fmt="kohya", rank=2, alpha=1.5, modules=[n for n in targets if n.startswith("blocks.")])
+        sd = tiny.lora(
+            "wan", weights, fmt="kohya", rank=2, alpha=1.5, modules=[n for n in targets if n.startswith("blocks.")]
+        )
         want = {n for n in adaptable_modules(model) if n.startswith("blocks.")}
     else:
-        sd = tiny.lora("wan", weights, fmt="comfy", rank=2, alpha=None, modules=[n for n in targets if n != "patch_embedding"])
+        sd = tiny.lora(
+            "wan", weights, fmt="comfy", rank=2, alpha=None, modules=[n for n in targets if n != "patch_embedding"]
+        )
         want = adaptable_modules(model) - {"patch_embedding"}
     theirs = lora_deltas(diffusers.WanPipeline.lora_state_dict(dict(sd)), prefix="transformer.")
     ours = lora_deltas(formats.state_dict(formats.read_lora(sd, arch="wan"), "diffusers"), prefix="transformer.")

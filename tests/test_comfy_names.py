@@ -27,11 +27,27 @@ _SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.
 # comfy/ldm/flux/layers.py: DoubleStreamBlock (img_mod / txt_mod: Modulation.lin; img_attn /
 # txt_attn: SelfAttention.qkv, .proj; img_mlp / txt_mlp: Sequential(Linear, GELU, Linear)) and
 # SingleStreamBlock (linear1, linear2, modulation: Modulation.lin).
-_DOUBLE = ["img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
-           "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2"]  # fmt: skip
+_DOUBLE = [
+    "img_mod.lin",
+    "img_attn.qkv",
+    "img_attn.proj",
+    "img_mlp.0",
+    "img_mlp.2",
+    "txt_mod.lin",
+    "txt_attn.qkv",
+    "txt_attn.proj",
+    "txt_mlp.0",
+    "txt_mlp.2",
+]
 _SINGLE = ["linear1", "linear2", "modulation.lin"]
-_EMBEDDERS = ["time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
-              "guidance_in.in_layer", "guidance_in.out_layer"]  # fmt: skip  (MLPEmbedder: in_layer, out_layer)
+_EMBEDDERS = [
+    "time_in.in_layer",
+    "time_in.out_layer",
+    "vector_in.in_layer",
+    "vector_in.out_layer",
+    "guidance_in.in_layer",
+    "guidance_in.out_layer",
+]  # MLPEmbedder: in_layer, out_layer
 _LAST_LAYER = ["final_layer.linear", "final_layer.adaLN_modulation.1"]  # LastLayer: linear, adaLN_modulation[1]
 
 # {block prefix ("" for the model's own modules): module names}; "{i}" is each block's index.
@@ -43,30 +59,73 @@ COMFY_MODULES = {
     # individual_token_refiner.blocks = TokenRefinerBlock: adaLN_modulation[1], self_attn =
     # SelfAttentionRef (qkv, proj), mlp = Sequential(Linear, SiLU, Linear)).
     "hunyuan-video": {
-        "": ["img_in.proj", *_EMBEDDERS, "txt_in.input_embedder", "txt_in.t_embedder.in_layer", "txt_in.t_embedder.out_layer",
-             "txt_in.c_embedder.in_layer", "txt_in.c_embedder.out_layer", *_LAST_LAYER],  # fmt: skip
-        "txt_in.individual_token_refiner.blocks.{i}.": ["adaLN_modulation.1", "self_attn.qkv", "self_attn.proj", "mlp.0", "mlp.2"],
+        "": [
+            "img_in.proj",
+            *_EMBEDDERS,
+            "txt_in.input_embedder",
+            "txt_in.t_embedder.in_layer",
+            "txt_in.t_embedder.out_layer",
+            "txt_in.c_embedder.in_layer",
+            "txt_in.c_embedder.out_layer",
+            *_LAST_LAYER,
+        ],
+        "txt_in.individual_token_refiner.blocks.{i}.": [
+            "adaLN_modulation.1",
+            "self_attn.qkv",
+            "self_attn.proj",
+            "mlp.0",
+            "mlp.2",
+        ],
         "double_blocks.{i}.": _DOUBLE,
         "single_blocks.{i}.": _SINGLE,
     },
     # comfy/ldm/flux/model.py: Flux (img_in, txt_in: Linear; time_in, vector_in, guidance_in:
     # MLPEmbedder; double_blocks, single_blocks; final_layer = LastLayer).
-    "flux": {"": ["img_in", "txt_in", *_EMBEDDERS, *_LAST_LAYER], "double_blocks.{i}.": _DOUBLE, "single_blocks.{i}.": _SINGLE},
+    "flux": {
+        "": ["img_in", "txt_in", *_EMBEDDERS, *_LAST_LAYER],
+        "double_blocks.{i}.": _DOUBLE,
+        "single_blocks.{i}.": _SINGLE,
+    },
     # comfy/ldm/wan/model.py: WanModel (patch_embedding: Conv3d; text_embedding, time_embedding:
     # Sequential(Linear, act, Linear); time_projection: Sequential(SiLU, Linear); head = Head
     # (.head); img_emb = MLPProj (.proj: LayerNorm, Linear, GELU, Linear, LayerNorm) for i2v);
     # WanAttentionBlock (self_attn: WanSelfAttention q, k, v, o; cross_attn: WanI2VCrossAttention,
     # which adds k_img, v_img; ffn: Sequential(Linear, GELU, Linear)).
     "wan": {
-        "": ["patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
-             "time_projection.1", "head.head", "img_emb.proj.1", "img_emb.proj.3"],  # fmt: skip
-        "blocks.{i}.": ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                        "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2"],  # fmt: skip
+        "": [
+            "patch_embedding",
+            "text_embedding.0",
+            "text_embedding.2",
+            "time_embedding.0",
+            "time_embedding.2",
+            "time_projection.1",
+            "head.head",
+            "img_emb.proj.1",
+            "img_emb.proj.3",
+        ],
+        "blocks.{i}.": [
+            "self_attn.q",
+            "self_attn.k",
+            "self_attn.v",
+            "self_attn.o",
+            "cross_attn.q",
+            "cross_attn.k",
+            "cross_attn.v",
+            "cross_attn.o",
+            "cross_attn.k_img",
+            "cross_attn.v_img",
+            "ffn.0",
+            "ffn.2",
+        ],
     },
 }
 # The tiny diffusers models' block counts (below): {block prefix: blocks}.
 BLOCKS = {
-    "hunyuan-video": {"txt_in.individual_token_refiner.blocks.{i}.": 1, "double_blocks.{i}.": 1, "single_blocks.{i}.": 2},
+    "hunyuan-video": {
+        "txt_in.individual_token_refiner.blocks.{i}.": 1,
+        "double_blocks.{i}.": 1,
+        "single_blocks.{i}.": 2,
+    },
     "flux": {"double_blocks.{i}.": 1, "single_blocks.{i}.": 2},
     "wan": {"blocks.{i}.": 2},
 }
@@ -75,14 +134,25 @@ MODELS = {"hunyuan-video": hunyuan_video, "flux": flux, "wan": lambda: wan(image
 
 def comfy_modules(arch: str) -> set[str]:
     table = COMFY_MODULES[arch]
-    return {prefix.format(i=i) + m for prefix, mods in table.items() for i in range(BLOCKS[arch].get(prefix, 1)) for m in mods}
+    return {
+        prefix.format(i=i) + m
+        for prefix, mods in table.items()
+        for i in range(BLOCKS[arch].get(prefix, 1))
+        for m in mods
+    }
 
 
 # Hunyuan Video only (comfy/lora.py, model_lora_keys_unet, "diffusion-pipe lora format"): the
 # replacements ComfyUI makes on a module's "diffusion_model.<name>.weight" key to get the
 # diffusion-pipe name it also accepts, in this order.
-DIFFUSION_PIPE_RENAMES = [("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
-                          ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), (".modulation.lin.", ".modulation.linear.")]  # fmt: skip
+DIFFUSION_PIPE_RENAMES = [
+    ("_mod.lin.", "_mod.linear."),
+    ("_attn.qkv.", "_attn_qkv."),
+    ("_attn.proj.", "_attn_proj."),
+    ("mlp.0.", "mlp.fc1."),
+    ("mlp.2.", "mlp.fc2."),
+    (".modulation.lin.", ".modulation.linear."),
+]
 
 
 def comfy_key_names(arch: str, module: str) -> set[str]:
@@ -120,8 +190,9 @@ def test_every_module_name_is_one_comfyui_maps(arch, fmt):
     if arch == "hunyuan-video" and fmt == "kohya":
         # Musubi Tuner's names, kept for the tools that train and run them: ComfyUI maps only its
         # own names under lora_unet_, so these need --format comfy for ComfyUI (README).
-        assert unmapped and all(re.search(r"(_mod_linear|_mlp_fc[12]|modulation_linear|mlp_[02]|linear_[12])$", s)
-                                for s in unmapped), unmapped  # fmt: skip
+        assert unmapped and all(
+            re.search(r"(_mod_linear|_mlp_fc[12]|modulation_linear|mlp_[02]|linear_[12])$", s) for s in unmapped
+        ), unmapped
     else:
         assert unmapped == []
         # one key per ComfyUI module, and every module of ComfyUI's model reached
