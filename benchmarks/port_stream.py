@@ -3,7 +3,7 @@ pair at full layer shapes, from disk, and compare with the time it takes to just
 
     python -m benchmarks.port_stream                       # 20 double + 40 single blocks, ~50 GB on disk
     python -m benchmarks.port_stream --blocks-double 2 --blocks-single 4    # minutes, a few GB
-    python -m benchmarks.port_stream --dir D --keep --markdown benchmarks/RESULTS.md
+    python -m benchmarks.port_stream --dir D --keep --markdown benchmarks/runs/YYYY-MM-DD-port-stream.md
 
 Steps, each timed and reported:
   1. generate: the source and target bases (hidden 3072, the original Hunyuan Video key names of
