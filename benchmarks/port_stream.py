@@ -7,7 +7,7 @@ pair at full layer shapes, from disk, and compare with the time it takes to just
 
 Steps, each timed and reported:
   1. generate: the source and target bases (hidden 3072, the original Hunyuan Video key names of
-     loraport.tiny / archs, bf16) written one shard per block with a model.safetensors.index.json,
+     loraport.testing.tiny / archs, bf16) written one shard per block with a model.safetensors.index.json,
      so no model is ever held in memory; every 2-d weight is 0.02·(N + L) with N Gaussian noise and
      L a rank-64 component with decaying singular values well above the noise (a spectrum with a
      well-defined top subspace); the target is the source plus 5 % of a different noise and a
