@@ -4,7 +4,7 @@ workers, and project the measured costs onto a large cluster.
 
     python -m benchmarks.port_many                     # 50 LoRAs, quarter-size pair (5 double + 10 single blocks)
     python -m benchmarks.port_many --quick             # 6 LoRAs, 1 + 1 blocks: a minute or two
-    python -m benchmarks.port_many --dir D --keep --markdown benchmarks/RESULTS.md
+    python -m benchmarks.port_many --dir D --keep --markdown benchmarks/runs/YYYY-MM-DD-port-many.md
 
 The pair comes from benchmarks.port_stream's generator (full width 3072, bf16, one shard per
 block, the target a related release of the source). The LoRAs are kohya/Musubi-style on the
@@ -30,7 +30,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from loraport import tiny
+from loraport.testing import tiny
 
 from .port_stream import generate, lora_modules, model_shapes
 from .rsvd import machine_description
@@ -124,7 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--subspace-rank", type=int, default=None, help="default: loraport's (the default gate)")
     p.add_argument("--dir", default="/work/bench-tmp/port_many", help="where the pair and the LoRAs are generated")
     p.add_argument("--keep", action="store_true", help="keep the generated files (a rerun reuses them)")
-    p.add_argument("--markdown", help="also write the section to this file (at the top, below its title)")
+    p.add_argument("--markdown", help="also write the section to this file (a run log: benchmarks/runs/DATE-port-many.md; "
+                   "an existing file gets it at the top, below its title)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -185,11 +186,10 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        with open(args.markdown) as f:
-            old = f.read()
-        head, _, rest = old.partition("\n## ")
+        old = open(args.markdown).read() if os.path.exists(args.markdown) else ""
+        head, sep, rest = old.partition("\n## ")
         with open(args.markdown, "w") as f:
-            f.write(head.rstrip("\n") + "\n\n" + text + "\n\n## " + rest)
+            f.write((head.rstrip("\n") + "\n\n" if head.strip() else "") + text + "\n" + ("\n## " + rest if sep else ""))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@ pair at full layer shapes, from disk, and compare with the time it takes to just
 
     python -m benchmarks.port_stream                       # 20 double + 40 single blocks, ~50 GB on disk
     python -m benchmarks.port_stream --blocks-double 2 --blocks-single 4    # minutes, a few GB
-    python -m benchmarks.port_stream --dir D --keep --markdown benchmarks/RESULTS.md
+    python -m benchmarks.port_stream --dir D --keep --markdown benchmarks/runs/YYYY-MM-DD-port-stream.md
 
 Steps, each timed and reported:
   1. generate: the source and target bases (hidden 3072, the original Hunyuan Video key names of
-     loraport.tiny / archs, bf16) written one shard per block with a model.safetensors.index.json,
+     loraport.testing.tiny / archs, bf16) written one shard per block with a model.safetensors.index.json,
      so no model is ever held in memory; every 2-d weight is 0.02·(N + L) with N Gaussian noise and
      L a rank-64 component with decaying singular values well above the noise (a spectrum with a
      well-defined top subspace); the target is the source plus 5 % of a different noise and a
@@ -45,7 +45,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from loraport import tiny
+from loraport.testing import tiny
 
 from .rsvd import machine_description
 

@@ -3,7 +3,8 @@
 import torch
 
 from benchmarks.port_stream import lora_modules, model_shapes, shard_of, structured
-from loraport import formats, tiny
+from loraport import formats
+from loraport.testing import tiny
 
 
 def test_full_size_layout_is_hunyuan_video():

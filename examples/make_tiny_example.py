@@ -8,7 +8,7 @@ kohya/Musubi-style LoRA, all a few hundred KB) into a folder, for the README's f
 
 import argparse
 
-from loraport.tiny import write_example
+from loraport.testing.tiny import write_example
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraport import adapters, formats, reference, tiny
+from loraport import adapters, formats, reference
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
 KINDS = ("loha", "loha-tucker", "lokr", "lokr-full", "lokr-decomposed", "lokr-tucker", "locon-tucker", "full", "dora",

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 from test_diffusers_consumer import _load_every_key, rel_err, tiny_hunyuan
 
-from loraport import formats, reference, tiny
+from loraport import formats, reference
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")

@@ -7,9 +7,10 @@ import pytest
 import torch
 from test_adapters import ARCH, KINDS, adapter_file, dense_of, rel
 
-from loraport import adapters, formats, reference, tiny
+from loraport import adapters, formats, reference
 from loraport.errors import InputError
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 SVD = dict(subspace_rank=6, power_iters=4, quiet=True, arch=ARCH)
 FEW = ["double_blocks.0.img_attn_qkv", "double_blocks.0.img_attn_proj", "img_in.proj"]

@@ -1,5 +1,7 @@
 """Architecture key maps: detection from key names, kohya name resolution, fused <-> split
-translation of base weights, for every family."""
+translation of base weights, for every family. Whether the names and layouts are the clients'
+is checked against diffusers' converters (test_client_key_names.py) and ComfyUI's key maps
+(test_comfy_names.py)."""
 
 import re
 
@@ -7,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraport import archs, formats, reference, tiny
+from loraport import archs, formats, reference
 from loraport.errors import InputError
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,22 +70,6 @@ def test_translate_fused_and_split_both_ways():
     assert (
         archs.WAN.translate("blocks.2.cross_attn.k_img", "original", "diffusers")[0].name == "blocks.2.attn2.add_k_proj"
     )
-
-
-@pytest.mark.parametrize("arch", ["hunyuan-video", "flux", "wan", "sd15", "sdxl"])
-def test_diffusers_names_cover_the_original_weights(arch):
-    """Every adaptable original weight is the row concatenation of its diffusers pieces."""
-    original = tiny.base_model(arch, width=16)
-    diffusers = tiny.to_diffusers_names(arch, original)
-    a = archs.get(arch)
-    for name in tiny.lora_targets(arch, original):
-        pieces = a.translate(name, "original", "diffusers")
-        rebuilt = torch.cat([p.arrange(diffusers[p.name + ".weight"]) for p in pieces], 0)
-        torch.testing.assert_close(rebuilt, original[name + ".weight"])
-    back = tiny.to_original_names(arch, diffusers)
-    assert {n + ".weight" for n in tiny.lora_targets(arch, original)} <= back.keys()
-    for key, w in back.items():  # and back again, exactly
-        torch.testing.assert_close(w, original[key], rtol=0, atol=0)
 
 
 def _delta(m: formats.LoraModule) -> torch.Tensor:

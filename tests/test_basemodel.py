@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from loraport import tiny
 from loraport.basemodel import BaseModel
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 
 @pytest.fixture(scope="module")

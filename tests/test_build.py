@@ -71,3 +71,42 @@ for w in caught:
     else:
         assert len(warnings) == 1, warnings
         assert torch.cuda.get_device_name() in warnings[0] and loraport.BUILD_INFO["archs"] in warnings[0]
+
+
+def _imports(path: str) -> list[str]:
+    """Every module name a Python file imports ("from .a import b" gives ".a.b")."""
+    import ast
+
+    names = []
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            names += [module + "." + a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def _python_files(folder: str, skip: str | None = None) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+            if f.endswith(".py") and (skip is None or os.path.relpath(d, folder).split(os.sep)[0] != skip)]  # fmt: skip
+
+
+def test_the_library_does_not_import_its_test_fixtures():
+    """loraport.testing ships in the wheel as a plainly named testing package; the library never
+    imports it (fixtures may import the library, not the reverse)."""
+    package = os.path.dirname(loraport.__file__)
+    offenders = [f"{os.path.relpath(path, package)}: {n}" for path in _python_files(package, skip="testing")
+                 for n in _imports(path) if re.match(r"\.+testing\b|loraport\.testing\b", n)]  # fmt: skip
+    assert os.path.isdir(os.path.join(package, "testing")) and offenders == [], offenders
+
+
+def test_no_test_imports_the_benchmarks():
+    """The suite stands on its own: what a test shares with the benchmarks lives in
+    loraport.testing (the benchmarks may import the package, never the reverse)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    offenders = [f"{os.path.basename(path)}: {n}" for path in _python_files(tests)
+                 for n in _imports(path) if re.match(r"benchmarks\b", n)]  # fmt: skip
+    assert offenders == [], offenders

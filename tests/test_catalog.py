@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 import loraport
-from loraport import catalog, cli, executors, tiny
+from loraport import catalog, cli, executors
+from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
 OPTIONS = dict(subspace_rank=4, variant="target", power_iters=2)  # the projection: outputs depend on the subspaces

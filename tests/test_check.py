@@ -10,9 +10,9 @@ import os
 import pytest
 from safetensors.torch import save_file
 
-from loraport import tiny
 from loraport.check import check
 from loraport.cli import main
+from loraport.testing import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.cli import main
+from loraport.testing import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,13 +24,14 @@ def example(tmp_path):
 def test_readme_example_runs_end_to_end(tmp_path):
     folder = str(tmp_path / "tiny")
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "make_tiny_example.py"), folder], check=True
+        [sys.executable, os.path.join(ROOT, "examples", "make_tiny_example.py"), folder], check=True,
+        env=tiny.subprocess_env(),  # the loraport under test (it has loraport.testing)
     )
     out = os.path.join(folder, "ported.safetensors")
     cmd = [sys.executable, "-m", "loraport", "port", os.path.join(folder, "lora.safetensors"),
            "--source", os.path.join(folder, "source.safetensors"), "--target", os.path.join(folder, "target.safetensors"),
            "-o", out, "--report", os.path.join(folder, "report.json")]  # fmt: skip  (setup.sh's main job)
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=tiny.subprocess_env())
     assert res.returncode == 0, res.stderr
     assert "29 layers: 29 ported" in res.stdout and "copy: the LoRA's ΔW kept where similarity >= 0.5" in res.stdout
     lf = formats.read_lora(out)

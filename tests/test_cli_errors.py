@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from loraport import cli, formats, tiny
+from loraport import cli, formats
 from loraport.cli import main
+from loraport.testing import tiny
 
 ENV = tiny.subprocess_env()  # the loraport this test imported, installed or from the source tree
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_adapters import ARCH, adapter_file, rel
 
-from loraport import convert, formats, merge, reference, resize, tiny
+from loraport import convert, formats, merge, reference, resize
 from loraport.cli import main
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 EXACT = ["loha", "loha-tucker", "lokr", "lokr-full", "lokr-decomposed", "lokr-tucker", "locon-tucker"]
 

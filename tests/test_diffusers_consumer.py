@@ -13,14 +13,16 @@ import logging
 
 import pytest
 import torch
+from clients import original_names
 from conftest import WarningsCollector
 from safetensors.torch import load_file
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # load_lora_adapter injects the LoRA layers with PEFT
 
-from loraport import archs, formats, reference, tiny  # noqa: E402
+from loraport import archs, formats, reference  # noqa: E402
 from loraport.pipeline import port  # noqa: E402
+from loraport.testing import tiny  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 K = 6  # subspace rank; LoRA rank 4 <= K
@@ -91,7 +93,7 @@ def ported(request, tmp_path_factory):
     # decaying spectra (as trained weights have) so that the top-K subspaces are well defined
     model.load_state_dict(tiny.random_weights({k: v.shape for k, v in model.state_dict().items()}, seed=0))
     target = {k: v.detach().clone() for k, v in model.state_dict().items()}  # diffusers names
-    source = tiny.to_original_names(arch, tiny.related(target, eps=0.05))  # the release before, original names
+    source = original_names(arch, model, tiny.related(target, eps=0.05))  # the release before, original names
     lora_sd = tiny.lora(arch, source, fmt="kohya", rank=4, alpha=2.0)  # Musubi-style: every module
     out_d, out_k = str(tmp / "ported_diffusers.safetensors"), str(tmp / "ported_kohya.safetensors")
     for out, fmt in ((out_d, "diffusers"), (out_k, "kohya")):
@@ -170,7 +172,7 @@ def test_sdxl_kohya_ldm_names_mean_to_diffusers_what_they_mean_to_loraport(tmp_p
     unet = tiny_sdxl_unet()
     unet.load_state_dict(tiny.random_weights({k: v.shape for k, v in unet.state_dict().items()}, seed=0))
     target = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ldm = tiny.to_original_names("sdxl", tiny.related(target))
+    ldm = original_names("sdxl", unet, tiny.related(target))
     lora_sd = tiny.lora("sdxl", ldm, fmt="kohya", rank=4, alpha=2.0)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha" in lora_sd  # down block 1, attention 0
     assert "lora_unet_output_blocks_2_2_conv.alpha" in lora_sd  # up block 0's upsampler

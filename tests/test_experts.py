@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.cli import main
 from loraport.errors import InputError
+from loraport.testing import tiny
 from loraport.upgrade import expert_paths, port_experts
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,11 +1,11 @@
-"""A fast subset of the fuzzer (benchmarks/fuzz.py): a few hundred mutated files over every
-reader and mutation end in success or a one-line InputError, with nothing left behind; two cases
-also run end to end as `python -m loraport inspect` subprocesses. The full run (>= 20,000 cases)
-is recorded in benchmarks/RESULTS.md."""
+"""A fast subset of the fuzzer (loraport.testing.fuzz, which benchmarks/fuzz.py runs at scale):
+a few hundred mutated files over every reader and mutation end in success or a one-line
+InputError, with nothing left behind; two cases also run end to end as `python -m loraport
+inspect` subprocesses. The full run (>= 20,000 cases) is recorded in benchmarks/RESULTS.md."""
 
 import pytest
 
-from benchmarks import fuzz
+from loraport.testing import fuzz
 
 
 @pytest.mark.slow

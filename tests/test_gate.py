@@ -6,9 +6,10 @@ report, the subspace cache's gate-sketch entries, capped energy ranks."""
 import pytest
 import torch
 
-from benchmarks.gate import gate_suite
-from loraport import gate, tiny
+from loraport import gate
 from loraport.pipeline import _subspace_rank, port
+from loraport.testing import tiny
+from loraport.testing.spectra import gate_suite
 
 ARCH = "hunyuan-video"
 MODULES = [

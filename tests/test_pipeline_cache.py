@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from loraport import formats, pipeline, tiny
+from loraport import formats, pipeline
 from loraport.basemodel import BaseModel
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
 SVD = dict(subspace_rank=6, power_iters=3, quiet=True, variant="target")  # the projection (the default variant copies)

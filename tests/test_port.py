@@ -9,10 +9,11 @@ import os
 import pytest
 import torch
 
-from loraport import formats, reference, tiny
+from loraport import formats, reference
 from loraport.errors import InputError
 from loraport.gate import gate_rank
 from loraport.pipeline import VARIANTS, default_subspace_rank, port
+from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
 K = 6  # subspace rank; the LoRA rank 4 <= K keeps every projection exact

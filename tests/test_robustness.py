@@ -18,7 +18,8 @@ import time
 import pytest
 from safetensors import safe_open
 
-from loraport import cli, formats, outfiles, tiny
+from loraport import cli, formats, outfiles
+from loraport.testing import tiny
 
 ENV = tiny.subprocess_env()  # the loraport this test imported, installed or from the source tree
 TIMEOUT = 120  # seconds any one subprocess may take on a loaded 2-core machine

@@ -5,9 +5,10 @@ accounting is checked here without a GPU)."""
 import pytest
 import torch
 
-from loraport import pipeline, tiny
+from loraport import pipeline
 from loraport.errors import InputError
 from loraport.staging import StagingBuffers
+from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
 SVD = dict(subspace_rank=6, power_iters=2, quiet=True)

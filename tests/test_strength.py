@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.cli import main
 from loraport.errors import InputError
 from loraport.pipeline import port
 from loraport.strength import Strength
+from loraport.testing import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = "hunyuan-video"

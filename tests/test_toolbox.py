@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraport import extract, formats, merge, reference, resize, tiny
+from loraport import extract, formats, merge, reference, resize
 from loraport.cli import main
 from loraport.errors import InputError
+from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
 

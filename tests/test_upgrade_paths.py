@@ -4,7 +4,8 @@ adaptable module of the old release, in the original naming of the authors' chec
 Wan, BFL, Stability's LDM UNet), ported onto the new release as diffusers' own model class names
 it (a tiny config of HunyuanVideoTransformer3DModel, HunyuanVideoFramepackTransformer3DModel,
 WanTransformer3DModel, FluxTransformer2DModel, UNet2DConditionModel), written as a diffusers LoRA
-and loaded into that model with ``load_lora_adapter``: no key unexpected or missing. Per path the
+and loaded into that model with ``load_lora_adapter``: no key unexpected or missing. The source's
+original names are checked first against diffusers' own single-file converter. Per path the
 test asserts what happens to each module group: carried ("ported", ΔW unchanged), padded (new
 input channels get zero columns), dropped and listed ("missing" rows), or refused (one line).
 
@@ -21,13 +22,15 @@ import os
 
 import pytest
 import torch
+from clients import original_names
 from conftest import WarningsCollector
 from safetensors.torch import load_file, save_file
 
-from loraport import formats, tiny
+from loraport import formats
 from loraport.cli import main
 from loraport.errors import InputError
 from loraport.pipeline import port
+from loraport.testing import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +73,14 @@ def sdxl_unet(transformer_layers=(1, 1, 2)):
 def weights(model, seed=0) -> dict[str, torch.Tensor]:
     """Decaying-spectrum weights under the model's own (diffusers) names."""
     return tiny.random_weights({k: v.shape for k, v in model.state_dict().items()}, seed=seed)
+
+
+def released(arch: str, model, seed=0) -> tuple[dict, dict]:
+    """A release as its weights under ``model``'s diffusers names and under the original names of
+    the authors' checkpoint (Tencent, Wan, BFL, LDM), the latter checked first against diffusers'
+    own single-file converter (clients.check_original_names)."""
+    w = weights(model, seed)
+    return w, original_names(arch, model, w)
 
 
 def load_into(model, target: dict, path: str, prefix: str) -> None:
@@ -140,8 +151,7 @@ def assert_carried(lora_in, out, arch, padded=()):
 
 @pytest.mark.parametrize("release, channels", [("hunyuanvideo-i2v", 9), ("skyreels-v1-i2v", 8)])
 def test_hunyuan_t2v_to_i2v_pads_img_in(tmp_path, release, channels):
-    t2v = weights(hunyuan())
-    source = tiny.to_original_names("hunyuan-video", t2v)  # Tencent's checkpoint names
+    t2v, source = released("hunyuan-video", hunyuan())  # source: Tencent's checkpoint names
     cfg = dict(image_condition_type="latent_concat") if release == "hunyuanvideo-i2v" else {}
     model = hunyuan(in_channels=channels, **cfg)
     target = tiny.widen_input(tiny.related(t2v), "x_embedder.proj.weight", channels)
@@ -155,8 +165,7 @@ def test_hunyuan_t2v_to_i2v_pads_img_in(tmp_path, release, channels):
 def test_hunyuan_t2v_to_i2v_token_replace_and_framepack_carry_everything(tmp_path):
     """HunyuanVideo-I2V "fixed" (token_replace: T2V shapes) and FramePack (T2V's transformer
     plus clean_x_embedder and image_projection, which the T2V LoRA has nothing for)."""
-    t2v = weights(hunyuan())
-    source = tiny.to_original_names("hunyuan-video", t2v)
+    t2v, source = released("hunyuan-video", hunyuan())
     for name, model in (
         ("token-replace", hunyuan(image_condition_type="token_replace")),
         ("framepack", hunyuan("HunyuanVideoFramepackTransformer3DModel", image_proj_dim=16, has_image_proj=True,
@@ -175,8 +184,7 @@ def test_hunyuan_t2v_to_i2v_token_replace_and_framepack_carry_everything(tmp_pat
 
 def test_wan21_t2v_to_wan22_t2v_a14b_both_experts(tmp_path):
     """Wan 2.2 A14B: two experts (high-noise, low-noise), each with Wan 2.1 14B's shapes."""
-    w21 = weights(wan())
-    source = tiny.to_original_names("wan", w21)
+    w21, source = released("wan", wan())
     for seed in (1, 2):  # the high-noise and the low-noise expert
         target = tiny.related(w21, seed=seed)
         rep, actions, lora_in, out = run(tmp_path, "wan", source, target, wan(), f"expert{seed}")
@@ -186,8 +194,7 @@ def test_wan21_t2v_to_wan22_t2v_a14b_both_experts(tmp_path):
 
 
 def test_wan21_i2v_to_wan22_i2v_drops_and_lists_image_cross_attention(tmp_path):
-    w21 = weights(wan(in_channels=9, image_dim=16, added_kv_proj_dim=16))
-    source = tiny.to_original_names("wan", w21)
+    w21, source = released("wan", wan(in_channels=9, image_dim=16, added_kv_proj_dim=16))
     assert "blocks.0.cross_attn.k_img.weight" in source and "img_emb.proj.1.weight" in source
     model = wan(in_channels=9)  # Wan 2.2 I2V A14B: same 36 input channels, no image cross-attention
     target = tiny.related({k: v for k, v in w21.items() if k in model.state_dict()})
@@ -204,7 +211,7 @@ def test_wan21_i2v_to_wan22_i2v_drops_and_lists_image_cross_attention(tmp_path):
 
 
 def test_wan21_1_3b_to_wan22_ti2v_5b_is_refused_naming_the_widths(tmp_path, capsys):
-    small = tiny.to_original_names("wan", weights(wan()))  # 2 heads x 8 = 16 (1.3B: 12 x 128 = 1536)
+    _, small = released("wan", wan())  # 2 heads x 8 = 16 (1.3B: 12 x 128 = 1536)
     big = weights(wan(num_attention_heads=4, in_channels=12, out_channels=12, ffn_dim=64), seed=1)  # 5B: 24 x 128
     lora_sd = tiny.lora("wan", small, fmt="kohya", rank=4)
     with pytest.raises(InputError, match="width 16 and the target .* width 32") as e:
@@ -224,8 +231,7 @@ def test_wan21_1_3b_to_wan22_ti2v_5b_is_refused_naming_the_widths(tmp_path, caps
 
 @pytest.mark.parametrize("release", ["kontext", "krea", "schnell", "fill"])
 def test_flux_dev_to(tmp_path, release):
-    dev = weights(flux())
-    source = tiny.to_original_names("flux", dev)  # BFL names
+    dev, source = released("flux", flux())  # source: BFL names
     if release == "fill":  # x_embedder 64 -> 384 input channels (image, mask latents concatenated)
         model = flux(in_channels=48, out_channels=8)
         target = tiny.widen_input(tiny.related(dev), "x_embedder.weight", 48)
@@ -250,8 +256,7 @@ def test_flux_dev_to(tmp_path, release):
 
 @pytest.mark.slow  # two ports of a 3-level UNet: ~10 s on the 2-core VM
 def test_sdxl_to_ssd1b_lists_the_removed_blocks_and_to_a_finetune_carries_all(tmp_path):
-    sdxl = weights(sdxl_unet())
-    source = tiny.to_original_names("sdxl", sdxl)  # LDM names, as kohya SDXL LoRAs use
+    sdxl, source = released("sdxl", sdxl_unet())  # source: LDM names, as kohya SDXL LoRAs use
     ssd = sdxl_unet((1, 1, 1))  # the innermost attentions keep fewer transformer blocks
     target = tiny.related({k: v for k, v in sdxl.items() if k in ssd.state_dict()})
     rep, actions, lora_in, out = run(tmp_path, "sdxl", source, target, ssd, "ssd1b")

@@ -24,10 +24,11 @@ import time
 import torch
 
 import loraport
-from loraport import adapters, archs, errors, formats, tiny
+from loraport import adapters, archs, errors, formats
+from loraport.testing import llama as M
+from loraport.testing import tiny
 
 from . import experiment as E
-from . import model as M
 
 
 def apply_dora(w: dict[str, torch.Tensor], dora: dict[str, tuple]) -> dict[str, torch.Tensor]:
@@ -45,7 +46,8 @@ def apply_dora(w: dict[str, torch.Tensor], dora: dict[str, tuple]) -> dict[str, 
 
 def train_dora(w: dict[str, torch.Tensor], cfg: M.Config, recipe: M.Recipe, rank: int) -> dict[str, tuple]:
     """A DoRA of ``rank`` on base ``w`` (frozen): {module: (up [out, r], down [r, in], m [out])},
-    trained like model.train_lora (same initialization of up and down, AdamW, schedule)."""
+    trained like loraport.testing.llama.train_lora (same initialization of up and down, AdamW,
+    schedule)."""
     g = torch.Generator().manual_seed(recipe.seed + 1)
     params = {}
     for name in M.lora_modules(w, cfg):
@@ -59,7 +61,7 @@ def train_dora(w: dict[str, torch.Tensor], cfg: M.Config, recipe: M.Recipe, rank
     opt = torch.optim.AdamW([t for p in params.values() for t in p], lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(recipe.steps):
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * M._schedule(step, recipe.steps)
+            group["lr"] = recipe.lr * M.schedule(step, recipe.steps)
         task = recipe.tasks[step % len(recipe.tasks)]
         tokens = M.make_batch(task, recipe.batch, cfg.length, g, recipe.skew)
         loss, _ = M.loss_and_accuracy(M.forward(apply_dora(w, params), tokens, cfg), tokens, cfg.length)

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 import loraport
-from loraport import archs, errors, formats, gate, pipeline, reference, tiny
-
-from . import model as M
+from loraport import errors, formats, gate, pipeline, reference
+from loraport.testing import llama as M
+from loraport.testing import tiny
+from loraport.testing.llama import load_lora, lora_state_dict
 
 UPGRADES = {"a": "continued", "b": "finetuned", "c": "reseeded", "d": "widened"}
 LORA_TASK = "swap"
@@ -84,32 +85,6 @@ def bases(s: Setup, seed: int, upgrades=tuple(UPGRADES)) -> dict[str, dict[str, 
         "d": (widen(v1, s.widen_channels), _recipe(s, more, s.upgrade_steps, seed + 10, skew=1.0, lr=s.upgrade_lr)),
     }
     return {"v1": v1, **{u: M.train(*recipes[u][:1], cfg, recipes[u][1]) for u in upgrades}}
-
-
-def lora_state_dict(factors: dict[str, tuple], fmt: str) -> dict[str, torch.Tensor]:
-    """A trained LoRA {module: (up, down)} as a ``fmt`` state dict. kohya gets alpha = rank / 2
-    (a common training setting) with up doubled to keep ΔW = up @ down; PEFT gets scale 1."""
-    arch = archs.get("llama")
-    mods = []
-    for name, (up, down) in factors.items():
-        r = down.shape[0]
-        alpha = r / 2 if fmt == "kohya" else None
-        scale = 1.0 if alpha is None else alpha / r
-        mods.append(formats.LoraModule("model", name, (up / scale).contiguous(), down.contiguous(), alpha, name))
-    return formats.state_dict(formats.LoraFile(mods, fmt, arch, "diffusers"), fmt)
-
-
-def load_lora(path_or_sd, w: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """A LoRA file as {module: (up [out, r], down [r, in])} with scales folded in, down zero-
-    padded to the input width of ``w``'s weight (what diffusers does for grown inputs)."""
-    out = {}
-    for m in formats.read_lora(path_or_sd, arch="llama").modules:
-        up, down = m.factors()
-        extra = w[m.name + ".weight"].shape[1] - down.shape[1]
-        if extra > 0:
-            down = torch.cat([down, down.new_zeros(down.shape[0], extra)], 1)
-        out[m.name] = (up, down)
-    return out
 
 
 def rel_change(w1: dict[str, torch.Tensor], w2: dict[str, torch.Tensor], names) -> float:

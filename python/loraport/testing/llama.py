@@ -1,8 +1,9 @@
-"""The tiny model and tasks of the transfer-quality benchmark: a Llama-style decoder (RMSNorm,
-RoPE attention, SwiGLU MLP) whose parameters carry the real Hugging Face Llama names
-(model.layers.N.self_attn.q_proj.weight, ...), so its checkpoints are safetensors files that
-loraport's "llama" key map reads; synthetic sequence tasks scored exactly; full training and
-LoRA training (low-rank up/down factors on the linear layers, base frozen).
+"""A tiny trainable model and its tasks, for the transfer-quality test (tests/test_quality.py)
+and benchmark (benchmarks/quality): a Llama-style decoder (RMSNorm, RoPE attention, SwiGLU MLP)
+whose parameters carry the real Hugging Face Llama names (model.layers.N.self_attn.q_proj.weight,
+...), so its checkpoints are safetensors files that loraport's "llama" key map reads; synthetic
+sequence tasks scored exactly; full training and LoRA training (low-rank up/down factors on the
+linear layers, base frozen); a trained LoRA to and from a LoRA file of any format.
 
 A sequence is [task token, x_1..x_n, SEP, y_1..y_n] over digits 0..DIGITS-1; the model is
 trained (and scored) on the y positions only, with teacher forcing, so accuracy is the exact
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .. import archs, formats
 
 DIGITS = 16
 SEP = DIGITS
@@ -157,7 +160,7 @@ class Recipe:
     seed: int = 0
 
 
-def _schedule(step: int, steps: int) -> float:
+def schedule(step: int, steps: int) -> float:
     """Linear warm-up over 5 % of the steps, then cosine decay to 10 %."""
     warm = max(1, steps // 20)
     if step < warm:
@@ -176,7 +179,7 @@ def train(w: dict[str, torch.Tensor], cfg: Config, recipe: Recipe, trainable=Non
     g = torch.Generator().manual_seed(recipe.seed)
     for step in range(recipe.steps):
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * _schedule(step, recipe.steps)
+            group["lr"] = recipe.lr * schedule(step, recipe.steps)
         task = recipe.tasks[step % len(recipe.tasks)]
         tokens = make_batch(task, recipe.batch, cfg.length, g, recipe.skew)
         loss, _ = loss_and_accuracy(forward(w, tokens, cfg), tokens, cfg.length)
@@ -206,7 +209,7 @@ def train_lora(w: dict[str, torch.Tensor], cfg: Config, recipe: Recipe, rank: in
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(recipe.steps):
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * _schedule(step, recipe.steps)
+            group["lr"] = recipe.lr * schedule(step, recipe.steps)
         task = recipe.tasks[step % len(recipe.tasks)]
         tokens = make_batch(task, recipe.batch, cfg.length, g, recipe.skew)
         loss, _ = loss_and_accuracy(forward(w, tokens, cfg, factors), tokens, cfg.length)
@@ -221,3 +224,29 @@ def accuracy(w: dict[str, torch.Tensor], cfg: Config, task: str, lora=None, n: i
     """Exact accuracy on ``n`` fresh ``task`` sequences from a fixed evaluation seed."""
     tokens = make_batch(task, n, cfg.length, torch.Generator().manual_seed(seed))
     return float(loss_and_accuracy(forward(w, tokens, cfg, lora), tokens, cfg.length)[1])
+
+
+def lora_state_dict(factors: dict[str, tuple], fmt: str) -> dict[str, torch.Tensor]:
+    """A trained LoRA {module: (up, down)} as a ``fmt`` state dict. kohya gets alpha = rank / 2
+    (a common training setting) with up doubled to keep ΔW = up @ down; PEFT gets scale 1."""
+    arch = archs.get("llama")
+    mods = []
+    for name, (up, down) in factors.items():
+        r = down.shape[0]
+        alpha = r / 2 if fmt == "kohya" else None
+        scale = 1.0 if alpha is None else alpha / r
+        mods.append(formats.LoraModule("model", name, (up / scale).contiguous(), down.contiguous(), alpha, name))
+    return formats.state_dict(formats.LoraFile(mods, fmt, arch, "diffusers"), fmt)
+
+
+def load_lora(path_or_sd, w: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """A LoRA file as {module: (up [out, r], down [r, in])} with scales folded in, down zero-
+    padded to the input width of ``w``'s weight (what diffusers does for grown inputs)."""
+    out = {}
+    for m in formats.read_lora(path_or_sd, arch="llama").modules:
+        up, down = m.factors()
+        extra = w[m.name + ".weight"].shape[1] - down.shape[1]
+        if extra > 0:
+            down = torch.cat([down, down.new_zeros(down.shape[0], extra)], 1)
+        out[m.name] = (up, down)
+    return out

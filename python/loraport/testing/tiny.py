@@ -13,8 +13,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from . import archs, formats
-from .reference import matrix_with_spectrum
+from .. import archs, formats
+from ..reference import matrix_with_spectrum
 
 
 def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) -> dict[str, tuple[int, ...]]:
@@ -107,7 +107,7 @@ def shapes(arch: str, width: int = 32, blocks: int = 2, in_channels: int = 4) ->
             s[p + "input_layernorm.weight"] = (h,)
         s["model.embed_tokens.weight"] = (64, h)
     else:
-        raise ValueError(f"loraport.tiny: no tiny model for {arch!r}")
+        raise ValueError(f"loraport.testing.tiny: no tiny model for {arch!r}")
     return s
 
 
@@ -303,7 +303,7 @@ def save_base(weights: dict[str, torch.Tensor], path: str, layout: str = "safete
         os.makedirs(os.path.join(path, "transformer"), exist_ok=True)
         save_file(weights, os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"))
     else:
-        raise ValueError(f"loraport.tiny: unknown layout {layout!r}")
+        raise ValueError(f"loraport.testing.tiny: unknown layout {layout!r}")
     return path
 
 
@@ -331,7 +331,8 @@ def subprocess_env() -> dict[str, str]:
     """The environment for a ``python -m loraport`` subprocess that imports the same loraport as
     this process: the folder holding this package goes first on PYTHONPATH (a source tree with
     its compiled library, or the installed package), never a source tree without one."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../loraport (this is loraport/testing/)
+    package_parent = os.path.dirname(package)
     rest = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": package_parent + (os.pathsep + rest if rest else "")}
 
