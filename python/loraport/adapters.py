@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import InputError
+from .reports import Action
 
 # key suffix -> role, per naming family; "kohya" also covers ComfyUI and Tencent keys.
 _KOHYA = {
@@ -481,7 +482,7 @@ def port_module(plan, norms: dict | None, settings: dict) -> AdapterModule:
         mag = m.tensors["magnitude"]
         m = replace(m, tensors={**m.tensors, "magnitude": (mag.double() * ratio).to(mag.dtype)})
     copied = row.similarity < settings["min_similarity"]
-    row.action = "copied" if copied else "padded" if widened else "ported"
+    row.action = Action.COPIED if copied else Action.PADDED if widened else Action.PORTED
     row.rank_out, row.rel_change = m.rank, 0.0
     row.note = (row.note + "; " if row.note else "") + m.type_name
     return m

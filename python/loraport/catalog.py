@@ -41,6 +41,7 @@ from . import executors, formats, pipeline
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError, NothingToPort
+from .reports import Action
 
 # options that decide the base subspaces: one value for the whole catalog (phase 1 computes once)
 SUBSPACE_OPTIONS = ("device", "subspace_rank", "energy", "method", "power_iters", "block_size", "oversample",
@@ -75,7 +76,7 @@ class BaseLayer:
     lora_rank: int  # for the memory estimate of a chunk
 
     def _plan(self) -> pipeline._Plan:
-        row = pipeline.LayerRow(self.module, self.module, "planned", self.lora_rank)
+        row = pipeline.LayerRow(self.module, self.module, Action.PLANNED, self.lora_rank)
         return pipeline._Plan(None, row, self.component, list(self.src_pieces), list(self.tgt_pieces),
                               self.src_shape, self.tgt_shape)  # fmt: skip
 
@@ -94,7 +95,7 @@ def _layers(lora, src: BaseModel, tgt: BaseModel, arch) -> list[BaseLayer]:
         BaseLayer(p.component, p.row.module, tuple(p.src_pieces), tuple(p.tgt_pieces), tuple(p.src_shape),
                   tuple(p.tgt_shape), p.row.rank_in)  # fmt: skip
         for p in plans
-        if p.row.action == "planned"
+        if p.row.action == Action.PLANNED
     ]
 
 

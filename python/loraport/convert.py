@@ -32,7 +32,8 @@ from .devices import resolve_device
 from .errors import InputError
 from .ops import rsvd
 from .pipeline import DEFAULT_MAX_MEMORY, _locate, _read_into, parse_bytes
-from .toolbox import DEFAULT_EXTRACT_MAX_RANK, ToolReport, ToolRow, _Factors, _finish, _rank_rule, _truncate
+from .reports import Action, ToolReport, ToolRow
+from .toolbox import DEFAULT_EXTRACT_MAX_RANK, _Factors, _finish, _rank_rule, _truncate
 
 
 def plain_module(m, up: torch.Tensor, down: torch.Tensor, in_shape=None) -> formats.LoraModule:
@@ -203,10 +204,10 @@ def convert(
     seconds: dict = {}
     with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="converting") as bar:
         rows, results = low_rank_modules(
-            lf, select, action="converted", rank=rank, energy=energy, device=device, max_memory=settings["max_memory"],
+            lf, select, action=Action.CONVERTED, rank=rank, energy=energy, device=device, max_memory=settings["max_memory"],
             seconds=seconds, bar=bar, base=b, base_style=base_style,
         )  # fmt: skip
-    rep = ToolReport("convert", rows, lf.arch.name, fmt, [label for label in inputs if label], out, settings, seconds)
+    rep = ToolReport(rows, "convert", lf.arch.name, fmt, [label for label in inputs if label], out, settings, seconds)
     rep.bytes_read = b.bytes_read if b else 0
     rule = {k: v for k, v in dict(rank=rank, energy=energy).items() if v is not None}
     meta = {"loraport.job": "convert", "loraport.convert": json.dumps(rule)}

@@ -59,6 +59,7 @@ from .errors import InputError, NothingToPort
 from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank  # noqa: F401  (re-exported for cli, toolbox)
 from .lowrank import ProductSVD
 from .ops import krylov_blocks, rsvd
+from .reports import Action, LayerRow, PortReport  # noqa: F401  (LayerRow re-exported)
 from .staging import StagingBuffers
 from .strength import Strength
 from .upgrade import refuse_other_size
@@ -70,135 +71,6 @@ VARIANTS = ("copy", "target", "source-then-target")  # the first is the default:
 ON_DISSIMILAR = ("skip", "copy")
 DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.855) from unrelated (<= 0.268) layers: benchmarks/quality
 DEFAULT_MAX_MEMORY = 2 << 30
-
-
-@dataclass
-class LayerRow:
-    """What happened to one LoRA module."""
-
-    name: str  # key stem in the LoRA file
-    module: str  # module name (LoRA's naming style)
-    action: str  # ported | padded | copied | skipped | shape-mismatch | missing | unknown | planned
-    rank_in: int
-    rank_out: int | None = None
-    shape: list[int] | None = None  # source base weight [out, in, *kernel]
-    target_shape: list[int] | None = None
-    subspace_rank: list[int] | None = None  # [k_source, k_target]
-    similarity: float | None = None  # mean of left and right subspace similarity (loraport.gate)
-    similarity_left: float | None = None
-    similarity_right: float | None = None
-    margin: float | None = None  # the gate's margin, >= 0 passes: gate.margin
-    gate_steps: int | None = None  # the default gate's iteration steps (0: identical weights)
-    rel_change: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
-    note: str = ""
-    subspaces_from_cache: int = 0  # 0, 1 or 2 of [source, target] read from the subspace cache
-
-
-@dataclass
-class PortReport:
-    """Per-layer rows plus run facts; `summary()` for totals, `to_json()` for files."""
-
-    rows: list[LayerRow]
-    arch: str
-    format_in: str
-    format_out: str | None
-    lora: str
-    source: str
-    target: str
-    out: str | None
-    settings: dict
-    seconds: dict = field(default_factory=dict)  # read, svd, project, write, total
-    bytes_read: int = 0
-    check: dict | None = None  # the output checked against the target's loader (loraport.check)
-
-    def summary(self) -> dict:
-        counts: dict[str, int] = {}
-        for r in self.rows:
-            counts[r.action] = counts.get(r.action, 0) + 1
-        sims = sorted(r.similarity for r in self.rows if r.similarity is not None)
-        changes = [r.rel_change for r in self.rows if r.rel_change is not None]
-        ranks: dict[str, int] = {}  # "r_in -> r_out" -> layers
-        for r in self.rows:
-            if r.rank_out is not None:
-                ranks[f"{r.rank_in} -> {r.rank_out}"] = ranks.get(f"{r.rank_in} -> {r.rank_out}", 0) + 1
-        return {
-            "layers": len(self.rows),
-            "actions": counts,
-            "similarity_mean": sum(sims) / len(sims) if sims else None,
-            "similarity_median": (sims[(len(sims) - 1) // 2] + sims[len(sims) // 2]) / 2 if sims else None,
-            "similarity_min": sims[0] if sims else None,
-            "rel_change_mean": sum(changes) / len(changes) if changes else None,
-            "rel_change_max": max(changes) if changes else None,
-            "ranks": ranks,
-            "borderline": [r.module for r in self.rows if r.margin is not None and abs(r.margin) < gate.BORDERLINE],
-            "layers_from_cache": sum(1 for r in self.rows if r.subspaces_from_cache == 2),
-            "subspaces_from_cache": sum(r.subspaces_from_cache for r in self.rows),
-            "gb_read": self.bytes_read / 1e9,
-            "seconds": self.seconds,
-        }
-
-    def to_json(self, path=None) -> str:
-        """The report as JSON (written atomically to ``path`` when given)."""
-        return formats.report_json(self, path, protect=(self.lora, self.source, self.target))
-
-    def table(self) -> str:
-        """The human-readable summary: a totals line, a table (actions, similarity, ranks, time
-        split, read throughput, cache use), then every layer that was not ported."""
-        s, sec = self.summary(), self.seconds
-        acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items(), key=lambda x: -x[1]))
-        lines = [f"{s['layers']} layers: {acts}"]
-        rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
-        if "variant" in self.settings:
-            rows.append(("variant", _variant_line(self.settings)))
-        strength = self.settings.get("strength")
-        if strength and (strength["default"] != 1.0 or strength["rules"]):
-            rules = "".join(f", {v:g} where /{p}/ matches" for p, v in strength["rules"])
-            rows.append(("strength", f"ΔW × {strength['default']:g}{rules} (the last matching rule wins)"))
-        if s["similarity_mean"] is not None:
-            rows.append(
-                ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
-                 f"mean {s['similarity_mean']:.3f}")
-            )  # fmt: skip
-        if s["borderline"]:
-            rows.append(("borderline", f"{len(s['borderline'])} layers within {gate.BORDERLINE} of the threshold: "
-                         + ", ".join(s["borderline"])))  # fmt: skip
-        if s["rel_change_max"]:  # a projection or truncation changed ΔW: say by how much
-            rows.append(("ΔW changed by", f"mean {s['rel_change_mean']:.3f}  max {s['rel_change_max']:.3f} "
-                         "(‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F per layer)"))  # fmt: skip
-        if s["ranks"]:
-            rows.append(("rank in -> out", ", ".join(f"{k} ({n})" for k, n in sorted(s["ranks"].items()))))
-        ks = [r.subspace_rank for r in self.rows if r.subspace_rank]
-        if ks:
-            spans = [sorted({k[i] for k in ks}) for i in (0, 1)]
-            rows.append(("subspace rank", ", ".join(
-                f"{side} {v[0]}" + (f"..{v[-1]}" if len(v) > 1 else "") for side, v in zip(("source", "target"), spans)
-            )))  # fmt: skip
-        if "total" in sec:
-            parts = "  ".join(f"{name} {sec.get(name, 0.0):.2f}" for name in ("read", "svd", "project", "write", "cache"))
-            rows.append(("seconds", f"total {sec['total']:.2f} = {parts} (reading overlaps compute)"))
-        gb = s["gb_read"]
-        rate = f", {gb / sec['read']:.3g} GB/s while reading" if gb and sec.get("read") else ""
-        overall = f", {gb / sec['total']:.3g} GB/s over the port" if gb and sec.get("total") else ""
-        amount = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.3g} MB"
-        rows.append(("base weights", f"{amount} read{rate}{overall}"))
-        if self.settings.get("cache_dir"):
-            rows.append(("subspace cache", f"{s['layers_from_cache']} layers from the cache "
-                         f"({s['subspaces_from_cache']} subspaces) in {self.settings['cache_dir']}"))  # fmt: skip
-        width = max(len(name) for name, _ in rows)
-        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-        if self.check is not None:
-            c = self.check
-            lines.append(f"  loads: {c['keys'] - len(c['unconsumed'])} of {c['keys']} keys consumed, "
-                         f"{len(c['misfits'])} misfits ({c['method']})" + (f"; {c['error']}" if c["error"] else ""))  # fmt: skip
-            lines += [f"  unconsumed  {k}" for k in c["unconsumed"]]
-        others = [r for r in self.rows if r.action not in ("ported", "planned")]
-        if others:
-            lines.append(f"not ported or changed ({len(others)}):")
-        for r in others:
-            sim = f" similarity {r.similarity:.3f}" if r.similarity is not None else ""
-            sim += f" (margin {r.margin:+.3f})" if r.margin is not None else ""
-            lines.append(f"  {r.action:<14} {r.module}{sim} {r.note}".rstrip())
-        return "\n".join(lines)
 
 
 @dataclass
@@ -299,18 +171,6 @@ def _rel_change(up_in, down_in, up_out, down_out) -> float:
     return float(diff.clamp_min(0).sqrt() / denom.sqrt()) if denom > 0 else 0.0
 
 
-def _variant_line(settings: dict) -> str:
-    """What a layer gets, in words, for the summary table."""
-    variant, rank = settings["variant"], settings["rank"]
-    if variant == "copy":
-        what = "the LoRA's ΔW kept" + (f" (its best rank-{rank} factors where r > {rank})" if rank else "")
-    else:
-        what = "ΔW projected onto the subspaces" + (f" (at most rank {rank})" if rank else "")
-    other = "skipped" if settings["on_dissimilar"] == "skip" else "copied unchanged"
-    t = settings["min_similarity"]
-    return f"{variant}: {what} where similarity >= {t} and each side >= {t / 2:g}, else {other}"
-
-
 def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
     """Smallest k with sum(S[:k]²) >= energy · total (``total`` = ‖W‖_F²), at most len(S)."""
     kept = torch.cumsum(S.double().square(), 0)
@@ -384,12 +244,12 @@ def port(
     plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
     refuse_other_size([p.row for p in plans], lf.label, src.label, tgt.label)
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
-    written = [p.module.component for p in plans if p.row.action == "planned"]
+    written = [p.module.component for p in plans if p.row.action == Action.PLANNED]
     formats.check_format(format_out, lf.arch, written, lf.label)
-    adapters.check_port(lf, [p.module for p in plans if p.row.action == "planned"], format_out, variant, rank)
+    adapters.check_port(lf, [p.module for p in plans if p.row.action == Action.PLANNED], format_out, variant, rank)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
-        _run([p for p in plans if p.row.action == "planned"], src, tgt, settings, seconds, quiet)
+        _run([p for p in plans if p.row.action == Action.PLANNED], src, tgt, settings, seconds, quiet)
 
     rep = PortReport(
         rows=[p.row for p in plans], arch=lf.arch.name, format_in=lf.format,
@@ -484,15 +344,15 @@ def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, forced: b
 
 def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, styles) -> _Plan:
     """Map one module onto both bases and decide from the shapes what can be done with it."""
-    row = LayerRow(m.key, m.name, "planned", m.rank)
+    row = LayerRow(m.key, m.name, Action.PLANNED, m.rank)
     plan = _Plan(m, row, m.component)
     if not m.known:
-        row.action, row.note = "unknown", f"not a module of the {lf.arch.name} key map"
+        row.action, row.note = Action.UNKNOWN, f"not a module of the {lf.arch.name} key map"
         return plan
     sp, sshape = _locate(lf.arch, m, lf.style, src, styles["source"])
     tp, tshape = _locate(lf.arch, m, lf.style, tgt, styles["target"])
     if sp is None or tp is None:
-        row.action, row.note = "missing", (sshape if sp is None else tshape)
+        row.action, row.note = Action.MISSING, (sshape if sp is None else tshape)
         return plan
     plan.src_pieces, plan.tgt_pieces, plan.src_shape, plan.tgt_shape = sp, tp, sshape, tshape
     row.shape, row.target_shape = list(sshape), list(tshape)
@@ -505,9 +365,9 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
         widened = tshape[0] == sshape[0] and tshape[2:] == sshape[2:] and tshape[1] > sshape[1]
         refusal = adapters.pad_refusal(m, sshape, tshape) if widened and adapters.is_adapter(m) else None
         if not widened:
-            row.action, row.note = "shape-mismatch", f"source {list(sshape)} vs target {list(tshape)}"
+            row.action, row.note = Action.SHAPE_MISMATCH, f"source {list(sshape)} vs target {list(tshape)}"
         elif refusal:
-            row.action, row.note = "refused", f"input channels {sshape[1]} -> {tshape[1]}: {refusal}"
+            row.action, row.note = Action.REFUSED, f"input channels {sshape[1]} -> {tshape[1]}: {refusal}"
         else:
             row.note = f"input channels {sshape[1]} -> {tshape[1]}: new channels zero in the input LoRA"
     return plan
@@ -854,7 +714,7 @@ def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: d
         if row.margin >= 0 or settings["on_dissimilar"] == "copy":
             plan.result = adapters.port_module(plan, norms, settings)
         else:
-            row.action = "skipped"
+            row.action = Action.SKIPPED
         return
     up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
     channels, kernel = plan.tgt_shape[1], mod.kernel
@@ -865,9 +725,9 @@ def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: d
 
     if row.margin < 0:
         if settings["on_dissimilar"] == "skip":
-            row.action, row.rank_out = "skipped", None
+            row.action, row.rank_out = Action.SKIPPED, None
             return
-        row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
+        row.action, row.rank_out, row.rel_change = Action.COPIED, mod.rank, 0.0
         new_up, new_down = up, down
     else:
         r_out = min(settings["rank"] or mod.rank, mod.rank)
@@ -883,7 +743,7 @@ def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: d
         else:
             _, _, ut, vt = subspaces
             new_up, new_down = _project(up, down, ut, vt, min(r_out, ut.shape[1]))
-        row.action = "padded" if mod.down.shape[1] < channels else "ported"
+        row.action = Action.PADDED if mod.down.shape[1] < channels else Action.PORTED
         row.rank_out = new_up.shape[1]
         row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
     factor = Strength.from_dict(settings["strength"])(mod.name)

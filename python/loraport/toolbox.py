@@ -33,7 +33,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -44,85 +44,10 @@ from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
 from .ops import rsvd
 from .pipeline import DEFAULT_MAX_MEMORY, _energy_rank, parse_bytes
+from .reports import Action, ToolReport, ToolRow
 
 MERGE_MODES = ("svd", "concat")
 DEFAULT_EXTRACT_MAX_RANK = 128  # rank cap of `extract` with ``energy`` when no ``rank`` is given
-
-
-@dataclass
-class ToolRow:
-    """What happened to one layer."""
-
-    module: str  # module name (the output's naming style)
-    action: str  # resized | merged | concatenated | extracted | unchanged | missing | shape-mismatch
-    rank_in: int | None = None  # input rank (merge: sum of the inputs' ranks)
-    rank_out: int | None = None
-    shape: list[int] | None = None  # the layer's weight [out, in, *kernel]
-    energy: float | None = None  # fraction of ‖ΔW_in‖_F² the output keeps
-    rel_error: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
-    rel_diff: float | None = None  # extract: ‖W_tuned − W_base‖_F / ‖W_base‖_F
-    seconds: float = 0.0  # this layer's share of its batch's decomposition time
-    note: str = ""
-
-
-@dataclass
-class ToolReport:
-    """Per-layer rows plus run facts; `summary()` for totals, `to_json()` for files, `table()`
-    for people."""
-
-    job: str  # resize | extract | merge
-    rows: list[ToolRow]
-    arch: str
-    format_out: str
-    inputs: list[str]
-    out: str
-    settings: dict
-    seconds: dict = field(default_factory=dict)
-    bytes_read: int = 0
-
-    def summary(self) -> dict:
-        counts: dict[str, int] = {}
-        for r in self.rows:
-            counts[r.action] = counts.get(r.action, 0) + 1
-        ranks = [r.rank_out for r in self.rows if r.rank_out is not None]
-        errors = [r.rel_error for r in self.rows if r.rel_error is not None]
-        energies = [r.energy for r in self.rows if r.energy is not None]
-        return {
-            "layers": len(self.rows),
-            "actions": counts,
-            "rank_min": min(ranks) if ranks else None,
-            "rank_max": max(ranks) if ranks else None,
-            "rel_error_mean": sum(errors) / len(errors) if errors else None,
-            "rel_error_max": max(errors) if errors else None,
-            "energy_min": min(energies) if energies else None,
-            "gb_read": self.bytes_read / 1e9,
-            "seconds": self.seconds,
-        }
-
-    def to_json(self, path=None) -> str:
-        """The report as JSON (written atomically to ``path`` when given, never over an input)."""
-        return formats.report_json(self, path, protect=self.inputs)
-
-    def table(self) -> str:
-        """One line per layer that was not processed normally, then the totals."""
-        lines = [
-            f"  {r.action:<14} {r.module} {r.note}".rstrip()
-            for r in self.rows
-            if r.note or r.action in ("unchanged", "missing", "shape-mismatch")
-        ]
-        s = self.summary()
-        acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items()))
-        ranks = "" if s["rank_min"] is None else f"; rank {s['rank_min']}" + (
-            f"-{s['rank_max']}" if s["rank_max"] != s["rank_min"] else ""
-        )
-        err = "" if s["rel_error_max"] is None else (
-            f"; relative error mean {s['rel_error_mean']:.4g}, max {s['rel_error_max']:.4g}"
-        )
-        secs = self.seconds.get("total")
-        read = f"; {s['gb_read']:.3f} GB read" if self.bytes_read else ""
-        tail = f" in {secs:.1f} s" if secs is not None else ""
-        lines.append(f"{self.job}: {s['layers']} layers: {acts}{ranks}{err}{read}{tail}")
-        return "\n".join(lines)
 
 
 def _rank_rule(rank, energy, sv_ratio, job: str):
@@ -250,9 +175,9 @@ def resize(
 
     seconds: dict = {}
     with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="resizing") as bar:
-        rows, results = low_rank_modules(lf, select, action="resized", rank=rank, energy=energy, device=device,
+        rows, results = low_rank_modules(lf, select, action=Action.RESIZED, rank=rank, energy=energy, device=device,
                                          max_memory=settings["max_memory"], seconds=seconds, bar=bar)  # fmt: skip
-    rep = ToolReport("resize", rows, lf.arch.name, format, [lf.label], out, settings, seconds)
+    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label], out, settings, seconds)
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
@@ -340,7 +265,7 @@ def merge(
             ups.append(up * entries[i][1])
             downs.append(down)
         up, down = torch.cat(ups, 1), torch.cat(downs, 0)  # [out, Σr], [Σr, in·kernel]
-        row = ToolRow(m0.name, "concatenated" if mode == "concat" else "merged", up.shape[1], shape=list(layout))
+        row = ToolRow(m0.name, Action.CONCATENATED if mode == "concat" else Action.MERGED, up.shape[1], shape=list(layout))
         rows.append(row)
         if len(parts) < len(files):
             row.note = "in " + ", ".join(os.path.basename(files[i].label) for i, _ in parts) + " only"
@@ -349,7 +274,7 @@ def merge(
             results.append(_module(m0, up, down, adapters.dtype_of(m0)))
         else:
             items.append(_Factors(m0, up, down, row))
-    rep = ToolReport("merge", rows, first.arch.name, format, [lf.label for lf in files], out, settings)
+    rep = ToolReport(rows, "merge", first.arch.name, format, [lf.label for lf in files], out, settings)
     if items:
         from tqdm.auto import tqdm
 
@@ -389,11 +314,11 @@ def _extract_layers(arch: archs.Arch, base: BaseModel, tuned: BaseModel, include
                 continue
             if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
                 continue
-            row = ToolRow(name, "extracted", shape=list(shape))
+            row = ToolRow(name, Action.EXTRACTED, shape=list(shape))
             if not tuned.has(comp, weight):
-                row.action, row.note = "missing", f"{tuned.label} has no '{weight}'"
+                row.action, row.note = Action.MISSING, f"{tuned.label} has no '{weight}'"
             elif tuned.shape(comp, weight) != shape:
-                row.action = "shape-mismatch"
+                row.action = Action.SHAPE_MISMATCH
                 row.note = f"base {list(shape)} vs tuned {list(tuned.shape(comp, weight))}"
             layers.append(_Layer(comp, name, shape, tuned.dtype(comp, weight), row))
     return layers
@@ -458,9 +383,9 @@ def extract(
         max_memory=parse_bytes(max_memory),
     )  # fmt: skip
     layers = _extract_layers(arch, b, t, include, exclude, conv)
-    work = [la for la in layers if la.row.action == "extracted"]
+    work = [la for la in layers if la.row.action == Action.EXTRACTED]
     formats.check_format(format, arch, [la.component for la in work], t.label)
-    rep = ToolReport("extract", [la.row for la in layers], arch.name, format, [b.label, t.label], out, settings)
+    rep = ToolReport([la.row for la in layers], "extract", arch.name, format, [b.label, t.label], out, settings)
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
     if method not in ("auto", "power", "krylov"):
         raise InputError(f"loraport.extract: method must be auto, power or krylov, got {method!r}")
@@ -489,7 +414,7 @@ def extract(
             norm = float(torch.linalg.vector_norm(w_base, dtype=torch.float64))
             la.row.rel_diff = math.sqrt(total) / norm if norm > 0 else math.inf
             if total == 0 or la.row.rel_diff < min_rel_diff:
-                la.row.action = "unchanged"
+                la.row.action = Action.UNCHANGED
                 la.row.note = f"relative difference {la.row.rel_diff:.3g} < {min_rel_diff:g}" if total else "identical"
                 continue
             totals.append(total)
@@ -515,7 +440,7 @@ def extract(
             U, S, V = rsvd(diffs.to(device), k_cap, method=how, **svd)  # [G, m, k], [G, k], [G, n, k]
             S_host = S.double().cpu()
             ks = [select(s, torch.tensor(total)) for s, total in zip(S_host, totals, strict=True)]
-            done = [la for la in chunk if la.row.action == "extracted"]
+            done = [la for la in chunk if la.row.action == Action.EXTRACTED]
             share = (time.perf_counter() - t0) / len(done)
             rep.seconds["svd"] = rep.seconds.get("svd", 0.0) + share * len(done)
             for g, la in enumerate(done):
