@@ -11,6 +11,7 @@ import torch
 from loraport import formats, pipeline, tiny
 from loraport.basemodel import BaseModel
 from loraport.errors import InputError
+from loraport.options import PortOptions
 
 ARCH = "hunyuan-video"
 SVD = dict(subspace_rank=6, power_iters=3, quiet=True, variant="target")  # the projection (the default variant copies)
@@ -189,10 +190,10 @@ def test_chunks_follow_the_budget_and_give_the_same_result(paths, tmp_path):
     base = BaseModel(paths["source"])
     settings = dict(subspace_rank=6, oversample=8, power_iters=3, method="power", device="cpu")
     for budget, sizes in ((need(2, 48, 16) + 1, [2, 2]), (need(3, 48, 16), [3, 1]), (need(4, 48, 16), [4])):
-        chunks = pipeline._chunks(plans, base, base, {**settings, "max_memory": budget})
+        chunks = pipeline._chunks(plans, base, base, PortOptions.from_args(**settings, max_memory=budget))
         assert [len(c.plans) for c in chunks] == sizes and {c.rank for c in chunks} == {6}
     with pytest.raises(InputError, match=r"double_blocks\.0\.img_attn_qkv: one layer of shape \[48, 16\] needs about"):
-        pipeline._chunks(plans, base, base, {**settings, "max_memory": need(1, 48, 16) - 1})
+        pipeline._chunks(plans, base, base, PortOptions.from_args(**settings, max_memory=need(1, 48, 16) - 1))
 
     out_big, out_small = str(tmp_path / "big.safetensors"), str(tmp_path / "small.safetensors")
     pipeline.port(paths["lora"], paths["source"], paths["target"], out_big, **SVD)

@@ -5,7 +5,7 @@ accounting is checked here without a GPU)."""
 import pytest
 import torch
 
-from loraport import pipeline, tiny
+from loraport import options, pipeline, tiny
 from loraport.errors import InputError
 from loraport.staging import StagingBuffers
 
@@ -69,7 +69,7 @@ def test_the_gpu_path_keeps_its_pinned_staging_within_max_vram(pair, monkeypatch
     """On a GPU, group_bytes counts one chunk's weights (they are in VRAM); the two staging
     slots in host memory are bounded by the same budget (pipeline.staging_bytes)."""
     p = pair
-    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda:0")
+    monkeypatch.setattr(options, "resolve_device", lambda device: "cuda:0")
     monkeypatch.setattr(pipeline, "_port_chunk", lambda *args: None)  # the plan and the reads, no GPU work
     with pytest.raises(InputError, match="no module was ported"):
         pipeline.port(p["lora"], p["source"], p["target"], p["out"], device="cuda", max_memory=BUDGET, **SVD)

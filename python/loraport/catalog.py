@@ -41,6 +41,7 @@ from . import executors, formats, pipeline
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError, NothingToPort
+from .options import PortOptions
 from .reports import Action
 
 # options that decide the base subspaces: one value for the whole catalog (phase 1 computes once)
@@ -99,9 +100,9 @@ def _layers(lora, src: BaseModel, tgt: BaseModel, arch) -> list[BaseLayer]:
     ]
 
 
-def cache_keys(layer: BaseLayer, fingerprints: tuple[str, str], settings: dict) -> tuple[str, str]:
+def cache_keys(layer: BaseLayer, fingerprints: tuple[str, str], settings: PortOptions) -> tuple[str, str]:
     """(source key, target key) of ``layer`` in the subspace cache; ``settings`` as
-    pipeline._settings gives them. Two layers with the same keys are one computation."""
+    PortOptions.from_args gives them. Two layers with the same keys are one computation."""
     plan = layer._plan()
     return tuple(pipeline._cache_key(plan, side, fp, settings) for side, fp in zip(("source", "target"), fingerprints))
 
@@ -111,7 +112,7 @@ def fill_cache(layers, source, target, cache_dir, *, quiet: bool = True, **optio
     at ``cache_dir``, as `loraport.port` with the same ``options`` (SUBSPACE_OPTIONS) would:
     same chunks under max_memory, same rsvd, same keys. Entries already there are neither read
     nor recomputed. Returns {"computed": subspaces decomposed, "seconds": time split}."""
-    settings = pipeline._settings(cache_dir=cache_dir, **options)
+    settings = PortOptions.from_args(cache_dir=cache_dir, **options)
     src, tgt = BaseModel(source), BaseModel(target)
     if src.fingerprint() is None or tgt.fingerprint() is None:
         raise ValueError("loraport.fill_cache: the bases must be files (state dicts are not cached)")
@@ -417,7 +418,7 @@ def port_many(
     os.makedirs(outdir, exist_ok=True)
     cache_dir = os.path.abspath(os.fspath(cache_dir or os.path.join(outdir, ".subspace-cache")))
     subspace_options = {k: v for k, v in options.items() if k in SUBSPACE_OPTIONS}
-    settings = pipeline._settings(cache_dir=cache_dir, **{k: v for k, v in options.items() if k not in ("format", "arch")})
+    settings = PortOptions.from_args(cache_dir=cache_dir, **{k: v for k, v in options.items() if k not in ("format", "arch")})
     entries = read_inputs(inputs, outdir)
     rows: list[dict | None] = [None] * len(entries)
     for i, e in enumerate(entries):

@@ -23,17 +23,18 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 
 import torch
 
 from . import adapters, formats
 from .basemodel import BaseModel
-from .devices import resolve_device
 from .errors import InputError
 from .ops import rsvd
-from .pipeline import DEFAULT_MAX_MEMORY, _locate, _read_into, parse_bytes
+from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, ToolOptions
+from .pipeline import _locate, _read_into
 from .reports import Action, ToolReport, ToolRow
-from .toolbox import DEFAULT_EXTRACT_MAX_RANK, _Factors, _finish, _rank_rule, _truncate
+from .toolbox import _Factors, _finish, _truncate
 
 
 def plain_module(m, up: torch.Tensor, down: torch.Tensor, in_shape=None) -> formats.LoraModule:
@@ -183,10 +184,8 @@ def convert(
     the base model, needed for DoRA (its update depends on W) and for conv LoHa without Tucker
     factors (whose kernel size only the base knows). ``max_memory`` bounds each batch of dense
     layers (full differences, DoRA) on ``device``."""
-    if rank is None and energy is None:
-        raise InputError("loraport.convert: give rank or energy")
-    select = _rank_rule(rank, energy, None, "convert")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args("convert", rank=rank, energy=energy, device=device, max_memory=max_memory)
+    select, device = options.select(), options.device
     t_start = time.perf_counter()
     b = BaseModel(base) if base is not None else None
     lf = formats.read_lora(adapter, arch=arch, base_names=b.module_names() if b else ())
@@ -197,17 +196,16 @@ def convert(
     base_style = lf.arch.base_style(b.module_names()) if b else None
     if b is not None and base_style is None:
         raise InputError(f"{b.label}: no {lf.arch.name} weights for {lf.label}")
-    settings = dict(rank=rank, energy=energy, device=device, max_memory=parse_bytes(max_memory),
-                    base=None if b is None else b.label)  # fmt: skip
+    options = replace(options, base=None if b is None else b.label)
     from tqdm.auto import tqdm
 
     seconds: dict = {}
     with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="converting") as bar:
         rows, results = low_rank_modules(
-            lf, select, action=Action.CONVERTED, rank=rank, energy=energy, device=device, max_memory=settings["max_memory"],
+            lf, select, action=Action.CONVERTED, rank=rank, energy=energy, device=device, max_memory=options.max_memory,
             seconds=seconds, bar=bar, base=b, base_style=base_style,
         )  # fmt: skip
-    rep = ToolReport(rows, "convert", lf.arch.name, fmt, [label for label in inputs if label], out, settings, seconds)
+    rep = ToolReport(rows, "convert", lf.arch.name, fmt, [label for label in inputs if label], out, options.settings(), seconds)
     rep.bytes_read = b.bytes_read if b else 0
     rule = {k: v for k, v in dict(rank=rank, energy=energy).items() if v is not None}
     meta = {"loraport.job": "convert", "loraport.convert": json.dumps(rule)}

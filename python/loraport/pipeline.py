@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,11 +53,19 @@ from . import adapters, archs, formats, gate
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
-from .devices import resolve_device
 from .errors import InputError, NothingToPort
 from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank  # noqa: F401  (re-exported for cli, toolbox)
 from .lowrank import ProductSVD
-from .ops import krylov_blocks, rsvd
+from .ops import rsvd
+from .options import (  # noqa: F401  (the option constants and parse_bytes re-exported)
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MIN_SIMILARITY,
+    ON_DISSIMILAR,
+    VARIANTS,
+    PortOptions,
+    energy_rank,
+    parse_bytes,
+)
 from .reports import Action, LayerRow, PortReport  # noqa: F401  (LayerRow re-exported)
 from .staging import StagingBuffers
 from .strength import Strength
@@ -66,11 +73,6 @@ from .upgrade import refuse_other_size
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
-
-VARIANTS = ("copy", "target", "source-then-target")  # the first is the default: benchmarks/quality
-ON_DISSIMILAR = ("skip", "copy")
-DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.855) from unrelated (<= 0.268) layers: benchmarks/quality
-DEFAULT_MAX_MEMORY = 2 << 30
 
 
 @dataclass
@@ -85,17 +87,6 @@ class _Plan:
     src_shape: tuple = ()
     tgt_shape: tuple = ()
     result: formats.LoraModule | None = None  # the ported or copied module
-
-
-def parse_bytes(value) -> int:
-    """2147483648, "2GB", "512MiB", "1.5G" -> bytes."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
-    if not m:
-        raise InputError(f"loraport: cannot read a size from {value!r} (e.g. 2GB, 512MiB)")
-    unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * unit)
 
 
 def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style: str):
@@ -171,12 +162,6 @@ def _rel_change(up_in, down_in, up_out, down_out) -> float:
     return float(diff.clamp_min(0).sqrt() / denom.sqrt()) if denom > 0 else 0.0
 
 
-def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
-    """Smallest k with sum(S[:k]²) >= energy · total (``total`` = ‖W‖_F²), at most len(S)."""
-    kept = torch.cumsum(S.double().square(), 0)
-    return min(int((kept < energy * total).sum()) + 1, S.numel())
-
-
 def port(
     lora,
     source,
@@ -220,7 +205,7 @@ def port(
     LoKr, Tucker LoCon, full-difference and DoRA modules (loraport.adapters) are carried in their
     own type (variant "copy" only); ``dora_magnitude`` ("keep" or "rescale") is
     `adapters.port_module`'s."""
-    settings = _settings(
+    options = PortOptions.from_args(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
@@ -249,13 +234,13 @@ def port(
     adapters.check_port(lf, [p.module for p in plans if p.row.action == Action.PLANNED], format_out, variant, rank)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
-        _run([p for p in plans if p.row.action == Action.PLANNED], src, tgt, settings, seconds, quiet)
+        _run([p for p in plans if p.row.action == Action.PLANNED], src, tgt, options, seconds, quiet)
 
     rep = PortReport(
         rows=[p.row for p in plans], arch=lf.arch.name, format_in=lf.format,
         format_out=None if dry_run else format_out,
         lora=lf.label, source=src.label, target=tgt.label, out=None if dry_run else out,
-        settings=settings, seconds=seconds, bytes_read=src.bytes_read + tgt.bytes_read,
+        settings=options.to_dict(), seconds=seconds, bytes_read=src.bytes_read + tgt.bytes_read,
     )  # fmt: skip
     if not dry_run:
         modules = [p.result for p in plans if p.result is not None]
@@ -271,7 +256,7 @@ def port(
             "loraport.source": os.path.basename(src.label),
             "loraport.target": os.path.basename(tgt.label),
             "loraport.variant": variant,
-            "loraport.strength": json.dumps(settings["strength"]),
+            "loraport.strength": json.dumps(options.strength),
         }
         formats.write_lora(result, out, format=format, metadata=meta, protect=inputs)
         seconds["write"] = time.perf_counter() - t0
@@ -280,39 +265,6 @@ def port(
     if report is not None:
         rep.to_json(report)
     return rep
-
-
-def _settings(
-    *, device="cpu", subspace_rank=None, energy=None, min_similarity=DEFAULT_MIN_SIMILARITY, on_dissimilar="skip",
-    rank=None, variant=VARIANTS[0], power_iters=2, method="power", block_size=None, oversample=8, seed=0,
-    max_memory=DEFAULT_MAX_MEMORY, dry_run=False, cache_dir=None, strength=None,
-    dora_magnitude=adapters.DORA_MAGNITUDE[0],
-) -> dict:  # fmt: skip
-    """`port`'s options, checked (InputError), as the settings dict the pipeline's steps read;
-    the device is resolved here, before anything is read."""
-    if variant not in VARIANTS:
-        raise InputError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
-    if on_dissimilar not in ON_DISSIMILAR:
-        raise InputError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
-    if energy is not None and not 0 < energy <= 1:
-        raise InputError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
-    if not 0 <= min_similarity <= 1:  # a subspace similarity lies in [0, 1]; NaN fails too
-        raise InputError(f"loraport.port: min_similarity must be in [0, 1], got {min_similarity!r}")
-    for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InputError(f"loraport.port: {name} must be a positive integer, got {value!r}")
-    if block_size is not None and method != "krylov":
-        raise InputError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
-    if dora_magnitude not in adapters.DORA_MAGNITUDE:
-        raise InputError(f"loraport.port: dora_magnitude must be one of {adapters.DORA_MAGNITUDE}, got {dora_magnitude!r}")
-    return dict(
-        device=resolve_device(device), subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
-        on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
-        method=method, block_size=block_size, oversample=oversample, seed=seed,
-        max_memory=parse_bytes(max_memory), dry_run=dry_run,
-        cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
-        strength=Strength(strength).to_dict(), dora_magnitude=dora_magnitude,
-    )  # fmt: skip
 
 
 def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, forced: bool = False) -> dict[str, str]:
@@ -416,34 +368,6 @@ def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
     return 2 * 2 * layers * m * n * elem
 
 
-def _subspace_rank(settings: dict, m: int, n: int) -> int:
-    """The largest subspace rank computed for [m, n] weights: the given rank, else the default
-    gate's cap (`gate.gate_rank`) or `default_subspace_rank`. Energy searches below it: an
-    energy rank is capped like the default, since on flat spectra (k = 128-271 at energy 0.9 on
-    384-wide encoders) it let unrelated layers through."""
-    if settings["subspace_rank"] is not None:
-        return min(settings["subspace_rank"], m, n)
-    return gate.gate_rank(m, n) if _fast_gate(settings) else default_subspace_rank(m, n)
-
-
-def _fast_gate(settings: dict) -> bool:
-    """The default gate (loraport.gate: spectrum-following k, iterations until settled) decides
-    the copy variant when neither a subspace rank nor an energy is given; the projections and
-    explicit ranks get subspaces from one rsvd at the settings' iterations."""
-    return settings.get("variant") == "copy" and settings.get("subspace_rank") is None and settings.get("energy") is None
-
-
-def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
-    """The Krylov block width rsvd gets for rank-k subspaces of [m, n] weights: the block_size
-    setting where its (power_iters + 1) blocks hold k columns, else None (rank + oversample)."""
-    block = settings.get("block_size")
-    if settings["method"] != "krylov" or block is None:
-        return None
-    short_side = min(m, n)
-    width = min(block, short_side)
-    return block if krylov_blocks(short_side, width, settings["power_iters"]) * width >= min(k, short_side) else None
-
-
 def _gated_channels(plan: _Plan, side: str) -> int | None:
     """For the target weight of a layer that gained input channels: the old channel count, the
     part its subspaces are taken from (the LoRA acts on those channels only; a target whose new
@@ -454,16 +378,16 @@ def _gated_channels(plan: _Plan, side: str) -> int | None:
     return None
 
 
-def _cache_key(plan: _Plan, side: str, fingerprint: str, settings: dict) -> str:
+def _cache_key(plan: _Plan, side: str, fingerprint: str, options: PortOptions) -> str:
     """The subspace cache key of one side ("source" / "target") of a planned layer."""
     shape = plan.tgt_shape
     m, n = shape[0], math.prod(shape[1:])
-    k = _subspace_rank(settings, m, n)
-    svd = {**settings, "block_size": _krylov_block(settings, k, m, n), "steps": gate.FIRST_STEPS}
+    k = options.subspace_rank_for(m, n)
+    svd = {**options.svd(), "block_size": options.krylov_block(k, m, n), "steps": gate.FIRST_STEPS}
     pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
     return SubspaceCache.key(
         fingerprint, plan.component, pieces, shape[1], k, svd, kept_channels=_gated_channels(plan, side),
-        kind="gate-sketch" if _fast_gate(settings) else "subspaces",
+        kind="gate-sketch" if options.default_gate else "subspaces",
     )  # fmt: skip
 
 
@@ -477,7 +401,7 @@ class _Chunk:
     block_size: int | None  # rsvd's Krylov block width (`_krylov_block`), None: its default
 
 
-def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -> list[_Chunk]:
+def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOptions) -> list[_Chunk]:
     """Group the layers by shape and dtype and cut each group into the largest chunks whose
     `group_bytes` fits ``max_memory``; InputError when not even one layer fits."""
     groups: dict[tuple, list[_Plan]] = {}
@@ -487,17 +411,17 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
             [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
         )
         groups.setdefault((p.src_shape, p.tgt_shape, dtype), []).append(p)
-    budget, chunks = settings["max_memory"], []
+    budget, chunks = options.max_memory, []
     for (_, tshape, dtype), group in groups.items():
         m, n = tshape[0], math.prod(tshape[1:])
-        k = _subspace_rank(settings, m, n)
-        block = _krylov_block(settings, k, m, n)
+        k = options.subspace_rank_for(m, n)
+        block = options.krylov_block(k, m, n)
 
         def need(layers):
             return max(group_bytes(
-                layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
-                method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
-                device=settings["device"], block_size=block, gate=_fast_gate(settings),
+                layers, m, n, k=k, oversample=options.oversample, power_iters=options.power_iters,
+                method=options.method, elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
+                device=options.device, block_size=block, gate=options.default_gate,
             ), staging_bytes(layers, m, n, elem=dtype.itemsize))  # fmt: skip
 
         if need(1) > budget:
@@ -529,7 +453,7 @@ class _Loaded:
 
 
 def _run(
-    work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seconds: dict, quiet: bool,
+    work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOptions, seconds: dict, quiet: bool,
     subspaces_only: bool = False,
 ) -> None:  # fmt: skip
     """Stream the planned layers: same-shape chunks sized by `group_bytes` to ``max_memory``,
@@ -537,28 +461,28 @@ def _run(
     is computed. ``subspaces_only``: fill the cache and stop there (no LoRA is involved)."""
     from tqdm.auto import tqdm
 
-    cache = SubspaceCache(settings["cache_dir"]) if settings["cache_dir"] else None
+    cache = SubspaceCache(options.cache_dir) if options.cache_dir else None
     bases = {"source": src, "target": tgt}
     fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
-    chunks = _chunks(work, src, tgt, settings)
+    chunks = _chunks(work, src, tgt, options)
     t_start = time.perf_counter()
     # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
     slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
-    staging = StagingBuffers(slot_bytes, pin=str(settings["device"]).startswith("cuda"))
+    staging = StagingBuffers(slot_bytes, pin=str(options.device).startswith("cuda"))
 
     def load(chunk: _Chunk, slot: int) -> _Loaded:
         t0 = time.perf_counter()
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
-        fast = _fast_gate(settings)
-        width = min(chunk.rank + settings["oversample"], m, n)  # the default gate's sketch width
+        fast = options.default_gate
+        width = min(chunk.rank + options.oversample, m, n)  # the default gate's sketch width
         for g, p in enumerate(chunk.plans):
             # rescaling a DoRA magnitude needs the weights' norms, so those weights are read
-            norms_needed = settings["dora_magnitude"] == "rescale" and adapters.magnitude_axis(p.module)
+            norms_needed = options.dora_magnitude == "rescale" and adapters.magnitude_axis(p.module)
             for side in ("source", "target"):
                 if fingerprints.get(side) is not None:
-                    keys[g, side] = _cache_key(p, side, fingerprints[side], settings)
+                    keys[g, side] = _cache_key(p, side, fingerprints[side], options)
                     if norms_needed:
                         hit = None
                     elif fast:
@@ -602,7 +526,7 @@ def _run(
                 seconds["read"] += loaded.seconds_read
                 seconds["cache"] += loaded.seconds_cache
                 try:
-                    _port_chunk(chunk, loaded, cache, staging, settings, seconds, subspaces_only, read_weight, upcast)
+                    _port_chunk(chunk, loaded, cache, staging, options, seconds, subspaces_only, read_weight, upcast)
                 except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
                     for g, side in loaded.todo:
                         read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
@@ -618,23 +542,22 @@ def _run(
 
 
 def _port_chunk(
-    chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, settings: dict, seconds: dict,
+    chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, options: PortOptions, seconds: dict,
     subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
     """The gate for one chunk of same-shape layers (`_gate_chunk`, or subspaces from one batched
     rsvd over the weights not in the cache), then, unless ``subspaces_only``, copy or projection
     per layer (sets each plan's row and result)."""
-    if _fast_gate(settings):
-        _gate_chunk(chunk, loaded, cache, settings, seconds, subspaces_only, read_weight, upcast)
+    if options.default_gate:
+        _gate_chunk(chunk, loaded, cache, options, seconds, subspaces_only, read_weight, upcast)
         return
-    device = settings["device"]
+    device = options.device
     t0 = time.perf_counter()
     k_max = chunk.rank
     subspaces = dict(loaded.found)  # (layer index, side) -> (U [m, k], S [k], V [n, k], ‖W‖_F²)
     if loaded.todo:
         weights = staging.to_device(loaded.slot, loaded.weights.flatten(2), device)  # [M, m, n]
-        svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
-        U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **svd)  # [M, m, k], [M, k], [M, n, k]
+        U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **options.svd())  # [M, m, k], [M, k], [M, n, k]
         del weights
         for i, job in enumerate(loaded.todo):
             subspaces[job] = (U[i], S[i], V[i], loaded.frob2[i])
@@ -651,15 +574,15 @@ def _port_chunk(
         return
 
     t0 = time.perf_counter()
-    energy = settings["energy"]
+    energy = options.energy
     for g, plan in enumerate(chunk.plans):
         Us, Ss, Vs, frob2_s = subspaces[g, "source"]
         Ut, St, Vt, frob2_t = subspaces[g, "target"]
         if energy is None:
             ks = kt = k_max
         else:
-            ks = _energy_rank(Ss.cpu(), frob2_s, energy)
-            kt = _energy_rank(St.cpu(), frob2_t, energy)
+            ks = energy_rank(Ss.cpu(), frob2_s, energy)
+            kt = energy_rank(St.cpu(), frob2_t, energy)
         us, vs = Us[:, :ks].to(device), Vs[:, :ks].to(device)
         ut, vt = Ut[:, :kt].to(device), Vt[:, :kt].to(device)
         # The ops directly, not the checking wrappers: every input here is already known to be
@@ -667,12 +590,12 @@ def _port_chunk(
         # a full isfinite scan and a host sync per tensor per layer. One sync for both values.
         left, right = torch.stack([_similarity(us, ut), _similarity(vs, vt)]).tolist()
         plan.row.subspace_rank = [ks, kt]
-        _carry(plan, left, right, (us, vs, ut, vt), loaded.norms.get(g), settings)
+        _carry(plan, left, right, (us, vs, ut, vt), loaded.norms.get(g), options)
     seconds["project"] += time.perf_counter() - t0
 
 
 def _gate_chunk(
-    chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict, subspaces_only: bool, read_weight, upcast,
+    chunk: _Chunk, loaded: _Loaded, cache, options: PortOptions, seconds: dict, subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
     """`_port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
     t0 = time.perf_counter()
@@ -681,8 +604,8 @@ def _gate_chunk(
     results = gate.gate_layers(
         len(chunk.plans), shape[0], math.prod(shape[1:]), loaded.weights, index, loaded.found,
         lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys, upcast,
-        cap=chunk.rank, oversample=settings["oversample"], seed=settings["seed"],
-        threshold=settings["min_similarity"], device=settings["device"], decide=not subspaces_only,
+        cap=chunk.rank, oversample=options.oversample, seed=options.seed,
+        threshold=options.min_similarity, device=options.device, decide=not subspaces_only,
     )  # fmt: skip
     seconds["svd"] += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -697,22 +620,22 @@ def _gate_chunk(
             row.note = "identical in both bases"
         elif res.unsure:
             row.note = f"gate unsure after {res.steps} steps"
-        _carry(plan, res.left, res.right, None, loaded.norms.get(g), settings)
+        _carry(plan, res.left, res.right, None, loaded.norms.get(g), options)
     seconds["project"] += time.perf_counter() - t0
 
 
-def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: dict) -> None:
+def _carry(plan: _Plan, left: float, right: float, subspaces, norms, options: PortOptions) -> None:
     """The gate's verdict on one layer from its side similarities, and the module it gets: the
     copy, a projection onto ``subspaces`` (us [m, ks], vs [n, ks], ut [m, kt], vt [n, kt]; None
     for the copy variant), the adapter in its own type, or nothing (sets the plan's row and
     result). norms: a DoRA layer's base weight norms per side."""
-    row, mod, device = plan.row, plan.module, settings["device"]
+    row, mod, device = plan.row, plan.module, options.device
     row.similarity_left, row.similarity_right = left, right
     row.similarity = (left + right) / 2
-    row.margin = gate.margin(left, right, settings["min_similarity"])
-    if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per settings
-        if row.margin >= 0 or settings["on_dissimilar"] == "copy":
-            plan.result = adapters.port_module(plan, norms, settings)
+    row.margin = gate.margin(left, right, options.min_similarity)
+    if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per options
+        if row.margin >= 0 or options.on_dissimilar == "copy":
+            plan.result = adapters.port_module(plan, norms, options)
         else:
             row.action = Action.SKIPPED
         return
@@ -724,19 +647,19 @@ def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: d
     up, down = up.to(device), down.to(device)
 
     if row.margin < 0:
-        if settings["on_dissimilar"] == "skip":
+        if options.on_dissimilar == "skip":
             row.action, row.rank_out = Action.SKIPPED, None
             return
         row.action, row.rank_out, row.rel_change = Action.COPIED, mod.rank, 0.0
         new_up, new_down = up, down
     else:
-        r_out = min(settings["rank"] or mod.rank, mod.rank)
-        if settings["variant"] == "copy":
+        r_out = min(options.rank or mod.rank, mod.rank)
+        if options.variant == "copy":
             if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
                 new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
             else:
                 new_up, new_down = up, down
-        elif settings["variant"] == "source-then-target":
+        elif options.variant == "source-then-target":
             us, vs, ut, vt = subspaces
             u1, d1 = _project(up, down, us, vs, min(mod.rank, us.shape[1]))
             new_up, new_down = _project(u1, d1, ut, vt, min(r_out, ut.shape[1]))
@@ -746,7 +669,7 @@ def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: d
         row.action = Action.PADDED if mod.down.shape[1] < channels else Action.PORTED
         row.rank_out = new_up.shape[1]
         row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
-    factor = Strength.from_dict(settings["strength"])(mod.name)
+    factor = Strength.from_dict(options.strength)(mod.name)
     if factor != 1.0:  # in float32, before the cast to the output dtype: one rounding
         new_up = new_up * factor
         row.note = (row.note + f" strength {factor:g}").strip()

@@ -33,44 +33,17 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import adapters, archs, formats
 from .basemodel import BaseModel
-from .devices import resolve_device
 from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
 from .ops import rsvd
-from .pipeline import DEFAULT_MAX_MEMORY, _energy_rank, parse_bytes
+from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, MERGE_MODES, ToolOptions  # noqa: F401  (re-exported)
 from .reports import Action, ToolReport, ToolRow
-
-MERGE_MODES = ("svd", "concat")
-DEFAULT_EXTRACT_MAX_RANK = 128  # rank cap of `extract` with ``energy`` when no ``rank`` is given
-
-
-def _rank_rule(rank, energy, sv_ratio, job: str):
-    """Check the rank options; returns select(S, total) -> k, with S [p] descending (float64) and
-    total = ‖ΔW‖_F²."""
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise InputError(f"loraport.{job}: rank must be a positive integer, got {rank!r}")
-    if energy is not None and sv_ratio is not None:
-        raise InputError(f"loraport.{job}: give energy or sv_ratio, not both")
-    if energy is not None and not 0 < energy <= 1:
-        raise InputError(f"loraport.{job}: energy must be in (0, 1], got {energy!r}")
-    if sv_ratio is not None and not sv_ratio >= 1:
-        raise InputError(f"loraport.{job}: sv_ratio must be >= 1, got {sv_ratio!r}")
-
-    def select(S: torch.Tensor, total: torch.Tensor) -> int:
-        k = S.numel()
-        if energy is not None and total > 0:
-            k = _energy_rank(S, total, energy)
-        elif sv_ratio is not None and S[0] > 0:
-            k = int((S >= S[0] / sv_ratio).sum())
-        return max(1, min(k, rank or k))
-
-    return select
 
 
 @dataclass
@@ -159,16 +132,14 @@ def resize(
     """Lower the rank of every layer of ``lora`` to the Frobenius-optimal rank-k approximation of
     its ΔW (scale included), k = ``rank``, or chosen per layer by ``energy`` / ``sv_ratio``
     (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's)."""
-    select = _rank_rule(rank, energy, sv_ratio, "resize")
-    if rank is None and energy is None and sv_ratio is None:
-        raise InputError("loraport.resize: give rank, energy or sv_ratio")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args("resize", rank=rank, energy=energy, sv_ratio=sv_ratio, device=device,
+                                    max_memory=max_memory)  # fmt: skip
+    select, device = options.select(), options.device
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
     out = formats.check_output(out, [lf.path])
     formats.check_format(lf.format if format in (None, "auto") else format, lf.arch,
                          [m.component for m in lf.modules], lf.label)  # fmt: skip
-    settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory))
     from tqdm.auto import tqdm
 
     from .convert import low_rank_modules  # the path of every adapter type; convert.py builds on this module
@@ -176,8 +147,8 @@ def resize(
     seconds: dict = {}
     with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="resizing") as bar:
         rows, results = low_rank_modules(lf, select, action=Action.RESIZED, rank=rank, energy=energy, device=device,
-                                         max_memory=settings["max_memory"], seconds=seconds, bar=bar)  # fmt: skip
-    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label], out, settings, seconds)
+                                         max_memory=options.max_memory, seconds=seconds, bar=bar)  # fmt: skip
+    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label], out, options.settings(), seconds)
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
@@ -220,15 +191,10 @@ def merge(
     approximation, k = ``rank`` (default: the largest rank in the input files) or chosen by
     ``energy`` / ``sv_ratio``. A module present in only some inputs is merged from those (the
     others contribute nothing) and reported."""
-    if mode not in MERGE_MODES:
-        raise InputError(f"loraport.merge: mode must be one of {MERGE_MODES}, got {mode!r}")
-    if mode == "concat" and (rank is not None or energy is not None or sv_ratio is not None):
-        raise InputError("loraport.merge: rank, energy and sv_ratio apply to mode 'svd' only (concat is exact)")
-    select = _rank_rule(rank, energy, sv_ratio, "merge")
     entries = [parse_weighted(e) for e in loras]
-    if not entries:
-        raise InputError("loraport.merge: give at least one LoRA")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args("merge", mode=mode, rank=rank, energy=energy, sv_ratio=sv_ratio, loras=entries,
+                                    device=device, max_memory=max_memory)  # fmt: skip
+    select, device = options.select(), options.device
     t_start = time.perf_counter()
     files = [formats.read_lora(path, arch=arch) for path, _ in entries]
     first = files[0]
@@ -239,11 +205,8 @@ def merge(
     formats.check_format(first.format if format in (None, "auto") else format, first.arch,
                          [m.component for lf in files for m in lf.modules], first.label)  # fmt: skip
     if mode == "svd" and rank is None and energy is None and sv_ratio is None:
-        select = _rank_rule(max(m.rank for lf in files for m in lf.modules), None, None, "merge")
-    settings = dict(
-        loras=[[lf.label, w] for lf, (_, w) in zip(files, entries, strict=True)], mode=mode, rank=rank,
-        energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory),
-    )  # fmt: skip
+        select = options.select(max(m.rank for lf in files for m in lf.modules))
+    options = replace(options, loras=[[lf.label, w] for lf, (_, w) in zip(files, entries, strict=True)])
 
     # module (component, name) -> [(input index, module in the first input's naming style)]
     by_module: dict[tuple[str, str], list[tuple[int, formats.LoraModule]]] = {}
@@ -274,12 +237,12 @@ def merge(
             results.append(_module(m0, up, down, adapters.dtype_of(m0)))
         else:
             items.append(_Factors(m0, up, down, row))
-    rep = ToolReport(rows, "merge", first.arch.name, format, [lf.label for lf in files], out, settings)
+    rep = ToolReport(rows, "merge", first.arch.name, format, [lf.label for lf in files], out, options.settings())
     if items:
         from tqdm.auto import tqdm
 
         with tqdm(total=len(items), unit="layer", disable=quiet, desc="merging") as bar:
-            _truncate(items, select, device, settings["max_memory"], rep.seconds, bar)
+            _truncate(items, select, device, options.max_memory, rep.seconds, bar)
         results = [it.result for it in items]
     meta = {
         "loraport.job": "merge",
@@ -358,11 +321,13 @@ def extract(
     error is within 0.2 % of optimal where power iteration's is about 1 %, for the same passes
     over ΔW (measured at 768 wide, rank 64, q = 2), but on small layers the op truncates the
     Krylov space to its first block."""
-    if rank is None and energy is None:
-        raise InputError("loraport.extract: give rank or energy")
+    options = ToolOptions.from_args(
+        "extract", rank=rank, energy=energy, conv=conv, include=include, exclude=exclude, min_rel_diff=min_rel_diff,
+        device=device, method=method, power_iters=power_iters, oversample=oversample, seed=seed,
+        max_memory=max_memory,
+    )  # fmt: skip
     format = "kohya" if format in (None, "auto") else format
-    select = _rank_rule(rank or DEFAULT_EXTRACT_MAX_RANK, energy, None, "extract")
-    device = resolve_device(device)  # before anything is read
+    select, device = options.select(DEFAULT_EXTRACT_MAX_RANK), options.device
     t_start = time.perf_counter()
     b, t = BaseModel(base), BaseModel(tuned)
     inputs = [*b.files(), *t.files()]
@@ -377,18 +342,11 @@ def extract(
     style = arch.base_style(b.module_names())
     if style is None:
         raise InputError(f"{b.label}: no {arch.name} weights (first tensor '{next(iter(b.names()), '')}')")
-    settings = dict(
-        rank=rank, energy=energy, conv=conv, include=include, exclude=exclude, min_rel_diff=min_rel_diff,
-        device=device, method=method, power_iters=power_iters, oversample=oversample, seed=seed,
-        max_memory=parse_bytes(max_memory),
-    )  # fmt: skip
     layers = _extract_layers(arch, b, t, include, exclude, conv)
     work = [la for la in layers if la.row.action == Action.EXTRACTED]
     formats.check_format(format, arch, [la.component for la in work], t.label)
-    rep = ToolReport([la.row for la in layers], "extract", arch.name, format, [b.label, t.label], out, settings)
+    rep = ToolReport([la.row for la in layers], "extract", arch.name, format, [b.label, t.label], out, options.settings())
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
-    if method not in ("auto", "power", "krylov"):
-        raise InputError(f"loraport.extract: method must be auto, power or krylov, got {method!r}")
     svd = dict(oversample=oversample, power_iters=power_iters, seed=seed)
 
     groups: dict[tuple, list[_Layer]] = {}
@@ -396,7 +354,7 @@ def extract(
         groups.setdefault(la.shape, []).append(la)
     chunks = []
     for shape, group in groups.items():
-        size = max(1, settings["max_memory"] // (4 * 3 * math.prod(shape)))  # ΔW, rsvd workspace, reads
+        size = max(1, options.max_memory // (4 * 3 * math.prod(shape)))  # ΔW, rsvd workspace, reads
         chunks += [group[i : i + size] for i in range(0, len(group), size)]
 
     def load(chunk):
