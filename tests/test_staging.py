@@ -5,7 +5,7 @@ accounting is checked here without a GPU)."""
 import pytest
 import torch
 
-from loraport import options, pipeline, tiny
+from loraport import options, pipeline, streaming, tiny
 from loraport.errors import InputError
 from loraport.staging import StagingBuffers
 
@@ -43,7 +43,7 @@ def pair(tmp_path, monkeypatch):
     }
     tiny.save_base(tiny.lora(ARCH, source, fmt="kohya", rank=4, alpha=3.0), paths["lora"])
     RecordingStaging.made = []
-    monkeypatch.setattr(pipeline, "StagingBuffers", RecordingStaging)
+    monkeypatch.setattr(streaming, "StagingBuffers", RecordingStaging)
     return paths
 
 

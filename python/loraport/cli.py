@@ -358,10 +358,7 @@ def _inspect(args) -> int:
     base = BaseModel(path)
     for comp in base.components():
         names = base.names(comp)
-        try:
-            arch = archs.detect([], base.module_names(comp)).name if comp == "model" else "-"
-        except ValueError:
-            arch = "unknown"
+        arch = (archs.base_arch(base.module_names(comp)) or "unknown") if comp == "model" else "-"
         dtypes = Counter(str(base.dtype(comp, n)).replace("torch.", "") for n in names)
         print(f"{path}: base model component '{comp}', arch {arch}, {len(names)} tensors, dtypes {dict(dtypes)}")
     fp = base.fingerprint()

@@ -27,13 +27,14 @@ from dataclasses import replace
 
 import torch
 
-from . import adapters, formats
+from . import adapters, formats, streaming
 from .basemodel import BaseModel
 from .errors import InputError
 from .ops import rsvd
 from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, ToolOptions
-from .pipeline import _locate, _read_into
+from .pipeline import _locate
 from .reports import Action, ToolReport, ToolRow
+from .streaming import read_into
 from .toolbox import _Factors, _finish, _truncate
 
 
@@ -60,7 +61,7 @@ def _dense_delta(m, base: BaseModel | None, arch, style, base_style, label) -> t
     if not m.fits(shape):
         raise InputError(f"{label}: module '{m.key}' is {list(m.shape)} but the base weight is {list(shape)}")
     W = torch.empty(shape)  # [out, in, *kernel], row halves swapped where the layouts differ
-    _read_into(W, base, m.component, pieces)
+    read_into(W, base, m.component, pieces)
     W = W.double()
     up, down = adapters.factors(adapters.without_magnitude(m))
     delta = (up.double() @ down.double()).reshape(W.shape)
@@ -91,13 +92,9 @@ def _kron_layer(m, select, row: ToolRow) -> formats.LoraModule:
 def _dense_layers(jobs, select, k_cap: int, energy, device, max_memory, seconds, bar) -> None:
     """Batched rsvd of dense ΔW: ``jobs`` [(module, ΔW [m, n] float32, shape, row, results list, index)],
     same-shape ones stacked in chunks that fit ``max_memory`` (ΔW, rsvd workspace and its copy)."""
-    groups: dict[tuple, list] = {}
-    for job in jobs:
-        groups.setdefault(tuple(job[1].shape), []).append(job)
-    for (m_rows, n_cols), group in groups.items():
-        size = max(1, max_memory // (4 * 3 * m_rows * n_cols))
-        for start in range(0, len(group), size):
-            chunk = group[start : start + size]
+    for (m_rows, n_cols), group in streaming.group(jobs, lambda job: tuple(job[1].shape)).items():
+        per_layer = 4 * 3 * m_rows * n_cols  # ΔW, rsvd workspace and its copy
+        for chunk in streaming.cut(group, max_memory, lambda size, per_layer=per_layer: size * per_layer):
             t0 = time.perf_counter()
             stack = torch.stack([j[1] for j in chunk]).to(device)  # [G, m, n]
             totals = [float(torch.linalg.vector_norm(j[1], dtype=torch.float64)) ** 2 for j in chunk]
@@ -191,16 +188,14 @@ def convert(
     lf = formats.read_lora(adapter, arch=arch, base_names=b.module_names() if b else ())
     inputs = [lf.path, *(b.files() if b else [])]
     out = formats.check_output(out, inputs)
-    fmt = lf.format if format in (None, "auto") else format
+    fmt = formats.output_format(format, lf.format)
     formats.check_format(fmt, lf.arch, [m.component for m in lf.modules], lf.label)
     base_style = lf.arch.base_style(b.module_names()) if b else None
     if b is not None and base_style is None:
         raise InputError(f"{b.label}: no {lf.arch.name} weights for {lf.label}")
     options = replace(options, base=None if b is None else b.label)
-    from tqdm.auto import tqdm
-
     seconds: dict = {}
-    with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="converting") as bar:
+    with streaming.progress(len(lf.modules), "converting", quiet) as bar:
         rows, results = low_rank_modules(
             lf, select, action=Action.CONVERTED, rank=rank, energy=energy, device=device, max_memory=options.max_memory,
             seconds=seconds, bar=bar, base=b, base_style=base_style,

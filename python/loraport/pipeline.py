@@ -44,12 +44,11 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters, archs, formats, gate
+from . import adapters, archs, formats, gate, streaming
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
@@ -68,6 +67,7 @@ from .options import (  # noqa: F401  (the option constants and parse_bytes re-e
 )
 from .reports import Action, LayerRow, PortReport  # noqa: F401  (LayerRow re-exported)
 from .staging import StagingBuffers
+from .streaming import group_bytes, read_into, stack_dtype, staging_bytes  # noqa: F401  (re-exported)
 from .strength import Strength
 from .upgrade import refuse_other_size
 
@@ -110,44 +110,6 @@ def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style
         out.append((name, rows if p.total > 1 else None, p))
         rows_total += rows.stop - rows.start
     return out, (rows_total, *rest)
-
-
-def _read_into(
-    out: torch.Tensor, base: BaseModel, component: str, pieces, keep: int | None = None, sums: bool = True
-) -> torch.Tensor | None:
-    """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
-    channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
-    for energy ranks), checking for NaN/Inf in the same pass. ``sums=False`` (the default gate,
-    whose first rsvd finds any NaN/Inf through its singular values): neither, None."""
-    row, read = 0, []
-    for name, rows, piece in pieces:
-        shape = base.shape(component, name)  # [rows, in, *kernel]
-        first, stop, _ = (rows or slice(None)).indices(shape[0])
-        n, channels = stop - first, shape[1]
-        dest = out[row : row + n, :channels]
-        for offset, source in piece.placements(first, stop):  # row halves swapped where the layouts differ
-            base.read_into(component, name, dest[offset : offset + source.stop - source.start], source)
-        read.append((name, dest))
-        row += n
-    out[:, channels if keep is None else keep :].zero_()
-    if not sums:
-        return None
-    frob2 = torch.zeros((), dtype=torch.float64)
-    for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
-        frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
-    if not torch.isfinite(frob2):  # read_into leaves the NaN/Inf scan to this pass
-        for name, dest in read:
-            base.check_finite(component, name, dest)
-    return frob2
-
-
-def _stack_dtype(dtypes) -> torch.dtype:
-    """bf16 (or fp16) weights stay in their dtype: rsvd upcasts them exactly, a chunk at a time,
-    so the host holds half the bytes. Anything else (or a mix) is stacked as float32."""
-    dtypes = set(dtypes)
-    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
-        return dtypes.pop()
-    return torch.float32
 
 
 def _frob2(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -221,7 +183,7 @@ def port(
     top = max(m.rank for m in lf.modules)
     if rank is not None and rank > top:
         raise InputError(f"{lf.label}: rank {rank} is above the LoRA's largest rank {top}; the output rank is at most the input's")
-    format_out = lf.format if format in (None, "auto") else format
+    format_out = formats.output_format(format, lf.format)
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
         out = formats.check_output(out, inputs)
@@ -273,10 +235,7 @@ def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, forced: b
     LoRA by it)."""
     a, styles = lf.arch, {}
     for which, base in (("source", src), ("target", tgt)):
-        try:
-            base_arch = archs.detect([], base.module_names()).name
-        except ValueError:  # ambiguous or unknown on its own: judged by the template match below
-            base_arch = a.name
+        base_arch = archs.base_arch(base.module_names()) or a.name  # else judged by the template match below
         if base_arch != a.name and {base_arch, a.name} != {"sd15", "sdxl"}:
             if forced:
                 raise InputError(
@@ -325,49 +284,6 @@ def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: Base
     return plan
 
 
-def group_bytes(
-    layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
-    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None, gate: bool = False,
-) -> int:  # fmt: skip
-    """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
-    stacked element: 2 for float16/bfloat16, 4 for float32, 8 for float64) holds at once on
-    ``device``:
-
-      weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
-                                         on the CPU twice that plus one tensor being read
-                                         (the next chunk is read meanwhile, into host memory)
-      rsvd       the op's own bound       for one rsvd call on the 2G weights at subspace rank k
-                                         and width l = k + oversample (or the Krylov block_size):
-                                         loraport::rsvd_workspace_bytes (csrc/linalg/rsvd.cpp),
-                                         its workspace, float32 upcast chunk and outputs, checked
-                                         against measured allocations (tests/test_memory_model.py)
-      factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
-
-    The default gate (``gate``: loraport.gate) instead copies one layer's two weights at a time
-    to float32 (2·m·n·4, any dtype) and runs rsvd on those two at width l, one power step at a
-    time. The budget is an estimate, not an allocator cap."""
-    width = min(k + oversample if block_size is None else block_size, m, n)
-    matrices = 2 * layers
-    weights = matrices * m * n * elem
-    if not str(device).startswith("cuda"):
-        weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
-    dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
-    if gate:
-        rsvd_bytes = 2 * m * n * 4 + torch.ops.loraport.rsvd_workspace_bytes(2, m, n, torch.float32, k, width, 0, "power")
-    else:
-        rsvd_bytes = torch.ops.loraport.rsvd_workspace_bytes(matrices, m, n, dtype, k, width, power_iters, method)
-    factors = 4 * 2 * (m + n) * lora_rank
-    return weights + rsvd_bytes + factors
-
-
-def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
-    """Host bytes of the reader's two staging slots (`loraport.staging`) for chunks of ``layers``
-    [m, n] layers: the chunk being computed and the next one being read, 2G weights each. On
-    the CPU `group_bytes` counts them already; on a GPU they are host memory (page-locked), and
-    `_chunks` keeps them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
-    return 2 * 2 * layers * m * n * elem
-
-
 def _gated_channels(plan: _Plan, side: str) -> int | None:
     """For the target weight of a layer that gained input channels: the old channel count, the
     part its subspaces are taken from (the LoRA acts on those channels only; a target whose new
@@ -404,15 +320,13 @@ class _Chunk:
 def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOptions) -> list[_Chunk]:
     """Group the layers by shape and dtype and cut each group into the largest chunks whose
     `group_bytes` fits ``max_memory``; InputError when not even one layer fits."""
-    groups: dict[tuple, list[_Plan]] = {}
-    for p in work:
+    def key(p: _Plan) -> tuple:
         c = p.component
-        dtype = _stack_dtype(
-            [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
-        )
-        groups.setdefault((p.src_shape, p.tgt_shape, dtype), []).append(p)
+        dtypes = [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
+        return p.src_shape, p.tgt_shape, stack_dtype(dtypes)
+
     budget, chunks = options.max_memory, []
-    for (_, tshape, dtype), group in groups.items():
+    for (_, tshape, dtype), group in streaming.group(work, key).items():
         m, n = tshape[0], math.prod(tshape[1:])
         k = options.subspace_rank_for(m, n)
         block = options.krylov_block(k, m, n)
@@ -430,10 +344,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOpti
                 f"at subspace rank {k} (two {dtype} weights + rsvd workspace), more than max memory "
                 f"{budget / 2**20:.1f} MiB; raise --max-vram or lower --subspace-rank"
             )
-        size = 1
-        while size < len(group) and need(size + 1) <= budget:
-            size += 1
-        chunks += [_Chunk(group[i : i + size], dtype, k, block) for i in range(0, len(group), size)]
+        chunks += [_Chunk(plans, dtype, k, block) for plans in streaming.cut(group, budget, need)]
     return chunks
 
 
@@ -459,8 +370,6 @@ def _run(
     """Stream the planned layers: same-shape chunks sized by `group_bytes` to ``max_memory``,
     each read (or taken from the subspace cache) on a background thread while the previous one
     is computed. ``subspaces_only``: fill the cache and stop there (no LoRA is involved)."""
-    from tqdm.auto import tqdm
-
     cache = SubspaceCache(options.cache_dir) if options.cache_dir else None
     bases = {"source": src, "target": tgt}
     fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
@@ -468,7 +377,7 @@ def _run(
     t_start = time.perf_counter()
     # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
     slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
-    staging = StagingBuffers(slot_bytes, pin=str(options.device).startswith("cuda"))
+    stream = streaming.Stream(slot_bytes, options.device)
 
     def load(chunk: _Chunk, slot: int) -> _Loaded:
         t0 = time.perf_counter()
@@ -495,12 +404,12 @@ def _run(
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
-        weights = staging.take(slot, (len(todo), *shape), chunk.dtype)
+        weights = stream.staging.take(slot, (len(todo), *shape), chunk.dtype)
         frob2, norms = [], {}
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
             pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side), not fast))
+            frob2.append(read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side), not fast))
             if adapters.magnitude_axis(p.module):
                 norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
         return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
@@ -510,35 +419,28 @@ def _run(
         whose sketch came from the cache, or naming the tensor that holds NaN/Inf."""
         out = torch.empty(plan.tgt_shape, dtype=dtype)
         pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
-        _read_into(out, bases[side], plan.component, pieces, _gated_channels(plan, side))
+        read_into(out, bases[side], plan.component, pieces, _gated_channels(plan, side))
         return out
 
     upcast = gate.Upcast()  # the default gate's float32 copy of a layer's two weights, reused
 
     cached_subspaces = 0  # for the progress bar
-    try:
-        with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(load, chunks[0], 0) if chunks else None
-            for i, chunk in enumerate(chunks):
-                loaded = pending.result()
-                # The other slot: chunk i - 1's, whose rsvd has returned (its copy to a GPU is waited for).
-                pending = pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
-                seconds["read"] += loaded.seconds_read
-                seconds["cache"] += loaded.seconds_cache
-                try:
-                    _port_chunk(chunk, loaded, cache, staging, options, seconds, subspaces_only, read_weight, upcast)
-                except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
-                    for g, side in loaded.todo:
-                        read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
-                    raise
-                bar.update(len(chunk.plans))
-                gb = (src.bytes_read + tgt.bytes_read) / 1e9
-                cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
-                hits = cached_subspaces // 2
-                rate = gb / max(time.perf_counter() - t_start, 1e-9)
-                bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
-    finally:
-        staging.release()
+    with streaming.progress(len(work), "porting", quiet) as bar, stream:
+        for chunk, loaded in stream.each(chunks, load):
+            seconds["read"] += loaded.seconds_read
+            seconds["cache"] += loaded.seconds_cache
+            try:
+                _port_chunk(chunk, loaded, cache, stream.staging, options, seconds, subspaces_only, read_weight, upcast)
+            except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
+                for g, side in loaded.todo:
+                    read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
+                raise
+            bar.update(len(chunk.plans))
+            gb = (src.bytes_read + tgt.bytes_read) / 1e9
+            cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
+            hits = cached_subspaces // 2
+            rate = gb / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
 
 def _port_chunk(

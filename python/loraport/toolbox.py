@@ -32,12 +32,11 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 
-from . import adapters, archs, formats
+from . import adapters, archs, formats, streaming
 from .basemodel import BaseModel
 from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
@@ -68,13 +67,9 @@ def _module(template, up: torch.Tensor, down: torch.Tensor, dtype) -> formats.Lo
 def _truncate(items: list[_Factors], select, device: str, max_memory: int, seconds: dict, bar) -> None:
     """Best rank-k factors of every item's up @ down (k from ``select``), from the factors only:
     same-shape items stacked into one batched call, cut to ``max_memory``."""
-    groups: dict[tuple, list[_Factors]] = {}
-    for it in items:
-        groups.setdefault((*it.up.shape, it.down.shape[1]), []).append(it)
-    for (m, p, n), group in groups.items():
-        size = max(1, max_memory // (8 * 3 * (m + n) * p))  # factors, float64 copies, products
-        for start in range(0, len(group), size):
-            chunk = group[start : start + size]
+    for (m, p, n), group in streaming.group(items, lambda it: (*it.up.shape, it.down.shape[1])).items():
+        per_layer = 8 * 3 * (m + n) * p  # factors, float64 copies, products
+        for chunk in streaming.cut(group, max_memory, lambda size, per_layer=per_layer: size * per_layer):
             t0 = time.perf_counter()
             up = torch.stack([it.up for it in chunk]).to(device)  # [G, m, p]
             down = torch.stack([it.down for it in chunk]).to(device)  # [G, p, n]
@@ -97,7 +92,7 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
 def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
     """Write the output LoRA and the report; NothingToPort (report still written) when no layer
     produced anything."""
-    fmt = lf.format if fmt in (None, "auto") else fmt
+    fmt = formats.output_format(fmt, lf.format)
     rep.format_out = fmt
     if not results:
         rep.seconds["total"] = time.perf_counter() - t_start
@@ -138,14 +133,11 @@ def resize(
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
     out = formats.check_output(out, [lf.path])
-    formats.check_format(lf.format if format in (None, "auto") else format, lf.arch,
-                         [m.component for m in lf.modules], lf.label)  # fmt: skip
-    from tqdm.auto import tqdm
-
+    formats.check_format(formats.output_format(format, lf.format), lf.arch, [m.component for m in lf.modules], lf.label)
     from .convert import low_rank_modules  # the path of every adapter type; convert.py builds on this module
 
     seconds: dict = {}
-    with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="resizing") as bar:
+    with streaming.progress(len(lf.modules), "resizing", quiet) as bar:
         rows, results = low_rank_modules(lf, select, action=Action.RESIZED, rank=rank, energy=energy, device=device,
                                          max_memory=options.max_memory, seconds=seconds, bar=bar)  # fmt: skip
     rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label], out, options.settings(), seconds)
@@ -202,7 +194,7 @@ def merge(
     for lf in files[1:]:
         if lf.arch.name != first.arch.name:
             raise InputError(f"{lf.label}: a {lf.arch.name} LoRA, but {first.label} is a {first.arch.name} LoRA")
-    formats.check_format(first.format if format in (None, "auto") else format, first.arch,
+    formats.check_format(formats.output_format(format, first.format), first.arch,
                          [m.component for lf in files for m in lf.modules], first.label)  # fmt: skip
     if mode == "svd" and rank is None and energy is None and sv_ratio is None:
         select = options.select(max(m.rank for lf in files for m in lf.modules))
@@ -239,9 +231,7 @@ def merge(
             items.append(_Factors(m0, up, down, row))
     rep = ToolReport(rows, "merge", first.arch.name, format, [lf.label for lf in files], out, options.settings())
     if items:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(items), unit="layer", disable=quiet, desc="merging") as bar:
+        with streaming.progress(len(items), "merging", quiet) as bar:
             _truncate(items, select, device, options.max_memory, rep.seconds, bar)
         results = [it.result for it in items]
     meta = {
@@ -326,19 +316,13 @@ def extract(
         device=device, method=method, power_iters=power_iters, oversample=oversample, seed=seed,
         max_memory=max_memory,
     )  # fmt: skip
-    format = "kohya" if format in (None, "auto") else format
+    format = formats.output_format(format, "kohya")
     select, device = options.select(DEFAULT_EXTRACT_MAX_RANK), options.device
     t_start = time.perf_counter()
     b, t = BaseModel(base), BaseModel(tuned)
     inputs = [*b.files(), *t.files()]
     out = formats.check_output(out, inputs)
-    if arch == "auto":
-        try:
-            arch = archs.detect([], b.module_names())
-        except ValueError as e:
-            raise InputError(f"{b.label}: {str(e).removeprefix('loraport: ')}") from None
-    elif isinstance(arch, str):
-        arch = archs.get(arch)
+    arch = archs.resolve(arch, b.label, base_names=b.module_names())
     style = arch.base_style(b.module_names())
     if style is None:
         raise InputError(f"{b.label}: no {arch.name} weights (first tensor '{next(iter(b.names()), '')}')")
@@ -349,20 +333,18 @@ def extract(
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
     svd = dict(oversample=oversample, power_iters=power_iters, seed=seed)
 
-    groups: dict[tuple, list[_Layer]] = {}
-    for la in work:
-        groups.setdefault(la.shape, []).append(la)
     chunks = []
-    for shape, group in groups.items():
-        size = max(1, options.max_memory // (4 * 3 * math.prod(shape)))  # ΔW, rsvd workspace, reads
-        chunks += [group[i : i + size] for i in range(0, len(group), size)]
+    for shape, group in streaming.group(work, lambda la: la.shape).items():
+        per_layer = 4 * 3 * math.prod(shape)  # ΔW, rsvd workspace, reads
+        chunks += streaming.cut(group, options.max_memory, lambda size, per_layer=per_layer: size * per_layer)
+    slot_bytes = max((4 * len(c) * math.prod(c[0].shape) for c in chunks), default=0)  # one chunk's ΔW a slot
 
-    def load(chunk):
-        """ΔW of the chunk's layers that changed enough, stacked: ([G', m, n] float32, ‖ΔW‖_F² per
-        layer), and the read time."""
+    def load(chunk, slot):
+        """ΔW of the chunk's layers that changed enough, stacked in staging slot ``slot``:
+        ([G', m, n] float32, ‖ΔW‖_F² per layer), and the read time."""
         t0 = time.perf_counter()
         shape = chunk[0].shape
-        diffs = torch.empty(len(chunk), shape[0], math.prod(shape[1:]))  # [G, m, in·kernel], filled in place
+        diffs = stream.staging.take(slot, (len(chunk), shape[0], math.prod(shape[1:])), torch.float32)  # filled in place
         totals = []
         for la in chunk:
             w_base = b.read(la.component, la.name + ".weight").float()
@@ -376,16 +358,12 @@ def extract(
                 la.row.note = f"relative difference {la.row.rel_diff:.3g} < {min_rel_diff:g}" if total else "identical"
                 continue
             totals.append(total)
-        return (diffs[: len(totals)] if totals else None), totals, time.perf_counter() - t0
+        return (diffs[: len(totals)] if totals else None), totals, slot, time.perf_counter() - t0
 
     results = []
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(work), unit="layer", disable=quiet, desc="extracting") as bar, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            diffs, totals, t_read = pending.result()
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+    stream = streaming.Stream(slot_bytes, device)
+    with streaming.progress(len(work), "extracting", quiet) as bar, stream:
+        for chunk, (diffs, totals, slot, t_read) in stream.each(chunks, load):
             rep.seconds["read"] = rep.seconds.get("read", 0.0) + t_read
             bar.update(len(chunk))
             bar.set_postfix_str(f"{(b.bytes_read + t.bytes_read) / 1e9:.2f} GB read")
@@ -395,7 +373,7 @@ def extract(
             m, n = diffs.shape[-2:]
             fits = (power_iters + 1) * (min(k_cap, m, n) + oversample) <= min(m, n)
             how = ("krylov" if fits else "power") if method == "auto" else method
-            U, S, V = rsvd(diffs.to(device), k_cap, method=how, **svd)  # [G, m, k], [G, k], [G, n, k]
+            U, S, V = rsvd(stream.staging.to_device(slot, diffs, device), k_cap, method=how, **svd)  # [G, m, k], [G, k], [G, n, k]
             S_host = S.double().cpu()
             ks = [select(s, torch.tensor(total)) for s, total in zip(S_host, totals, strict=True)]
             done = [la for la in chunk if la.row.action == Action.EXTRACTED]
