@@ -468,7 +468,7 @@ def check_port(lf, modules, fmt: str, variant: str, rank) -> None:
 
 
 def port_module(plan, norms: dict | None, options) -> AdapterModule:
-    """The module carried to the target (pipeline._Plan ``plan`` already past the gate or copied
+    """The module carried to the target (plans.Plan ``plan`` already past the gate or copied
     on a dissimilar layer): its factors unchanged, zero input channels where the target's weight
     is wider (`pad_inputs`), and a DoRA magnitude kept or, with options.dora_magnitude ==
     "rescale", multiplied by ‖W_target‖ / ‖W_source‖ on its axis (``norms``: {side: norms})."""

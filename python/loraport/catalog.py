@@ -42,7 +42,8 @@ from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError, NothingToPort
 from .options import PortOptions
-from .reports import Action
+from .plans import Plan, base_styles, plan_module
+from .reports import Action, LayerRow
 
 # options that decide the base subspaces: one value for the whole catalog (phase 1 computes once)
 SUBSPACE_OPTIONS = ("device", "subspace_rank", "energy", "method", "power_iters", "block_size", "oversample",
@@ -76,9 +77,9 @@ class BaseLayer:
     tgt_shape: tuple
     lora_rank: int  # for the memory estimate of a chunk
 
-    def _plan(self) -> pipeline._Plan:
-        row = pipeline.LayerRow(self.module, self.module, Action.PLANNED, self.lora_rank)
-        return pipeline._Plan(None, row, self.component, list(self.src_pieces), list(self.tgt_pieces),
+    def _plan(self) -> Plan:
+        row = LayerRow(self.module, self.module, Action.PLANNED, self.lora_rank)
+        return Plan(None, row, self.component, list(self.src_pieces), list(self.tgt_pieces),
                               self.src_shape, self.tgt_shape)  # fmt: skip
 
 
@@ -90,8 +91,8 @@ def base_layers(lora, source, target, *, arch="auto") -> list[BaseLayer]:
 
 def _layers(lora, src: BaseModel, tgt: BaseModel, arch) -> list[BaseLayer]:
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
-    styles = pipeline._base_styles(lf, src, tgt)
-    plans = [pipeline._plan(m, lf, src, tgt, styles) for m in lf.modules]
+    styles = base_styles(lf, src, tgt)
+    plans = [plan_module(m, lf, src, tgt, styles) for m in lf.modules]
     return [
         BaseLayer(p.component, p.row.module, tuple(p.src_pieces), tuple(p.tgt_pieces), tuple(p.src_shape),
                   tuple(p.tgt_shape), p.row.rank_in)  # fmt: skip
@@ -104,7 +105,7 @@ def cache_keys(layer: BaseLayer, fingerprints: tuple[str, str], settings: PortOp
     """(source key, target key) of ``layer`` in the subspace cache; ``settings`` as
     PortOptions.from_args gives them. Two layers with the same keys are one computation."""
     plan = layer._plan()
-    return tuple(pipeline._cache_key(plan, side, fp, settings) for side, fp in zip(("source", "target"), fingerprints))
+    return tuple(plan.cache_key(side, fp, settings) for side, fp in zip(("source", "target"), fingerprints))
 
 
 def fill_cache(layers, source, target, cache_dir, *, quiet: bool = True, **options) -> dict:
@@ -118,7 +119,7 @@ def fill_cache(layers, source, target, cache_dir, *, quiet: bool = True, **optio
         raise ValueError("loraport.fill_cache: the bases must be files (state dicts are not cached)")
     plans = [layer._plan() for layer in layers]
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
-    pipeline._run(plans, src, tgt, settings, seconds, quiet, subspaces_only=True)
+    pipeline.run_plans(plans, src, tgt, settings, seconds, quiet, subspaces_only=True)
     return {"computed": sum(2 - p.row.subspaces_from_cache for p in plans), "seconds": seconds}
 
 
@@ -378,7 +379,7 @@ def _row(entry: Entry, status: str, message: str = "", reused: bool = False, sec
             "seconds": seconds}  # fmt: skip
 
 
-def _groups(layers: list[BaseLayer], parts: int) -> list[list[BaseLayer]]:
+def worker_groups(layers: list[BaseLayer], parts: int) -> list[list[BaseLayer]]:
     """``layers`` cut into at most ``parts`` groups of about equal rSVD cost (m·n per layer),
     same-shape layers next to each other so that each group batches them."""
     layers = sorted(layers, key=lambda l: (l.tgt_shape, l.src_shape, l.component, l.module))
@@ -477,7 +478,7 @@ def port_many(
         cache = SubspaceCache(cache_dir)
         keys_of = {id(layer): keys for keys, layer in distinct.items()}
         missing = [l for keys, l in distinct.items() if not all(os.path.exists(cache.path(k)) for k in keys)]
-        groups = _groups(missing, runner.slots()) if missing else []
+        groups = worker_groups(missing, runner.slots()) if missing else []
         fill_tasks = [
             (g, source, target, subspace_options, threads, None if shipping else cache_dir,
              [os.path.basename(cache.path(k)) for l in g for k in keys_of[id(l)]] if shipping else None)

@@ -6,7 +6,7 @@ same path, so it accepts these types too.
 Per layer, from the structure wherever it helps (loraport/adapters.py has the ΔW formulas):
   * plain LoRA, Tucker LoCon (rank r) and LoHa (rank <= r1·r2, exact face-splitting factors):
     exact low-rank factors, then the SVD of their product from the p×p core (lowrank.ProductSVD,
-    batched over same-shape layers: toolbox._truncate). Never forms the m×n ΔW.
+    batched over same-shape layers: toolbox.truncate). Never forms the m×n ΔW.
   * LoKr: the SVD of w1 ⊗ w2 is the Kronecker product of the factors' SVDs (adapters.kron_svd):
     σ = s1_i·s2_j, u = u1_i ⊗ u2_j, v = v1_i ⊗ v2_j; the top k are taken from the two small SVDs.
   * full differences, and DoRA (whose update W' − W needs the base weight W: ``base``): no low-rank
@@ -32,10 +32,10 @@ from .basemodel import BaseModel
 from .errors import InputError
 from .ops import rsvd
 from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, ToolOptions
-from .pipeline import _locate
+from .plans import locate
 from .reports import Action, ToolReport, ToolRow
 from .streaming import read_into
-from .toolbox import _Factors, _finish, _truncate
+from .toolbox import Factors, finish, truncate
 
 
 def plain_module(m, up: torch.Tensor, down: torch.Tensor, in_shape=None) -> formats.LoraModule:
@@ -55,7 +55,7 @@ def _dense_delta(m, base: BaseModel | None, arch, style, base_style, label) -> t
             f"{label}: module '{m.key}' is {m.type_name}: its update depends on the base weight; "
             "convert it with the base model (loraport convert --base)"
         )
-    pieces, shape = _locate(arch, m, style, base, base_style)
+    pieces, shape = locate(arch, m, style, base, base_style)
     if pieces is None:
         raise InputError(f"{label}: module '{m.key}': {shape}")
     if not m.fits(shape):
@@ -142,8 +142,8 @@ def low_rank_modules(lf, select, *, action, rank, energy, device, max_memory, se
             row.rank_in = up.shape[1]
             layout = m if _in_shape(m, lf, base, base_style) == m.shape[1:] else plain_module(
                 m, up[:, :1], down[:1], _in_shape(m, lf, base, base_style))  # a flat LoHa in the base's kernel
-            factored.append((i, _Factors(layout, up, down, row)))
-    _truncate([it for _, it in factored], select, device, max_memory, seconds, bar)
+            factored.append((i, Factors(layout, up, down, row)))
+    truncate([it for _, it in factored], select, device, max_memory, seconds, bar)
     for i, it in factored:
         results[i] = it.result
     if dense:
@@ -157,7 +157,7 @@ def _in_shape(m, lf, base, base_style):
     [k, in·kernel], which ComfyUI reshapes to the weight but diffusers does not)."""
     if not (adapters.is_adapter(m) and m.flat_kernel) or base is None:
         return m.shape[1:]
-    pieces, shape = _locate(lf.arch, m, lf.style, base, base_style)
+    pieces, shape = locate(lf.arch, m, lf.style, base, base_style)
     return tuple(shape[1:]) if pieces is not None else m.shape[1:]
 
 
@@ -205,5 +205,5 @@ def convert(
     rule = {k: v for k, v in dict(rank=rank, energy=energy).items() if v is not None}
     meta = {"loraport.job": "convert", "loraport.convert": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return _finish(rep, result, results, out, format, meta, inputs, report, t_start)
+    return finish(rep, result, results, out, format, meta, inputs, report, t_start)
 

@@ -34,9 +34,12 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
 LoHa, LoKr, Tucker LoCon, DoRA and full-difference modules take the same gate and are carried in
 their own type, padded where exact or else "refused" (`adapters.port_module`, `adapters.pad_refusal`).
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
-Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
-``cache_dir`` each base weight's U, S, V and ‖W‖_F² (or the default gate's sketch) come from (or go
-to) loraport.cache, and a weight found there is neither read nor decomposed."""
+Streaming (loraport.streaming, shared with the toolbox): chunks of same-shape layers are sized by
+`group_bytes` to ``max_memory`` (`plan_chunks`) and read one ahead on a background thread into two
+staging slots (`run_plans`); with ``cache_dir`` each base weight's U, S, V and ‖W‖_F² (or the
+default gate's sketch) come from (or go to) loraport.cache, and a weight found there is neither
+read nor decomposed. The modules are mapped onto the bases by loraport.plans, the options are
+options.PortOptions, and the result is a reports.PortReport."""
 
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters, archs, formats, gate, streaming
+from . import adapters, formats, gate, streaming
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
@@ -65,51 +68,15 @@ from .options import (  # noqa: F401  (the option constants and parse_bytes re-e
     energy_rank,
     parse_bytes,
 )
+from .plans import Plan, base_styles, plan_module
 from .reports import Action, LayerRow, PortReport  # noqa: F401  (LayerRow re-exported)
 from .staging import StagingBuffers
 from .streaming import group_bytes, read_into, stack_dtype, staging_bytes  # noqa: F401  (re-exported)
 from .strength import Strength
 from .upgrade import refuse_other_size
 
-_similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
+_similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
-
-
-@dataclass
-class _Plan:
-    """One LoRA module mapped onto both bases."""
-
-    module: formats.LoraModule | None  # None: a layer whose subspaces are only cached (`fill_cache`)
-    row: LayerRow
-    component: str = "model"  # the module's component: "model", "te1", "te2"
-    src_pieces: list = field(default_factory=list)  # [(base name, row slice, archs.Piece)]
-    tgt_pieces: list = field(default_factory=list)
-    src_shape: tuple = ()
-    tgt_shape: tuple = ()
-    result: formats.LoraModule | None = None  # the ported or copied module
-
-
-def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style: str):
-    """([(name, rows, archs.Piece)], shape) of the module's weight in ``base``, or (None, why)."""
-    pieces = arch.translate(m.name, style, base_style)
-    if pieces is None:
-        return None, f"no {base_style}-style counterpart in the key map"
-    out, rows_total, rest = [], 0, None
-    for p in pieces:
-        name = p.name + ".weight"
-        if not base.has(m.component, name):
-            return None, f"{base.label} has no '{name}'"
-        shape = base.shape(m.component, name)
-        try:
-            rows = p.rows(shape[0])
-        except ValueError as e:
-            return None, str(e)
-        if rest is not None and tuple(shape[1:]) != rest:
-            return None, f"split weights of {m.name} differ in input shape"
-        rest = tuple(shape[1:])
-        out.append((name, rows if p.total > 1 else None, p))
-        rows_total += rows.stop - rows.start
-    return out, (rows_total, *rest)
 
 
 def _frob2(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -187,8 +154,8 @@ def port(
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
         out = formats.check_output(out, inputs)
-    styles = _base_styles(lf, src, tgt, forced=arch != "auto")
-    plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
+    styles = base_styles(lf, src, tgt, forced=arch != "auto")
+    plans = [plan_module(m, lf, src, tgt, styles) for m in lf.modules]
     refuse_other_size([p.row for p in plans], lf.label, src.label, tgt.label)
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
     written = [p.module.component for p in plans if p.row.action == Action.PLANNED]
@@ -196,7 +163,7 @@ def port(
     adapters.check_port(lf, [p.module for p in plans if p.row.action == Action.PLANNED], format_out, variant, rank)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
-        _run([p for p in plans if p.row.action == Action.PLANNED], src, tgt, options, seconds, quiet)
+        run_plans([p for p in plans if p.row.action == Action.PLANNED], src, tgt, options, seconds, quiet)
 
     rep = PortReport(
         rows=[p.row for p in plans], arch=lf.arch.name, format_in=lf.format,
@@ -229,98 +196,20 @@ def port(
     return rep
 
 
-def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, forced: bool = False) -> dict[str, str]:
-    """The naming style of each base; InputError when a base is of another architecture (with
-    ``forced``, the arch was the caller's --arch, and the message says so rather than call the
-    LoRA by it)."""
-    a, styles = lf.arch, {}
-    for which, base in (("source", src), ("target", tgt)):
-        base_arch = archs.base_arch(base.module_names()) or a.name  # else judged by the template match below
-        if base_arch != a.name and {base_arch, a.name} != {"sd15", "sdxl"}:
-            if forced:
-                raise InputError(
-                    f"{lf.label}: read with --arch {a.name}, but the {which} base {base.label} is a {base_arch} "
-                    "model; leave --arch out to detect the LoRA's architecture"
-                )
-            raise InputError(f"{lf.label}: a {a.name} LoRA, but the {which} base {base.label} is a {base_arch} model")
-        styles[which] = a.base_style(base.module_names())
-        if styles[which] is None:
-            example = next(iter(base.names()), "(no tensors)")
-            raise InputError(
-                f"{base.label}: the {which} base has no {a.name} weights (first tensor '{example}') "
-                f"but {lf.label} is a {a.name} LoRA"
-            )
-    return styles
-
-
-def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, styles) -> _Plan:
-    """Map one module onto both bases and decide from the shapes what can be done with it."""
-    row = LayerRow(m.key, m.name, Action.PLANNED, m.rank)
-    plan = _Plan(m, row, m.component)
-    if not m.known:
-        row.action, row.note = Action.UNKNOWN, f"not a module of the {lf.arch.name} key map"
-        return plan
-    sp, sshape = _locate(lf.arch, m, lf.style, src, styles["source"])
-    tp, tshape = _locate(lf.arch, m, lf.style, tgt, styles["target"])
-    if sp is None or tp is None:
-        row.action, row.note = Action.MISSING, (sshape if sp is None else tshape)
-        return plan
-    plan.src_pieces, plan.tgt_pieces, plan.src_shape, plan.tgt_shape = sp, tp, sshape, tshape
-    row.shape, row.target_shape = list(sshape), list(tshape)
-    if not m.fits(sshape):
-        raise InputError(
-            f"{lf.label}: module '{m.key}' is {list(m.shape)} (up rows, down input dims) but "
-            f"the source weight is {list(sshape)} in {src.label}: LoRA and source base do not match"
-        )
-    if tshape != sshape:
-        widened = tshape[0] == sshape[0] and tshape[2:] == sshape[2:] and tshape[1] > sshape[1]
-        refusal = adapters.pad_refusal(m, sshape, tshape) if widened and adapters.is_adapter(m) else None
-        if not widened:
-            row.action, row.note = Action.SHAPE_MISMATCH, f"source {list(sshape)} vs target {list(tshape)}"
-        elif refusal:
-            row.action, row.note = Action.REFUSED, f"input channels {sshape[1]} -> {tshape[1]}: {refusal}"
-        else:
-            row.note = f"input channels {sshape[1]} -> {tshape[1]}: new channels zero in the input LoRA"
-    return plan
-
-
-def _gated_channels(plan: _Plan, side: str) -> int | None:
-    """For the target weight of a layer that gained input channels: the old channel count, the
-    part its subspaces are taken from (the LoRA acts on those channels only; a target whose new
-    channels dominate its spectrum, as Flux Fill's x_embedder with 320 new of 384, would
-    otherwise fail the gate for a layer whose old channels barely moved). None: all channels."""
-    if side == "target" and plan.src_shape[1] < plan.tgt_shape[1]:
-        return plan.src_shape[1]
-    return None
-
-
-def _cache_key(plan: _Plan, side: str, fingerprint: str, options: PortOptions) -> str:
-    """The subspace cache key of one side ("source" / "target") of a planned layer."""
-    shape = plan.tgt_shape
-    m, n = shape[0], math.prod(shape[1:])
-    k = options.subspace_rank_for(m, n)
-    svd = {**options.svd(), "block_size": options.krylov_block(k, m, n), "steps": gate.FIRST_STEPS}
-    pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
-    return SubspaceCache.key(
-        fingerprint, plan.component, pieces, shape[1], k, svd, kept_channels=_gated_channels(plan, side),
-        kind="gate-sketch" if options.default_gate else "subspaces",
-    )  # fmt: skip
-
-
 @dataclass
-class _Chunk:
+class Chunk:
     """Same-shape layers ported together: one batched rsvd over the weights not in the cache."""
 
-    plans: list[_Plan]
+    plans: list[Plan]
     dtype: torch.dtype  # stacking dtype of the weights read
     rank: int  # subspace rank k computed (the largest kept)
     block_size: int | None  # rsvd's Krylov block width (`_krylov_block`), None: its default
 
 
-def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOptions) -> list[_Chunk]:
+def plan_chunks(work: list[Plan], src: BaseModel, tgt: BaseModel, options: PortOptions) -> list[Chunk]:
     """Group the layers by shape and dtype and cut each group into the largest chunks whose
     `group_bytes` fits ``max_memory``; InputError when not even one layer fits."""
-    def key(p: _Plan) -> tuple:
+    def key(p: Plan) -> tuple:
         c = p.component
         dtypes = [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
         return p.src_shape, p.tgt_shape, stack_dtype(dtypes)
@@ -344,7 +233,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOpti
                 f"at subspace rank {k} (two {dtype} weights + rsvd workspace), more than max memory "
                 f"{budget / 2**20:.1f} MiB; raise --max-vram or lower --subspace-rank"
             )
-        chunks += [_Chunk(plans, dtype, k, block) for plans in streaming.cut(group, budget, need)]
+        chunks += [Chunk(plans, dtype, k, block) for plans in streaming.cut(group, budget, need)]
     return chunks
 
 
@@ -363,8 +252,8 @@ class _Loaded:
     norms: dict = field(default_factory=dict)  # DoRA layer index -> {side: weight norms on its magnitude's axis}
 
 
-def _run(
-    work: list[_Plan], src: BaseModel, tgt: BaseModel, options: PortOptions, seconds: dict, quiet: bool,
+def run_plans(
+    work: list[Plan], src: BaseModel, tgt: BaseModel, options: PortOptions, seconds: dict, quiet: bool,
     subspaces_only: bool = False,
 ) -> None:  # fmt: skip
     """Stream the planned layers: same-shape chunks sized by `group_bytes` to ``max_memory``,
@@ -373,13 +262,13 @@ def _run(
     cache = SubspaceCache(options.cache_dir) if options.cache_dir else None
     bases = {"source": src, "target": tgt}
     fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
-    chunks = _chunks(work, src, tgt, options)
+    chunks = plan_chunks(work, src, tgt, options)
     t_start = time.perf_counter()
     # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
     slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
     stream = streaming.Stream(slot_bytes, options.device)
 
-    def load(chunk: _Chunk, slot: int) -> _Loaded:
+    def load(chunk: Chunk, slot: int) -> _Loaded:
         t0 = time.perf_counter()
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
@@ -391,7 +280,7 @@ def _run(
             norms_needed = options.dora_magnitude == "rescale" and adapters.magnitude_axis(p.module)
             for side in ("source", "target"):
                 if fingerprints.get(side) is not None:
-                    keys[g, side] = _cache_key(p, side, fingerprints[side], options)
+                    keys[g, side] = p.cache_key(side, fingerprints[side], options)
                     if norms_needed:
                         hit = None
                     elif fast:
@@ -408,18 +297,16 @@ def _run(
         frob2, norms = [], {}
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
-            pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side), not fast))
+            frob2.append(read_into(weights[i], bases[side], p.component, p.pieces(side), p.gated_channels(side), not fast))
             if adapters.magnitude_axis(p.module):
                 norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
         return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
 
-    def read_weight(plan: _Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
+    def read_weight(plan: Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
         """One base weight read now, [out, channels, *kernel]: the default gate refining a layer
         whose sketch came from the cache, or naming the tensor that holds NaN/Inf."""
         out = torch.empty(plan.tgt_shape, dtype=dtype)
-        pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
-        read_into(out, bases[side], plan.component, pieces, _gated_channels(plan, side))
+        read_into(out, bases[side], plan.component, plan.pieces(side), plan.gated_channels(side))
         return out
 
     upcast = gate.Upcast()  # the default gate's float32 copy of a layer's two weights, reused
@@ -430,7 +317,7 @@ def _run(
             seconds["read"] += loaded.seconds_read
             seconds["cache"] += loaded.seconds_cache
             try:
-                _port_chunk(chunk, loaded, cache, stream.staging, options, seconds, subspaces_only, read_weight, upcast)
+                port_chunk(chunk, loaded, cache, stream.staging, options, seconds, subspaces_only, read_weight, upcast)
             except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
                 for g, side in loaded.todo:
                     read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
@@ -443,8 +330,8 @@ def _run(
             bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
 
-def _port_chunk(
-    chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, options: PortOptions, seconds: dict,
+def port_chunk(
+    chunk: Chunk, loaded: _Loaded, cache, staging: StagingBuffers, options: PortOptions, seconds: dict,
     subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
     """The gate for one chunk of same-shape layers (`_gate_chunk`, or subspaces from one batched
@@ -497,9 +384,9 @@ def _port_chunk(
 
 
 def _gate_chunk(
-    chunk: _Chunk, loaded: _Loaded, cache, options: PortOptions, seconds: dict, subspaces_only: bool, read_weight, upcast,
+    chunk: Chunk, loaded: _Loaded, cache, options: PortOptions, seconds: dict, subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
-    """`_port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
+    """`port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
     t0 = time.perf_counter()
     shape = chunk.plans[0].tgt_shape
     index = {job: i for i, job in enumerate(loaded.todo)}  # (layer index, side) -> weight in loaded.weights
@@ -526,7 +413,7 @@ def _gate_chunk(
     seconds["project"] += time.perf_counter() - t0
 
 
-def _carry(plan: _Plan, left: float, right: float, subspaces, norms, options: PortOptions) -> None:
+def _carry(plan: Plan, left: float, right: float, subspaces, norms, options: PortOptions) -> None:
     """The gate's verdict on one layer from its side similarities, and the module it gets: the
     copy, a projection onto ``subspaces`` (us [m, ks], vs [n, ks], ut [m, kt], vt [n, kt]; None
     for the copy variant), the adapter in its own type, or nothing (sets the plan's row and

@@ -46,7 +46,7 @@ from .reports import Action, ToolReport, ToolRow
 
 
 @dataclass
-class _Factors:
+class Factors:
     """One layer's update ΔW = up @ down (scale folded) and where its result goes."""
 
     template: formats.LoraModule  # component, name, key, shape and the output dtype (or an AdapterModule)
@@ -64,7 +64,7 @@ def _module(template, up: torch.Tensor, down: torch.Tensor, dtype) -> formats.Lo
     )
 
 
-def _truncate(items: list[_Factors], select, device: str, max_memory: int, seconds: dict, bar) -> None:
+def truncate(items: list[Factors], select, device: str, max_memory: int, seconds: dict, bar) -> None:
     """Best rank-k factors of every item's up @ down (k from ``select``), from the factors only:
     same-shape items stacked into one batched call, cut to ``max_memory``."""
     for (m, p, n), group in streaming.group(items, lambda it: (*it.up.shape, it.down.shape[1])).items():
@@ -89,7 +89,7 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
             bar.update(len(chunk))
 
 
-def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
+def finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
     """Write the output LoRA and the report; NothingToPort (report still written) when no layer
     produced anything."""
     fmt = formats.output_format(fmt, lf.format)
@@ -144,7 +144,7 @@ def resize(
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return _finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
+    return finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
 
 
 def parse_weighted(entry) -> tuple[str, float]:
@@ -228,11 +228,11 @@ def merge(
             row.rank_out, row.energy, row.rel_error = up.shape[1], 1.0, 0.0
             results.append(_module(m0, up, down, adapters.dtype_of(m0)))
         else:
-            items.append(_Factors(m0, up, down, row))
+            items.append(Factors(m0, up, down, row))
     rep = ToolReport(rows, "merge", first.arch.name, format, [lf.label for lf in files], out, options.settings())
     if items:
         with streaming.progress(len(items), "merging", quiet) as bar:
-            _truncate(items, select, device, options.max_memory, rep.seconds, bar)
+            truncate(items, select, device, options.max_memory, rep.seconds, bar)
         results = [it.result for it in items]
     meta = {
         "loraport.job": "merge",
@@ -240,7 +240,7 @@ def merge(
         "loraport.merge_mode": mode,
     }
     result = formats.LoraFile([], first.format, first.arch, first.style, {}, None, None)
-    return _finish(rep, result, results, out, format, meta, [lf.path for lf in files], report, t_start)
+    return finish(rep, result, results, out, format, meta, [lf.path for lf in files], report, t_start)
 
 
 @dataclass
@@ -397,4 +397,4 @@ def extract(
         "loraport.tuned": os.path.basename(t.label),
     }
     result = formats.LoraFile([], format, arch, style, {}, None, None)
-    return _finish(rep, result, results, out, format, meta, inputs, report, t_start)
+    return finish(rep, result, results, out, format, meta, inputs, report, t_start)
