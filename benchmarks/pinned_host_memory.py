@@ -8,7 +8,7 @@ Before loraport.staging, each chunk's weights went into a fresh `torch.empty(...
 torch's caching host allocator (ATen/core/CachingHostAllocator.h) rounds every pinned request
 up to a power of two and keeps each freed block, per rounded size, for the life of the process;
 the reader holds two chunks at a time (the one computed, the one read). Replaying that rule on
-the chunks `pipeline._chunks` cut gives the pinned memory the process ends up holding. Now:
+the chunks `pipeline.plan_chunks` cut gives the pinned memory the process ends up holding. Now:
 two staging slots of the largest chunk, `pipeline.staging_bytes` within the budget."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .port_stream import lora_modules, model_shapes
 
 def chunk_bytes(shapes, budget: int, *, staging_bound: bool) -> list[int]:
     """Bytes of stacked bf16 weights per chunk, in the order the pipeline reads them, cut as
-    `pipeline._chunks` cuts them on a GPU (with or without the staging bound)."""
+    `pipeline.plan_chunks` cuts them on a GPU (with or without the staging bound)."""
     groups: dict[tuple, int] = collections.Counter(tuple(shapes[m + ".weight"]) for m in lora_modules(shapes))
     out = []
     for shape, count in groups.items():

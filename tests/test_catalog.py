@@ -109,10 +109,10 @@ def test_fill_cache_computes_each_layer_once_and_port_reads_it(files, tmp_path):
 
 def test_groups_balance_cost_and_keep_shapes_together():
     layers = [catalog.BaseLayer("model", f"m{i}", (), (), (m, 16), (m, 16), 4) for i, m in enumerate([48] * 6 + [16] * 6)]
-    groups = catalog._groups(layers, 2)
+    groups = catalog.worker_groups(layers, 2)
     assert sorted(len(g) for g in groups) == [4, 8]  # cost 6·48 + 6·16 = 384 -> 192 each: six 16s + two 48s | four 48s
     assert all(len({l.tgt_shape for l in g}) <= 2 for g in groups)
-    assert catalog._groups(layers[:1], 4) == [layers[:1]]
+    assert catalog.worker_groups(layers[:1], 4) == [layers[:1]]
 
 
 def test_manifest_lines_and_output_names(tmp_path):

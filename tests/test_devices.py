@@ -71,6 +71,6 @@ def test_valid_devices_resolve_to_what_the_job_runs_on():
 
 
 def test_the_cli_defaults_to_auto():
-    parser = cli._parser()
+    parser = cli.parser()
     for argv in (["port", "l", "--source", "s", "--target", "t"], ["resize", "l", "-o", "o"]):
         assert parser.parse_args(argv).device == "auto"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loraport import gate
-from loraport.pipeline import _subspace_rank, port
+from loraport.options import PortOptions
+from loraport.pipeline import port
 from loraport.testing import tiny
 from loraport.testing.spectra import gate_suite
 
@@ -178,11 +179,8 @@ def test_gate_sketches_are_cached_and_never_served_as_subspaces(tmp_path, models
 
 
 def test_energy_ranks_are_capped_and_do_not_pass_unrelated_layers(tmp_path, models):
-    settings = dict(subspace_rank=None, energy=0.9, variant="target")
-    assert (
-        _subspace_rank(settings, 384, 384) == 64
-        and _subspace_rank(settings, 3072, 12288) == 64
-    )
+    options = PortOptions.from_args(energy=0.9, variant="target")
+    assert options.subspace_rank_for(384, 384) == 64 and options.subspace_rank_for(3072, 12288) == 64
     lora, source, target = _files(tmp_path, models, target="unrelated")
     for variant in ("copy", "target"):
         rep = port(lora, source, target, str(tmp_path / "out.safetensors"), energy=0.9, variant=variant,

@@ -11,6 +11,9 @@ import torch
 from loraport import formats, pipeline
 from loraport.basemodel import BaseModel
 from loraport.errors import InputError
+from loraport.options import PortOptions
+from loraport.plans import Plan
+from loraport.reports import LayerRow
 from loraport.testing import tiny
 
 ARCH = "hunyuan-video"
@@ -184,16 +187,16 @@ def test_chunks_follow_the_budget_and_give_the_same_result(paths, tmp_path):
     plans = []
     for name in qkv:
         module = formats.LoraModule("model", name, torch.randn(48, 4), torch.randn(4, 16), None, name)
-        plan = pipeline._Plan(module, pipeline.LayerRow(name, name, "planned", 4), src_shape=(48, 16), tgt_shape=(48, 16))
+        plan = Plan(module, LayerRow(name, name, "planned", 4), src_shape=(48, 16), tgt_shape=(48, 16))
         plan.src_pieces = plan.tgt_pieces = [(name + ".weight", None)]
         plans.append(plan)
     base = BaseModel(paths["source"])
     settings = dict(subspace_rank=6, oversample=8, power_iters=3, method="power", device="cpu")
     for budget, sizes in ((need(2, 48, 16) + 1, [2, 2]), (need(3, 48, 16), [3, 1]), (need(4, 48, 16), [4])):
-        chunks = pipeline._chunks(plans, base, base, {**settings, "max_memory": budget})
+        chunks = pipeline.plan_chunks(plans, base, base, PortOptions.from_args(**settings, max_memory=budget))
         assert [len(c.plans) for c in chunks] == sizes and {c.rank for c in chunks} == {6}
     with pytest.raises(InputError, match=r"double_blocks\.0\.img_attn_qkv: one layer of shape \[48, 16\] needs about"):
-        pipeline._chunks(plans, base, base, {**settings, "max_memory": need(1, 48, 16) - 1})
+        pipeline.plan_chunks(plans, base, base, PortOptions.from_args(**settings, max_memory=need(1, 48, 16) - 1))
 
     out_big, out_small = str(tmp_path / "big.safetensors"), str(tmp_path / "small.safetensors")
     pipeline.port(paths["lora"], paths["source"], paths["target"], out_big, **SVD)

@@ -5,7 +5,7 @@ accounting is checked here without a GPU)."""
 import pytest
 import torch
 
-from loraport import pipeline
+from loraport import options, pipeline, streaming
 from loraport.errors import InputError
 from loraport.staging import StagingBuffers
 from loraport.testing import tiny
@@ -44,7 +44,7 @@ def pair(tmp_path, monkeypatch):
     }
     tiny.save_base(tiny.lora(ARCH, source, fmt="kohya", rank=4, alpha=3.0), paths["lora"])
     RecordingStaging.made = []
-    monkeypatch.setattr(pipeline, "StagingBuffers", RecordingStaging)
+    monkeypatch.setattr(streaming, "StagingBuffers", RecordingStaging)
     return paths
 
 
@@ -70,8 +70,8 @@ def test_the_gpu_path_keeps_its_pinned_staging_within_max_vram(pair, monkeypatch
     """On a GPU, group_bytes counts one chunk's weights (they are in VRAM); the two staging
     slots in host memory are bounded by the same budget (pipeline.staging_bytes)."""
     p = pair
-    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda:0")
-    monkeypatch.setattr(pipeline, "_port_chunk", lambda *args: None)  # the plan and the reads, no GPU work
+    monkeypatch.setattr(options, "resolve_device", lambda device: "cuda:0")
+    monkeypatch.setattr(pipeline, "port_chunk", lambda *args: None)  # the plan and the reads, no GPU work
     with pytest.raises(InputError, match="no module was ported"):
         pipeline.port(p["lora"], p["source"], p["target"], p["out"], device="cuda", max_memory=BUDGET, **SVD)
     (staging,) = RecordingStaging.made
@@ -81,7 +81,7 @@ def test_the_gpu_path_keeps_its_pinned_staging_within_max_vram(pair, monkeypatch
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_chunks_fit_both_vram_and_the_staging_bound(device):
-    """pipeline._chunks' rule, per device: the chunk's `group_bytes` and its `staging_bytes`
+    """pipeline.plan_chunks' rule, per device: the chunk's `group_bytes` and its `staging_bytes`
     both within the budget. On the GPU the staging is the tighter one for large weights."""
     m = n = 3072
     budget = 2 << 30

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import InputError
+from .reports import Action
 
 # key suffix -> role, per naming family; "kohya" also covers ComfyUI and Tencent keys.
 _KOHYA = {
@@ -466,22 +467,22 @@ def check_port(lf, modules, fmt: str, variant: str, rank) -> None:
         tensors_for(m, m.key, fmt, lf.label)  # raises where fmt has no form for the type
 
 
-def port_module(plan, norms: dict | None, settings: dict) -> AdapterModule:
-    """The module carried to the target (pipeline._Plan ``plan`` already past the gate or copied
+def port_module(plan, norms: dict | None, options) -> AdapterModule:
+    """The module carried to the target (plans.Plan ``plan`` already past the gate or copied
     on a dissimilar layer): its factors unchanged, zero input channels where the target's weight
-    is wider (`pad_inputs`), and a DoRA magnitude kept or, with settings["dora_magnitude"] ==
+    is wider (`pad_inputs`), and a DoRA magnitude kept or, with options.dora_magnitude ==
     "rescale", multiplied by ‖W_target‖ / ‖W_source‖ on its axis (``norms``: {side: norms})."""
     m, row = plan.module, plan.row
     widened = tuple(plan.tgt_shape) != tuple(plan.src_shape)
     if widened:
         m = pad_inputs(m, plan.src_shape, plan.tgt_shape)
-    if m.magnitude_axis and settings["dora_magnitude"] == "rescale":
+    if m.magnitude_axis and options.dora_magnitude == "rescale":
         src, tgt = norms["source"], norms["target"]
         ratio = torch.where(src > 0, tgt / src.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(src))
         mag = m.tensors["magnitude"]
         m = replace(m, tensors={**m.tensors, "magnitude": (mag.double() * ratio).to(mag.dtype)})
-    copied = row.similarity < settings["min_similarity"]
-    row.action = "copied" if copied else "padded" if widened else "ported"
+    copied = row.similarity < options.min_similarity
+    row.action = Action.COPIED if copied else Action.PADDED if widened else Action.PORTED
     row.rank_out, row.rel_change = m.rank, 0.0
     row.note = (row.note + "; " if row.note else "") + m.type_name
     return m

@@ -33,6 +33,8 @@ from functools import cached_property
 
 import torch
 
+from .errors import InputError
+
 STYLES = ("original", "diffusers")
 # Components of a model that LoRA files address separately. "model" is the denoiser (UNet or
 # transformer) or the LLM; "te1"/"te2" are SD's text encoders.
@@ -529,3 +531,26 @@ def detect(lora_names: list[tuple[str, str, bool]], base_names: list[str] = ()) 
             "pass arch= / --arch (or give the base model)"
         )
     return ARCHS[best]
+
+
+def resolve(arch, label: str, lora_names=(), base_names=()) -> Arch:
+    """``arch`` ("auto", a name or an Arch) as an Arch. "auto": `detect` from the LoRA's module
+    names (component, name, underscored?) and the base model's weight names, and an InputError
+    naming ``label`` (the file being read) when they match no family or several."""
+    if isinstance(arch, Arch):
+        return arch
+    if arch != "auto":
+        return get(arch)
+    try:
+        return detect(list(lora_names), list(base_names))
+    except ValueError as e:
+        raise InputError(f"{label}: {str(e).removeprefix('loraport: ')}") from None
+
+
+def base_arch(base_names) -> str | None:
+    """The family of a base model from its weight names alone, or None when they match no family
+    or several (the caller then judges by its own key map)."""
+    try:
+        return detect([], list(base_names)).name
+    except ValueError:
+        return None

@@ -67,7 +67,7 @@ class SubspaceCache:
             "rank": rank,
             "svd": {k: svd[k] for k in ("method", "power_iters", "oversample", "seed")},
         }
-        if kept_channels is not None:  # input channels beyond it zeroed (pipeline._gated_channels)
+        if kept_channels is not None:  # input channels beyond it zeroed (plans.Plan.gated_channels)
             doc["kept_channels"] = kept_channels
         if kind == "gate-sketch":
             doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "steps")}

@@ -41,6 +41,9 @@ from . import executors, formats, pipeline
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .errors import InputError, NothingToPort
+from .options import PortOptions
+from .plans import Plan, base_styles, plan_module
+from .reports import Action, LayerRow
 
 # options that decide the base subspaces: one value for the whole catalog (phase 1 computes once)
 SUBSPACE_OPTIONS = ("device", "subspace_rank", "energy", "method", "power_iters", "block_size", "oversample",
@@ -74,9 +77,9 @@ class BaseLayer:
     tgt_shape: tuple
     lora_rank: int  # for the memory estimate of a chunk
 
-    def _plan(self) -> pipeline._Plan:
-        row = pipeline.LayerRow(self.module, self.module, "planned", self.lora_rank)
-        return pipeline._Plan(None, row, self.component, list(self.src_pieces), list(self.tgt_pieces),
+    def _plan(self) -> Plan:
+        row = LayerRow(self.module, self.module, Action.PLANNED, self.lora_rank)
+        return Plan(None, row, self.component, list(self.src_pieces), list(self.tgt_pieces),
                               self.src_shape, self.tgt_shape)  # fmt: skip
 
 
@@ -88,21 +91,21 @@ def base_layers(lora, source, target, *, arch="auto") -> list[BaseLayer]:
 
 def _layers(lora, src: BaseModel, tgt: BaseModel, arch) -> list[BaseLayer]:
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
-    styles = pipeline._base_styles(lf, src, tgt)
-    plans = [pipeline._plan(m, lf, src, tgt, styles) for m in lf.modules]
+    styles = base_styles(lf, src, tgt)
+    plans = [plan_module(m, lf, src, tgt, styles) for m in lf.modules]
     return [
         BaseLayer(p.component, p.row.module, tuple(p.src_pieces), tuple(p.tgt_pieces), tuple(p.src_shape),
                   tuple(p.tgt_shape), p.row.rank_in)  # fmt: skip
         for p in plans
-        if p.row.action == "planned"
+        if p.row.action == Action.PLANNED
     ]
 
 
-def cache_keys(layer: BaseLayer, fingerprints: tuple[str, str], settings: dict) -> tuple[str, str]:
+def cache_keys(layer: BaseLayer, fingerprints: tuple[str, str], settings: PortOptions) -> tuple[str, str]:
     """(source key, target key) of ``layer`` in the subspace cache; ``settings`` as
-    pipeline._settings gives them. Two layers with the same keys are one computation."""
+    PortOptions.from_args gives them. Two layers with the same keys are one computation."""
     plan = layer._plan()
-    return tuple(pipeline._cache_key(plan, side, fp, settings) for side, fp in zip(("source", "target"), fingerprints))
+    return tuple(plan.cache_key(side, fp, settings) for side, fp in zip(("source", "target"), fingerprints))
 
 
 def fill_cache(layers, source, target, cache_dir, *, quiet: bool = True, **options) -> dict:
@@ -110,13 +113,13 @@ def fill_cache(layers, source, target, cache_dir, *, quiet: bool = True, **optio
     at ``cache_dir``, as `loraport.port` with the same ``options`` (SUBSPACE_OPTIONS) would:
     same chunks under max_memory, same rsvd, same keys. Entries already there are neither read
     nor recomputed. Returns {"computed": subspaces decomposed, "seconds": time split}."""
-    settings = pipeline._settings(cache_dir=cache_dir, **options)
+    settings = PortOptions.from_args(cache_dir=cache_dir, **options)
     src, tgt = BaseModel(source), BaseModel(target)
     if src.fingerprint() is None or tgt.fingerprint() is None:
         raise ValueError("loraport.fill_cache: the bases must be files (state dicts are not cached)")
     plans = [layer._plan() for layer in layers]
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
-    pipeline._run(plans, src, tgt, settings, seconds, quiet, subspaces_only=True)
+    pipeline.run_plans(plans, src, tgt, settings, seconds, quiet, subspaces_only=True)
     return {"computed": sum(2 - p.row.subspaces_from_cache for p in plans), "seconds": seconds}
 
 
@@ -376,7 +379,7 @@ def _row(entry: Entry, status: str, message: str = "", reused: bool = False, sec
             "seconds": seconds}  # fmt: skip
 
 
-def _groups(layers: list[BaseLayer], parts: int) -> list[list[BaseLayer]]:
+def worker_groups(layers: list[BaseLayer], parts: int) -> list[list[BaseLayer]]:
     """``layers`` cut into at most ``parts`` groups of about equal rSVD cost (m·n per layer),
     same-shape layers next to each other so that each group batches them."""
     layers = sorted(layers, key=lambda l: (l.tgt_shape, l.src_shape, l.component, l.module))
@@ -416,7 +419,7 @@ def port_many(
     os.makedirs(outdir, exist_ok=True)
     cache_dir = os.path.abspath(os.fspath(cache_dir or os.path.join(outdir, ".subspace-cache")))
     subspace_options = {k: v for k, v in options.items() if k in SUBSPACE_OPTIONS}
-    settings = pipeline._settings(cache_dir=cache_dir, **{k: v for k, v in options.items() if k not in ("format", "arch")})
+    settings = PortOptions.from_args(cache_dir=cache_dir, **{k: v for k, v in options.items() if k not in ("format", "arch")})
     entries = read_inputs(inputs, outdir)
     rows: list[dict | None] = [None] * len(entries)
     for i, e in enumerate(entries):
@@ -475,7 +478,7 @@ def port_many(
         cache = SubspaceCache(cache_dir)
         keys_of = {id(layer): keys for keys, layer in distinct.items()}
         missing = [l for keys, l in distinct.items() if not all(os.path.exists(cache.path(k)) for k in keys)]
-        groups = _groups(missing, runner.slots()) if missing else []
+        groups = worker_groups(missing, runner.slots()) if missing else []
         fill_tasks = [
             (g, source, target, subspace_options, threads, None if shipping else cache_dir,
              [os.path.basename(cache.path(k)) for l in g for k in keys_of[id(l)]] if shipping else None)

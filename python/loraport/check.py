@@ -123,7 +123,7 @@ def _shape(t) -> list[int]:
 
 
 def _check_key_maps(lora, tensors, label, base, base_label, arch) -> CheckReport:
-    from .pipeline import _locate  # the lookup `port` does
+    from .plans import locate  # the lookup `port` does
 
     b = BaseModel(base)
     lf = formats.read_lora(lora, arch=arch, base_names=b.module_names())
@@ -131,7 +131,7 @@ def _check_key_maps(lora, tensors, label, base, base_label, arch) -> CheckReport
     rep = CheckReport(label, base_label, "loraport key maps", len(tensors))
     for m in lf.modules:
         keys = sorted(k for k in tensors if k.startswith(m.key + "."))
-        pieces, shape = (None, None) if not m.known or style is None else _locate(lf.arch, m, lf.style, b, style)
+        pieces, shape = (None, None) if not m.known or style is None else locate(lf.arch, m, lf.style, b, style)
         if pieces is None:
             rep.unconsumed += keys
             continue

@@ -46,7 +46,7 @@ EXIT_CODES = """exit status:
 --debug prints the traceback of an input error too."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loraport",
         description="Port LoRA adapters across base-model releases (subspace similarity gate; copy or LoRA-X projection).",
@@ -358,10 +358,7 @@ def _inspect(args) -> int:
     base = BaseModel(path)
     for comp in base.components():
         names = base.names(comp)
-        try:
-            arch = archs.detect([], base.module_names(comp)).name if comp == "model" else "-"
-        except ValueError:
-            arch = "unknown"
+        arch = (archs.base_arch(base.module_names(comp)) or "unknown") if comp == "model" else "-"
         dtypes = Counter(str(base.dtype(comp, n)).replace("torch.", "") for n in names)
         print(f"{path}: base model component '{comp}', arch {arch}, {len(names)} tensors, dtypes {dict(dtypes)}")
     fp = base.fingerprint()
@@ -379,7 +376,7 @@ def _one_line(e: InputError) -> str:
 def main(argv=None) -> int:
     if signal.getsignal(signal.SIGINT) is _interrupted_early:  # loraport/__init__'s import-time one
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = _parser().parse_args(argv)  # a usage error exits 2 here
+    args = parser().parse_args(argv)  # a usage error exits 2 here
     try:
         if args.command in ("resize", "extract", "merge", "convert"):
             return _toolbox(args)

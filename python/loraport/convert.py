@@ -6,7 +6,7 @@ same path, so it accepts these types too.
 Per layer, from the structure wherever it helps (loraport/adapters.py has the ΔW formulas):
   * plain LoRA, Tucker LoCon (rank r) and LoHa (rank <= r1·r2, exact face-splitting factors):
     exact low-rank factors, then the SVD of their product from the p×p core (lowrank.ProductSVD,
-    batched over same-shape layers: toolbox._truncate). Never forms the m×n ΔW.
+    batched over same-shape layers: toolbox.truncate). Never forms the m×n ΔW.
   * LoKr: the SVD of w1 ⊗ w2 is the Kronecker product of the factors' SVDs (adapters.kron_svd):
     σ = s1_i·s2_j, u = u1_i ⊗ u2_j, v = v1_i ⊗ v2_j; the top k are taken from the two small SVDs.
   * full differences, and DoRA (whose update W' − W needs the base weight W: ``base``): no low-rank
@@ -23,16 +23,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 
 import torch
 
-from . import adapters, formats
+from . import adapters, formats, streaming
 from .basemodel import BaseModel
-from .devices import resolve_device
 from .errors import InputError
 from .ops import rsvd
-from .pipeline import DEFAULT_MAX_MEMORY, _locate, _read_into, parse_bytes
-from .toolbox import DEFAULT_EXTRACT_MAX_RANK, ToolReport, ToolRow, _Factors, _finish, _rank_rule, _truncate
+from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, ToolOptions
+from .plans import locate
+from .reports import Action, ToolReport, ToolRow
+from .streaming import read_into
+from .toolbox import Factors, finish, truncate
 
 
 def plain_module(m, up: torch.Tensor, down: torch.Tensor, in_shape=None) -> formats.LoraModule:
@@ -52,13 +55,13 @@ def _dense_delta(m, base: BaseModel | None, arch, style, base_style, label) -> t
             f"{label}: module '{m.key}' is {m.type_name}: its update depends on the base weight; "
             "convert it with the base model (loraport convert --base)"
         )
-    pieces, shape = _locate(arch, m, style, base, base_style)
+    pieces, shape = locate(arch, m, style, base, base_style)
     if pieces is None:
         raise InputError(f"{label}: module '{m.key}': {shape}")
     if not m.fits(shape):
         raise InputError(f"{label}: module '{m.key}' is {list(m.shape)} but the base weight is {list(shape)}")
     W = torch.empty(shape)  # [out, in, *kernel], row halves swapped where the layouts differ
-    _read_into(W, base, m.component, pieces)
+    read_into(W, base, m.component, pieces)
     W = W.double()
     up, down = adapters.factors(adapters.without_magnitude(m))
     delta = (up.double() @ down.double()).reshape(W.shape)
@@ -89,13 +92,9 @@ def _kron_layer(m, select, row: ToolRow) -> formats.LoraModule:
 def _dense_layers(jobs, select, k_cap: int, energy, device, max_memory, seconds, bar) -> None:
     """Batched rsvd of dense ΔW: ``jobs`` [(module, ΔW [m, n] float32, shape, row, results list, index)],
     same-shape ones stacked in chunks that fit ``max_memory`` (ΔW, rsvd workspace and its copy)."""
-    groups: dict[tuple, list] = {}
-    for job in jobs:
-        groups.setdefault(tuple(job[1].shape), []).append(job)
-    for (m_rows, n_cols), group in groups.items():
-        size = max(1, max_memory // (4 * 3 * m_rows * n_cols))
-        for start in range(0, len(group), size):
-            chunk = group[start : start + size]
+    for (m_rows, n_cols), group in streaming.group(jobs, lambda job: tuple(job[1].shape)).items():
+        per_layer = 4 * 3 * m_rows * n_cols  # ΔW, rsvd workspace and its copy
+        for chunk in streaming.cut(group, max_memory, lambda size, per_layer=per_layer: size * per_layer):
             t0 = time.perf_counter()
             stack = torch.stack([j[1] for j in chunk]).to(device)  # [G, m, n]
             totals = [float(torch.linalg.vector_norm(j[1], dtype=torch.float64)) ** 2 for j in chunk]
@@ -143,8 +142,8 @@ def low_rank_modules(lf, select, *, action, rank, energy, device, max_memory, se
             row.rank_in = up.shape[1]
             layout = m if _in_shape(m, lf, base, base_style) == m.shape[1:] else plain_module(
                 m, up[:, :1], down[:1], _in_shape(m, lf, base, base_style))  # a flat LoHa in the base's kernel
-            factored.append((i, _Factors(layout, up, down, row)))
-    _truncate([it for _, it in factored], select, device, max_memory, seconds, bar)
+            factored.append((i, Factors(layout, up, down, row)))
+    truncate([it for _, it in factored], select, device, max_memory, seconds, bar)
     for i, it in factored:
         results[i] = it.result
     if dense:
@@ -158,7 +157,7 @@ def _in_shape(m, lf, base, base_style):
     [k, in·kernel], which ComfyUI reshapes to the weight but diffusers does not)."""
     if not (adapters.is_adapter(m) and m.flat_kernel) or base is None:
         return m.shape[1:]
-    pieces, shape = _locate(lf.arch, m, lf.style, base, base_style)
+    pieces, shape = locate(lf.arch, m, lf.style, base, base_style)
     return tuple(shape[1:]) if pieces is not None else m.shape[1:]
 
 
@@ -182,34 +181,29 @@ def convert(
     the base model, needed for DoRA (its update depends on W) and for conv LoHa without Tucker
     factors (whose kernel size only the base knows). ``max_memory`` bounds each batch of dense
     layers (full differences, DoRA) on ``device``."""
-    if rank is None and energy is None:
-        raise InputError("loraport.convert: give rank or energy")
-    select = _rank_rule(rank, energy, None, "convert")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args("convert", rank=rank, energy=energy, device=device, max_memory=max_memory)
+    select, device = options.select(), options.device
     t_start = time.perf_counter()
     b = BaseModel(base) if base is not None else None
     lf = formats.read_lora(adapter, arch=arch, base_names=b.module_names() if b else ())
     inputs = [lf.path, *(b.files() if b else [])]
     out = formats.check_output(out, inputs)
-    fmt = lf.format if format in (None, "auto") else format
+    fmt = formats.output_format(format, lf.format)
     formats.check_format(fmt, lf.arch, [m.component for m in lf.modules], lf.label)
     base_style = lf.arch.base_style(b.module_names()) if b else None
     if b is not None and base_style is None:
         raise InputError(f"{b.label}: no {lf.arch.name} weights for {lf.label}")
-    settings = dict(rank=rank, energy=energy, device=device, max_memory=parse_bytes(max_memory),
-                    base=None if b is None else b.label)  # fmt: skip
-    from tqdm.auto import tqdm
-
+    options = replace(options, base=None if b is None else b.label)
     seconds: dict = {}
-    with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="converting") as bar:
+    with streaming.progress(len(lf.modules), "converting", quiet) as bar:
         rows, results = low_rank_modules(
-            lf, select, action="converted", rank=rank, energy=energy, device=device, max_memory=settings["max_memory"],
+            lf, select, action=Action.CONVERTED, rank=rank, energy=energy, device=device, max_memory=options.max_memory,
             seconds=seconds, bar=bar, base=b, base_style=base_style,
         )  # fmt: skip
-    rep = ToolReport("convert", rows, lf.arch.name, fmt, [label for label in inputs if label], out, settings, seconds)
+    rep = ToolReport(rows, "convert", lf.arch.name, fmt, [label for label in inputs if label], out, options.settings(), seconds)
     rep.bytes_read = b.bytes_read if b else 0
     rule = {k: v for k, v in dict(rank=rank, energy=energy).items() if v is not None}
     meta = {"loraport.job": "convert", "loraport.convert": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return _finish(rep, result, results, out, format, meta, inputs, report, t_start)
+    return finish(rep, result, results, out, format, meta, inputs, report, t_start)
 

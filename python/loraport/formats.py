@@ -247,13 +247,9 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
                 raise InputError(f"{label}: module '{stem}' has no {need} factor")
         parsed.append((comp, stem[len(prefix) :], underscored, stem, parts))
 
-    if arch == "auto":
-        try:
-            arch = archs.detect([(c, n, u) for c, n, u, _, _ in parsed], list(base_names))
-        except ValueError as e:
-            raise InputError(f"{label}: {str(e).removeprefix('loraport: ')}") from None
-    else:
-        arch = archs.get(arch) if isinstance(arch, str) else arch
+    forced = arch != "auto"
+    arch = archs.resolve(arch, label, [(c, n, u) for c, n, u, *_ in parsed], base_names)
+    if forced:
         _check_forced_arch(arch, parsed, base_names, label)
 
     if parsed[0][2]:  # kohya-style names: the style most of them resolve in, ties to the usual one
@@ -558,12 +554,17 @@ def report_json(report, path=None, *, protect=()) -> str:
     return text
 
 
+def output_format(fmt: str | None, default: str) -> str:
+    """The format to write: ``fmt``, or ``default`` (the input's) for None and "auto"."""
+    return default if fmt in (None, "auto") else fmt
+
+
 def write_lora(lora: LoraFile, path, *, format: str | None = None, metadata=None, protect=()) -> str:
     """Write ``lora`` as safetensors at ``path`` in ``format`` (default: the input's), with the
     input's header metadata updated (ss_network_dim/alpha) plus ``metadata``; returns the path.
     A PEFT output named adapter_model.safetensors gets an adapter_config.json beside it when the
     input came with one (scale 1: lora_alpha = r)."""
-    fmt = lora.format if format in (None, "auto") else format
+    fmt = output_format(format, lora.format)
     if fmt not in FORMATS:
         raise InputError(f"loraport: unknown LoRA format {fmt!r}; known: {', '.join(FORMATS)}")
     tensors = state_dict(lora, fmt)

@@ -34,257 +34,49 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
 LoHa, LoKr, Tucker LoCon, DoRA and full-difference modules take the same gate and are carried in
 their own type, padded where exact or else "refused" (`adapters.port_module`, `adapters.pad_refusal`).
 ``dry_run`` maps every module and checks shapes from the file headers only (no SVD, no output).
-Streaming: chunks of same-shape layers are sized by `group_bytes` to ``max_memory``; with
-``cache_dir`` each base weight's U, S, V and ‖W‖_F² (or the default gate's sketch) come from (or go
-to) loraport.cache, and a weight found there is neither read nor decomposed."""
+Streaming (loraport.streaming, shared with the toolbox): chunks of same-shape layers are sized by
+`group_bytes` to ``max_memory`` (`plan_chunks`) and read one ahead on a background thread into two
+staging slots (`run_plans`); with ``cache_dir`` each base weight's U, S, V and ‖W‖_F² (or the
+default gate's sketch) come from (or go to) loraport.cache, and a weight found there is neither
+read nor decomposed. The modules are mapped onto the bases by loraport.plans, the options are
+options.PortOptions, and the result is a reports.PortReport."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters, archs, formats, gate
+from . import adapters, formats, gate, streaming
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
-from .devices import resolve_device
 from .errors import InputError, NothingToPort
 from .gate import DEFAULT_SUBSPACE_RANK, default_subspace_rank  # noqa: F401  (re-exported for cli, toolbox)
 from .lowrank import ProductSVD
-from .ops import krylov_blocks, rsvd
+from .ops import rsvd
+from .options import (  # noqa: F401  (the option constants and parse_bytes re-exported)
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MIN_SIMILARITY,
+    ON_DISSIMILAR,
+    VARIANTS,
+    PortOptions,
+    energy_rank,
+    parse_bytes,
+)
+from .plans import Plan, base_styles, plan_module
+from .reports import Action, LayerRow, PortReport  # noqa: F401  (LayerRow re-exported)
 from .staging import StagingBuffers
+from .streaming import group_bytes, read_into, stack_dtype, staging_bytes  # noqa: F401  (re-exported)
 from .strength import Strength
 from .upgrade import refuse_other_size
 
-_similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see _port_chunk)
+_similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> [] (see port_chunk)
 _project = torch.ops.loraport.project_lora  # (up, down, U, V, rank) -> (up2, down2)
-
-VARIANTS = ("copy", "target", "source-then-target")  # the first is the default: benchmarks/quality
-ON_DISSIMILAR = ("skip", "copy")
-DEFAULT_MIN_SIMILARITY = 0.5  # separates related (>= 0.855) from unrelated (<= 0.268) layers: benchmarks/quality
-DEFAULT_MAX_MEMORY = 2 << 30
-
-
-@dataclass
-class LayerRow:
-    """What happened to one LoRA module."""
-
-    name: str  # key stem in the LoRA file
-    module: str  # module name (LoRA's naming style)
-    action: str  # ported | padded | copied | skipped | shape-mismatch | missing | unknown | planned
-    rank_in: int
-    rank_out: int | None = None
-    shape: list[int] | None = None  # source base weight [out, in, *kernel]
-    target_shape: list[int] | None = None
-    subspace_rank: list[int] | None = None  # [k_source, k_target]
-    similarity: float | None = None  # mean of left and right subspace similarity (loraport.gate)
-    similarity_left: float | None = None
-    similarity_right: float | None = None
-    margin: float | None = None  # the gate's margin, >= 0 passes: gate.margin
-    gate_steps: int | None = None  # the default gate's iteration steps (0: identical weights)
-    rel_change: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
-    note: str = ""
-    subspaces_from_cache: int = 0  # 0, 1 or 2 of [source, target] read from the subspace cache
-
-
-@dataclass
-class PortReport:
-    """Per-layer rows plus run facts; `summary()` for totals, `to_json()` for files."""
-
-    rows: list[LayerRow]
-    arch: str
-    format_in: str
-    format_out: str | None
-    lora: str
-    source: str
-    target: str
-    out: str | None
-    settings: dict
-    seconds: dict = field(default_factory=dict)  # read, svd, project, write, total
-    bytes_read: int = 0
-    check: dict | None = None  # the output checked against the target's loader (loraport.check)
-
-    def summary(self) -> dict:
-        counts: dict[str, int] = {}
-        for r in self.rows:
-            counts[r.action] = counts.get(r.action, 0) + 1
-        sims = sorted(r.similarity for r in self.rows if r.similarity is not None)
-        changes = [r.rel_change for r in self.rows if r.rel_change is not None]
-        ranks: dict[str, int] = {}  # "r_in -> r_out" -> layers
-        for r in self.rows:
-            if r.rank_out is not None:
-                ranks[f"{r.rank_in} -> {r.rank_out}"] = ranks.get(f"{r.rank_in} -> {r.rank_out}", 0) + 1
-        return {
-            "layers": len(self.rows),
-            "actions": counts,
-            "similarity_mean": sum(sims) / len(sims) if sims else None,
-            "similarity_median": (sims[(len(sims) - 1) // 2] + sims[len(sims) // 2]) / 2 if sims else None,
-            "similarity_min": sims[0] if sims else None,
-            "rel_change_mean": sum(changes) / len(changes) if changes else None,
-            "rel_change_max": max(changes) if changes else None,
-            "ranks": ranks,
-            "borderline": [r.module for r in self.rows if r.margin is not None and abs(r.margin) < gate.BORDERLINE],
-            "layers_from_cache": sum(1 for r in self.rows if r.subspaces_from_cache == 2),
-            "subspaces_from_cache": sum(r.subspaces_from_cache for r in self.rows),
-            "gb_read": self.bytes_read / 1e9,
-            "seconds": self.seconds,
-        }
-
-    def to_json(self, path=None) -> str:
-        """The report as JSON (written atomically to ``path`` when given)."""
-        return formats.report_json(self, path, protect=(self.lora, self.source, self.target))
-
-    def table(self) -> str:
-        """The human-readable summary: a totals line, a table (actions, similarity, ranks, time
-        split, read throughput, cache use), then every layer that was not ported."""
-        s, sec = self.summary(), self.seconds
-        acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items(), key=lambda x: -x[1]))
-        lines = [f"{s['layers']} layers: {acts}"]
-        rows = [(a, f"{n} layers") for a, n in sorted(s["actions"].items(), key=lambda x: -x[1])]
-        if "variant" in self.settings:
-            rows.append(("variant", _variant_line(self.settings)))
-        strength = self.settings.get("strength")
-        if strength and (strength["default"] != 1.0 or strength["rules"]):
-            rules = "".join(f", {v:g} where /{p}/ matches" for p, v in strength["rules"])
-            rows.append(("strength", f"ΔW × {strength['default']:g}{rules} (the last matching rule wins)"))
-        if s["similarity_mean"] is not None:
-            rows.append(
-                ("similarity", f"min {s['similarity_min']:.3f}  median {s['similarity_median']:.3f}  "
-                 f"mean {s['similarity_mean']:.3f}")
-            )  # fmt: skip
-        if s["borderline"]:
-            rows.append(("borderline", f"{len(s['borderline'])} layers within {gate.BORDERLINE} of the threshold: "
-                         + ", ".join(s["borderline"])))  # fmt: skip
-        if s["rel_change_max"]:  # a projection or truncation changed ΔW: say by how much
-            rows.append(("ΔW changed by", f"mean {s['rel_change_mean']:.3f}  max {s['rel_change_max']:.3f} "
-                         "(‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F per layer)"))  # fmt: skip
-        if s["ranks"]:
-            rows.append(("rank in -> out", ", ".join(f"{k} ({n})" for k, n in sorted(s["ranks"].items()))))
-        ks = [r.subspace_rank for r in self.rows if r.subspace_rank]
-        if ks:
-            spans = [sorted({k[i] for k in ks}) for i in (0, 1)]
-            rows.append(("subspace rank", ", ".join(
-                f"{side} {v[0]}" + (f"..{v[-1]}" if len(v) > 1 else "") for side, v in zip(("source", "target"), spans)
-            )))  # fmt: skip
-        if "total" in sec:
-            parts = "  ".join(f"{name} {sec.get(name, 0.0):.2f}" for name in ("read", "svd", "project", "write", "cache"))
-            rows.append(("seconds", f"total {sec['total']:.2f} = {parts} (reading overlaps compute)"))
-        gb = s["gb_read"]
-        rate = f", {gb / sec['read']:.3g} GB/s while reading" if gb and sec.get("read") else ""
-        overall = f", {gb / sec['total']:.3g} GB/s over the port" if gb and sec.get("total") else ""
-        amount = f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.3g} MB"
-        rows.append(("base weights", f"{amount} read{rate}{overall}"))
-        if self.settings.get("cache_dir"):
-            rows.append(("subspace cache", f"{s['layers_from_cache']} layers from the cache "
-                         f"({s['subspaces_from_cache']} subspaces) in {self.settings['cache_dir']}"))  # fmt: skip
-        width = max(len(name) for name, _ in rows)
-        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-        if self.check is not None:
-            c = self.check
-            lines.append(f"  loads: {c['keys'] - len(c['unconsumed'])} of {c['keys']} keys consumed, "
-                         f"{len(c['misfits'])} misfits ({c['method']})" + (f"; {c['error']}" if c["error"] else ""))  # fmt: skip
-            lines += [f"  unconsumed  {k}" for k in c["unconsumed"]]
-        others = [r for r in self.rows if r.action not in ("ported", "planned")]
-        if others:
-            lines.append(f"not ported or changed ({len(others)}):")
-        for r in others:
-            sim = f" similarity {r.similarity:.3f}" if r.similarity is not None else ""
-            sim += f" (margin {r.margin:+.3f})" if r.margin is not None else ""
-            lines.append(f"  {r.action:<14} {r.module}{sim} {r.note}".rstrip())
-        return "\n".join(lines)
-
-
-@dataclass
-class _Plan:
-    """One LoRA module mapped onto both bases."""
-
-    module: formats.LoraModule | None  # None: a layer whose subspaces are only cached (`fill_cache`)
-    row: LayerRow
-    component: str = "model"  # the module's component: "model", "te1", "te2"
-    src_pieces: list = field(default_factory=list)  # [(base name, row slice, archs.Piece)]
-    tgt_pieces: list = field(default_factory=list)
-    src_shape: tuple = ()
-    tgt_shape: tuple = ()
-    result: formats.LoraModule | None = None  # the ported or copied module
-
-
-def parse_bytes(value) -> int:
-    """2147483648, "2GB", "512MiB", "1.5G" -> bytes."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
-    if not m:
-        raise InputError(f"loraport: cannot read a size from {value!r} (e.g. 2GB, 512MiB)")
-    unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * unit)
-
-
-def _locate(arch, m: formats.LoraModule, style: str, base: BaseModel, base_style: str):
-    """([(name, rows, archs.Piece)], shape) of the module's weight in ``base``, or (None, why)."""
-    pieces = arch.translate(m.name, style, base_style)
-    if pieces is None:
-        return None, f"no {base_style}-style counterpart in the key map"
-    out, rows_total, rest = [], 0, None
-    for p in pieces:
-        name = p.name + ".weight"
-        if not base.has(m.component, name):
-            return None, f"{base.label} has no '{name}'"
-        shape = base.shape(m.component, name)
-        try:
-            rows = p.rows(shape[0])
-        except ValueError as e:
-            return None, str(e)
-        if rest is not None and tuple(shape[1:]) != rest:
-            return None, f"split weights of {m.name} differ in input shape"
-        rest = tuple(shape[1:])
-        out.append((name, rows if p.total > 1 else None, p))
-        rows_total += rows.stop - rows.start
-    return out, (rows_total, *rest)
-
-
-def _read_into(
-    out: torch.Tensor, base: BaseModel, component: str, pieces, keep: int | None = None, sums: bool = True
-) -> torch.Tensor | None:
-    """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
-    channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
-    for energy ranks), checking for NaN/Inf in the same pass. ``sums=False`` (the default gate,
-    whose first rsvd finds any NaN/Inf through its singular values): neither, None."""
-    row, read = 0, []
-    for name, rows, piece in pieces:
-        shape = base.shape(component, name)  # [rows, in, *kernel]
-        first, stop, _ = (rows or slice(None)).indices(shape[0])
-        n, channels = stop - first, shape[1]
-        dest = out[row : row + n, :channels]
-        for offset, source in piece.placements(first, stop):  # row halves swapped where the layouts differ
-            base.read_into(component, name, dest[offset : offset + source.stop - source.start], source)
-        read.append((name, dest))
-        row += n
-    out[:, channels if keep is None else keep :].zero_()
-    if not sums:
-        return None
-    frob2 = torch.zeros((), dtype=torch.float64)
-    for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
-        frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
-    if not torch.isfinite(frob2):  # read_into leaves the NaN/Inf scan to this pass
-        for name, dest in read:
-            base.check_finite(component, name, dest)
-    return frob2
-
-
-def _stack_dtype(dtypes) -> torch.dtype:
-    """bf16 (or fp16) weights stay in their dtype: rsvd upcasts them exactly, a chunk at a time,
-    so the host holds half the bytes. Anything else (or a mix) is stacked as float32."""
-    dtypes = set(dtypes)
-    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
-        return dtypes.pop()
-    return torch.float32
 
 
 def _frob2(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -297,24 +89,6 @@ def _rel_change(up_in, down_in, up_out, down_out) -> float:
     denom = _frob2(up_in, down_in)
     diff = _frob2(torch.cat([up_out, -up_in], 1), torch.cat([down_out, down_in], 0))
     return float(diff.clamp_min(0).sqrt() / denom.sqrt()) if denom > 0 else 0.0
-
-
-def _variant_line(settings: dict) -> str:
-    """What a layer gets, in words, for the summary table."""
-    variant, rank = settings["variant"], settings["rank"]
-    if variant == "copy":
-        what = "the LoRA's ΔW kept" + (f" (its best rank-{rank} factors where r > {rank})" if rank else "")
-    else:
-        what = "ΔW projected onto the subspaces" + (f" (at most rank {rank})" if rank else "")
-    other = "skipped" if settings["on_dissimilar"] == "skip" else "copied unchanged"
-    t = settings["min_similarity"]
-    return f"{variant}: {what} where similarity >= {t} and each side >= {t / 2:g}, else {other}"
-
-
-def _energy_rank(S: torch.Tensor, total: torch.Tensor, energy: float) -> int:
-    """Smallest k with sum(S[:k]²) >= energy · total (``total`` = ‖W‖_F²), at most len(S)."""
-    kept = torch.cumsum(S.double().square(), 0)
-    return min(int((kept < energy * total).sum()) + 1, S.numel())
 
 
 def port(
@@ -360,7 +134,7 @@ def port(
     LoKr, Tucker LoCon, full-difference and DoRA modules (loraport.adapters) are carried in their
     own type (variant "copy" only); ``dora_magnitude`` ("keep" or "rescale") is
     `adapters.port_module`'s."""
-    settings = _settings(
+    options = PortOptions.from_args(
         device=device, subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
         on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
         method=method, block_size=block_size, oversample=oversample, seed=seed,
@@ -376,26 +150,26 @@ def port(
     top = max(m.rank for m in lf.modules)
     if rank is not None and rank > top:
         raise InputError(f"{lf.label}: rank {rank} is above the LoRA's largest rank {top}; the output rank is at most the input's")
-    format_out = lf.format if format in (None, "auto") else format
+    format_out = formats.output_format(format, lf.format)
     inputs = [lf.path, *src.files(), *tgt.files()]
     if not dry_run:
         out = formats.check_output(out, inputs)
-    styles = _base_styles(lf, src, tgt, forced=arch != "auto")
-    plans = [_plan(m, lf, src, tgt, styles) for m in lf.modules]
+    styles = base_styles(lf, src, tgt, forced=arch != "auto")
+    plans = [plan_module(m, lf, src, tgt, styles) for m in lf.modules]
     refuse_other_size([p.row for p in plans], lf.label, src.label, tgt.label)
     # before any SVD: can the modules that will be written (not the missing ones) take format_out?
-    written = [p.module.component for p in plans if p.row.action == "planned"]
+    written = [p.module.component for p in plans if p.row.action == Action.PLANNED]
     formats.check_format(format_out, lf.arch, written, lf.label)
-    adapters.check_port(lf, [p.module for p in plans if p.row.action == "planned"], format_out, variant, rank)
+    adapters.check_port(lf, [p.module for p in plans if p.row.action == Action.PLANNED], format_out, variant, rank)
     seconds = dict(read=0.0, svd=0.0, project=0.0, write=0.0, cache=0.0)
     if not dry_run:
-        _run([p for p in plans if p.row.action == "planned"], src, tgt, settings, seconds, quiet)
+        run_plans([p for p in plans if p.row.action == Action.PLANNED], src, tgt, options, seconds, quiet)
 
     rep = PortReport(
         rows=[p.row for p in plans], arch=lf.arch.name, format_in=lf.format,
         format_out=None if dry_run else format_out,
         lora=lf.label, source=src.label, target=tgt.label, out=None if dry_run else out,
-        settings=settings, seconds=seconds, bytes_read=src.bytes_read + tgt.bytes_read,
+        settings=options.to_dict(), seconds=seconds, bytes_read=src.bytes_read + tgt.bytes_read,
     )  # fmt: skip
     if not dry_run:
         modules = [p.result for p in plans if p.result is not None]
@@ -411,7 +185,7 @@ def port(
             "loraport.source": os.path.basename(src.label),
             "loraport.target": os.path.basename(tgt.label),
             "loraport.variant": variant,
-            "loraport.strength": json.dumps(settings["strength"]),
+            "loraport.strength": json.dumps(options.strength),
         }
         formats.write_lora(result, out, format=format, metadata=meta, protect=inputs)
         seconds["write"] = time.perf_counter() - t0
@@ -422,222 +196,35 @@ def port(
     return rep
 
 
-def _settings(
-    *, device="cpu", subspace_rank=None, energy=None, min_similarity=DEFAULT_MIN_SIMILARITY, on_dissimilar="skip",
-    rank=None, variant=VARIANTS[0], power_iters=2, method="power", block_size=None, oversample=8, seed=0,
-    max_memory=DEFAULT_MAX_MEMORY, dry_run=False, cache_dir=None, strength=None,
-    dora_magnitude=adapters.DORA_MAGNITUDE[0],
-) -> dict:  # fmt: skip
-    """`port`'s options, checked (InputError), as the settings dict the pipeline's steps read;
-    the device is resolved here, before anything is read."""
-    if variant not in VARIANTS:
-        raise InputError(f"loraport.port: variant must be one of {VARIANTS}, got {variant!r}")
-    if on_dissimilar not in ON_DISSIMILAR:
-        raise InputError(f"loraport.port: on_dissimilar must be one of {ON_DISSIMILAR}, got {on_dissimilar!r}")
-    if energy is not None and not 0 < energy <= 1:
-        raise InputError(f"loraport.port: energy must be in (0, 1], got {energy!r}")
-    if not 0 <= min_similarity <= 1:  # a subspace similarity lies in [0, 1]; NaN fails too
-        raise InputError(f"loraport.port: min_similarity must be in [0, 1], got {min_similarity!r}")
-    for name, value in (("subspace_rank", subspace_rank), ("rank", rank), ("block_size", block_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InputError(f"loraport.port: {name} must be a positive integer, got {value!r}")
-    if block_size is not None and method != "krylov":
-        raise InputError(f'loraport.port: block_size is a setting of method="krylov", got method={method!r}')
-    if dora_magnitude not in adapters.DORA_MAGNITUDE:
-        raise InputError(f"loraport.port: dora_magnitude must be one of {adapters.DORA_MAGNITUDE}, got {dora_magnitude!r}")
-    return dict(
-        device=resolve_device(device), subspace_rank=subspace_rank, energy=energy, min_similarity=min_similarity,
-        on_dissimilar=on_dissimilar, rank=rank, variant=variant, power_iters=power_iters,
-        method=method, block_size=block_size, oversample=oversample, seed=seed,
-        max_memory=parse_bytes(max_memory), dry_run=dry_run,
-        cache_dir=None if cache_dir is None else os.path.abspath(os.fspath(cache_dir)),
-        strength=Strength(strength).to_dict(), dora_magnitude=dora_magnitude,
-    )  # fmt: skip
-
-
-def _base_styles(lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, forced: bool = False) -> dict[str, str]:
-    """The naming style of each base; InputError when a base is of another architecture (with
-    ``forced``, the arch was the caller's --arch, and the message says so rather than call the
-    LoRA by it)."""
-    a, styles = lf.arch, {}
-    for which, base in (("source", src), ("target", tgt)):
-        try:
-            base_arch = archs.detect([], base.module_names()).name
-        except ValueError:  # ambiguous or unknown on its own: judged by the template match below
-            base_arch = a.name
-        if base_arch != a.name and {base_arch, a.name} != {"sd15", "sdxl"}:
-            if forced:
-                raise InputError(
-                    f"{lf.label}: read with --arch {a.name}, but the {which} base {base.label} is a {base_arch} "
-                    "model; leave --arch out to detect the LoRA's architecture"
-                )
-            raise InputError(f"{lf.label}: a {a.name} LoRA, but the {which} base {base.label} is a {base_arch} model")
-        styles[which] = a.base_style(base.module_names())
-        if styles[which] is None:
-            example = next(iter(base.names()), "(no tensors)")
-            raise InputError(
-                f"{base.label}: the {which} base has no {a.name} weights (first tensor '{example}') "
-                f"but {lf.label} is a {a.name} LoRA"
-            )
-    return styles
-
-
-def _plan(m: formats.LoraModule, lf: formats.LoraFile, src: BaseModel, tgt: BaseModel, styles) -> _Plan:
-    """Map one module onto both bases and decide from the shapes what can be done with it."""
-    row = LayerRow(m.key, m.name, "planned", m.rank)
-    plan = _Plan(m, row, m.component)
-    if not m.known:
-        row.action, row.note = "unknown", f"not a module of the {lf.arch.name} key map"
-        return plan
-    sp, sshape = _locate(lf.arch, m, lf.style, src, styles["source"])
-    tp, tshape = _locate(lf.arch, m, lf.style, tgt, styles["target"])
-    if sp is None or tp is None:
-        row.action, row.note = "missing", (sshape if sp is None else tshape)
-        return plan
-    plan.src_pieces, plan.tgt_pieces, plan.src_shape, plan.tgt_shape = sp, tp, sshape, tshape
-    row.shape, row.target_shape = list(sshape), list(tshape)
-    if not m.fits(sshape):
-        raise InputError(
-            f"{lf.label}: module '{m.key}' is {list(m.shape)} (up rows, down input dims) but "
-            f"the source weight is {list(sshape)} in {src.label}: LoRA and source base do not match"
-        )
-    if tshape != sshape:
-        widened = tshape[0] == sshape[0] and tshape[2:] == sshape[2:] and tshape[1] > sshape[1]
-        refusal = adapters.pad_refusal(m, sshape, tshape) if widened and adapters.is_adapter(m) else None
-        if not widened:
-            row.action, row.note = "shape-mismatch", f"source {list(sshape)} vs target {list(tshape)}"
-        elif refusal:
-            row.action, row.note = "refused", f"input channels {sshape[1]} -> {tshape[1]}: {refusal}"
-        else:
-            row.note = f"input channels {sshape[1]} -> {tshape[1]}: new channels zero in the input LoRA"
-    return plan
-
-
-def group_bytes(
-    layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
-    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None, gate: bool = False,
-) -> int:  # fmt: skip
-    """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
-    stacked element: 2 for float16/bfloat16, 4 for float32, 8 for float64) holds at once on
-    ``device``:
-
-      weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
-                                         on the CPU twice that plus one tensor being read
-                                         (the next chunk is read meanwhile, into host memory)
-      rsvd       the op's own bound       for one rsvd call on the 2G weights at subspace rank k
-                                         and width l = k + oversample (or the Krylov block_size):
-                                         loraport::rsvd_workspace_bytes (csrc/linalg/rsvd.cpp),
-                                         its workspace, float32 upcast chunk and outputs, checked
-                                         against measured allocations (tests/test_memory_model.py)
-      factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
-
-    The default gate (``gate``: loraport.gate) instead copies one layer's two weights at a time
-    to float32 (2·m·n·4, any dtype) and runs rsvd on those two at width l, one power step at a
-    time. The budget is an estimate, not an allocator cap."""
-    width = min(k + oversample if block_size is None else block_size, m, n)
-    matrices = 2 * layers
-    weights = matrices * m * n * elem
-    if not str(device).startswith("cuda"):
-        weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
-    dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
-    if gate:
-        rsvd_bytes = 2 * m * n * 4 + torch.ops.loraport.rsvd_workspace_bytes(2, m, n, torch.float32, k, width, 0, "power")
-    else:
-        rsvd_bytes = torch.ops.loraport.rsvd_workspace_bytes(matrices, m, n, dtype, k, width, power_iters, method)
-    factors = 4 * 2 * (m + n) * lora_rank
-    return weights + rsvd_bytes + factors
-
-
-def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
-    """Host bytes of the reader's two staging slots (`loraport.staging`) for chunks of ``layers``
-    [m, n] layers: the chunk being computed and the next one being read, 2G weights each. On
-    the CPU `group_bytes` counts them already; on a GPU they are host memory (page-locked), and
-    `_chunks` keeps them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
-    return 2 * 2 * layers * m * n * elem
-
-
-def _subspace_rank(settings: dict, m: int, n: int) -> int:
-    """The largest subspace rank computed for [m, n] weights: the given rank, else the default
-    gate's cap (`gate.gate_rank`) or `default_subspace_rank`. Energy searches below it: an
-    energy rank is capped like the default, since on flat spectra (k = 128-271 at energy 0.9 on
-    384-wide encoders) it let unrelated layers through."""
-    if settings["subspace_rank"] is not None:
-        return min(settings["subspace_rank"], m, n)
-    return gate.gate_rank(m, n) if _fast_gate(settings) else default_subspace_rank(m, n)
-
-
-def _fast_gate(settings: dict) -> bool:
-    """The default gate (loraport.gate: spectrum-following k, iterations until settled) decides
-    the copy variant when neither a subspace rank nor an energy is given; the projections and
-    explicit ranks get subspaces from one rsvd at the settings' iterations."""
-    return settings.get("variant") == "copy" and settings.get("subspace_rank") is None and settings.get("energy") is None
-
-
-def _krylov_block(settings: dict, k: int, m: int, n: int) -> int | None:
-    """The Krylov block width rsvd gets for rank-k subspaces of [m, n] weights: the block_size
-    setting where its (power_iters + 1) blocks hold k columns, else None (rank + oversample)."""
-    block = settings.get("block_size")
-    if settings["method"] != "krylov" or block is None:
-        return None
-    short_side = min(m, n)
-    width = min(block, short_side)
-    return block if krylov_blocks(short_side, width, settings["power_iters"]) * width >= min(k, short_side) else None
-
-
-def _gated_channels(plan: _Plan, side: str) -> int | None:
-    """For the target weight of a layer that gained input channels: the old channel count, the
-    part its subspaces are taken from (the LoRA acts on those channels only; a target whose new
-    channels dominate its spectrum, as Flux Fill's x_embedder with 320 new of 384, would
-    otherwise fail the gate for a layer whose old channels barely moved). None: all channels."""
-    if side == "target" and plan.src_shape[1] < plan.tgt_shape[1]:
-        return plan.src_shape[1]
-    return None
-
-
-def _cache_key(plan: _Plan, side: str, fingerprint: str, settings: dict) -> str:
-    """The subspace cache key of one side ("source" / "target") of a planned layer."""
-    shape = plan.tgt_shape
-    m, n = shape[0], math.prod(shape[1:])
-    k = _subspace_rank(settings, m, n)
-    svd = {**settings, "block_size": _krylov_block(settings, k, m, n), "steps": gate.FIRST_STEPS}
-    pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
-    return SubspaceCache.key(
-        fingerprint, plan.component, pieces, shape[1], k, svd, kept_channels=_gated_channels(plan, side),
-        kind="gate-sketch" if _fast_gate(settings) else "subspaces",
-    )  # fmt: skip
-
-
 @dataclass
-class _Chunk:
+class Chunk:
     """Same-shape layers ported together: one batched rsvd over the weights not in the cache."""
 
-    plans: list[_Plan]
+    plans: list[Plan]
     dtype: torch.dtype  # stacking dtype of the weights read
     rank: int  # subspace rank k computed (the largest kept)
     block_size: int | None  # rsvd's Krylov block width (`_krylov_block`), None: its default
 
 
-def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -> list[_Chunk]:
+def plan_chunks(work: list[Plan], src: BaseModel, tgt: BaseModel, options: PortOptions) -> list[Chunk]:
     """Group the layers by shape and dtype and cut each group into the largest chunks whose
     `group_bytes` fits ``max_memory``; InputError when not even one layer fits."""
-    groups: dict[tuple, list[_Plan]] = {}
-    for p in work:
+    def key(p: Plan) -> tuple:
         c = p.component
-        dtype = _stack_dtype(
-            [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
-        )
-        groups.setdefault((p.src_shape, p.tgt_shape, dtype), []).append(p)
-    budget, chunks = settings["max_memory"], []
-    for (_, tshape, dtype), group in groups.items():
+        dtypes = [src.dtype(c, name) for name, *_ in p.src_pieces] + [tgt.dtype(c, name) for name, *_ in p.tgt_pieces]
+        return p.src_shape, p.tgt_shape, stack_dtype(dtypes)
+
+    budget, chunks = options.max_memory, []
+    for (_, tshape, dtype), group in streaming.group(work, key).items():
         m, n = tshape[0], math.prod(tshape[1:])
-        k = _subspace_rank(settings, m, n)
-        block = _krylov_block(settings, k, m, n)
+        k = options.subspace_rank_for(m, n)
+        block = options.krylov_block(k, m, n)
 
         def need(layers):
             return max(group_bytes(
-                layers, m, n, k=k, oversample=settings["oversample"], power_iters=settings["power_iters"],
-                method=settings["method"], elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
-                device=settings["device"], block_size=block, gate=_fast_gate(settings),
+                layers, m, n, k=k, oversample=options.oversample, power_iters=options.power_iters,
+                method=options.method, elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
+                device=options.device, block_size=block, gate=options.default_gate,
             ), staging_bytes(layers, m, n, elem=dtype.itemsize))  # fmt: skip
 
         if need(1) > budget:
@@ -646,10 +233,7 @@ def _chunks(work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict) -
                 f"at subspace rank {k} (two {dtype} weights + rsvd workspace), more than max memory "
                 f"{budget / 2**20:.1f} MiB; raise --max-vram or lower --subspace-rank"
             )
-        size = 1
-        while size < len(group) and need(size + 1) <= budget:
-            size += 1
-        chunks += [_Chunk(group[i : i + size], dtype, k, block) for i in range(0, len(group), size)]
+        chunks += [Chunk(plans, dtype, k, block) for plans in streaming.cut(group, budget, need)]
     return chunks
 
 
@@ -668,37 +252,35 @@ class _Loaded:
     norms: dict = field(default_factory=dict)  # DoRA layer index -> {side: weight norms on its magnitude's axis}
 
 
-def _run(
-    work: list[_Plan], src: BaseModel, tgt: BaseModel, settings: dict, seconds: dict, quiet: bool,
+def run_plans(
+    work: list[Plan], src: BaseModel, tgt: BaseModel, options: PortOptions, seconds: dict, quiet: bool,
     subspaces_only: bool = False,
 ) -> None:  # fmt: skip
     """Stream the planned layers: same-shape chunks sized by `group_bytes` to ``max_memory``,
     each read (or taken from the subspace cache) on a background thread while the previous one
     is computed. ``subspaces_only``: fill the cache and stop there (no LoRA is involved)."""
-    from tqdm.auto import tqdm
-
-    cache = SubspaceCache(settings["cache_dir"]) if settings["cache_dir"] else None
+    cache = SubspaceCache(options.cache_dir) if options.cache_dir else None
     bases = {"source": src, "target": tgt}
     fingerprints = {side: b.fingerprint() for side, b in bases.items()} if cache else {}
-    chunks = _chunks(work, src, tgt, settings)
+    chunks = plan_chunks(work, src, tgt, options)
     t_start = time.perf_counter()
     # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
     slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
-    staging = StagingBuffers(slot_bytes, pin=str(settings["device"]).startswith("cuda"))
+    stream = streaming.Stream(slot_bytes, options.device)
 
-    def load(chunk: _Chunk, slot: int) -> _Loaded:
+    def load(chunk: Chunk, slot: int) -> _Loaded:
         t0 = time.perf_counter()
         shape = chunk.plans[0].tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
-        fast = _fast_gate(settings)
-        width = min(chunk.rank + settings["oversample"], m, n)  # the default gate's sketch width
+        fast = options.default_gate
+        width = min(chunk.rank + options.oversample, m, n)  # the default gate's sketch width
         for g, p in enumerate(chunk.plans):
             # rescaling a DoRA magnitude needs the weights' norms, so those weights are read
-            norms_needed = settings["dora_magnitude"] == "rescale" and adapters.magnitude_axis(p.module)
+            norms_needed = options.dora_magnitude == "rescale" and adapters.magnitude_axis(p.module)
             for side in ("source", "target"):
                 if fingerprints.get(side) is not None:
-                    keys[g, side] = _cache_key(p, side, fingerprints[side], settings)
+                    keys[g, side] = p.cache_key(side, fingerprints[side], options)
                     if norms_needed:
                         hit = None
                     elif fast:
@@ -711,74 +293,64 @@ def _run(
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
-        weights = staging.take(slot, (len(todo), *shape), chunk.dtype)
+        weights = stream.staging.take(slot, (len(todo), *shape), chunk.dtype)
         frob2, norms = [], {}
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
-            pieces = p.src_pieces if side == "source" else p.tgt_pieces
-            frob2.append(_read_into(weights[i], bases[side], p.component, pieces, _gated_channels(p, side), not fast))
+            frob2.append(read_into(weights[i], bases[side], p.component, p.pieces(side), p.gated_channels(side), not fast))
             if adapters.magnitude_axis(p.module):
                 norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
         return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
 
-    def read_weight(plan: _Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
+    def read_weight(plan: Plan, side: str, dtype: torch.dtype) -> torch.Tensor:
         """One base weight read now, [out, channels, *kernel]: the default gate refining a layer
         whose sketch came from the cache, or naming the tensor that holds NaN/Inf."""
         out = torch.empty(plan.tgt_shape, dtype=dtype)
-        pieces = plan.src_pieces if side == "source" else plan.tgt_pieces
-        _read_into(out, bases[side], plan.component, pieces, _gated_channels(plan, side))
+        read_into(out, bases[side], plan.component, plan.pieces(side), plan.gated_channels(side))
         return out
 
     # the default gate's float32 copy of a layer's two weights, one buffer for the run
     upcast = gate.Upcast(
-        max((2 * math.prod(c.plans[0].tgt_shape) for c in chunks), default=0) if _fast_gate(settings) else 0,
-        settings["device"],
+        max((2 * math.prod(c.plans[0].tgt_shape) for c in chunks), default=0) if options.default_gate else 0,
+        options.device,
     )
 
     cached_subspaces = 0  # for the progress bar
-    try:
-        with tqdm(total=len(work), unit="layer", disable=quiet, desc="porting") as bar, ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(load, chunks[0], 0) if chunks else None
-            for i, chunk in enumerate(chunks):
-                loaded = pending.result()
-                # The other slot: chunk i - 1's, whose rsvd has returned (its copy to a GPU is waited for).
-                pending = pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
-                seconds["read"] += loaded.seconds_read
-                seconds["cache"] += loaded.seconds_cache
-                try:
-                    _port_chunk(chunk, loaded, cache, staging, settings, seconds, subspaces_only, read_weight, upcast)
-                except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
-                    for g, side in loaded.todo:
-                        read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
-                    raise
-                bar.update(len(chunk.plans))
-                gb = (src.bytes_read + tgt.bytes_read) / 1e9
-                cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
-                hits = cached_subspaces // 2
-                rate = gb / max(time.perf_counter() - t_start, 1e-9)
-                bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
-    finally:
-        staging.release()
+    with streaming.progress(len(work), "porting", quiet) as bar, stream:
+        for chunk, loaded in stream.each(chunks, load):
+            seconds["read"] += loaded.seconds_read
+            seconds["cache"] += loaded.seconds_cache
+            try:
+                port_chunk(chunk, loaded, cache, stream.staging, options, seconds, subspaces_only, read_weight, upcast)
+            except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
+                for g, side in loaded.todo:
+                    read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
+                raise
+            bar.update(len(chunk.plans))
+            gb = (src.bytes_read + tgt.bytes_read) / 1e9
+            cached_subspaces += sum(p.row.subspaces_from_cache for p in chunk.plans)
+            hits = cached_subspaces // 2
+            rate = gb / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix_str(f"{gb:.2f} GB read, {rate:.2f} GB/s" + (f", {hits} layers cached" if cache else ""))
 
 
-def _port_chunk(
-    chunk: _Chunk, loaded: _Loaded, cache, staging: StagingBuffers, settings: dict, seconds: dict,
+def port_chunk(
+    chunk: Chunk, loaded: _Loaded, cache, staging: StagingBuffers, options: PortOptions, seconds: dict,
     subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
     """The gate for one chunk of same-shape layers (`_gate_chunk`, or subspaces from one batched
     rsvd over the weights not in the cache), then, unless ``subspaces_only``, copy or projection
     per layer (sets each plan's row and result)."""
-    if _fast_gate(settings):
-        _gate_chunk(chunk, loaded, cache, settings, seconds, subspaces_only, read_weight, upcast)
+    if options.default_gate:
+        _gate_chunk(chunk, loaded, cache, options, seconds, subspaces_only, read_weight, upcast)
         return
-    device = settings["device"]
+    device = options.device
     t0 = time.perf_counter()
     k_max = chunk.rank
     subspaces = dict(loaded.found)  # (layer index, side) -> (U [m, k], S [k], V [n, k], ‖W‖_F²)
     if loaded.todo:
         weights = staging.to_device(loaded.slot, loaded.weights.flatten(2), device)  # [M, m, n]
-        svd = {key: settings[key] for key in ("oversample", "power_iters", "method", "seed")}
-        U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **svd)  # [M, m, k], [M, k], [M, n, k]
+        U, S, V = rsvd(weights, k_max, block_size=chunk.block_size, **options.svd())  # [M, m, k], [M, k], [M, n, k]
         del weights
         for i, job in enumerate(loaded.todo):
             subspaces[job] = (U[i], S[i], V[i], loaded.frob2[i])
@@ -795,15 +367,15 @@ def _port_chunk(
         return
 
     t0 = time.perf_counter()
-    energy = settings["energy"]
+    energy = options.energy
     for g, plan in enumerate(chunk.plans):
         Us, Ss, Vs, frob2_s = subspaces[g, "source"]
         Ut, St, Vt, frob2_t = subspaces[g, "target"]
         if energy is None:
             ks = kt = k_max
         else:
-            ks = _energy_rank(Ss.cpu(), frob2_s, energy)
-            kt = _energy_rank(St.cpu(), frob2_t, energy)
+            ks = energy_rank(Ss.cpu(), frob2_s, energy)
+            kt = energy_rank(St.cpu(), frob2_t, energy)
         us, vs = Us[:, :ks].to(device), Vs[:, :ks].to(device)
         ut, vt = Ut[:, :kt].to(device), Vt[:, :kt].to(device)
         # The ops directly, not the checking wrappers: every input here is already known to be
@@ -811,22 +383,22 @@ def _port_chunk(
         # a full isfinite scan and a host sync per tensor per layer. One sync for both values.
         left, right = torch.stack([_similarity(us, ut), _similarity(vs, vt)]).tolist()
         plan.row.subspace_rank = [ks, kt]
-        _carry(plan, left, right, (us, vs, ut, vt), loaded.norms.get(g), settings)
+        _carry(plan, left, right, (us, vs, ut, vt), loaded.norms.get(g), options)
     seconds["project"] += time.perf_counter() - t0
 
 
 def _gate_chunk(
-    chunk: _Chunk, loaded: _Loaded, cache, settings: dict, seconds: dict, subspaces_only: bool, read_weight, upcast,
+    chunk: Chunk, loaded: _Loaded, cache, options: PortOptions, seconds: dict, subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
-    """`_port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
+    """`port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
     t0 = time.perf_counter()
     shape = chunk.plans[0].tgt_shape
     index = {job: i for i, job in enumerate(loaded.todo)}  # (layer index, side) -> weight in loaded.weights
     results = gate.gate_layers(
         len(chunk.plans), shape[0], math.prod(shape[1:]), loaded.weights, index, loaded.found,
         lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys, upcast,
-        cap=chunk.rank, oversample=settings["oversample"], seed=settings["seed"],
-        threshold=settings["min_similarity"], device=settings["device"], decide=not subspaces_only,
+        cap=chunk.rank, oversample=options.oversample, seed=options.seed,
+        threshold=options.min_similarity, device=options.device, decide=not subspaces_only,
     )  # fmt: skip
     seconds["svd"] += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -841,24 +413,24 @@ def _gate_chunk(
             row.note = "identical in both bases"
         elif res.unsure:
             row.note = f"gate unsure after {res.steps} steps"
-        _carry(plan, res.left, res.right, None, loaded.norms.get(g), settings)
+        _carry(plan, res.left, res.right, None, loaded.norms.get(g), options)
     seconds["project"] += time.perf_counter() - t0
 
 
-def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: dict) -> None:
+def _carry(plan: Plan, left: float, right: float, subspaces, norms, options: PortOptions) -> None:
     """The gate's verdict on one layer from its side similarities, and the module it gets: the
     copy, a projection onto ``subspaces`` (us [m, ks], vs [n, ks], ut [m, kt], vt [n, kt]; None
     for the copy variant), the adapter in its own type, or nothing (sets the plan's row and
     result). norms: a DoRA layer's base weight norms per side."""
-    row, mod, device = plan.row, plan.module, settings["device"]
+    row, mod, device = plan.row, plan.module, options.device
     row.similarity_left, row.similarity_right = left, right
     row.similarity = (left + right) / 2
-    row.margin = gate.margin(left, right, settings["min_similarity"])
-    if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per settings
-        if row.margin >= 0 or settings["on_dissimilar"] == "copy":
-            plan.result = adapters.port_module(plan, norms, settings)
+    row.margin = gate.margin(left, right, options.min_similarity)
+    if adapters.is_adapter(mod):  # carried in its own type: copied, padded, DoRA magnitude per options
+        if row.margin >= 0 or options.on_dissimilar == "copy":
+            plan.result = adapters.port_module(plan, norms, options)
         else:
-            row.action = "skipped"
+            row.action = Action.SKIPPED
         return
     up, down = mod.factors()  # [out, r], [r, in·kernel] float32, scale folded
     channels, kernel = plan.tgt_shape[1], mod.kernel
@@ -868,29 +440,29 @@ def _carry(plan: _Plan, left: float, right: float, subspaces, norms, settings: d
     up, down = up.to(device), down.to(device)
 
     if row.margin < 0:
-        if settings["on_dissimilar"] == "skip":
-            row.action, row.rank_out = "skipped", None
+        if options.on_dissimilar == "skip":
+            row.action, row.rank_out = Action.SKIPPED, None
             return
-        row.action, row.rank_out, row.rel_change = "copied", mod.rank, 0.0
+        row.action, row.rank_out, row.rel_change = Action.COPIED, mod.rank, 0.0
         new_up, new_down = up, down
     else:
-        r_out = min(settings["rank"] or mod.rank, mod.rank)
-        if settings["variant"] == "copy":
+        r_out = min(options.rank or mod.rank, mod.rank)
+        if options.variant == "copy":
             if r_out < mod.rank:  # the best rank-r_out factors (Eckart–Young), from the factors
                 new_up, new_down = (f[0] for f in ProductSVD(up[None], down[None]).factors(r_out))
             else:
                 new_up, new_down = up, down
-        elif settings["variant"] == "source-then-target":
+        elif options.variant == "source-then-target":
             us, vs, ut, vt = subspaces
             u1, d1 = _project(up, down, us, vs, min(mod.rank, us.shape[1]))
             new_up, new_down = _project(u1, d1, ut, vt, min(r_out, ut.shape[1]))
         else:
             _, _, ut, vt = subspaces
             new_up, new_down = _project(up, down, ut, vt, min(r_out, ut.shape[1]))
-        row.action = "padded" if mod.down.shape[1] < channels else "ported"
+        row.action = Action.PADDED if mod.down.shape[1] < channels else Action.PORTED
         row.rank_out = new_up.shape[1]
         row.rel_change = 0.0 if new_up is up else _rel_change(up, down, new_up, new_down)
-    factor = Strength.from_dict(settings["strength"])(mod.name)
+    factor = Strength.from_dict(options.strength)(mod.name)
     if factor != 1.0:  # in float32, before the cast to the output dtype: one rounding
         new_up = new_up * factor
         row.note = (row.note + f" strength {factor:g}").strip()

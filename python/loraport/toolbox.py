@@ -32,124 +32,21 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
-from . import adapters, archs, formats
+from . import adapters, archs, formats, streaming
 from .basemodel import BaseModel
-from .devices import resolve_device
 from .errors import InputError, NothingToPort
 from .lowrank import ProductSVD
 from .ops import rsvd
-from .pipeline import DEFAULT_MAX_MEMORY, _energy_rank, parse_bytes
-
-MERGE_MODES = ("svd", "concat")
-DEFAULT_EXTRACT_MAX_RANK = 128  # rank cap of `extract` with ``energy`` when no ``rank`` is given
+from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, MERGE_MODES, ToolOptions  # noqa: F401  (re-exported)
+from .reports import Action, ToolReport, ToolRow
 
 
 @dataclass
-class ToolRow:
-    """What happened to one layer."""
-
-    module: str  # module name (the output's naming style)
-    action: str  # resized | merged | concatenated | extracted | unchanged | missing | shape-mismatch
-    rank_in: int | None = None  # input rank (merge: sum of the inputs' ranks)
-    rank_out: int | None = None
-    shape: list[int] | None = None  # the layer's weight [out, in, *kernel]
-    energy: float | None = None  # fraction of ‖ΔW_in‖_F² the output keeps
-    rel_error: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
-    rel_diff: float | None = None  # extract: ‖W_tuned − W_base‖_F / ‖W_base‖_F
-    seconds: float = 0.0  # this layer's share of its batch's decomposition time
-    note: str = ""
-
-
-@dataclass
-class ToolReport:
-    """Per-layer rows plus run facts; `summary()` for totals, `to_json()` for files, `table()`
-    for people."""
-
-    job: str  # resize | extract | merge
-    rows: list[ToolRow]
-    arch: str
-    format_out: str
-    inputs: list[str]
-    out: str
-    settings: dict
-    seconds: dict = field(default_factory=dict)
-    bytes_read: int = 0
-
-    def summary(self) -> dict:
-        counts: dict[str, int] = {}
-        for r in self.rows:
-            counts[r.action] = counts.get(r.action, 0) + 1
-        ranks = [r.rank_out for r in self.rows if r.rank_out is not None]
-        errors = [r.rel_error for r in self.rows if r.rel_error is not None]
-        energies = [r.energy for r in self.rows if r.energy is not None]
-        return {
-            "layers": len(self.rows),
-            "actions": counts,
-            "rank_min": min(ranks) if ranks else None,
-            "rank_max": max(ranks) if ranks else None,
-            "rel_error_mean": sum(errors) / len(errors) if errors else None,
-            "rel_error_max": max(errors) if errors else None,
-            "energy_min": min(energies) if energies else None,
-            "gb_read": self.bytes_read / 1e9,
-            "seconds": self.seconds,
-        }
-
-    def to_json(self, path=None) -> str:
-        """The report as JSON (written atomically to ``path`` when given, never over an input)."""
-        return formats.report_json(self, path, protect=self.inputs)
-
-    def table(self) -> str:
-        """One line per layer that was not processed normally, then the totals."""
-        lines = [
-            f"  {r.action:<14} {r.module} {r.note}".rstrip()
-            for r in self.rows
-            if r.note or r.action in ("unchanged", "missing", "shape-mismatch")
-        ]
-        s = self.summary()
-        acts = ", ".join(f"{n} {a}" for a, n in sorted(s["actions"].items()))
-        ranks = "" if s["rank_min"] is None else f"; rank {s['rank_min']}" + (
-            f"-{s['rank_max']}" if s["rank_max"] != s["rank_min"] else ""
-        )
-        err = "" if s["rel_error_max"] is None else (
-            f"; relative error mean {s['rel_error_mean']:.4g}, max {s['rel_error_max']:.4g}"
-        )
-        secs = self.seconds.get("total")
-        read = f"; {s['gb_read']:.3f} GB read" if self.bytes_read else ""
-        tail = f" in {secs:.1f} s" if secs is not None else ""
-        lines.append(f"{self.job}: {s['layers']} layers: {acts}{ranks}{err}{read}{tail}")
-        return "\n".join(lines)
-
-
-def _rank_rule(rank, energy, sv_ratio, job: str):
-    """Check the rank options; returns select(S, total) -> k, with S [p] descending (float64) and
-    total = ‖ΔW‖_F²."""
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise InputError(f"loraport.{job}: rank must be a positive integer, got {rank!r}")
-    if energy is not None and sv_ratio is not None:
-        raise InputError(f"loraport.{job}: give energy or sv_ratio, not both")
-    if energy is not None and not 0 < energy <= 1:
-        raise InputError(f"loraport.{job}: energy must be in (0, 1], got {energy!r}")
-    if sv_ratio is not None and not sv_ratio >= 1:
-        raise InputError(f"loraport.{job}: sv_ratio must be >= 1, got {sv_ratio!r}")
-
-    def select(S: torch.Tensor, total: torch.Tensor) -> int:
-        k = S.numel()
-        if energy is not None and total > 0:
-            k = _energy_rank(S, total, energy)
-        elif sv_ratio is not None and S[0] > 0:
-            k = int((S >= S[0] / sv_ratio).sum())
-        return max(1, min(k, rank or k))
-
-    return select
-
-
-@dataclass
-class _Factors:
+class Factors:
     """One layer's update ΔW = up @ down (scale folded) and where its result goes."""
 
     template: formats.LoraModule  # component, name, key, shape and the output dtype (or an AdapterModule)
@@ -167,16 +64,12 @@ def _module(template, up: torch.Tensor, down: torch.Tensor, dtype) -> formats.Lo
     )
 
 
-def _truncate(items: list[_Factors], select, device: str, max_memory: int, seconds: dict, bar) -> None:
+def truncate(items: list[Factors], select, device: str, max_memory: int, seconds: dict, bar) -> None:
     """Best rank-k factors of every item's up @ down (k from ``select``), from the factors only:
     same-shape items stacked into one batched call, cut to ``max_memory``."""
-    groups: dict[tuple, list[_Factors]] = {}
-    for it in items:
-        groups.setdefault((*it.up.shape, it.down.shape[1]), []).append(it)
-    for (m, p, n), group in groups.items():
-        size = max(1, max_memory // (8 * 3 * (m + n) * p))  # factors, float64 copies, products
-        for start in range(0, len(group), size):
-            chunk = group[start : start + size]
+    for (m, p, n), group in streaming.group(items, lambda it: (*it.up.shape, it.down.shape[1])).items():
+        per_layer = 8 * 3 * (m + n) * p  # factors, float64 copies, products
+        for chunk in streaming.cut(group, max_memory, lambda size, per_layer=per_layer: size * per_layer):
             t0 = time.perf_counter()
             up = torch.stack([it.up for it in chunk]).to(device)  # [G, m, p]
             down = torch.stack([it.down for it in chunk]).to(device)  # [G, p, n]
@@ -196,10 +89,10 @@ def _truncate(items: list[_Factors], select, device: str, max_memory: int, secon
             bar.update(len(chunk))
 
 
-def _finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
+def finish(rep: ToolReport, lf: formats.LoraFile, results, out, fmt, meta, protect, report, t_start) -> ToolReport:
     """Write the output LoRA and the report; NothingToPort (report still written) when no layer
     produced anything."""
-    fmt = lf.format if fmt in (None, "auto") else fmt
+    fmt = formats.output_format(fmt, lf.format)
     rep.format_out = fmt
     if not results:
         rep.seconds["total"] = time.perf_counter() - t_start
@@ -234,29 +127,24 @@ def resize(
     """Lower the rank of every layer of ``lora`` to the Frobenius-optimal rank-k approximation of
     its ΔW (scale included), k = ``rank``, or chosen per layer by ``energy`` / ``sv_ratio``
     (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's)."""
-    select = _rank_rule(rank, energy, sv_ratio, "resize")
-    if rank is None and energy is None and sv_ratio is None:
-        raise InputError("loraport.resize: give rank, energy or sv_ratio")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args("resize", rank=rank, energy=energy, sv_ratio=sv_ratio, device=device,
+                                    max_memory=max_memory)  # fmt: skip
+    select, device = options.select(), options.device
     t_start = time.perf_counter()
     lf = formats.read_lora(lora, arch=arch)
     out = formats.check_output(out, [lf.path])
-    formats.check_format(lf.format if format in (None, "auto") else format, lf.arch,
-                         [m.component for m in lf.modules], lf.label)  # fmt: skip
-    settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory))
-    from tqdm.auto import tqdm
-
+    formats.check_format(formats.output_format(format, lf.format), lf.arch, [m.component for m in lf.modules], lf.label)
     from .convert import low_rank_modules  # the path of every adapter type; convert.py builds on this module
 
     seconds: dict = {}
-    with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="resizing") as bar:
-        rows, results = low_rank_modules(lf, select, action="resized", rank=rank, energy=energy, device=device,
-                                         max_memory=settings["max_memory"], seconds=seconds, bar=bar)  # fmt: skip
-    rep = ToolReport("resize", rows, lf.arch.name, format, [lf.label], out, settings, seconds)
+    with streaming.progress(len(lf.modules), "resizing", quiet) as bar:
+        rows, results = low_rank_modules(lf, select, action=Action.RESIZED, rank=rank, energy=energy, device=device,
+                                         max_memory=options.max_memory, seconds=seconds, bar=bar)  # fmt: skip
+    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label], out, options.settings(), seconds)
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return _finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
+    return finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
 
 
 def parse_weighted(entry) -> tuple[str, float]:
@@ -295,15 +183,10 @@ def merge(
     approximation, k = ``rank`` (default: the largest rank in the input files) or chosen by
     ``energy`` / ``sv_ratio``. A module present in only some inputs is merged from those (the
     others contribute nothing) and reported."""
-    if mode not in MERGE_MODES:
-        raise InputError(f"loraport.merge: mode must be one of {MERGE_MODES}, got {mode!r}")
-    if mode == "concat" and (rank is not None or energy is not None or sv_ratio is not None):
-        raise InputError("loraport.merge: rank, energy and sv_ratio apply to mode 'svd' only (concat is exact)")
-    select = _rank_rule(rank, energy, sv_ratio, "merge")
     entries = [parse_weighted(e) for e in loras]
-    if not entries:
-        raise InputError("loraport.merge: give at least one LoRA")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args("merge", mode=mode, rank=rank, energy=energy, sv_ratio=sv_ratio, loras=entries,
+                                    device=device, max_memory=max_memory)  # fmt: skip
+    select, device = options.select(), options.device
     t_start = time.perf_counter()
     files = [formats.read_lora(path, arch=arch) for path, _ in entries]
     first = files[0]
@@ -311,14 +194,11 @@ def merge(
     for lf in files[1:]:
         if lf.arch.name != first.arch.name:
             raise InputError(f"{lf.label}: a {lf.arch.name} LoRA, but {first.label} is a {first.arch.name} LoRA")
-    formats.check_format(first.format if format in (None, "auto") else format, first.arch,
+    formats.check_format(formats.output_format(format, first.format), first.arch,
                          [m.component for lf in files for m in lf.modules], first.label)  # fmt: skip
     if mode == "svd" and rank is None and energy is None and sv_ratio is None:
-        select = _rank_rule(max(m.rank for lf in files for m in lf.modules), None, None, "merge")
-    settings = dict(
-        loras=[[lf.label, w] for lf, (_, w) in zip(files, entries, strict=True)], mode=mode, rank=rank,
-        energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory),
-    )  # fmt: skip
+        select = options.select(max(m.rank for lf in files for m in lf.modules))
+    options = replace(options, loras=[[lf.label, w] for lf, (_, w) in zip(files, entries, strict=True)])
 
     # module (component, name) -> [(input index, module in the first input's naming style)]
     by_module: dict[tuple[str, str], list[tuple[int, formats.LoraModule]]] = {}
@@ -340,7 +220,7 @@ def merge(
             ups.append(up * entries[i][1])
             downs.append(down)
         up, down = torch.cat(ups, 1), torch.cat(downs, 0)  # [out, Σr], [Σr, in·kernel]
-        row = ToolRow(m0.name, "concatenated" if mode == "concat" else "merged", up.shape[1], shape=list(layout))
+        row = ToolRow(m0.name, Action.CONCATENATED if mode == "concat" else Action.MERGED, up.shape[1], shape=list(layout))
         rows.append(row)
         if len(parts) < len(files):
             row.note = "in " + ", ".join(os.path.basename(files[i].label) for i, _ in parts) + " only"
@@ -348,13 +228,11 @@ def merge(
             row.rank_out, row.energy, row.rel_error = up.shape[1], 1.0, 0.0
             results.append(_module(m0, up, down, adapters.dtype_of(m0)))
         else:
-            items.append(_Factors(m0, up, down, row))
-    rep = ToolReport("merge", rows, first.arch.name, format, [lf.label for lf in files], out, settings)
+            items.append(Factors(m0, up, down, row))
+    rep = ToolReport(rows, "merge", first.arch.name, format, [lf.label for lf in files], out, options.settings())
     if items:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(items), unit="layer", disable=quiet, desc="merging") as bar:
-            _truncate(items, select, device, settings["max_memory"], rep.seconds, bar)
+        with streaming.progress(len(items), "merging", quiet) as bar:
+            truncate(items, select, device, options.max_memory, rep.seconds, bar)
         results = [it.result for it in items]
     meta = {
         "loraport.job": "merge",
@@ -362,7 +240,7 @@ def merge(
         "loraport.merge_mode": mode,
     }
     result = formats.LoraFile([], first.format, first.arch, first.style, {}, None, None)
-    return _finish(rep, result, results, out, format, meta, [lf.path for lf in files], report, t_start)
+    return finish(rep, result, results, out, format, meta, [lf.path for lf in files], report, t_start)
 
 
 @dataclass
@@ -389,11 +267,11 @@ def _extract_layers(arch: archs.Arch, base: BaseModel, tuned: BaseModel, include
                 continue
             if (include and not re.search(include, name)) or (exclude and re.search(exclude, name)):
                 continue
-            row = ToolRow(name, "extracted", shape=list(shape))
+            row = ToolRow(name, Action.EXTRACTED, shape=list(shape))
             if not tuned.has(comp, weight):
-                row.action, row.note = "missing", f"{tuned.label} has no '{weight}'"
+                row.action, row.note = Action.MISSING, f"{tuned.label} has no '{weight}'"
             elif tuned.shape(comp, weight) != shape:
-                row.action = "shape-mismatch"
+                row.action = Action.SHAPE_MISMATCH
                 row.note = f"base {list(shape)} vs tuned {list(tuned.shape(comp, weight))}"
             layers.append(_Layer(comp, name, shape, tuned.dtype(comp, weight), row))
     return layers
@@ -433,53 +311,40 @@ def extract(
     error is within 0.2 % of optimal where power iteration's is about 1 %, for the same passes
     over ΔW (measured at 768 wide, rank 64, q = 2), but on small layers the op truncates the
     Krylov space to its first block."""
-    if rank is None and energy is None:
-        raise InputError("loraport.extract: give rank or energy")
-    format = "kohya" if format in (None, "auto") else format
-    select = _rank_rule(rank or DEFAULT_EXTRACT_MAX_RANK, energy, None, "extract")
-    device = resolve_device(device)  # before anything is read
+    options = ToolOptions.from_args(
+        "extract", rank=rank, energy=energy, conv=conv, include=include, exclude=exclude, min_rel_diff=min_rel_diff,
+        device=device, method=method, power_iters=power_iters, oversample=oversample, seed=seed,
+        max_memory=max_memory,
+    )  # fmt: skip
+    format = formats.output_format(format, "kohya")
+    select, device = options.select(DEFAULT_EXTRACT_MAX_RANK), options.device
     t_start = time.perf_counter()
     b, t = BaseModel(base), BaseModel(tuned)
     inputs = [*b.files(), *t.files()]
     out = formats.check_output(out, inputs)
-    if arch == "auto":
-        try:
-            arch = archs.detect([], b.module_names())
-        except ValueError as e:
-            raise InputError(f"{b.label}: {str(e).removeprefix('loraport: ')}") from None
-    elif isinstance(arch, str):
-        arch = archs.get(arch)
+    arch = archs.resolve(arch, b.label, base_names=b.module_names())
     style = arch.base_style(b.module_names())
     if style is None:
         raise InputError(f"{b.label}: no {arch.name} weights (first tensor '{next(iter(b.names()), '')}')")
-    settings = dict(
-        rank=rank, energy=energy, conv=conv, include=include, exclude=exclude, min_rel_diff=min_rel_diff,
-        device=device, method=method, power_iters=power_iters, oversample=oversample, seed=seed,
-        max_memory=parse_bytes(max_memory),
-    )  # fmt: skip
     layers = _extract_layers(arch, b, t, include, exclude, conv)
-    work = [la for la in layers if la.row.action == "extracted"]
+    work = [la for la in layers if la.row.action == Action.EXTRACTED]
     formats.check_format(format, arch, [la.component for la in work], t.label)
-    rep = ToolReport("extract", [la.row for la in layers], arch.name, format, [b.label, t.label], out, settings)
+    rep = ToolReport([la.row for la in layers], "extract", arch.name, format, [b.label, t.label], out, options.settings())
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK
-    if method not in ("auto", "power", "krylov"):
-        raise InputError(f"loraport.extract: method must be auto, power or krylov, got {method!r}")
     svd = dict(oversample=oversample, power_iters=power_iters, seed=seed)
 
-    groups: dict[tuple, list[_Layer]] = {}
-    for la in work:
-        groups.setdefault(la.shape, []).append(la)
     chunks = []
-    for shape, group in groups.items():
-        size = max(1, settings["max_memory"] // (4 * 3 * math.prod(shape)))  # ΔW, rsvd workspace, reads
-        chunks += [group[i : i + size] for i in range(0, len(group), size)]
+    for shape, group in streaming.group(work, lambda la: la.shape).items():
+        per_layer = 4 * 3 * math.prod(shape)  # ΔW, rsvd workspace, reads
+        chunks += streaming.cut(group, options.max_memory, lambda size, per_layer=per_layer: size * per_layer)
+    slot_bytes = max((4 * len(c) * math.prod(c[0].shape) for c in chunks), default=0)  # one chunk's ΔW a slot
 
-    def load(chunk):
-        """ΔW of the chunk's layers that changed enough, stacked: ([G', m, n] float32, ‖ΔW‖_F² per
-        layer), and the read time."""
+    def load(chunk, slot):
+        """ΔW of the chunk's layers that changed enough, stacked in staging slot ``slot``:
+        ([G', m, n] float32, ‖ΔW‖_F² per layer), and the read time."""
         t0 = time.perf_counter()
         shape = chunk[0].shape
-        diffs = torch.empty(len(chunk), shape[0], math.prod(shape[1:]))  # [G, m, in·kernel], filled in place
+        diffs = stream.staging.take(slot, (len(chunk), shape[0], math.prod(shape[1:])), torch.float32)  # filled in place
         totals = []
         for la in chunk:
             w_base = b.read(la.component, la.name + ".weight").float()
@@ -489,20 +354,16 @@ def extract(
             norm = float(torch.linalg.vector_norm(w_base, dtype=torch.float64))
             la.row.rel_diff = math.sqrt(total) / norm if norm > 0 else math.inf
             if total == 0 or la.row.rel_diff < min_rel_diff:
-                la.row.action = "unchanged"
+                la.row.action = Action.UNCHANGED
                 la.row.note = f"relative difference {la.row.rel_diff:.3g} < {min_rel_diff:g}" if total else "identical"
                 continue
             totals.append(total)
-        return (diffs[: len(totals)] if totals else None), totals, time.perf_counter() - t0
+        return (diffs[: len(totals)] if totals else None), totals, slot, time.perf_counter() - t0
 
     results = []
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(work), unit="layer", disable=quiet, desc="extracting") as bar, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            diffs, totals, t_read = pending.result()
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+    stream = streaming.Stream(slot_bytes, device)
+    with streaming.progress(len(work), "extracting", quiet) as bar, stream:
+        for chunk, (diffs, totals, slot, t_read) in stream.each(chunks, load):
             rep.seconds["read"] = rep.seconds.get("read", 0.0) + t_read
             bar.update(len(chunk))
             bar.set_postfix_str(f"{(b.bytes_read + t.bytes_read) / 1e9:.2f} GB read")
@@ -512,10 +373,10 @@ def extract(
             m, n = diffs.shape[-2:]
             fits = (power_iters + 1) * (min(k_cap, m, n) + oversample) <= min(m, n)
             how = ("krylov" if fits else "power") if method == "auto" else method
-            U, S, V = rsvd(diffs.to(device), k_cap, method=how, **svd)  # [G, m, k], [G, k], [G, n, k]
+            U, S, V = rsvd(stream.staging.to_device(slot, diffs, device), k_cap, method=how, **svd)  # [G, m, k], [G, k], [G, n, k]
             S_host = S.double().cpu()
             ks = [select(s, torch.tensor(total)) for s, total in zip(S_host, totals, strict=True)]
-            done = [la for la in chunk if la.row.action == "extracted"]
+            done = [la for la in chunk if la.row.action == Action.EXTRACTED]
             share = (time.perf_counter() - t0) / len(done)
             rep.seconds["svd"] = rep.seconds.get("svd", 0.0) + share * len(done)
             for g, la in enumerate(done):
@@ -536,4 +397,4 @@ def extract(
         "loraport.tuned": os.path.basename(t.label),
     }
     result = formats.LoraFile([], format, arch, style, {}, None, None)
-    return _finish(rep, result, results, out, format, meta, inputs, report, t_start)
+    return finish(rep, result, results, out, format, meta, inputs, report, t_start)

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from .errors import InputError
+from .reports import Action
 from .strength import Strength
 
 
@@ -23,7 +24,7 @@ def refuse_other_size(rows, lora_label: str, source_label: str, target_label: st
     """InputError when every module found in both bases has another shape in the target (other
     than input channels added to a layer, which is padded): the bases are different models."""
     located = [r for r in rows if r.shape is not None and r.target_shape is not None]
-    if not located or any(r.action != "shape-mismatch" for r in located):
+    if not located or any(r.action != Action.SHAPE_MISMATCH for r in located):
         return
     first = located[0]
     ws, wt = _width([r.shape for r in located]), _width([r.target_shape for r in located])

@@ -1,0 +1,149 @@
+"""The streaming layer `port` and the toolbox share: same-shape layers grouped and cut into chunks
+under a memory bound (`group`, `cut`; `group_bytes` and `staging_bytes` are port's bound), each
+chunk read on one background thread into one of two reused host staging slots while the previous
+chunk is computed (`Stream`, loraport.staging), a base weight read into its slot (`read_into`),
+and the progress bar (`progress`)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .staging import StagingBuffers
+
+
+def group(items, key) -> dict:
+    """``items`` by ``key(item)``, in order of first appearance."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def cut(items: list, budget: int, need) -> list[list]:
+    """``items`` in consecutive chunks of the largest size whose ``need(size)`` (bytes) fits
+    ``budget``; one item a chunk when not even one fits (the caller refuses that case first
+    where it must)."""
+    size = 1
+    while size < len(items) and need(size + 1) <= budget:
+        size += 1
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Stream:
+    """Chunks read one ahead on a background thread: `each` calls ``load(chunk, slot)`` for chunk
+    i + 1 (on the thread, into staging slot (i + 1) % 2) while the caller computes chunk i. The
+    slots (`staging`: ``slot_bytes`` each, page-locked when ``device`` is a GPU) are allocated once
+    and released, after the thread's last read, when the ``with`` block ends."""
+
+    def __init__(self, slot_bytes: int = 0, device="cpu"):
+        self.staging = StagingBuffers(slot_bytes, pin=str(device).startswith("cuda"))
+        self._pool = ThreadPoolExecutor(1)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._pool.shutdown(wait=True)
+        finally:
+            self.staging.release()
+
+    def each(self, chunks: list, load):
+        """(chunk, load(chunk, slot)) for every chunk, in order, each loaded while the previous
+        one is being computed."""
+        pending = self._pool.submit(load, chunks[0], 0) if chunks else None
+        for i, chunk in enumerate(chunks):
+            loaded = pending.result()
+            # The other slot: chunk i - 1's, whose computation has returned (a copy out of it to a GPU is waited for).
+            pending = self._pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
+            yield chunk, loaded
+
+
+def progress(total: int, desc: str, quiet: bool):
+    """The progress bar of a run over ``total`` layers (none when ``quiet``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="layer", disable=quiet, desc=desc)
+
+
+def read_into(
+    out: torch.Tensor, base, component: str, pieces, keep: int | None = None, sums: bool = True
+) -> torch.Tensor | None:
+    """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
+    channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
+    for energy ranks), checking for NaN/Inf in the same pass. ``sums=False`` (the default gate,
+    whose first rsvd finds any NaN/Inf through its singular values): neither, None."""
+    row, read = 0, []
+    for name, rows, piece in pieces:
+        shape = base.shape(component, name)  # [rows, in, *kernel]
+        first, stop, _ = (rows or slice(None)).indices(shape[0])
+        n, channels = stop - first, shape[1]
+        dest = out[row : row + n, :channels]
+        for offset, source in piece.placements(first, stop):  # row halves swapped where the layouts differ
+            base.read_into(component, name, dest[offset : offset + source.stop - source.start], source)
+        read.append((name, dest))
+        row += n
+    out[:, channels if keep is None else keep :].zero_()
+    if not sums:
+        return None
+    frob2 = torch.zeros((), dtype=torch.float64)
+    for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
+        frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
+    if not torch.isfinite(frob2):  # read_into leaves the NaN/Inf scan to this pass
+        for name, dest in read:
+            base.check_finite(component, name, dest)
+    return frob2
+
+
+def stack_dtype(dtypes) -> torch.dtype:
+    """bf16 (or fp16) weights stay in their dtype: rsvd upcasts them exactly, a chunk at a time,
+    so the host holds half the bytes. Anything else (or a mix) is stacked as float32."""
+    dtypes = set(dtypes)
+    if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}:
+        return dtypes.pop()
+    return torch.float32
+
+
+def group_bytes(
+    layers: int, m: int, n: int, *, k: int, oversample: int, power_iters: int, method: str,
+    elem: int, lora_rank: int, device: str = "cpu", block_size: int | None = None, gate: bool = False,
+) -> int:  # fmt: skip
+    """Bytes that one chunk of ``layers`` same-shape layers (weights [m, n], ``elem`` bytes per
+    stacked element: 2 for float16/bfloat16, 4 for float32, 8 for float64) holds at once on
+    ``device``:
+
+      weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
+                                         on the CPU twice that plus one tensor being read
+                                         (the next chunk is read meanwhile, into host memory)
+      rsvd       the op's own bound       for one rsvd call on the 2G weights at subspace rank k
+                                         and width l = k + oversample (or the Krylov block_size):
+                                         loraport::rsvd_workspace_bytes (csrc/linalg/rsvd.cpp),
+                                         its workspace, float32 upcast chunk and outputs, checked
+                                         against measured allocations (tests/test_memory_model.py)
+      factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
+
+    The default gate (``gate``: loraport.gate) instead copies one layer's two weights at a time
+    to float32 (2·m·n·4, any dtype) and runs rsvd on those two at width l, one power step at a
+    time. The budget is an estimate, not an allocator cap."""
+    width = min(k + oversample if block_size is None else block_size, m, n)
+    matrices = 2 * layers
+    weights = matrices * m * n * elem
+    if not str(device).startswith("cuda"):
+        weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
+    dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
+    if gate:
+        rsvd_bytes = 2 * m * n * 4 + torch.ops.loraport.rsvd_workspace_bytes(2, m, n, torch.float32, k, width, 0, "power")
+    else:
+        rsvd_bytes = torch.ops.loraport.rsvd_workspace_bytes(matrices, m, n, dtype, k, width, power_iters, method)
+    factors = 4 * 2 * (m + n) * lora_rank
+    return weights + rsvd_bytes + factors
+
+
+def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
+    """Host bytes of the reader's two staging slots (`loraport.staging`) for chunks of ``layers``
+    [m, n] layers: the chunk being computed and the next one being read, 2G weights each. On
+    the CPU `group_bytes` counts them already; on a GPU they are host memory (page-locked), and
+    the chunks are cut to keep them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
+    return 2 * 2 * layers * m * n * elem
