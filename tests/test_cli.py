@@ -89,13 +89,13 @@ def test_bad_input_exits_cleanly(example, tmp_path, capsys):
 def test_only_loraports_own_processes_turn_on_huge_pages_for_torch():
     """The CLI (console script or python -m loraport) sets THP_MEM_ALLOC_ENABLE before torch's
     first allocation; a program that merely imports loraport keeps its allocator as it was."""
-    from loraport import _is_cli_process
+    from loraport.startup import is_cli_process
 
-    assert _is_cli_process(["/usr/bin/python3", "-m", "loraport", "port", "x.safetensors"])
-    assert _is_cli_process(["/venv/bin/python", "/venv/bin/loraport", "port"])
-    assert not _is_cli_process(["/usr/bin/python3", "-m", "pytest", "tests"])
-    assert not _is_cli_process(["/usr/bin/python3", "train.py", "--loraport"])
-    assert not _is_cli_process(["/usr/bin/python3"])
+    assert is_cli_process(["/usr/bin/python3", "-m", "loraport", "port", "x.safetensors"])
+    assert is_cli_process(["/venv/bin/python", "/venv/bin/loraport", "port"])
+    assert not is_cli_process(["/usr/bin/python3", "-m", "pytest", "tests"])
+    assert not is_cli_process(["/usr/bin/python3", "train.py", "--loraport"])
+    assert not is_cli_process(["/usr/bin/python3"])
     code = "import os, loraport; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections import Counter
 
-from . import __version__, _interrupted_early, adapters, archs, formats, upgrade
+from . import __version__, adapters, archs, formats, upgrade
 from . import toolbox as _tb
 from .adapters import DORA_MAGNITUDE
 from .basemodel import BaseModel
@@ -33,6 +33,7 @@ from .errors import (
     NothingToPort,
 )
 from .pipeline import DEFAULT_MIN_SIMILARITY, DEFAULT_SUBSPACE_RANK, ON_DISSIMILAR, VARIANTS, port
+from .startup import interrupted_early
 from .toolbox import MERGE_MODES, extract, merge, resize
 
 EXIT_CODES = """exit status:
@@ -374,7 +375,7 @@ def _one_line(e: InputError) -> str:
 
 
 def main(argv=None) -> int:
-    if signal.getsignal(signal.SIGINT) is _interrupted_early:  # loraport/__init__'s import-time one
+    if signal.getsignal(signal.SIGINT) is interrupted_early:  # loraport.startup's import-time one
         signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parser().parse_args(argv)  # a usage error exits 2 here
     try:
