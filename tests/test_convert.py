@@ -3,6 +3,7 @@
 within a tight factor of it), the reported energy and error, DoRA against the base weight, the
 kernel of a conv LoHa from the base, the CLI and bad input."""
 
+import importlib
 import math
 
 import pytest
@@ -138,3 +139,35 @@ def test_cli_convert(tmp_path, base, capsys):
     sd, _ = adapter_file(["lokr", "loha"], base, modules=["double_blocks.0.img_attn_proj", "double_blocks.0.img_mlp.fc1"])
     assert main(["inspect", save(tmp_path, sd, "two.safetensors")]) == 0
     assert "types: {'LoKr': 1, 'LoHa': 1}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("r", [4, 8])
+def test_loha_paths_give_the_best_rank_k_error(tmp_path, monkeypatch, r):
+    """LoHa rank 4 (p = 16) takes its exact factors, rank 8 (p = 64) the dense ΔW and rsvd
+    (convert.LOHA_DENSE_MULTIPLE x the rsvd's 36 columns at rank 4 on these 64-wide layers); either
+    path, chosen or forced, reaches the Eckart–Young error of the float64 reference."""
+    wide = tiny.base_model(ARCH, width=64, seed=0)
+    sd, truth = adapter_file("loha", wide, rank=r, modules=["double_blocks.0.img_attn_proj", "double_blocks.0.img_mlp.fc1"])
+    path = save(tmp_path, sd)
+    module = importlib.import_module("loraport.convert")
+    formed = []
+    real = module._loha_delta
+    monkeypatch.setattr(module, "_loha_delta", lambda m: formed.append(m.name) or real(m))
+    want = truth_by_name(path, truth)
+    chosen = r == 8
+    for forced, multiple in enumerate((module.LOHA_DENSE_MULTIPLE, 0.0 if not chosen else math.inf)):
+        monkeypatch.setattr(module, "LOHA_DENSE_MULTIPLE", multiple)  # as chosen, then the other path
+        formed.clear()
+        out = str(tmp_path / f"out{forced}.safetensors")
+        rep = convert(path, out, rank=4, arch=ARCH, quiet=True)
+        dense = bool(formed)
+        assert sorted(formed) in ([], sorted(want))  # every layer on the one path
+        assert dense == (chosen != bool(forced))
+        rows = {row.module: row for row in rep.rows}
+        for m in formats.read_lora(out, arch=ARCH).modules:
+            t, scale, shape = want[m.name]
+            reference_delta = reference.adapter_delta(t, scale, shape).flatten(1)
+            best = float(reference.optimal_error(reference_delta, 4) / torch.linalg.matrix_norm(reference_delta))
+            err = rel(delta_of(m), reference_delta)
+            assert err <= best * (1.01 if dense else 1 + 1e-5), (m.name, dense, err, best)
+            assert abs(rows[m.name].rel_error - err) < 1e-4, m.name
