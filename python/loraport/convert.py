@@ -1,7 +1,7 @@
 """`convert`: any adapter file (LoHa, LoKr, Tucker LoCon, full differences, DoRA, plain LoRA) to
 a plain LoRA whose ΔW is the best rank-k approximation of each layer's (Eckart–Young), k = ``rank``
 or the fewest singular values holding ``energy`` of ‖ΔW‖_F². `toolbox.resize` goes through the
-same paths, so it accepts these types too.
+same paths, so it accepts these types too (a DoRA stays a DoRA there: `low_rank_modules`).
 
 Per layer, from the structure wherever it helps (loraport/adapters.py has the ΔW formulas):
   * plain LoRA, Tucker LoCon (rank r) and LoHa (rank <= p = r1·r2, exact face-splitting factors):
@@ -200,11 +200,14 @@ def _dense_layers(jobs: list[_Dense], results, select, k_cap: int, energy, devic
             bar.update(len(chunk))
 
 
-def low_rank_modules(lf, select, *, action, rank, energy, device, max_memory, seconds, bar, base=None, base_style=None):
-    """(rows, plain LoraModules) of every module of ``lf`` truncated per ``select`` by the path
-    its type allows (module docstring); rows get ``action``. A DoRA module needs its base weight
-    from ``base``."""
-    rows, results, factored, dense = [], [None] * len(lf.modules), [], []
+def low_rank_modules(lf, select, *, action, rank, energy, device, max_memory, seconds, bar, base=None,
+                     base_style=None, dora="effective"):  # fmt: skip
+    """(rows, modules) of every module of ``lf`` truncated per ``select`` by the path its type
+    allows (module docstring); rows get ``action``. A DoRA module (its base weight needed from
+    ``base``): ``dora="effective"`` gives a plain LoRA of its effective update (convert);
+    ``dora="keep"`` truncates its low-rank part and keeps its magnitude as trained, a DoRA
+    module again, whose row reports the error of the effective update (resize)."""
+    rows, results, factored, dense, doras = [], [None] * len(lf.modules), [], [], []
     k_cap = rank or DEFAULT_EXTRACT_MAX_RANK  # the dense path's rank (cap)
 
     def route(i: int, m, row: ToolRow) -> None:
@@ -233,7 +236,13 @@ def low_rank_modules(lf, select, *, action, rank, energy, device, max_memory, se
     for i, m in enumerate(lf.modules):
         row = ToolRow(m.name, action, None, shape=list(m.shape))
         rows.append(row)
-        if adapters.magnitude_axis(m):
+        if adapters.magnitude_axis(m) and dora == "keep":
+            pieces, shape = _base_weight(m, lf, base, base_style,
+                                         "resize keeps its magnitude and measures the effective weight "
+                                         "m·(W + ΔW')/‖W + ΔW'‖ against the base weight W: give --base BASE")  # fmt: skip
+            doras.append((i, m, pieces, shape))
+            route(i, adapters.without_magnitude(m), row)
+        elif adapters.magnitude_axis(m):
             pieces, shape = _base_weight(m, lf, base, base_style,
                                          "its update depends on the base weight; convert it with the base model "
                                          "(loraport convert --base)")  # fmt: skip
@@ -250,7 +259,25 @@ def low_rank_modules(lf, select, *, action, rank, energy, device, max_memory, se
         results[i] = it.result
     if dense:
         _dense_layers(dense, results, select, k_cap, energy, device, max_memory, seconds, bar, lf.label)
+    for i, m, pieces, shape in doras:
+        results[i] = _keep_magnitude(m, results[i], base, pieces, shape, rows[i])
     return rows, results
+
+
+def _keep_magnitude(m, plain: formats.LoraModule, base: BaseModel, pieces, shape, row: ToolRow):
+    """The DoRA module of ``m``'s magnitude (as trained) on the truncated low-rank part ``plain``;
+    row.rel_error becomes that of the effective update, ‖Δ_eff' − Δ_eff‖_F / ‖Δ_eff‖_F with
+    Δ_eff = m ⊙ (W + ΔW) / ‖W + ΔW‖ − W, against the base weight W."""
+    t0 = time.perf_counter()
+    W = _read_weight(base, m, pieces, shape)
+    before = _dora_delta(W, m, *adapters.factors(adapters.without_magnitude(m)))
+    after = _dora_delta(W, m, *plain.factors())
+    norm = float(torch.linalg.vector_norm(before))
+    row.rel_error = float(torch.linalg.vector_norm(after - before)) / norm if norm > 0 else 0.0
+    row.seconds += time.perf_counter() - t0
+    tensors = {"up": plain.up, "down": plain.down, "magnitude": m.tensors["magnitude"]}
+    return adapters.AdapterModule(m.component, m.name, "locon", tensors, float(plain.rank), m.key, m.known,
+                                  magnitude_axis=m.magnitude_axis, magnitude_ndim=m.magnitude_ndim)  # fmt: skip
 
 
 def _in_shape(m, lf, base, base_style):
@@ -261,6 +288,18 @@ def _in_shape(m, lf, base, base_style):
         return m.shape[1:]
     pieces, shape = _locate(lf.arch, m, lf.style, base, base_style)
     return tuple(shape[1:]) if pieces is not None else m.shape[1:]
+
+
+def read_with_base(adapter, base, arch):
+    """(LoraFile, BaseModel or None, the base's naming style, input paths) of an adapter file
+    read with its base model's names (``base`` None: without one); InputError when the base
+    holds no weights of the adapter's architecture."""
+    b = BaseModel(base) if base is not None else None
+    lf = formats.read_lora(adapter, arch=arch, base_names=b.module_names() if b else ())
+    base_style = lf.arch.base_style(b.module_names()) if b else None
+    if b is not None and base_style is None:
+        raise InputError(f"{b.label}: no {lf.arch.name} weights for {lf.label}")
+    return lf, b, base_style, [lf.path, *(b.files() if b else [])]
 
 
 def convert(
@@ -288,15 +327,10 @@ def convert(
     select = _rank_rule(rank, energy, None, "convert")
     device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
-    b = BaseModel(base) if base is not None else None
-    lf = formats.read_lora(adapter, arch=arch, base_names=b.module_names() if b else ())
-    inputs = [lf.path, *(b.files() if b else [])]
+    lf, b, base_style, inputs = read_with_base(adapter, base, arch)
     out = formats.check_output(out, inputs)
     fmt = lf.format if format in (None, "auto") else format
     formats.check_format(fmt, lf.arch, [m.component for m in lf.modules], lf.label)
-    base_style = lf.arch.base_style(b.module_names()) if b else None
-    if b is not None and base_style is None:
-        raise InputError(f"{b.label}: no {lf.arch.name} weights for {lf.label}")
     settings = dict(rank=rank, energy=energy, device=device, max_memory=parse_bytes(max_memory),
                     base=None if b is None else b.label)  # fmt: skip
     from tqdm.auto import tqdm

@@ -224,6 +224,7 @@ def resize(
     rank: int | None = None,
     energy: float | None = None,
     sv_ratio: float | None = None,
+    base=None,
     format: str = "auto",
     arch: str = "auto",
     device: str = "cpu",
@@ -233,30 +234,38 @@ def resize(
 ) -> ToolReport:
     """Lower the rank of every layer of ``lora`` to the Frobenius-optimal rank-k approximation of
     its ΔW (scale included), k = ``rank``, or chosen per layer by ``energy`` / ``sv_ratio``
-    (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's)."""
+    (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's). A DoRA
+    layer stays DoRA: its low-rank part ΔW is truncated so, its magnitude m is kept as trained,
+    and its row reports the error of the effective update m ⊙ (W + ΔW') / ‖W + ΔW'‖ − W, which
+    needs the base model ``base`` (InputError for a DoRA file without one)."""
     select = _rank_rule(rank, energy, sv_ratio, "resize")
     if rank is None and energy is None and sv_ratio is None:
         raise InputError("loraport.resize: give rank, energy or sv_ratio")
     device = resolve_device(device)  # before anything is read
     t_start = time.perf_counter()
-    lf = formats.read_lora(lora, arch=arch)
-    out = formats.check_output(out, [lf.path])
+    from .convert import low_rank_modules, read_with_base  # every adapter type's path; convert.py imports this module
+
+    lf, b, base_style, inputs = read_with_base(lora, base, arch)
+    out = formats.check_output(out, inputs)
     formats.check_format(lf.format if format in (None, "auto") else format, lf.arch,
                          [m.component for m in lf.modules], lf.label)  # fmt: skip
-    settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory))
+    settings = dict(rank=rank, energy=energy, sv_ratio=sv_ratio, device=device, max_memory=parse_bytes(max_memory),
+                    base=None if b is None else b.label)  # fmt: skip
+    if any(adapters.magnitude_axis(m) for m in lf.modules):
+        settings["dora_magnitude"] = "keep"
     from tqdm.auto import tqdm
-
-    from .convert import low_rank_modules  # the path of every adapter type; convert.py builds on this module
 
     seconds: dict = {}
     with tqdm(total=len(lf.modules), unit="layer", disable=quiet, desc="resizing") as bar:
         rows, results = low_rank_modules(lf, select, action="resized", rank=rank, energy=energy, device=device,
-                                         max_memory=settings["max_memory"], seconds=seconds, bar=bar)  # fmt: skip
-    rep = ToolReport("resize", rows, lf.arch.name, format, [lf.label], out, settings, seconds)
+                                         max_memory=settings["max_memory"], seconds=seconds, bar=bar, base=b,
+                                         base_style=base_style, dora="keep")  # fmt: skip
+    rep = ToolReport("resize", rows, lf.arch.name, format, [lf.label, *inputs[1:]], out, settings, seconds)
+    rep.bytes_read = b.bytes_read if b else 0
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return _finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
+    return _finish(rep, result, results, out, format, meta, inputs, report, t_start)
 
 
 def parse_weighted(entry) -> tuple[str, float]:
@@ -335,6 +344,11 @@ def merge(
                 raise InputError(
                     f"{files[i].label}: module '{m.key}' is {list(m.shape)} but "
                     f"{list(layout)} in {files[parts[0][0]].label}: the LoRAs are for different models"
+                )
+            if adapters.magnitude_axis(m):
+                raise InputError(
+                    f"{files[i].label}: module '{m.key}' is {m.type_name}: its update depends on the base "
+                    "weight, so it has no low-rank factors to merge; convert it first (loraport convert --base)"
                 )
             up, down = adapters.factors(m)  # [out, r_i], [r_i, in·kernel]; exact for LoHa, LoKr, ...
             ups.append(up * entries[i][1])
