@@ -138,19 +138,22 @@ def _dora_delta(W: torch.Tensor, m, up: torch.Tensor, down: torch.Tensor) -> tor
 
 
 def _kron_layer(m, select, row: ToolRow) -> formats.LoraModule:
-    """A LoKr module's best rank-k factors from the Kronecker SVD of its factors."""
+    """A LoKr module's best rank-k factors from the Kronecker SVD of its factors: every singular
+    value s1_i·s2_j to choose k, then singular vectors for the top k only (with a full lokr_w2 there
+    are min(out, in) of them, [out + in, min(out, in)] float64 if all were built)."""
     t = m.tensors
-    U, S, V = adapters.kron_svd(adapters.lokr_w1(t), adapters.lokr_w2_flat(t))
-    S = S * abs(m.scale)  # [p] descending
-    U = U * math.copysign(1.0, m.scale)
-    k = select(S, S.square().sum())
-    root = S[:k].sqrt()
-    s2 = S.square()
+    w1, w2 = adapters.lokr_w1(t).double(), adapters.lokr_w2_flat(t).double()
+    every = torch.outer(torch.linalg.svdvals(w1), torch.linalg.svdvals(w2)).flatten() * abs(m.scale)  # [p]
+    s2 = torch.sort(every, descending=True).values.square()
     total = float(s2.sum())
-    row.rank_in, row.rank_out = S.numel(), k
+    k = select(s2.sqrt(), s2.sum())
+    U, S, V = adapters.kron_svd(w1, w2, k)  # [out, k], [k], [in·kernel, k]
+    root = (S * abs(m.scale)).sqrt()
+    row.rank_in, row.rank_out = every.numel(), k
     row.energy = float(s2[:k].sum()) / total if total > 0 else 1.0
     row.rel_error = math.sqrt(max(0.0, 1 - row.energy))
-    return plain_module(m, (U[:, :k] * root).float(), (root[:, None] * V[:, :k].mT).float())
+    up = U * root * math.copysign(1.0, m.scale)
+    return plain_module(m, up.float(), (root[:, None] * V.mT).float())
 
 
 def _dense_layers(jobs: list[_Dense], results, select, k_cap: int, energy, device, max_memory, seconds, bar,
