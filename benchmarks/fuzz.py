@@ -2,17 +2,19 @@
 ``python -m benchmarks.fuzz --cases N --seed S [--cli-cases M]``.
 
 Hypothesis draws a reader and a mutation of a small valid file of that reader (LoRAs in each
-format and a PEFT adapter_config.json; base models as one safetensors file, a sharded index, a
-``.pt`` checkpoint and a diffusers folder; subspace cache entries), writes the mutated file and
-runs it in this process through the entry points the CLI uses (formats.read_lora then
-write_lora; BaseModel then every tensor's shape, dtype and data; SubspaceCache.get). The property:
+format and a PEFT adapter_config.json; adapter files of every type: LoHa, LoKr, Tucker LoCon, DoRA
+and full differences in LyCORIS names, LoHa, LoKr and DoRA in PEFT names; base models as one
+safetensors file, a sharded index, a ``.pt`` checkpoint and a diffusers folder; subspace cache
+entries), writes the mutated file and runs it in this process through the entry points the CLI
+uses (formats.read_lora then write_lora; for adapter files also convert and resize against a base
+model; BaseModel then every tensor's shape, dtype and data; SubspaceCache.get). The property:
 each case ends in success or in loraport's InputError with a one-line message (the CLI's exit 2)
 -- for the cache, in an entry or a miss, never an exception -- with no other exception, no case
 over 10 s, no output or temporary file left by a failed write, and no allocation driven by a
 forged size (the process's peak RSS may not grow by more than twice the file's size plus 32 MiB
 of allocator slack). ``--cli-cases`` of the single-file cases are run again end to end as
-``python -m loraport inspect FILE`` subprocesses (exit 0 or 2, at most one stderr line, no
-traceback, under 10 s). Prints a table of cases and failures per reader and mutation, the first
+``python -m loraport inspect FILE`` subprocesses, adapter files as ``python -m loraport convert``
+(exit 0 or 2, at most one stderr line, no traceback, no output after exit 2, under 10 s). Prints a table of cases and failures per reader and mutation, the first
 failures with their tracebacks, and the seconds taken; exits 1 when any case failed."""
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import resource
@@ -39,7 +42,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loraport import formats, tiny
+from loraport import adapters, archs, convert, formats, resize, tiny
 from loraport.basemodel import BaseModel
 from loraport.cache import SubspaceCache
 from loraport.errors import InputError
@@ -52,6 +55,24 @@ ST_MUTATIONS = (
     "offsets", "dtype_shape", "unknown_dtype", "huge_shape", "nan_inf", "zero_size", "metadata", "bitflip",
 )  # fmt: skip
 LORA_MUTATIONS = ("alpha", "rank_mismatch", "zero_rank", "missing_partner", "two_names", "factor_dtype")
+# mutations of one adapter tensor (hada_*, lokr_*, lora_mid, dora_scale / lora_magnitude_vector, diff, diff_b)
+ADAPTER_MUTATIONS = ("adapter_shape", "adapter_rank", "adapter_nan_inf", "adapter_missing", "adapter_dtype",
+                     "adapter_0dim", "adapter_empty", "adapter_alpha")  # fmt: skip
+ADAPTER_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "lora_mid.weight", "dora_scale",
+                 "lora_magnitude_vector", "diff", "diff_b")  # fmt: skip
+# adapter seeds: {reader: (format, {module: type})}, on the tiny Hunyuan Video base (its one conv
+# layer, img_in.proj, carries the Tucker forms)
+ADAPTER_SEEDS = {
+    "adapter-loha": ("kohya", {"double_blocks.0.img_attn_qkv": "loha", "img_in.proj": "loha-tucker",
+                               "double_blocks.0.img_attn_proj": "dora-loha"}),
+    "adapter-lokr": ("kohya", {"double_blocks.0.img_attn_proj": "lokr", "double_blocks.0.img_mlp.fc1": "lokr-full",
+                               "img_in.proj": "lokr-tucker"}),
+    "adapter-locon": ("kohya", {"img_in.proj": "locon-tucker", "double_blocks.0.img_attn_qkv": "dora",
+                                "double_blocks.0.img_attn_proj": "dora-in", "double_blocks.0.img_mlp.fc2": "full"}),
+    "adapter-peft": ("peft", {"double_blocks.0.img_attn_proj": "loha", "double_blocks.0.img_mlp.fc1": "lokr",
+                              "double_blocks.0.img_mlp.fc2": "dora"}),
+}  # fmt: skip
 JSON_MUTATIONS = ("truncate", "json_garbage", "json_unicode", "deep_nesting", "duplicate_keys", "json_types", "bitflip")
 PT_MUTATIONS = ("truncate", "bitflip", "garbage_block")
 
@@ -89,6 +110,9 @@ def _seeds(folder: str) -> dict:
     buf = io.BytesIO()
     torch.save({"module": {k: v.contiguous() for k, v in small.items()}}, buf)
     seeds["base-pt"] = buf.getvalue()
+    seeds["adapter_base"] = tiny.save_base(hun, os.path.join(folder, "adapter-base.safetensors"))
+    for reader, (fmt, kinds) in ADAPTER_SEEDS.items():
+        seeds[reader] = _parse(_st_bytes(_adapter_state_dict(hun, fmt, kinds), {}))
     w = small[keys[0]].float()  # [m, n]
     U, S, Vh = torch.linalg.svd(w, full_matrices=False)
     cache = SubspaceCache(os.path.join(folder, "cache-seed"))
@@ -97,6 +121,81 @@ def _seeds(folder: str) -> dict:
     with open(cache.path(key), "rb") as f:
         seeds["cache"] = (_parse(f.read()), key, (w.shape[0], w.shape[1], 2))
     return seeds
+
+
+def _adapter_tensors(kind: str, shape, g) -> dict[str, torch.Tensor]:
+    """One module's tensors (roles as in loraport.adapters) of ``kind`` for a weight of ``shape``,
+    shaped as LyCORIS stores them; rank 2, Kronecker factor 4."""
+    out, channels, *kernel = shape
+    ones = [1] * len(kernel)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g) / 4
+
+    if kind == "loha":  # rank 4: r² = 16 takes convert's dense path at these sizes, rank 2 its factors
+        return {f"hada_w{i}_{ab}": rnd(out, 4) if ab == "a" else rnd(4, channels * math.prod(kernel))
+                for i in (1, 2) for ab in "ab"}  # fmt: skip
+    if kind == "loha-tucker":
+        return {f"hada_{w}": t for i in (1, 2)
+                for w, t in ((f"w{i}_a", rnd(2, out)), (f"w{i}_b", rnd(2, channels)), (f"t{i}", rnd(2, 2, *kernel)))}  # fmt: skip
+    if kind == "lokr":
+        return {"lokr_w1": rnd(4, 4), "lokr_w2_a": rnd(out // 4, 2), "lokr_w2_b": rnd(2, channels // 4)}
+    if kind == "lokr-full":
+        return {"lokr_w1_a": rnd(4, 1), "lokr_w1_b": rnd(1, 4), "lokr_w2": rnd(out // 4, channels // 4)}
+    if kind == "lokr-tucker":
+        return {"lokr_w1": rnd(4, 1), "lokr_w2_a": rnd(2, out // 4), "lokr_w2_b": rnd(2, channels),
+                "lokr_t2": rnd(2, 2, *kernel)}  # fmt: skip
+    if kind == "locon-tucker":
+        return {"up": rnd(out, 2, *ones), "mid": rnd(2, 2, *kernel), "down": rnd(2, channels, *ones)}
+    if kind == "full":
+        return {"diff": rnd(*shape), "diff_b": rnd(out)}
+    if kind == "dora-loha":
+        return {**_adapter_tensors("loha", shape, g), "magnitude": rnd(out, 1).abs() + 1}
+    t = {"up": rnd(out, 2, *ones), "down": rnd(2, channels, *kernel)}
+    t["magnitude"] = rnd(out, 1, *ones).abs() + 1 if kind == "dora" else rnd(1, channels, *ones).abs() + 1
+    return t
+
+
+def _adapter_state_dict(base, fmt: str, kinds: dict[str, str]) -> dict[str, torch.Tensor]:
+    """An adapter file of module -> type ``kinds`` on the tiny Hunyuan Video ``base``, in ``fmt``."""
+    g = torch.Generator().manual_seed(27)
+    arch = archs.get("hunyuan-video")
+    mods = []
+    for name, kind in kinds.items():
+        t = _adapter_tensors(kind, tuple(base[name + ".weight"].shape), g)
+        if fmt == "peft" and "magnitude" in t:
+            t["magnitude"] = t["magnitude"].flatten()
+        alpha = None if kind == "full" else 1.0
+        m = adapters.AdapterModule("model", name, kind.split("-")[0] if kind != "dora-loha" else "loha", t, alpha, name,
+                                   flat_kernel=kind in ("loha", "dora-loha"))  # fmt: skip
+        if kind in ("dora", "dora-in"):
+            m.kind = "locon"
+        if "magnitude" in t:
+            m.magnitude_axis, m.magnitude_ndim = ("in" if kind == "dora-in" else "out"), t["magnitude"].dim()
+        mods.append(m)
+    style = formats.format_style(fmt, arch)
+    lf = formats.LoraFile(mods, fmt, arch, "original")
+    return formats.state_dict(formats.LoraFile(formats.convert_style(lf, style), fmt, arch, style), fmt)
+
+
+def _check_seeds(seeds, folder: str) -> list:
+    """Failures of the unmutated adapter seeds, which must go all the way through `exercise`
+    (this also loads what the cases use before any case's memory is measured)."""
+    failures = []
+    for reader in ADAPTER_SEEDS:
+        case = os.path.join(folder, "seed-" + reader)
+        os.makedirs(os.path.join(case, "out"))
+        _write(os.path.join(case, "lora.safetensors"), _build(*seeds[reader]))
+        written: list = []
+        try:
+            exercise(reader, os.path.join(case, "lora.safetensors"), seeds, os.path.join(case, "out", "o.safetensors"),
+                     written)  # fmt: skip
+            if len(written) != 3:
+                failures.append((reader, "valid seed", f"wrote only {written}"))
+        except Exception as e:  # noqa: BLE001  (a valid file that fails is the finding)
+            failures.append((reader, "valid seed", f"{type(e).__name__}: {e}"[:300] + "\n" + traceback.format_exc(limit=-4)))
+        shutil.rmtree(case)
+    return failures
 
 
 def _st_bytes(tensors, metadata) -> bytes:
@@ -234,7 +333,54 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
             raw[at] ^= 1 << draw(st.integers(0, 7))
         return bytes(raw)
     assert lora, mutation
+    if mutation.startswith("adapter_"):
+        return _mutate_adapter(draw, header, data, mutation)
     return _mutate_lora(draw, header, data, mutation)
+
+
+def _mutate_adapter(draw, header, data, mutation):
+    """One adapter tensor (or, for "adapter_alpha", a module's alpha) made wrong: another shape,
+    another size along one dim (so that paired factors disagree on their rank), NaN/Inf, gone
+    (its partner left alone), an integer or bool dtype, 0-dim, empty."""
+    tensors = {k: _tensor(header, data, k) for k in _tensor_keys(header)}
+    meta = header.get("__metadata__")
+    keys = [k for k in tensors if k.endswith(tuple("." + r for r in ADAPTER_ROLES))]
+    key = draw(st.sampled_from(sorted(keys)))
+    t = tensors[key]
+    if mutation == "adapter_shape":
+        kind = draw(st.sampled_from(["transpose", "extra_dim", "flatten", "random"]))
+        if kind == "transpose" and t.dim() >= 2:
+            t = t.transpose(0, 1)
+        elif kind == "extra_dim":
+            t = t.unsqueeze(draw(st.integers(0, t.dim())))
+        elif kind == "flatten":
+            t = t.reshape(-1)
+        else:
+            t = torch.randn(draw(st.lists(st.integers(1, 9), min_size=1, max_size=5)))
+    elif mutation == "adapter_rank" and t.dim() >= 1:
+        dim = draw(st.integers(0, t.dim() - 1))
+        size = draw(st.sampled_from([t.shape[dim] - 1, t.shape[dim] + 1, t.shape[dim] * 2]))
+        t = t.narrow(dim, 0, size) if size <= t.shape[dim] else torch.cat(
+            [t, torch.randn(*t.shape[:dim], size - t.shape[dim], *t.shape[dim + 1 :])], dim)  # fmt: skip
+    elif mutation == "adapter_nan_inf" and t.numel():
+        t = t.clone()
+        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    elif mutation == "adapter_missing":
+        del tensors[key]
+        t = None
+    elif mutation == "adapter_dtype":
+        t = t.to(draw(st.sampled_from([torch.int8, torch.int32, torch.int64, torch.bool, torch.uint8])))
+    elif mutation == "adapter_0dim":
+        t = t.reshape(-1)[0].clone() if t.numel() else torch.tensor(1.0)
+    elif mutation == "adapter_empty" and t.dim() >= 1:
+        t = t.narrow(draw(st.integers(0, t.dim() - 1)), 0, 0)
+    elif mutation == "adapter_alpha":
+        stem = key.rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+        t, key = draw(st.sampled_from([torch.tensor(0.0), torch.tensor(-2.0), torch.tensor(1e30), torch.tensor(3e38), torch.ones(2),
+                                       torch.tensor(7, dtype=torch.int64), torch.tensor(float("inf"))])), stem + ".alpha"  # fmt: skip
+    if t is not None:
+        tensors[key] = t.contiguous()
+    return _st_bytes(tensors, meta if isinstance(meta, dict) else {})
 
 
 def _mutate_lora(draw, header, data, mutation):
@@ -342,7 +488,7 @@ def _write(path, blob):
 def make_case(draw, seeds, reader: str, mutation: str, folder: str):
     """Write the mutated input of ``reader`` under ``folder``; returns (path to hand to the
     reader, total input bytes)."""
-    if reader.startswith("lora-"):
+    if reader.startswith(("lora-", "adapter-")):
         path = os.path.join(folder, "lora.safetensors")
         _write(path, mutate_safetensors(draw, seeds[reader], mutation, lora=True))
     elif reader == "adapter_config":
@@ -378,14 +524,30 @@ def make_case(draw, seeds, reader: str, mutation: str, folder: str):
     return path, size
 
 
-def exercise(reader: str, path: str, seeds, out: str) -> None:
-    """What the CLI and the pipeline do with such a file; raises what they would raise."""
-    if reader.startswith("lora-") or reader == "adapter_config":
+def exercise(reader: str, path: str, seeds, out: str, written: list | None = None) -> None:
+    """What the CLI and the pipeline do with such a file; raises what they would raise. The names
+    of the outputs written in ``out``'s folder are appended to ``written``, each once complete."""
+    written = [] if written is None else written
+    if reader.startswith("adapter-"):
+        lf = formats.read_lora(path, base_names=seeds["base_names"]["hunyuan-video"])
+        for m in lf.modules:
+            if not adapters.magnitude_axis(m):
+                adapters.factors(m)  # the exact factors convert, resize and merge take
+        formats.write_lora(lf, out)
+        written.append(os.path.basename(out))
+        folder = os.path.dirname(out)
+        base = seeds["adapter_base"]
+        convert(path, os.path.join(folder, "c.safetensors"), rank=2, base=base, quiet=True)
+        written.append("c.safetensors")
+        resize(path, os.path.join(folder, "r.safetensors"), rank=1, base=base, quiet=True)
+        written.append("r.safetensors")
+    elif reader.startswith("lora-") or reader == "adapter_config":
         arch = LORA_FORMATS.get(reader.removeprefix("lora-"), "flux")
         lf = formats.read_lora(path, base_names=seeds["base_names"][arch])  # as `port` reads it
         for m in lf.modules:
             m.factors()
         formats.write_lora(lf, out)
+        written.append(os.path.basename(out))
     elif reader == "cache":
         _, key, (m, n, k) = seeds["cache"]
         got = SubspaceCache(path).get(key, m, n, k)
@@ -413,27 +575,31 @@ def _peak_rss() -> int:
 
 def readers() -> dict[str, tuple[str, ...]]:
     out = {f"lora-{f}": ST_MUTATIONS + LORA_MUTATIONS for f in LORA_FORMATS}
+    out.update({reader: ST_MUTATIONS + ADAPTER_MUTATIONS for reader in ADAPTER_SEEDS})
     out["adapter_config"] = JSON_MUTATIONS
     out.update({"base-single": ST_MUTATIONS, "base-diffusers": ST_MUTATIONS, "base-sharded": JSON_MUTATIONS,
                 "base-pt": PT_MUTATIONS, "cache": ST_MUTATIONS})  # fmt: skip
     return out
 
 
-def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) -> dict:
-    """Run ``cases`` fuzz cases; returns {"counts", "failures", "seconds", "cli": (...)}."""
+def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False, only=()) -> dict:
+    """Run ``cases`` fuzz cases (over the readers whose name starts with one of ``only``, default
+    all); returns {"counts", "failures", "seconds", "cli": (...)}."""
     scratch_root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     root = tempfile.mkdtemp(prefix="loraport-fuzz-", dir=scratch_root)
     counts: Counter = Counter()
     outcomes: Counter = Counter()
     failures: list = []
     cli_inputs: list = []
-    table = readers()
+    table = {r: m for r, m in readers().items() if not only or r.startswith(tuple(only))}
     pick = random.Random(seed_value)
     t0 = time.perf_counter()
     warnings.simplefilter("ignore")
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     try:
         seeds = _seeds(root)
+        failures += _check_seeds(seeds, root)
+        outcomes["failure"] += len(failures)
         number = [0]
 
         @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
@@ -461,13 +627,12 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
                 out = os.path.join(folder, "out", "o.safetensors")
                 os.makedirs(os.path.dirname(out))
                 rss = _peak_rss()
+                written: list = []
                 signal.alarm(CASE_SECONDS)
                 try:
-                    exercise(reader, path, seeds, out)
+                    exercise(reader, path, seeds, out, written)
                     outcomes["ok"] += 1
-                    ok = True
                 except InputError as e:
-                    ok = False
                     outcomes["input error"] += 1
                     if "\n" in str(e) or not str(e).strip():
                         problem = f"InputError message is not one line: {str(e)!r}"
@@ -476,10 +641,11 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
                 grew = _peak_rss() - rss
                 if problem is None and grew > 2 * size + RSS_SLACK:
                     problem = f"peak RSS grew by {grew >> 20} MiB for a {size} B input"
-                left = os.listdir(os.path.dirname(out))
-                if problem is None and left != (["o.safetensors"] if ok and reader != "cache" and not reader.startswith("base") else []):
-                    problem = f"left in the output folder: {left}"
-                if problem is None and reader in ("base-single", "lora-kohya", "cache", "base-pt") and len(cli_inputs) < cli_cases and pick.random() < 0.05:
+                left = sorted(os.listdir(os.path.dirname(out)))
+                if problem is None and left != sorted(written):  # a failed write leaves nothing
+                    problem = f"left in the output folder: {left}, written {written}"
+                cli_readers = ("base-single", "lora-kohya", "cache", "base-pt", *ADAPTER_SEEDS)
+                if problem is None and reader in cli_readers and len(cli_inputs) < cli_cases and pick.random() < 0.05:
                     keep = os.path.join(root, f"cli{len(cli_inputs)}")
                     src = path if reader != "cache" else SubspaceCache(path).path(seeds["cache"][1])
                     shutil.copy(src, keep + os.path.splitext(src)[1])
@@ -495,7 +661,7 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
 
         one()
         in_process = time.perf_counter() - t0
-        cli = _run_cli(cli_inputs)
+        cli = _run_cli(cli_inputs, seeds["adapter_base"])
     finally:
         signal.signal(signal.SIGALRM, old_handler)
         shutil.rmtree(root, ignore_errors=True)
@@ -503,9 +669,10 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
                 total=time.perf_counter() - t0)  # fmt: skip
 
 
-def _run_cli(inputs) -> dict:
-    """``python -m loraport inspect FILE`` on each kept input: exit 0 or 2, <= 1 stderr line, no
-    traceback, under CASE_SECONDS."""
+def _run_cli(inputs, adapter_base: str) -> dict:
+    """``python -m loraport inspect FILE`` on each kept input (``convert FILE --base`` on adapter
+    files): exit 0 or 2, <= 1 stderr line, no traceback, no output after exit 2, under
+    CASE_SECONDS."""
     env = tiny.subprocess_env()  # the loraport this run imported, installed or from the source tree
     result = {"cases": 0, "failures": [], "seconds": 0.0}
     t0 = time.perf_counter()
@@ -516,15 +683,21 @@ def _run_cli(inputs) -> dict:
     result["limit"] = limit
     for reader, mutation, path in inputs:
         result["cases"] += 1
+        out = path + ".out.safetensors"
+        cmd = ["inspect", path]
+        if reader.startswith("adapter-"):
+            cmd = ["convert", path, "-o", out, "--rank", "2", "--base", adapter_base, "--quiet"]
         try:
-            res = subprocess.run([sys.executable, "-m", "loraport", "inspect", path], capture_output=True, text=True,
-                                 env=env, timeout=limit)  # fmt: skip
+            res = subprocess.run([sys.executable, "-m", "loraport", *cmd], capture_output=True, text=True, env=env,
+                                 timeout=limit)  # fmt: skip
         except subprocess.TimeoutExpired:
             result["failures"].append((reader, mutation, f"hang: over {limit:.0f} s"))
             continue
         lines = res.stderr.strip().splitlines()
         if res.returncode not in (0, 2) or len(lines) > 1 or "Traceback" in res.stderr:
             result["failures"].append((reader, mutation, f"exit {res.returncode}: {res.stderr[-500:]}"))
+        elif res.returncode == 2 and os.path.exists(out):
+            result["failures"].append((reader, mutation, f"exit 2 but {out} was written"))
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -545,7 +718,7 @@ def report(result: dict) -> str:
     lines.append(f"in process: {total} cases ({o['ok']} read fine, {o['input error']} one-line input errors), "
                  f"{len(result['failures'])} failures, {result['seconds']:.1f} s ({total / max(result['seconds'], 1e-9):.0f} cases/s)")  # fmt: skip
     cli = result["cli"]
-    lines.append(f"CLI subprocesses (python -m loraport inspect): {cli['cases']} cases, {len(cli['failures'])} failures, "
+    lines.append(f"CLI subprocesses (python -m loraport inspect / convert): {cli['cases']} cases, {len(cli['failures'])} failures, "
                  f"{cli['seconds']:.1f} s (limit per case {cli.get('limit', 0):.0f} s)")  # fmt: skip
     for reader, mutation, problem in (result["failures"] + cli["failures"])[:10]:
         lines.append(f"FAIL {reader} / {mutation}: {problem}")
@@ -557,11 +730,12 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cli-cases", type=int, default=10, help="single-file cases rerun as CLI subprocesses")
+    p.add_argument("--readers", nargs="*", default=(), help="only the readers starting with these (e.g. adapter-)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"loraport fuzz: {args.cases} cases, seed {args.seed}; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, {sys.platform}")  # fmt: skip
-    result = run(args.cases, args.seed, args.cli_cases)
+    result = run(args.cases, args.seed, args.cli_cases, only=args.readers)
     print(report(result))
     return 1 if result["failures"] or result["cli"]["failures"] else 0
 
