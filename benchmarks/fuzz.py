@@ -23,11 +23,12 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cli-cases", type=int, default=10, help="single-file cases rerun as CLI subprocesses")
+    p.add_argument("--readers", nargs="*", default=(), help="only the readers starting with these (e.g. adapter-)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"loraport fuzz: {args.cases} cases, seed {args.seed}; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, {sys.platform}")  # fmt: skip
-    result = run(args.cases, args.seed, args.cli_cases)
+    result = run(args.cases, args.seed, args.cli_cases, only=args.readers)
     print(report(result))
     return 1 if result["failures"] or result["cli"]["failures"] else 0
 

@@ -9,17 +9,21 @@ from loraport import adapters, formats, reference
 
 
 def test_convert_inputs_have_the_stated_structure(tmp_path):
-    layer_list = layers(32, 1)  # 32 wide: w2 of the LoKr is [out/16, in/16]
-    paths = convert_bench.make_inputs(str(tmp_path), layer_list)
-    f, r = convert_bench.LOKR_FACTOR, convert_bench.LOKR_RANK
-    for kind in ("loha", "lokr"):
-        for m in formats.read_lora(paths[kind]).modules:
+    layer_list = layers(32, 1)  # 32 wide: w2 of a factor-16 LoKr is [out/16, in/16]
+    paths = convert_bench.make_inputs(str(tmp_path), layer_list, convert_bench.VARIANTS)
+    for variant, (kind, size, w2_rank) in convert_bench.VARIANTS.items():
+        for m in formats.read_lora(paths[variant]).modules:
             dense = convert_bench.dense_delta(m).double()
             truth = reference.adapter_delta(m.tensors, m.scale, m.shape).flatten(1)
             assert float(torch.linalg.matrix_norm(dense - truth) / torch.linalg.matrix_norm(truth)) < 1e-5
             # exact factor widths: LoHa r², LoKr rank(w1) · rank(w2)
-            rank = convert_bench.LOHA_RANK**2 if kind == "loha" else f * min(r, m.shape[0] // f, m.shape[1] // f)
-            assert adapters.factors(m)[0].shape[1] == rank
+            w2 = min(m.shape[0] // size, m.shape[1] // size, w2_rank or m.shape[0])
+            assert adapters.factors(m)[0].shape[1] == (size**2 if kind == "loha" else size * w2), variant
+            # the yardstick: the exact singular values from the structure
+            S = torch.sort(convert_bench.singular_values(m), descending=True).values
+            want = torch.linalg.svdvals(truth)
+            torch.testing.assert_close(S[: want.numel()], want, rtol=1e-9, atol=1e-9 * float(want[0]))
+            assert S.numel() == want.numel() or float(S[want.numel() :].abs().max()) <= 1e-9 * float(want[0])
 
 
 def test_dora_starts_at_the_base_and_round_trips_through_a_peft_file(tmp_path):

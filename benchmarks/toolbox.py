@@ -9,29 +9,36 @@ measured in the same run on the same files:
     (streamed, batched loraport.rsvd, block Krylov, q = 2), end to end including reading and writing.
 
 Jobs: (1) resize a Hunyuan-Video-shaped rank-128 kohya LoRA to rank 32; (2) extract a rank-64 LoRA
-from a Hunyuan-shaped base / fine-tune pair; (3, 4) convert a LoHa and a LoKr to a rank-32 LoRA
-(benchmarks/convert.py) (bf16 safetensors; ΔW = 5 % of ‖W‖ with a slowly
-decaying spectrum, columns scaled by j^-1/2 in random order). Both over ``--blocks`` double and
-single blocks at FULL layer shapes (3072 wide; ``--quick``: 768 wide), the layers of Musubi's
-Hunyuan LoRAs: double-block img/txt attn qkv [9216, 3072], proj [3072, 3072], mlp fc1
-[12288, 3072], fc2 [3072, 12288]; single-block linear1 [21504, 3072], linear2 [3072, 15360].
+from a Hunyuan-shaped base / fine-tune pair (bf16 safetensors; ΔW = 5 % of ‖W‖ with a slowly
+decaying spectrum, columns scaled by j^-1/2 in random order); (3) convert LoHa and LoKr files to a
+rank-32 LoRA, one job per variant (``--jobs convert``: all of them; LoHa rank 8 and 16, LoKr
+factor 8 and 16 with a full lokr_w2 or lokr_w2_a/b; benchmarks/convert.py). All over ``--blocks``
+double and single blocks of Musubi's Hunyuan LoRA layers, ``--shapes hunyuan`` (the default: full
+shapes, 3072 wide) or ``small`` (768 wide; ``--quick`` is the same): double-block img/txt attn qkv
+[9216, 3072], proj [3072, 3072], mlp fc1 [12288, 3072], fc2 [3072, 12288]; single-block linear1
+[21504, 3072], linear2 [3072, 15360].
 
 The dense full SVD takes tens of seconds per layer on a small CPU, so it runs on the first
-``--dense-layers`` layers of each type only; it also gives the exact singular values, hence the
-optimal error (Eckart–Young) that every method's error is divided by, on those layers. Per-type
+``--dense-layers`` layers of each type only; for resize and extract it also gives the exact
+singular values, hence the optimal error (Eckart–Young) that every method's error is divided by,
+on those layers. The convert jobs take the optimal error from the exact singular values of the
+structure instead (benchmarks/convert.py), and time the dense full SVD, whose cost depends on the
+shapes, on the first convert variant only (``--dense-svd all``: on every variant). Per-type
 times are per layer (the decomposition, with forming ΔW for the dense methods; loraport: its
 layer's share of the batched call). Totals: measured wall time for the --blocks model where a
 method ran on every layer, else per-layer times x layer counts ("extrapolated"); and for the full
 Hunyuan Video set (20 double + 40 single blocks, 240 layers) from the per-type times. Peak
 memory: VmHWM of a fresh subprocess per method (includes torch itself, shown as the baseline).
 
-    python -m benchmarks.toolbox                 # full shapes, 1 block each (about 10 minutes on 2 cores)
-    python -m benchmarks.toolbox --quick         # 768 wide, seconds
+    python -m benchmarks.toolbox                                  # full shapes, every job, 1 block each
+    python -m benchmarks.toolbox --quick                          # 768 wide, every job
+    python -m benchmarks.toolbox --jobs convert --shapes hunyuan  # the conversion at full shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -51,7 +58,9 @@ from .rsvd import machine_description, markdown_tee
 TYPES = ("qkv", "proj", "fc1", "fc2", "linear1", "linear2")
 FULL_COUNTS = {t: 40 for t in TYPES}  # Hunyuan Video: 20 double blocks x img/txt, 40 single blocks
 METHODS = ("loraport", "dense full SVD", "dense svd_lowrank")
-JOBS = ("resize", "extract", "convert-loha", "convert-lokr")  # convert: benchmarks/convert.py
+CONVERT_JOBS = tuple(f"convert-{v}" for v in convert_bench.VARIANTS)  # benchmarks/convert.py
+JOBS = ("resize", "extract", *CONVERT_JOBS)
+WIDTHS = {"hunyuan": 3072, "small": 768}
 OVERSAMPLE = 8
 
 
@@ -135,10 +144,11 @@ def worker(args) -> dict:
     wall = None
     if args.job.startswith("convert"):
         r = convert_bench.worker(args, paths, layer_list, dense_names, OVERSAMPLE)
-        times, optimal, wall = r["times"], r["optimal"], r["wall"]
+        times, wall = r["times"], r["wall"]
         peak = vm_kib("VmHWM")  # before the error evaluation below
         for name, (new_up, new_down) in r["kept"].items():
             errors[name] = frob_error(convert_bench.dense_delta(r["lora_in"][name]), new_up, new_down)
+        optimal = convert_bench.optimal_errors(r["lora_in"], dense_names, rank)
     elif args.job == "resize":
         if args.method == "loraport":
             start = time.perf_counter()
@@ -229,10 +239,11 @@ def run_method(args, job: str, method: str, paths: dict, folder: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def report(args, job: str, results: dict[str, dict], writer) -> None:
+def report(args, job: str, results: dict[str, dict], writer) -> dict:
+    """Print the job's tables; returns {method: (full-Hunyuan seconds, (mean, max) error / optimal or None)}."""
     layer_list = layers(args.width, args.blocks)
     counts = {t: sum(1 for _, k, _ in layer_list if k == t) for t in TYPES}
-    optimal = results["dense full SVD"]["optimal"] if "dense full SVD" in results else {}
+    optimal = next((r["optimal"] for r in results.values() if r["optimal"] and not r.get("timed_on")), {})
     per_type: dict[str, dict[str, float]] = {}
     total_blocks: dict[str, tuple[float, str]] = {}
     for method, r in results.items():
@@ -249,14 +260,11 @@ def report(args, job: str, results: dict[str, dict], writer) -> None:
             total_blocks[method] = (sum(counts[t] * sum(v) / len(v) for t, v in mean.items()), "extrapolated")
     full = {m: sum(FULL_COUNTS[t] * per_type[m][t] for t in TYPES) for m in results}
     rank = {"resize": args.resize_rank, "extract": args.extract_rank}.get(job, args.convert_rank)
-    title = {
-        "resize": f"resize a rank-{args.lora_rank} LoRA to rank {rank}",
-        "extract": f"extract a rank-{rank} LoRA from a base / fine-tune pair",
-        "convert-loha": f"convert a rank-{convert_bench.LOHA_RANK} LoHa (exact rank "
-        f"{convert_bench.LOHA_RANK ** 2}) to a rank-{rank} LoRA",
-        "convert-lokr": f"convert a LoKr (w1 {convert_bench.LOKR_FACTOR}x{convert_bench.LOKR_FACTOR}, w2 rank "
-        f"{convert_bench.LOKR_RANK}: exact rank {convert_bench.LOKR_FACTOR * convert_bench.LOKR_RANK}) to a rank-{rank} LoRA",
-    }[job]
+    if job.startswith("convert-"):
+        title = f"convert a {convert_bench.describe(job.removeprefix('convert-'))} to a rank-{rank} LoRA"
+    else:
+        title = {"resize": f"resize a rank-{args.lora_rank} LoRA to rank {rank}",
+                 "extract": f"extract a rank-{rank} LoRA from a base / fine-tune pair"}[job]  # fmt: skip
     writer(f"\n### {title}: {args.blocks} double + {args.blocks} single blocks at width {args.width} "
            f"({len(layer_list)} layers)")  # fmt: skip
     writer("\nper layer, seconds (the decomposition; dense methods include forming ΔW):\n")
@@ -267,15 +275,51 @@ def report(args, job: str, results: dict[str, dict], writer) -> None:
     writer("\n| method | total, these layers (s) | full Hunyuan, 240 layers (s, from per-type) | speed-up vs dense "
            "full SVD (full) | error / optimal (mean, max) | peak RSS MiB (torch baseline) |")  # fmt: skip
     writer("|---|---:|---:|---:|---:|---:|")
+    summary = {}
     for m, r in results.items():
-        ratios = [r["errors"][n] / optimal[n] for n in optimal if optimal[n] > 0]
+        ratios = [r["errors"][n] / optimal[n] for n in optimal if optimal[n] > 0 and n in r["errors"]]
         secs, how = total_blocks[m]
         speedup = f"{full['dense full SVD'] / full[m]:.1f}x" if "dense full SVD" in full else "-"
         error = f"{sum(ratios) / len(ratios):.5f}, {max(ratios):.5f}" if ratios else "-"
+        stats = (sum(ratios) / len(ratios), max(ratios)) if ratios else None
+        if r.get("timed_on"):  # the shared dense full SVD: optimal up to float32 rounding by construction
+            error, stats, how = "1 (exact SVD)", None, f"{how}; timed on {r['timed_on']}"
+        summary[m] = (full[m], stats)
         writer(
             f"| {m} | {secs:.2f} ({how}) | {full[m]:.1f} | {speedup} | {error} | "
             f"{r['peak_kib'] / 1024:.0f} ({r['baseline_kib'] / 1024:.0f}) |"
         )
+    return summary
+
+
+def convert_summary(args, summaries: dict[str, dict], writer) -> None:
+    """One row per convert variant (full Hunyuan set, from per-type times), then one markdown line
+    for a headline table."""
+    if not summaries:
+        return
+    methods = [m for m in METHODS if all(m in s for s in summaries.values())]
+    writer(f"\n### convert to a rank-{args.convert_rank} LoRA: full Hunyuan Video set (240 layers at width "
+           f"{args.width}, seconds from the per-type times)\n")  # fmt: skip
+    head = " | ".join(f"{m} s" for m in methods)
+    writer(f"| variant | {head} | loraport speed-up vs each | error / optimal, max: "
+           + " / ".join(m for m in methods if m != "dense full SVD") + " |")  # fmt: skip
+    writer("|---|" + "---:|" * len(methods) + "---:|---:|")
+    speedups, worst = {m: [] for m in methods}, {m: 0.0 for m in methods}
+    for variant, s in summaries.items():
+        secs = " | ".join(f"{s[m][0]:.1f}" for m in methods)
+        ups = []
+        for m in methods:
+            if m != "loraport":
+                speedups[m].append(s[m][0] / s["loraport"][0])
+                ups.append(f"{speedups[m][-1]:.1f}x")
+            if s[m][1] is not None:
+                worst[m] = max(worst[m], s[m][1][1])
+        errs = " / ".join(f"{s[m][1][1]:.5f}" if s[m][1] else "-" for m in methods if m != "dense full SVD")
+        writer(f"| {convert_bench.describe(variant.removeprefix('convert-'))} | {secs} | {' / '.join(ups)} | {errs} |")
+    parts = [f"{min(v):.1f}x-{max(v):.1f}x faster than {m}" for m, v in speedups.items() if m != "loraport" and v]
+    writer(f"\n| LoHa / LoKr → LoRA at width {args.width} ({len(summaries)} variants) vs dense ΔW | "
+           f"{', '.join(parts)}; error / optimal ≤ {worst.get('loraport', 0):.4f} "
+           f"(svd_lowrank ≤ {worst.get('dense svd_lowrank', 0):.4f}) | `benchmarks/RESULTS.md` |")  # fmt: skip
 
 
 def layers_shape(width: int, t: str) -> str:
@@ -284,10 +328,16 @@ def layers_shape(width: int, t: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="768 wide instead of 3072: seconds")
+    p.add_argument("--shapes", choices=tuple(WIDTHS), default="hunyuan",
+                   help="hunyuan: full layer shapes (3072 wide); small: 768 wide")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="the same as --shapes small")
     p.add_argument("--blocks", type=int, default=1, help="double and single blocks each (default 1)")
     p.add_argument("--dense-layers", type=int, default=1, help="layers per type for the dense full SVD (default 1)")
-    p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=JOBS)
+    p.add_argument("--dense-svd", choices=("first", "all"), default="first",
+                   help="convert: time the dense full SVD on the first variant only (its cost depends on the "
+                   "shapes), or on all")  # fmt: skip
+    p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=(*JOBS, "convert"),
+                   help="convert: every convert variant")  # fmt: skip
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                    help="a subset (without the dense full SVD: no error / speed-up columns)")
     p.add_argument("--lora-rank", type=int, default=128)
@@ -305,18 +355,34 @@ def main(argv=None) -> None:
         args.job, args.method = args.worker
         print(json.dumps(worker(args)))
         return
-    args.width = args.width or (768 if args.quick else 3072)
+    args.width = args.width or WIDTHS["small" if args.quick else args.shapes]
+    jobs = [j for job in args.jobs for j in (CONVERT_JOBS if job == "convert" else (job,))]
+    variants = [j.removeprefix("convert-") for j in jobs if j.startswith("convert-")]
     with markdown_tee(args.markdown) as writer:
         writer(f"\n## toolbox benchmark ({machine_description('cpu')})")
+        with contextlib.suppress(OSError):
+            writer(f"load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])}")
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="loraport-bench-") as folder:
-            paths = make_inputs(folder, args.width, args.blocks, args.lora_rank)
-            if any(job.startswith("convert") for job in args.jobs):
-                paths.update(convert_bench.make_inputs(folder, layers(args.width, args.blocks)))
+            paths = {}
+            if any(job in ("resize", "extract") for job in jobs):
+                paths.update(make_inputs(folder, args.width, args.blocks, args.lora_rank))
+            paths.update(convert_bench.make_inputs(folder, layers(args.width, args.blocks), variants))
             writer(f"inputs written in {time.perf_counter() - started:.0f} s")
-            for job in args.jobs:
-                results = {m: run_method(args, job, m, paths, folder) for m in args.methods}
-                report(args, job, results, writer)
+            shared, summaries = None, {}
+            for job in jobs:
+                results = {}
+                for m in args.methods:
+                    if m == "dense full SVD" and job in CONVERT_JOBS and shared and args.dense_svd == "first":
+                        results[m] = shared  # the same dense shapes: its time, not its error, carries over
+                        continue
+                    results[m] = run_method(args, job, m, paths, folder)
+                    if m == "dense full SVD" and job in CONVERT_JOBS and shared is None:
+                        shared = dict(results[m], timed_on=job.removeprefix("convert-"))
+                summary = report(args, job, results, writer)
+                if job in CONVERT_JOBS and "loraport" in summary:
+                    summaries[job] = summary
+            convert_summary(args, summaries, writer)
         writer(f"\nbenchmark wall time {time.perf_counter() - started:.0f} s")
 
 

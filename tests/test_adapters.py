@@ -287,6 +287,31 @@ def test_factors_that_do_not_multiply_are_refused(tmp_path, hunyuan):
         formats.read_lora(sd, arch=ARCH)
 
 
+@pytest.mark.parametrize(
+    "kind,suffix,value,match",
+    [
+        ("loha", "hada_w1_a", torch.ones(16, 3, dtype=torch.int64), "must be floating point, got torch.int64"),
+        ("lokr", "lokr_w1", torch.ones(4, 4, dtype=torch.bool), "must be floating point"),
+        ("dora", "dora_scale", torch.tensor(1.0), r"is \[\]: needs at least 1 dimensions"),
+        ("full", "diff", torch.ones(16), r"is \[16\]: needs at least 2 dimensions"),
+        ("full", "diff", torch.ones(0, 16), r"is \[0, 16\]: empty"),
+        ("locon-tucker", "lora_mid.weight", torch.ones(3, 3, 0), "empty"),
+        ("full", "diff_b", torch.ones(3), "diff_b must hold one bias per output row"),
+        ("lokr", "lokr_w2_a", torch.ones(1, 4, 3), "lokr_w2 must be"),  # would broadcast in w2_a @ w2_b
+    ],
+)
+def test_adapter_tensors_of_the_wrong_kind_name_file_and_tensor(tmp_path, hunyuan, kind, suffix, value, match):
+    module = "img_in.proj" if kind == "locon-tucker" else "double_blocks.0.img_attn_proj"
+    sd, _ = adapter_file(kind, hunyuan, modules=[module])
+    key = next(k for k in sd if k.endswith("." + suffix))
+    sd[key] = value
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, path)
+    with pytest.raises(InputError, match=rf"bad\.safetensors: .*({match})") as e:
+        formats.read_lora(path, arch=ARCH)
+    assert "\n" not in str(e.value) and (key in str(e.value) or "img_attn_proj" in str(e.value))
+
+
 def test_peft_loha_and_lokr_alpha_from_their_config(tmp_path, hunyuan):
     """PEFT's LoHa/LoKr configs call it ``alpha`` (scale alpha / r); a LoKr with both factors
     full has no rank and stays at scale 1."""

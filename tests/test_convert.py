@@ -3,13 +3,14 @@
 within a tight factor of it), the reported energy and error, DoRA against the base weight, the
 kernel of a conv LoHa from the base, the CLI and bad input."""
 
+import importlib
 import math
 
 import pytest
 import torch
-from test_adapters import ARCH, adapter_file, rel
+from test_adapters import ARCH, adapter_file, dense_of, rel
 
-from loraport import convert, formats, merge, reference, resize
+from loraport import adapters, convert, formats, merge, reference, resize
 from loraport.cli import main
 from loraport.errors import InputError
 from loraport.testing import tiny
@@ -127,6 +128,13 @@ def test_resize_and_merge_take_adapters_through_the_same_path(tmp_path, base):
         assert rel(delta_of(m), 0.75 * reference.adapter_delta(t, scale, shape).flatten(1)) < 1e-5, m.name
 
 
+def test_merge_names_the_file_of_a_dora(tmp_path, base):
+    sd, _ = adapter_file("dora", base, modules=["double_blocks.0.img_attn_proj"])
+    path = save(tmp_path, sd)
+    with pytest.raises(InputError, match=r"in\.safetensors: module '.*' is DoRA LoCon: .*convert it first"):
+        merge([path, path], str(tmp_path / "m.safetensors"), arch=ARCH, quiet=True)
+
+
 def test_cli_convert(tmp_path, base, capsys):
     sd, _ = adapter_file("lokr", base)
     path = save(tmp_path, sd)
@@ -139,3 +147,80 @@ def test_cli_convert(tmp_path, base, capsys):
     sd, _ = adapter_file(["lokr", "loha"], base, modules=["double_blocks.0.img_attn_proj", "double_blocks.0.img_mlp.fc1"])
     assert main(["inspect", save(tmp_path, sd, "two.safetensors")]) == 0
     assert "types: {'LoKr': 1, 'LoHa': 1}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora-in"])
+def test_resize_keeps_a_dora_magnitude_and_reports_the_effective_error(tmp_path, base, kind):
+    modules = ["double_blocks.0.img_attn_qkv", "double_blocks.0.img_attn_proj", "img_in.proj"]
+    sd, truth = adapter_file(kind, base, modules=modules, rank=3)
+    path = save(tmp_path, sd)
+    base_path = tiny.save_base(base, str(tmp_path / "base.safetensors"))
+    out = str(tmp_path / "out.safetensors")
+    with pytest.raises(InputError, match=r"in\.safetensors: module '.*' is DoRA LoCon: .* give --base BASE"):
+        resize(path, out, rank=2, arch=ARCH, quiet=True)
+    rep = resize(path, out, rank=2, base=base_path, arch=ARCH, quiet=True)
+    assert rep.settings["dora_magnitude"] == "keep" and base_path in rep.inputs
+    rows = {r.module: r for r in rep.rows}
+    got = {m.name: m for m in formats.read_lora(out, arch=ARCH).modules}
+    axis = "out" if kind == "dora" else "in"
+    for name, (t, scale, shape) in truth_by_name(path, truth).items():
+        m = got[name]
+        assert m.magnitude_axis == axis and m.rank == 2
+        assert torch.equal(m.tensors["magnitude"], t["magnitude"].flatten())  # as trained
+        W = base[name + ".weight"].double()
+        delta = reference.adapter_delta({r: v for r, v in t.items() if r != "magnitude"}, scale, shape)
+        low = reference.best_rank(delta.flatten(1), 2).reshape(shape)  # Eckart–Young of the low-rank part
+        written = dense_of(adapters.without_magnitude(m)).reshape(shape)
+        assert rel(written.flatten(1), low.flatten(1)) < 1e-5, name
+        # what the file applies: m ⊙ (W + ΔW') / ‖W + ΔW'‖, against the float64 reference
+        want = reference.dora_weight(W, low, t["magnitude"], axis)
+        applied = reference.dora_weight(W, written, m.tensors["magnitude"], axis) - W
+        assert rel(applied.flatten(1), (want - W).flatten(1)) < 1e-5, name
+        before = reference.dora_weight(W, delta, t["magnitude"], axis) - W
+        assert abs(rows[name].rel_error - rel((want - W).flatten(1), before.flatten(1))) < 1e-5, name
+        assert abs(rows[name].energy - (1 - rel(low.flatten(1), delta.flatten(1)) ** 2)) < 1e-5, name
+
+
+def test_resize_cli_refuses_a_dora_without_its_base(tmp_path, base, capsys):
+    sd, _ = adapter_file("dora", base, modules=["double_blocks.0.img_attn_proj"])
+    path = save(tmp_path, sd)
+    out = str(tmp_path / "out.safetensors")
+    assert main(["resize", path, "-o", out, "--rank", "2", "--arch", ARCH, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and path in err[0] and "--base" in err[0] and not (tmp_path / "out.safetensors").exists()
+    base_path = tiny.save_base(base, str(tmp_path / "base.safetensors"))
+    assert main(["resize", path, "-o", out, "--rank", "2", "--base", base_path, "--arch", ARCH, "--quiet"]) == 0
+    (m,) = formats.read_lora(out, arch=ARCH).modules
+    assert m.magnitude_axis == "out" and m.rank == 2
+
+
+@pytest.mark.parametrize("r", [4, 8])
+def test_loha_paths_give_the_best_rank_k_error(tmp_path, monkeypatch, r):
+    """LoHa rank 4 (p = 16) takes its exact factors, rank 8 (p = 64) the dense ΔW and rsvd
+    (convert.LOHA_DENSE_MULTIPLE x the rsvd's 36 columns at rank 4 on these 64-wide layers); either
+    path, chosen or forced, reaches the Eckart–Young error of the float64 reference."""
+    wide = tiny.base_model(ARCH, width=64, seed=0)
+    sd, truth = adapter_file("loha", wide, rank=r, modules=["double_blocks.0.img_attn_proj", "double_blocks.0.img_mlp.fc1"])
+    path = save(tmp_path, sd)
+    module = importlib.import_module("loraport.convert")
+    formed = []
+    real = module._loha_delta
+    monkeypatch.setattr(module, "_loha_delta", lambda m: formed.append(m.name) or real(m))
+    want = truth_by_name(path, truth)
+    chosen = r == 8
+    for forced, multiple in enumerate((module.LOHA_DENSE_MULTIPLE, 0.0 if not chosen else math.inf)):
+        monkeypatch.setattr(module, "LOHA_DENSE_MULTIPLE", multiple)  # as chosen, then the other path
+        formed.clear()
+        out = str(tmp_path / f"out{forced}.safetensors")
+        rep = convert(path, out, rank=4, arch=ARCH, quiet=True)
+        dense = bool(formed)
+        assert sorted(formed) in ([], sorted(want))  # every layer on the one path
+        assert dense == (chosen != bool(forced))
+        rows = {row.module: row for row in rep.rows}
+        for m in formats.read_lora(out, arch=ARCH).modules:
+            t, scale, shape = want[m.name]
+            reference_delta = reference.adapter_delta(t, scale, shape).flatten(1)
+            best = float(reference.optimal_error(reference_delta, 4) / torch.linalg.matrix_norm(reference_delta))
+            err = rel(delta_of(m), reference_delta)
+            assert err <= best * (1.01 if dense else 1 + 1e-5), (m.name, dense, err, best)
+            assert abs(rows[m.name].rel_error - err) < 1e-4, m.name

@@ -177,6 +177,13 @@ def make_module(component, name, stem, known, parts: dict[str, tuple[str, torch.
     """An AdapterModule from one module's tensors (role -> (key, tensor)), shapes checked."""
     roles = set(parts) - {"alpha"}
     kind = _kind(roles, label, stem)
+    for role, (key, t) in parts.items():
+        least = 0 if role == "alpha" else 1 if role in ("magnitude", "diff_b") else 2  # dims: a vector, a matrix
+        if role != "alpha" and not t.is_floating_point():
+            raise InputError(f"{label}: tensor '{key}' must be floating point, got {t.dtype}")
+        if t.dim() < least or (role != "alpha" and t.numel() == 0):
+            raise InputError(f"{label}: tensor '{key}' is {list(t.shape)}: "
+                             + ("empty" if t.dim() >= least else f"needs at least {least} dimensions"))  # fmt: skip
     tensors = {role: t for role, (_, t) in parts.items() if role != "alpha"}
     m = AdapterModule(component, name, kind, tensors, alpha, stem, known)
     m.flat_kernel = kind == "loha" and "hada_t1" not in tensors
@@ -221,19 +228,26 @@ def _check_shapes(m: AdapterModule) -> tuple[int, ...]:
                     raise ValueError(f"hada_t{i} must be [r, r, *kernel]")
             elif a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
                 raise ValueError(f"hada_w{i}_a [out, r] and hada_w{i}_b [r, in·kernel] do not match")
-        if _loha_product(t, 1).shape != _loha_product(t, 2).shape:
+        if _loha_shape(t, 1) != _loha_shape(t, 2):
             raise ValueError("the two Hadamard factors differ in shape")
     elif m.kind == "lokr":
         if lokr_w1(t).dim() != 2:
             raise ValueError("lokr_w1 must be 2-d")
-        lokr_w2_flat(t)
+        if lokr_w2_flat(t).dim() != 2:  # a factor with an extra dim broadcasts in the products
+            raise ValueError("lokr_w2 must be [c, d, *kernel]")
+    elif "diff_b" in t and tuple(t["diff_b"].shape) != tuple(t["diff"].shape[:1]):
+        raise ValueError("diff_b must hold one bias per output row of diff")
     return m.shape
 
 
-def _loha_product(t, i: int) -> torch.Tensor:
-    """The i-th Hadamard factor as a dense [out, in·kernel] (shape checks only; small files)."""
+def _loha_shape(t, i: int) -> tuple[int, int]:
+    """(out, in·kernel) of the i-th Hadamard factor, from its factors (never the dense product)."""
     a, b = low_rank_pair(t, i)
-    return a @ b
+    if a.dim() != 2 or b.dim() != 2:  # a factor with an extra dim broadcasts in the products
+        raise ValueError(f"hada_w{i}_a and hada_w{i}_b must be 2-d")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"hada_w{i}_a and hada_t{i} disagree on the rank")
+    return a.shape[0], b.shape[1]
 
 
 def low_rank_pair(t, i: int) -> tuple[torch.Tensor, torch.Tensor]:

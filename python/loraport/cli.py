@@ -208,6 +208,7 @@ def _toolbox_parsers(sub) -> None:
     r = sub.add_parser("resize", help="lower a LoRA's rank (Frobenius-optimal per layer)")
     r.add_argument("lora")
     ranks(r)
+    r.add_argument("--base", help="base model: needed for DoRA (its magnitude is kept; the error is the effective weight's)")
     common(r)
     c = sub.add_parser("convert", help="LoHa, LoKr, Tucker LoCon, DoRA or full-diff adapter -> plain LoRA (best rank-R)")
     c.add_argument("adapter")
@@ -233,14 +234,15 @@ def _toolbox_parsers(sub) -> None:
 
 
 def _toolbox(args) -> int:
-    inputs = {"resize": lambda: [args.lora], "extract": lambda: [args.base, args.tuned],
+    inputs = {"resize": lambda: [args.lora, *([args.base] if args.base else [])], "extract": lambda: [args.base, args.tuned],
               "convert": lambda: [args.adapter, *([args.base] if args.base else [])],
               "merge": lambda: [_tb.parse_weighted(e)[0] for e in args.loras]}[args.command]()  # fmt: skip
     formats.check_output(args.out, inputs)
     common = dict(format=args.format, arch=args.arch, device=args.device, max_memory=args.max_vram,
                   report=args.report, quiet=args.quiet)  # fmt: skip
     if args.command == "resize":
-        rep = resize(args.lora, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio, **common)
+        rep = resize(args.lora, args.out, rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio, base=args.base,
+                     **common)  # fmt: skip
     elif args.command == "convert":
         if args.rank is None and args.energy is None:
             raise InputError(f"{args.adapter}: give --rank R or --energy E")

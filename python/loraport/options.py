@@ -160,10 +160,11 @@ class ToolOptions:
     power_iters: int = 2
     oversample: int = 8
     seed: int = 0
-    base: str | None = None  # convert: the base model's label
+    base: str | None = None  # convert, resize: the base model's label
+    dora_magnitude: str | None = None  # resize of a DoRA: "keep" (its magnitude as trained)
 
     REPORTED: ClassVar[dict] = {  # the report's settings per job, in the order they are written
-        "resize": ("rank", "energy", "sv_ratio", "device", "max_memory"),
+        "resize": ("rank", "energy", "sv_ratio", "device", "max_memory", "base"),
         "merge": ("loras", "mode", "rank", "energy", "sv_ratio", "device", "max_memory"),
         "extract": ("rank", "energy", "conv", "include", "exclude", "min_rel_diff", "device", "method",
                     "power_iters", "oversample", "seed", "max_memory"),  # fmt: skip
@@ -194,7 +195,10 @@ class ToolOptions:
 
     def settings(self) -> dict:
         """The report's ``settings``: this job's options."""
-        return {name: getattr(self, name) for name in self.REPORTED[self.job]}
+        out = {name: getattr(self, name) for name in self.REPORTED[self.job]}
+        if self.dora_magnitude is not None:
+            out["dora_magnitude"] = self.dora_magnitude
+        return out
 
     def select(self, cap: int | None = None):
         """The rank rule as select(S, total) -> k, with S [p] descending (float64) and total =

@@ -117,6 +117,7 @@ def resize(
     rank: int | None = None,
     energy: float | None = None,
     sv_ratio: float | None = None,
+    base=None,
     format: str = "auto",
     arch: str = "auto",
     device: str = "cpu",
@@ -126,25 +127,32 @@ def resize(
 ) -> ToolReport:
     """Lower the rank of every layer of ``lora`` to the Frobenius-optimal rank-k approximation of
     its ΔW (scale included), k = ``rank``, or chosen per layer by ``energy`` / ``sv_ratio``
-    (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's)."""
+    (``rank`` then caps it); write it to ``out`` (in ``format``, default the input's). A DoRA
+    layer stays DoRA: its low-rank part ΔW is truncated so, its magnitude m is kept as trained,
+    and its row reports the error of the effective update m ⊙ (W + ΔW') / ‖W + ΔW'‖ − W, which
+    needs the base model ``base`` (InputError for a DoRA file without one)."""
     options = ToolOptions.from_args("resize", rank=rank, energy=energy, sv_ratio=sv_ratio, device=device,
                                     max_memory=max_memory)  # fmt: skip
     select, device = options.select(), options.device
     t_start = time.perf_counter()
-    lf = formats.read_lora(lora, arch=arch)
-    out = formats.check_output(out, [lf.path])
-    formats.check_format(formats.output_format(format, lf.format), lf.arch, [m.component for m in lf.modules], lf.label)
-    from .convert import low_rank_modules  # the path of every adapter type; convert.py builds on this module
+    from .convert import low_rank_modules, read_with_base  # every adapter type's path; convert.py imports this module
 
+    lf, b, base_style, inputs = read_with_base(lora, base, arch)
+    out = formats.check_output(out, inputs)
+    formats.check_format(formats.output_format(format, lf.format), lf.arch, [m.component for m in lf.modules], lf.label)
+    options = replace(options, base=None if b is None else b.label,
+                      dora_magnitude="keep" if any(adapters.magnitude_axis(m) for m in lf.modules) else None)  # fmt: skip
     seconds: dict = {}
     with streaming.progress(len(lf.modules), "resizing", quiet) as bar:
         rows, results = low_rank_modules(lf, select, action=Action.RESIZED, rank=rank, energy=energy, device=device,
-                                         max_memory=options.max_memory, seconds=seconds, bar=bar)  # fmt: skip
-    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label], out, options.settings(), seconds)
+                                         max_memory=options.max_memory, seconds=seconds, bar=bar, base=b,
+                                         base_style=base_style, dora="keep")  # fmt: skip
+    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label, *inputs[1:]], out, options.settings(), seconds)
+    rep.bytes_read = b.bytes_read if b else 0
     rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
     meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return finish(rep, result, results, out, format, meta, [lf.path], report, t_start)
+    return finish(rep, result, results, out, format, meta, inputs, report, t_start)
 
 
 def parse_weighted(entry) -> tuple[str, float]:
@@ -215,6 +223,11 @@ def merge(
                 raise InputError(
                     f"{files[i].label}: module '{m.key}' is {list(m.shape)} but "
                     f"{list(layout)} in {files[parts[0][0]].label}: the LoRAs are for different models"
+                )
+            if adapters.magnitude_axis(m):
+                raise InputError(
+                    f"{files[i].label}: module '{m.key}' is {m.type_name}: its update depends on the base "
+                    "weight, so it has no low-rank factors to merge; convert it first (loraport convert --base)"
                 )
             up, down = adapters.factors(m)  # [out, r_i], [r_i, in·kernel]; exact for LoHa, LoKr, ...
             ups.append(up * entries[i][1])

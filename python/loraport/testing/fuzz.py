@@ -3,18 +3,21 @@
 ``python -m benchmarks.fuzz --cases N --seed S [--cli-cases M]``.
 
 Hypothesis draws a reader and a mutation of a small valid file of that reader (LoRAs in each
-format and a PEFT adapter_config.json; base models as one safetensors file, a sharded index, a
-``.pt`` checkpoint and a diffusers folder; subspace cache entries), writes the mutated file and
-runs it in this process through the entry points the CLI uses (formats.read_lora then
-write_lora; BaseModel then every tensor's shape, dtype and data; SubspaceCache.get). The property:
+format and a PEFT adapter_config.json; adapter files of every type: LoHa, LoKr, Tucker LoCon, DoRA
+and full differences in LyCORIS names, LoHa, LoKr and DoRA in PEFT names; base models as one
+safetensors file, a sharded index, a ``.pt`` checkpoint and a diffusers folder; subspace cache
+entries), writes the mutated file and runs it in this process through the entry points the CLI
+uses (formats.read_lora then write_lora; for adapter files also convert and resize against a base
+model; BaseModel then every tensor's shape, dtype and data; SubspaceCache.get). The property:
 each case ends in success or in loraport's InputError with a one-line message (the CLI's exit 2)
 -- for the cache, in an entry or a miss, never an exception -- with no other exception, no case
 over 10 s, no output or temporary file left by a failed write, and no allocation driven by a
 forged size (the process's peak RSS may not grow by more than twice the file's size plus 32 MiB
-of allocator slack). ``cli_cases`` (``--cli-cases``) of the single-file cases are run again as
-``python -m loraport inspect FILE`` subprocesses (exit 0 or 2, at most one stderr line, no
-traceback, under 10 s). ``report`` formats a table of cases and failures per reader and
-mutation, the first failures with their tracebacks, and the seconds taken."""
+of allocator slack). ``--cli-cases`` of the single-file cases are run again end to end as
+``python -m loraport inspect FILE`` subprocesses, adapter files as ``python -m loraport convert``
+(exit 0 or 2, at most one stderr line, no traceback, no output after exit 2, under 10 s). ``report`` formats a table of cases and failures per reader and
+mutation, the first failures with their tracebacks, and the seconds taken. The adapter files'
+seeds and mutations, and the safetensors byte helpers: loraport.testing.fuzz_files."""
 
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import resource
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,15 +39,14 @@ from collections import Counter, defaultdict
 import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
-from .. import formats
+from .. import adapters, convert, formats, resize
 from ..basemodel import BaseModel
 from ..cache import SubspaceCache
 from ..errors import InputError
-from . import tiny
+from . import fuzz_files, tiny
+from .fuzz_files import ADAPTER_MUTATIONS, ADAPTER_SEEDS, CASE_SECONDS
 
-CASE_SECONDS = 10
 RSS_SLACK = 32 << 20
 LORA_FORMATS = {"kohya": "flux", "tencent": "hunyuan-video", "diffusers": "flux", "peft": "flux", "comfy": "flux"}
 ST_MUTATIONS = (
@@ -74,61 +75,73 @@ def _seeds(folder: str) -> dict:
         mods = tiny.lora_targets(arch, base)[:4]
         sd = tiny.lora(arch, base, fmt=fmt, rank=2, alpha=1.0 if fmt in ("kohya", "tencent", "comfy") else None,
                        modules=mods)  # fmt: skip
-        seeds[f"lora-{fmt}"] = _parse(_st_bytes(sd, {"ss_network_dim": "2", "modelspec.title": "seed"}))
+        seeds[f"lora-{fmt}"] = fuzz_files.parse(fuzz_files.st_bytes(sd, {"ss_network_dim": "2", "modelspec.title": "seed"}))
     peft_sd = tiny.lora("flux", flux, fmt="peft", rank=2, alpha=None, modules=tiny.lora_targets("flux", flux)[:3])
-    seeds["adapter_config"] = (_st_bytes(peft_sd, {}), json.dumps({"r": 2, "lora_alpha": 4, "use_rslora": False,
+    seeds["adapter_config"] = (fuzz_files.st_bytes(peft_sd, {}), json.dumps({"r": 2, "lora_alpha": 4, "use_rslora": False,
                                                                    "alpha_pattern": {}, "peft_type": "LORA"}).encode())  # fmt: skip
     small = {k: v for k, v in list(flux.items())[:6]}
-    seeds["base-single"] = _parse(_st_bytes(small, {"format": "pt"}))
+    seeds["base-single"] = fuzz_files.parse(fuzz_files.st_bytes(small, {"format": "pt"}))
     seeds["base-diffusers"] = seeds["base-single"]
     keys = list(small)
     shards = {"model-00001-of-00002.safetensors": keys[:3], "model-00002-of-00002.safetensors": keys[3:]}
     seeds["base-sharded"] = (
-        {f: _st_bytes({k: small[k] for k in ks}, {}) for f, ks in shards.items()},
+        {f: fuzz_files.st_bytes({k: small[k] for k in ks}, {}) for f, ks in shards.items()},
         json.dumps({"metadata": {"total_size": 1}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}).encode(),
     )
     buf = io.BytesIO()
     torch.save({"module": {k: v.contiguous() for k, v in small.items()}}, buf)
     seeds["base-pt"] = buf.getvalue()
+    seeds["adapter_base"] = tiny.save_base(hun, os.path.join(folder, "adapter-base.safetensors"))
+    for reader, (fmt, kinds) in ADAPTER_SEEDS.items():
+        seeds[reader] = fuzz_files.parse(fuzz_files.st_bytes(fuzz_files.adapter_state_dict(hun, fmt, kinds), {}))
     w = small[keys[0]].float()  # [m, n]
     U, S, Vh = torch.linalg.svd(w, full_matrices=False)
     cache = SubspaceCache(os.path.join(folder, "cache-seed"))
     key = SubspaceCache.key("fingerprint", "model", [], w.shape[1], 2, dict(method="power", power_iters=2, oversample=8, seed=0))
     cache.put(key, U[:, :2], S[:2], Vh[:2].T, (w.double() ** 2).sum())
     with open(cache.path(key), "rb") as f:
-        seeds["cache"] = (_parse(f.read()), key, (w.shape[0], w.shape[1], 2))
+        seeds["cache"] = (fuzz_files.parse(f.read()), key, (w.shape[0], w.shape[1], 2))
     return seeds
 
 
-def _st_bytes(tensors, metadata) -> bytes:
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, f.name, metadata=metadata or None)
-        return open(f.name, "rb").read()
 
 
-def _parse(blob: bytes):
-    (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
-def _build(header, data: bytes, header_text: bytes | None = None, length: int | None = None) -> bytes:
-    text = header_text if header_text is not None else json.dumps(header, ensure_ascii=False).encode()
-    return struct.pack("<Q", len(text) if length is None else length) + text + data
+def _check_seeds(seeds, folder: str) -> list:
+    """Failures of the unmutated adapter seeds, which must go all the way through `exercise`
+    (this also loads what the cases use before any case's memory is measured)."""
+    failures = []
+    for reader in ADAPTER_SEEDS:
+        case = os.path.join(folder, "seed-" + reader)
+        os.makedirs(os.path.join(case, "out"))
+        _write(os.path.join(case, "lora.safetensors"), fuzz_files.build(*seeds[reader]))
+        written: list = []
+        try:
+            exercise(reader, os.path.join(case, "lora.safetensors"), seeds, os.path.join(case, "out", "o.safetensors"),
+                     written)  # fmt: skip
+            if len(written) != 3:
+                failures.append((reader, "valid seed", f"wrote only {written}"))
+        except Exception as e:  # noqa: BLE001  (a valid file that fails is the finding)
+            failures.append((reader, "valid seed", f"{type(e).__name__}: {e}"[:300] + "\n" + traceback.format_exc(limit=-4)))
+        shutil.rmtree(case)
+    return failures
 
 
-# ---------------------------------------------------------------- mutations
 
 
-def _tensor_keys(header):
-    return sorted(k for k in header if k != "__metadata__")
+
+
+
+
 
 
 def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
     header, data = json.loads(json.dumps(parsed[0])), parsed[1]
-    keys = _tensor_keys(header)
+    keys = fuzz_files.tensor_keys(header)
     key = draw(st.sampled_from(keys))
     info = header[key]
-    blob = _build(header, data)
+    blob = fuzz_files.build(header, data)
     if mutation == "truncate":
         text_len = struct.unpack("<Q", blob[:8])[0]
         region = draw(st.sampled_from(["length", "header", "data"]))
@@ -141,20 +154,20 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
     if mutation == "header_garbage":
         n = struct.unpack("<Q", blob[:8])[0]
         junk = draw(st.binary(min_size=0, max_size=n + 16))
-        return _build(None, data, header_text=junk)
+        return fuzz_files.build(None, data, header_text=junk)
     if mutation == "header_unicode":
         text = json.dumps(header, ensure_ascii=False)
         choice = draw(st.sampled_from(["key", "invalid_utf8", "bom", "surrogate"]))
         if choice == "key":
             header[draw(st.text(min_size=1, max_size=8))] = header.pop(key)
-            return _build(header, data)
+            return fuzz_files.build(header, data)
         if choice == "invalid_utf8":
             raw = text.encode()
             at = draw(st.integers(0, len(raw) - 1))
-            return _build(None, data, header_text=raw[:at] + b"\xff\xfe" + raw[at:])
+            return fuzz_files.build(None, data, header_text=raw[:at] + b"\xff\xfe" + raw[at:])
         if choice == "bom":
-            return _build(None, data, header_text=b"\xef\xbb\xbf" + text.encode())
-        return _build(None, data, header_text=text.replace(key, key + "\\ud800", 1).encode())
+            return fuzz_files.build(None, data, header_text=b"\xef\xbb\xbf" + text.encode())
+        return fuzz_files.build(None, data, header_text=text.replace(key, key + "\\ud800", 1).encode())
     if mutation == "deep_nesting":
         depth = draw(st.sampled_from([64, 200, 1000, 100_000]))
         where = draw(st.sampled_from(["metadata", "shape", "top"]))
@@ -166,11 +179,11 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
             text = text[:-1] + ',"__metadata__":{"x":' + nest + "}}"
         else:
             text = '{"a":' + nest + "," + text[1:]
-        return _build(None, data, header_text=text.encode())
+        return fuzz_files.build(None, data, header_text=text.encode())
     if mutation == "duplicate_keys":
         text = json.dumps(header)
         other = dict(info, data_offsets=[0, info["data_offsets"][1] - info["data_offsets"][0]])
-        return _build(None, data, header_text=(text[:-1] + f", {json.dumps(key)}: {json.dumps(other)}}}").encode())
+        return fuzz_files.build(None, data, header_text=(text[:-1] + f", {json.dumps(key)}: {json.dumps(other)}}}").encode())
     if mutation == "offsets":
         b, e = info["data_offsets"]
         kind = draw(st.sampled_from(["beyond", "reversed", "overlap", "negative", "huge", "not_int", "missing"]))
@@ -183,7 +196,7 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
             "not_int": [float(b) + 0.5, "x"],
             "missing": [b],
         }[kind]
-        return _build(header, data)
+        return fuzz_files.build(header, data)
     if mutation == "dtype_shape":
         kind = draw(st.sampled_from(["dtype", "shape", "negative_dim", "float_dim", "not_list"]))
         if kind == "dtype":
@@ -196,14 +209,14 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
             info["shape"] = [1.5, *info["shape"][1:]]
         else:
             info["shape"] = "16"
-        return _build(header, data)
+        return fuzz_files.build(header, data)
     if mutation == "unknown_dtype":
         info["dtype"] = draw(st.sampled_from(["F128", "Q4_0", "", "f32", "C64", "U64", "F4", "E8M0"]))
-        return _build(header, data)
+        return fuzz_files.build(header, data)
     if mutation == "huge_shape":
         big = draw(st.sampled_from([2**31, 2**40, 2**62, 2**64 - 1]))
         info["shape"] = draw(st.sampled_from([[big], [big, big], [1, big], [0, big]]))
-        return _build(header, data)
+        return fuzz_files.build(header, data)
     if mutation == "nan_inf":
         raw = bytearray(data)
         b, e = info["data_offsets"]
@@ -215,19 +228,19 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
             if info["dtype"] == "BF16":
                 packed = torch.tensor([value], dtype=torch.bfloat16)
             raw[at : at + size] = packed.view(torch.uint8).numpy().tobytes()
-        return _build(header, bytes(raw))
+        return fuzz_files.build(header, bytes(raw))
     if mutation == "zero_size":
         shape = list(info["shape"]) or [1]
         shape[draw(st.integers(0, len(shape) - 1))] = 0
         info["shape"], info["data_offsets"] = shape, [info["data_offsets"][0]] * 2
-        return _build(header, data)  # the tensor's old bytes now belong to no tensor
+        return fuzz_files.build(header, data)  # the tensor's old bytes now belong to no tensor
     if mutation == "metadata":
         header["__metadata__"] = draw(st.sampled_from([{"a": 1}, {"a": None}, {"a": ["x"]}, {"a": {"b": "c"}},
                                                       "text", [1, 2], None, {"lora_adapter_metadata": "{not json"},
                                                       {"lora_adapter_metadata": '{"lora_alpha": "x"}'},
                                                       {"lora_adapter_metadata": '{"lora_alpha": 1, "alpha_pattern": 3}'},
                                                       {"lora_adapter_metadata": '[1]'}]))  # fmt: skip
-        return _build(header, data)
+        return fuzz_files.build(header, data)
     if mutation == "bitflip":
         raw = bytearray(blob)
         for _ in range(draw(st.integers(1, 8))):
@@ -235,11 +248,15 @@ def mutate_safetensors(draw, parsed, mutation: str, lora: bool) -> bytes:
             raw[at] ^= 1 << draw(st.integers(0, 7))
         return bytes(raw)
     assert lora, mutation
+    if mutation.startswith("adapter_"):
+        return fuzz_files.mutate_adapter(draw, header, data, mutation)
     return _mutate_lora(draw, header, data, mutation)
 
 
+
+
 def _mutate_lora(draw, header, data, mutation):
-    tensors = {k: _tensor(header, data, k) for k in _tensor_keys(header)}
+    tensors = {k: fuzz_files.tensor(header, data, k) for k in fuzz_files.tensor_keys(header)}
     meta = header.get("__metadata__")
     stems = sorted({k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in tensors})
     stem = draw(st.sampled_from(stems))
@@ -273,14 +290,9 @@ def _mutate_lora(draw, header, data, mutation):
             alt = body.replace("_", ".", 1) if "_" in body else body.replace(".", "_", 1)
             for k in [k for k in tensors if k.startswith(stem + ".")]:
                 tensors[stem[:prefix_len] + alt + k[len(stem) :]] = tensors[k].clone()
-    return _st_bytes(tensors, meta if isinstance(meta, dict) else {})
+    return fuzz_files.st_bytes(tensors, meta if isinstance(meta, dict) else {})
 
 
-def _tensor(header, data, key):
-    info = header[key]
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[info["dtype"]]
-    b, e = info["data_offsets"]
-    return torch.frombuffer(bytearray(data[b:e]), dtype=dtype).reshape(info["shape"]).clone()
 
 
 def mutate_json(draw, text: bytes, mutation: str) -> bytes:
@@ -343,7 +355,7 @@ def _write(path, blob):
 def make_case(draw, seeds, reader: str, mutation: str, folder: str):
     """Write the mutated input of ``reader`` under ``folder``; returns (path to hand to the
     reader, total input bytes)."""
-    if reader.startswith("lora-"):
+    if reader.startswith(("lora-", "adapter-")):
         path = os.path.join(folder, "lora.safetensors")
         _write(path, mutate_safetensors(draw, seeds[reader], mutation, lora=True))
     elif reader == "adapter_config":
@@ -364,7 +376,7 @@ def make_case(draw, seeds, reader: str, mutation: str, folder: str):
         target = draw(st.sampled_from(["index", *sorted(shards)]))
         for name, blob in shards.items():
             if name == target:
-                blob = mutate_safetensors(draw, _parse(blob), draw(st.sampled_from(ST_MUTATIONS)), lora=False)
+                blob = mutate_safetensors(draw, fuzz_files.parse(blob), draw(st.sampled_from(ST_MUTATIONS)), lora=False)
             _write(os.path.join(folder, name), blob)
         _write(path, mutate_json(draw, index, mutation) if target == "index" else index)
     elif reader == "base-pt":
@@ -379,14 +391,30 @@ def make_case(draw, seeds, reader: str, mutation: str, folder: str):
     return path, size
 
 
-def exercise(reader: str, path: str, seeds, out: str) -> None:
-    """What the CLI and the pipeline do with such a file; raises what they would raise."""
-    if reader.startswith("lora-") or reader == "adapter_config":
+def exercise(reader: str, path: str, seeds, out: str, written: list | None = None) -> None:
+    """What the CLI and the pipeline do with such a file; raises what they would raise. The names
+    of the outputs written in ``out``'s folder are appended to ``written``, each once complete."""
+    written = [] if written is None else written
+    if reader.startswith("adapter-"):
+        lf = formats.read_lora(path, base_names=seeds["base_names"]["hunyuan-video"])
+        for m in lf.modules:
+            if not adapters.magnitude_axis(m):
+                adapters.factors(m)  # the exact factors convert, resize and merge take
+        formats.write_lora(lf, out)
+        written.append(os.path.basename(out))
+        folder = os.path.dirname(out)
+        base = seeds["adapter_base"]
+        convert(path, os.path.join(folder, "c.safetensors"), rank=2, base=base, quiet=True)
+        written.append("c.safetensors")
+        resize(path, os.path.join(folder, "r.safetensors"), rank=1, base=base, quiet=True)
+        written.append("r.safetensors")
+    elif reader.startswith("lora-") or reader == "adapter_config":
         arch = LORA_FORMATS.get(reader.removeprefix("lora-"), "flux")
         lf = formats.read_lora(path, base_names=seeds["base_names"][arch])  # as `port` reads it
         for m in lf.modules:
             m.factors()
         formats.write_lora(lf, out)
+        written.append(os.path.basename(out))
     elif reader == "cache":
         _, key, (m, n, k) = seeds["cache"]
         got = SubspaceCache(path).get(key, m, n, k)
@@ -414,27 +442,31 @@ def _peak_rss() -> int:
 
 def readers() -> dict[str, tuple[str, ...]]:
     out = {f"lora-{f}": ST_MUTATIONS + LORA_MUTATIONS for f in LORA_FORMATS}
+    out.update({reader: ST_MUTATIONS + ADAPTER_MUTATIONS for reader in ADAPTER_SEEDS})
     out["adapter_config"] = JSON_MUTATIONS
     out.update({"base-single": ST_MUTATIONS, "base-diffusers": ST_MUTATIONS, "base-sharded": JSON_MUTATIONS,
                 "base-pt": PT_MUTATIONS, "cache": ST_MUTATIONS})  # fmt: skip
     return out
 
 
-def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) -> dict:
-    """Run ``cases`` fuzz cases; returns {"counts", "failures", "seconds", "cli": (...)}."""
+def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False, only=()) -> dict:
+    """Run ``cases`` fuzz cases (over the readers whose name starts with one of ``only``, default
+    all); returns {"counts", "failures", "seconds", "cli": (...)}."""
     scratch_root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     root = tempfile.mkdtemp(prefix="loraport-fuzz-", dir=scratch_root)
     counts: Counter = Counter()
     outcomes: Counter = Counter()
     failures: list = []
     cli_inputs: list = []
-    table = readers()
+    table = {r: m for r, m in readers().items() if not only or r.startswith(tuple(only))}
     pick = random.Random(seed_value)
     t0 = time.perf_counter()
     warnings.simplefilter("ignore")
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     try:
         seeds = _seeds(root)
+        failures += _check_seeds(seeds, root)
+        outcomes["failure"] += len(failures)
         number = [0]
 
         @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
@@ -462,13 +494,12 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
                 out = os.path.join(folder, "out", "o.safetensors")
                 os.makedirs(os.path.dirname(out))
                 rss = _peak_rss()
+                written: list = []
                 signal.alarm(CASE_SECONDS)
                 try:
-                    exercise(reader, path, seeds, out)
+                    exercise(reader, path, seeds, out, written)
                     outcomes["ok"] += 1
-                    ok = True
                 except InputError as e:
-                    ok = False
                     outcomes["input error"] += 1
                     if "\n" in str(e) or not str(e).strip():
                         problem = f"InputError message is not one line: {str(e)!r}"
@@ -477,10 +508,11 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
                 grew = _peak_rss() - rss
                 if problem is None and grew > 2 * size + RSS_SLACK:
                     problem = f"peak RSS grew by {grew >> 20} MiB for a {size} B input"
-                left = os.listdir(os.path.dirname(out))
-                if problem is None and left != (["o.safetensors"] if ok and reader != "cache" and not reader.startswith("base") else []):
-                    problem = f"left in the output folder: {left}"
-                if problem is None and reader in ("base-single", "lora-kohya", "cache", "base-pt") and len(cli_inputs) < cli_cases and pick.random() < 0.05:
+                left = sorted(os.listdir(os.path.dirname(out)))
+                if problem is None and left != sorted(written):  # a failed write leaves nothing
+                    problem = f"left in the output folder: {left}, written {written}"
+                cli_readers = ("base-single", "lora-kohya", "cache", "base-pt", *ADAPTER_SEEDS)
+                if problem is None and reader in cli_readers and len(cli_inputs) < cli_cases and pick.random() < 0.05:
                     keep = os.path.join(root, f"cli{len(cli_inputs)}")
                     src = path if reader != "cache" else SubspaceCache(path).path(seeds["cache"][1])
                     shutil.copy(src, keep + os.path.splitext(src)[1])
@@ -496,7 +528,7 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
 
         one()
         in_process = time.perf_counter() - t0
-        cli = _run_cli(cli_inputs)
+        cli = fuzz_files.run_cli(cli_inputs, seeds["adapter_base"])
     finally:
         signal.signal(signal.SIGALRM, old_handler)
         shutil.rmtree(root, ignore_errors=True)
@@ -504,30 +536,6 @@ def run(cases: int, seed_value: int, cli_cases: int = 0, quiet: bool = False) ->
                 total=time.perf_counter() - t0)  # fmt: skip
 
 
-def _run_cli(inputs) -> dict:
-    """``python -m loraport inspect FILE`` on each kept input: exit 0 or 2, <= 1 stderr line, no
-    traceback, under CASE_SECONDS."""
-    env = tiny.subprocess_env()  # the loraport this run imported, installed or from the source tree
-    result = {"cases": 0, "failures": [], "seconds": 0.0}
-    t0 = time.perf_counter()
-    # a case may take CASE_SECONDS beyond what starting the interpreter and torch takes now (on
-    # a loaded machine, many seconds): twice a `--version` run's time, measured here
-    subprocess.run([sys.executable, "-m", "loraport", "--version"], capture_output=True, env=env, check=True)
-    limit = CASE_SECONDS + 2 * (time.perf_counter() - t0)
-    result["limit"] = limit
-    for reader, mutation, path in inputs:
-        result["cases"] += 1
-        try:
-            res = subprocess.run([sys.executable, "-m", "loraport", "inspect", path], capture_output=True, text=True,
-                                 env=env, timeout=limit)  # fmt: skip
-        except subprocess.TimeoutExpired:
-            result["failures"].append((reader, mutation, f"hang: over {limit:.0f} s"))
-            continue
-        lines = res.stderr.strip().splitlines()
-        if res.returncode not in (0, 2) or len(lines) > 1 or "Traceback" in res.stderr:
-            result["failures"].append((reader, mutation, f"exit {res.returncode}: {res.stderr[-500:]}"))
-    result["seconds"] = time.perf_counter() - t0
-    return result
 
 
 def report(result: dict) -> str:
@@ -546,8 +554,9 @@ def report(result: dict) -> str:
     lines.append(f"in process: {total} cases ({o['ok']} read fine, {o['input error']} one-line input errors), "
                  f"{len(result['failures'])} failures, {result['seconds']:.1f} s ({total / max(result['seconds'], 1e-9):.0f} cases/s)")  # fmt: skip
     cli = result["cli"]
-    lines.append(f"CLI subprocesses (python -m loraport inspect): {cli['cases']} cases, {len(cli['failures'])} failures, "
+    lines.append(f"CLI subprocesses (python -m loraport inspect / convert): {cli['cases']} cases, {len(cli['failures'])} failures, "
                  f"{cli['seconds']:.1f} s (limit per case {cli.get('limit', 0):.0f} s)")  # fmt: skip
     for reader, mutation, problem in (result["failures"] + cli["failures"])[:10]:
         lines.append(f"FAIL {reader} / {mutation}: {problem}")
     return "\n".join(lines)
+
