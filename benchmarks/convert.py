@@ -2,7 +2,7 @@
 (``--shapes hunyuan``: full shapes; ``small``: 768 wide) converted to a plain rank-k LoRA by
   * "loraport": loraport.convert end to end (reading and writing included): LoHa through its
     exact rank-r² face-splitting factors and the batched product SVD (or, where r² is
-    above convert.LOHA_DENSE_MULTIPLE times the rsvd's width, its dense ΔW and rsvd), LoKr through the SVD of the Kronecker
+    above the crossover `convert.loha_is_dense` estimates, its dense ΔW and rsvd), LoKr through the SVD of the Kronecker
     product from its factors' SVDs; per-layer times are each layer's share;
   * "dense full SVD": ΔW formed densely from the LyCORIS formula (float32), torch.linalg.svd;
   * "dense svd_lowrank": the same dense ΔW through torch.svd_lowrank (q = k + 8, niter 2).

@@ -1,9 +1,9 @@
 """Where `convert` should stop taking a LoHa through its exact factors: both of its paths on the
 same LoHa layers, timed per layer, at several widths and LoHa ranks r (structured rank p = r²):
   * "factors": the exact rank-p face-splitting factors and the batched product SVD
-    (adapters.factors, toolbox._truncate), what convert did for every LoHa;
+    (adapters.factors, toolbox.truncate), what convert did for every LoHa;
   * "dense": the dense ΔW = scale · (A1 B1) ⊙ (A2 B2) and the batched rsvd (convert._dense_layers),
-    what convert does above `convert.LOHA_DENSE_MULTIPLE` times the rsvd's width.
+    what convert does where `convert.loha_is_dense` says so (p large against the layer and the rsvd's width).
 Both run the real code paths in this process on ``--batch`` same-shape layers at once (as a
 convert of a model batches them); time per layer is the best of ``--repeats`` rounds (the two
 paths interleaved in each) divided by the batch. The error of each, divided by the optimal rank-k error (float64 SVD of the dense ΔW), is
@@ -27,6 +27,8 @@ import time
 import torch
 
 from loraport import adapters, reference, toolbox
+from loraport.options import rank_rule
+from loraport.reports import Action, ToolRow
 
 from .rsvd import machine_description, markdown_tee
 
@@ -50,14 +52,14 @@ def run_factors(mods, select) -> list:
     items = []
     for m in mods:
         up, down = adapters.factors(m)
-        items.append(toolbox._Factors(m, up, down, toolbox.ToolRow(m.name, "converted")))
-    toolbox._truncate(items, select, "cpu", 1 << 40, {}, _NoBar())
+        items.append(toolbox.Factors(m, up, down, ToolRow(m.name, Action.CONVERTED)))
+    toolbox.truncate(items, select, "cpu", 1 << 40, {}, _NoBar())
     return [it.result for it in items]
 
 
 def run_dense(mods, select, rank: int) -> list:
     results = [None] * len(mods)
-    jobs = [convert._Dense(m, m.shape, functools.partial(convert._loha_delta, m), toolbox.ToolRow(m.name, "converted"), i)
+    jobs = [convert._Dense(m, m.shape, functools.partial(convert._loha_delta, m), ToolRow(m.name, Action.CONVERTED), i)
             for i, m in enumerate(mods)]  # fmt: skip
     convert._dense_layers(jobs, results, select, rank, None, "cpu", 1 << 40, {}, _NoBar(), "bench")
     return results
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--markdown", help="also append the table to this file")
     args = p.parse_args(argv)
-    select = toolbox._rank_rule(args.rank, None, None, "bench")
+    select = rank_rule(args.rank, None, None)
     with markdown_tee(args.markdown) as writer:
         writer(f"\n## LoHa convert: exact factors vs dense ΔW + rsvd ({machine_description('cpu')})")
         with contextlib.suppress(OSError):

@@ -197,7 +197,8 @@ def test_resize_cli_refuses_a_dora_without_its_base(tmp_path, base, capsys):
 @pytest.mark.parametrize("r", [4, 8])
 def test_loha_paths_give_the_best_rank_k_error(tmp_path, monkeypatch, r):
     """LoHa rank 4 (p = 16) takes its exact factors, rank 8 (p = 64) the dense ΔW and rsvd
-    (convert.LOHA_DENSE_MULTIPLE x the rsvd's 36 columns at rank 4 on these 64-wide layers); either
+    (above convert.LOHA_DENSE_MULTIPLE x sqrt(out·in·36 / (out + in)), 36 the rsvd's columns at rank 4
+    on these layers: 25 for 64 x 64, 32 for 256 x 64); either
     path, chosen or forced, reaches the Eckart–Young error of the float64 reference."""
     wide = tiny.base_model(ARCH, width=64, seed=0)
     sd, truth = adapter_file("loha", wide, rank=r, modules=["double_blocks.0.img_attn_proj", "double_blocks.0.img_mlp.fc1"])

@@ -10,7 +10,8 @@ Per layer, from the structure wherever it helps (loraport/adapters.py has the Δ
   * LoKr: the SVD of w1 ⊗ w2 is the Kronecker product of the factors' SVDs (adapters.kron_svd):
     σ = s1_i·s2_j, u = u1_i ⊗ u2_j, v = v1_i ⊗ v2_j; the top k are taken from the two small SVDs.
   * full differences, DoRA (whose update W' − W needs the base weight W: ``base``) and LoHa layers
-    whose p is large against the rsvd's width (`loha_is_dense`: there the p×p work costs more):
+    whose p is large against the layer and the rsvd's width (`loha_is_dense`: there the p×p work
+    costs more):
     the dense ΔW goes through loraport.rsvd, same-shape layers batched in chunks of at most
     ``max_memory`` (as `extract`), each chunk's ΔW formed only when it runs. With ``energy`` the
     rank is picked against the exact ‖ΔW‖_F² (at most ``rank``, default 128). A full difference's
@@ -48,16 +49,17 @@ def plain_module(m, up: torch.Tensor, down: torch.Tensor, in_shape=None) -> form
     return formats.module_from_factors(m.component, m.name, m.key, up, down, in_shape or m.shape[1:], dtype, m.known)
 
 
-# A LoHa layer whose structured rank p = r1·r2 is above this multiple of the columns that the dense
-# path's rsvd holds (`dense_width`) takes that path (ΔW formed, then rsvd) instead of its exact
-# factors. The factor path's product SVD costs about (out + in)·p² float64 operations plus p³ for
-# the small eigen- and singular value decompositions, so it loses to the dense path as p grows;
-# below the rsvd's width the dense path is slow instead (a ΔW of rank p < width gives rsvd
-# rank-deficient blocks, which its CholeskyQR hands to Householder QR). Measured on both sides of
-# the crossover on layers 384 x 384 to 1536 x 1536, 2304 x 768 and 768 x 3072 at output ranks 32
-# and 96 (benchmarks/loha_paths.py, benchmarks/RESULTS.md): it lies at 0.8 to 1.6 times the width,
-# where a fixed share of min(out, in) would have to be about 0.3 at 384 x 384 and 0.1 at 1536 x 1536.
-LOHA_DENSE_MULTIPLE = 1.25
+# A LoHa layer [out, in·kernel] whose structured rank p = r1·r2 is above this multiple of
+# sqrt(out·in·w / (out + in)), w the columns the dense path's rsvd holds (`dense_width`), takes that
+# path (ΔW formed, then rsvd) instead of its exact factors. Why that form: the factor path's
+# product SVD costs about (out + in)·p² float64 operations (plus p³ for the small decompositions),
+# the dense path about out·in·w (the rsvd's passes over ΔW), so they cross where p² ∝ out·in·w /
+# (out + in); a crossover stated against w alone, or as a share of min(out, in), moves with the
+# layer's size. Below w the dense path is slow anyway (a ΔW of rank p < w gives rsvd rank-deficient
+# blocks, which its CholeskyQR hands to Householder QR). The multiple is fitted to the crossovers
+# measured on layers 384 x 384 to 9216 x 3072 at output ranks 32 and 96 (benchmarks/loha_paths.py,
+# benchmarks/RESULTS.md): 0.6 to 0.9 of that root.
+LOHA_DENSE_MULTIPLE = 0.75
 DENSE_OVERSAMPLE, DENSE_POWER_ITERS = 8, 2  # the dense path's rsvd settings
 
 
@@ -81,7 +83,7 @@ def loha_is_dense(m, k: int, shape=None) -> bool:
         return False
     out, cols = (shape or m.shape)[0], math.prod((shape or m.shape)[1:])
     p = m.tensors["hada_w1_b"].shape[0] * m.tensors["hada_w2_b"].shape[0]  # r1·r2
-    return p > LOHA_DENSE_MULTIPLE * dense_width(k, out, cols)
+    return p > LOHA_DENSE_MULTIPLE * math.sqrt(out * cols * dense_width(k, out, cols) / (out + cols))
 
 
 @dataclass
