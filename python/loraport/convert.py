@@ -327,22 +327,33 @@ def convert(
     factors (whose kernel size only the base knows). ``max_memory`` bounds each batch of dense
     layers (full differences, DoRA) on ``device``."""
     options = ToolOptions.from_args("convert", rank=rank, energy=energy, device=device, max_memory=max_memory)
+    return low_rank_job(options, adapter, out, base=base, arch=arch, format=format, report=report, quiet=quiet)
+
+
+def low_rank_job(options: ToolOptions, lora, out, *, base, arch, format, report, quiet) -> ToolReport:
+    """The run of `convert` and `toolbox.resize` (``options.job``), which differ in what a DoRA
+    layer becomes (`low_rank_modules`' ``dora``) and in what their report and metadata say:
+    read with the base, check the output, every module by its type's path, write."""
+    convert_job = options.job == "convert"
     select, device = options.select(), options.device
     t_start = time.perf_counter()
-    lf, b, base_style, inputs = read_with_base(adapter, base, arch)
+    lf, b, base_style, inputs = read_with_base(lora, base, arch)
     out = formats.check_output(out, inputs)
     fmt = formats.output_format(format, lf.format)
     formats.check_format(fmt, lf.arch, [m.component for m in lf.modules], lf.label)
-    options = replace(options, base=None if b is None else b.label)
+    keep_dora = not convert_job and any(adapters.magnitude_axis(m) for m in lf.modules)
+    options = replace(options, base=None if b is None else b.label, dora_magnitude="keep" if keep_dora else None)
     seconds: dict = {}
-    with streaming.progress(len(lf.modules), "converting", quiet) as bar:
+    with streaming.progress(len(lf.modules), "converting" if convert_job else "resizing", quiet) as bar:
         rows, results = low_rank_modules(
-            lf, select, action=Action.CONVERTED, rank=rank, energy=energy, device=device, max_memory=options.max_memory,
-            seconds=seconds, bar=bar, base=b, base_style=base_style,
+            lf, select, action=Action.CONVERTED if convert_job else Action.RESIZED, rank=options.rank,
+            energy=options.energy, device=device, max_memory=options.max_memory, seconds=seconds, bar=bar, base=b,
+            base_style=base_style, dora="effective" if convert_job else "keep",
         )  # fmt: skip
-    rep = ToolReport(rows, "convert", lf.arch.name, fmt, [label for label in inputs if label], out, options.settings(), seconds)
+    labels = [label for label in inputs if label] if convert_job else [lf.label, *inputs[1:]]
+    rep = ToolReport(rows, options.job, lf.arch.name, fmt if convert_job else format, labels, out, options.settings(), seconds)
     rep.bytes_read = b.bytes_read if b else 0
-    rule = {k: v for k, v in dict(rank=rank, energy=energy).items() if v is not None}
-    meta = {"loraport.job": "convert", "loraport.convert": json.dumps(rule)}
+    rule = {k: getattr(options, k) for k in ("rank", "energy", "sv_ratio") if getattr(options, k) is not None}
+    meta = {"loraport.job": options.job, f"loraport.{options.job}": json.dumps(rule)}
     result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
     return finish(rep, result, results, out, format, meta, inputs, report, t_start)

@@ -133,26 +133,9 @@ def resize(
     needs the base model ``base`` (InputError for a DoRA file without one)."""
     options = ToolOptions.from_args("resize", rank=rank, energy=energy, sv_ratio=sv_ratio, device=device,
                                     max_memory=max_memory)  # fmt: skip
-    select, device = options.select(), options.device
-    t_start = time.perf_counter()
-    from .convert import low_rank_modules, read_with_base  # every adapter type's path; convert.py imports this module
+    from .convert import low_rank_job  # every adapter type's path; convert.py imports this module
 
-    lf, b, base_style, inputs = read_with_base(lora, base, arch)
-    out = formats.check_output(out, inputs)
-    formats.check_format(formats.output_format(format, lf.format), lf.arch, [m.component for m in lf.modules], lf.label)
-    options = replace(options, base=None if b is None else b.label,
-                      dora_magnitude="keep" if any(adapters.magnitude_axis(m) for m in lf.modules) else None)  # fmt: skip
-    seconds: dict = {}
-    with streaming.progress(len(lf.modules), "resizing", quiet) as bar:
-        rows, results = low_rank_modules(lf, select, action=Action.RESIZED, rank=rank, energy=energy, device=device,
-                                         max_memory=options.max_memory, seconds=seconds, bar=bar, base=b,
-                                         base_style=base_style, dora="keep")  # fmt: skip
-    rep = ToolReport(rows, "resize", lf.arch.name, format, [lf.label, *inputs[1:]], out, options.settings(), seconds)
-    rep.bytes_read = b.bytes_read if b else 0
-    rule = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio).items() if v is not None}
-    meta = {"loraport.job": "resize", "loraport.resize": json.dumps(rule)}
-    result = formats.LoraFile([], lf.format, lf.arch, lf.style, dict(lf.metadata), None, lf.adapter_config)
-    return finish(rep, result, results, out, format, meta, inputs, report, t_start)
+    return low_rank_job(options, lora, out, base=base, arch=arch, format=format, report=report, quiet=quiet)
 
 
 def parse_weighted(entry) -> tuple[str, float]:
