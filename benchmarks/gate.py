@@ -15,6 +15,7 @@ at power_iters 0, 1, 2, with its time.
     python -m benchmarks.gate                    # 3072 x 3072, k = 64 (a few minutes on 2 cores)
     python -m benchmarks.gate --shape 768 768    # seconds
     python -m benchmarks.gate --suite --shape 1024 3072   # the default gate vs the exact gate on real-like spectra
+    python -m benchmarks.gate --suite --dtype bfloat16    # the same on bf16 weights (bf16 GEMMs where the CPU has them)
 """
 
 from __future__ import annotations
@@ -78,15 +79,20 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=64, help="subspace rank k (default 64, port's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", action="store_true", help="the default gate against the exact gate on real-like spectra")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="--suite: the weights' dtype as port reads them (default float32)")  # fmt: skip
     args = p.parse_args(argv)
     m, n = args.shape
     if args.suite:
-        from loraport.gate import margin
+        from loraport.gate import bf16_products, margin
 
-        print(f"[{m}, {n}], threshold 0.5; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        dtype = getattr(torch, args.dtype)
+        products = "bf16 GEMMs" if bf16_products(dtype, "cpu") else "float32 rsvd op"
+        print(f"[{m}, {n}] {args.dtype}, threshold 0.5, {products}; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")  # fmt: skip
         print("| pair | label | exact k | exact left / right / mean | exact margin | gate k | gate margin | steps | "
               "same decision | gate seconds |\n|---|---|---:|---|---:|---:|---:|---:|---|---:|")  # fmt: skip
-        for name, related, (left, right, k), res, sec in gate_suite(m, n, args.seed):
+        for name, related, (left, right, k), res, sec in gate_suite(m, n, args.seed, dtype=dtype):
             exact, est = margin(left, right, 0.5), margin(res.left, res.right, 0.5)
             print(f"| {name} | {'related' if related else 'unrelated'} | {k} | {left:.3f} / {right:.3f} / "
                   f"{(left + right) / 2:.3f} | {exact:+.3f} | {res.k} | {est:+.3f} | {res.steps} | "

@@ -20,14 +20,23 @@ MODULES = [
 ]
 
 
+@pytest.fixture
+def bf16_gemms(monkeypatch):
+    """The gate iterates on bf16 weights with bf16 GEMMs whatever this CPU has (the path port
+    takes on CPUs with AVX512-BF16 or AMX; elsewhere it is only slower)."""
+    monkeypatch.setattr(gate, "bf16_products", lambda dtype, device: dtype == torch.bfloat16)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed):
+def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype, bf16_gemms):
     """Few dominant directions over a noise floor (16, 4, 2), a slow decay; related by drift or
     by a new noise floor; unrelated, also with a shared (residual-stream-like) input side. The
     exact gate separates the labels with |margin| >= 0.1 (none borderline), and the default gate decides every
-    pair as it does, its margin within 0.1 of the exact one (0.06 at most measured)."""
-    rows = list(gate_suite(160, 320, seed))
+    pair as it does, its margin within 0.1 of the exact one (0.06 at most measured), from float32
+    weights through the rsvd op and from bf16 weights through bf16 GEMMs."""
+    rows = list(gate_suite(160, 320, seed, dtype=dtype))
     assert len(rows) == 15
     for name, related, (left, right, k), res, _ in rows:
         exact = gate.margin(left, right, 0.5)
@@ -44,6 +53,47 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed):
         if "shared input side" in name
     ]
     assert max(shared) >= 0.5
+
+
+@pytest.mark.parametrize("shape", [(384, 160), (160, 384)])
+def test_bf16_steps_find_the_float64_subspaces_and_match_the_rsvd_op(shape):
+    """`_step_bf16` on a bf16 weight with 6 dominant directions over a noise floor: after the
+    first two steps the top-6 subspaces on both sides match the float64 SVD of the same bf16
+    values (similarity >= 0.999), the spectrum within 1 %, and the two steps agree with the
+    float32 rsvd op's steps on the same weight to 1e-3."""
+    m, n = shape
+    gen = torch.Generator().manual_seed(4)
+    top = 6
+    dominant = torch.linalg.qr(torch.randn(m, top, generator=gen, dtype=torch.float64))[0] * torch.linspace(30, 10, top, dtype=torch.float64)
+    w = (dominant @ torch.linalg.qr(torch.randn(n, top, generator=gen, dtype=torch.float64))[0].T
+         + torch.randn(m, n, generator=gen, dtype=torch.float64) / (m**0.5 + n**0.5)).bfloat16()  # fmt: skip
+    U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)
+    (fast,) = gate.first_steps([w], 16, seed=0)
+    (op,) = gate.first_steps([w.float()], 16, seed=0)
+    sim = torch.ops.loraport.subspace_similarity
+    for est in (fast, op):
+        assert float(sim(est.U[1][:, :top].double(), U[:, :top])) >= 0.999
+        assert float(sim(est.V[1][:, :top].double(), Vh[:top].T)) >= 0.999
+        torch.testing.assert_close(est.S[1][:top].double(), S[:top], rtol=0.01, atol=0)
+    for step in (0, 1):  # the same Gaussian start, the same iteration: the same estimates
+        assert float(sim(fast.U[step][:, :top], op.U[step][:, :top])) >= 1 - 1e-3
+        assert float(sim(fast.V[step][:, :top], op.V[step][:, :top])) >= 1 - 1e-3
+
+
+def test_bf16_gemms_only_for_bf16_weights_on_a_cpu_that_has_them():
+    assert not gate.bf16_products(torch.float32, "cpu")
+    assert not gate.bf16_products(torch.float16, "cpu")
+    assert not gate.bf16_products(torch.bfloat16, "cuda")  # the CUDA rsvd op on a float32 copy
+    flags = open("/proc/cpuinfo").read().split() if __import__("os").path.exists("/proc/cpuinfo") else None
+    if flags is not None:
+        assert gate.bf16_products(torch.bfloat16, "cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_nan_in_a_bf16_weight_is_a_value_error_not_a_linalg_failure(bf16_gemms):
+    w = torch.randn(64, 48).bfloat16()
+    w[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gate.first_steps([w], 12, seed=0)
 
 
 def test_spectrum_rank_cuts_at_a_clear_drop_or_takes_the_cap():

@@ -130,33 +130,77 @@ class Sketch:
     steps: int
 
 
-def first_steps(A: torch.Tensor, width: int, seed: int) -> list[Sketch]:
-    """Two steps for every matrix of A [M, m, n] (float32 or float64): the first from the shared
-    Gaussian sketch drawn from ``seed`` (the same test matrix for every weight of this shape),
-    the second started from the first's short-side vectors."""
-    U0, S0, V0 = rsvd(
-        A, width, oversample=0, power_iters=0, seed=seed
-    )  # [M, m, l], [M, l], [M, n, l]
-    width, out = U0.shape[-1], []  # clamped to the short side
-    for i in range(A.shape[0]):
-        U1, S1, V1 = _step(A[i], U0[i], V0[i], width)
-        out.append(
-            Sketch(
-                torch.stack([U0[i], U1]),
-                torch.stack([S0[i], S1]),
-                torch.stack([V0[i], V1]),
-                2,
-            )
-        )
+def bf16_products(dtype: torch.dtype, device) -> bool:
+    """Whether the gate iterates on bf16 weights as they are (`_step_bf16`) rather than on a
+    float32 copy with the rsvd op: bf16 weights on a CPU that multiplies bf16 in hardware
+    (AVX512-BF16 or AMX), where oneDNN's bf16 GEMMs outrun the op's float32 ones and no copy is made."""
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def first_steps(mats: list[torch.Tensor], width: int, seed: int) -> list[Sketch]:
+    """Two steps for every matrix [m, n] of ``mats`` (all one shape and dtype: float32 or float64
+    for the rsvd op, bf16 for `_step_bf16`): the first from the shared Gaussian sketch drawn from
+    ``seed`` (the same test matrix for every weight of this shape), the second started from the
+    first's short-side vectors."""
+    out = []
+    for A in mats:
+        if A.dtype == torch.bfloat16:
+            gen = torch.Generator().manual_seed(seed)
+            start = torch.randn(min(A.shape), min(width, *A.shape), generator=gen)  # [short side, l]
+            U0, S0, V0 = _step_bf16(A, start.to(A.device))
+        else:
+            U0, S0, V0 = (x[0] for x in rsvd(A[None], width, oversample=0, power_iters=0, seed=seed))
+        U1, S1, V1 = _step(A, U0, V0, U0.shape[-1])  # width clamped to the short side
+        out.append(Sketch(torch.stack([U0, U1]), torch.stack([S0, S1]), torch.stack([V0, V1]), 2))
     return out
 
 
 def _step(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, width: int):
     """One more subspace-iteration step (two products over A [m, n]) from the previous
-    estimate: the op sketches the tall orientation from its short side, so it starts from V
+    estimate: it sketches the tall orientation from its short side, so it starts from V
     (m >= n) or U (m < n)."""
     start = V if A.shape[0] >= A.shape[1] else U  # [short side, l]
+    if A.dtype == torch.bfloat16:
+        return _step_bf16(A, start)
     return _rsvd(A, start.contiguous(), width, 0, "power")
+
+
+def _step_bf16(A: torch.Tensor, start: torch.Tensor):
+    """The rsvd op's power step on bf16 A [m, n] with bf16 GEMMs (float32 accumulation, bf16
+    results): Y = A·start, Q = orth(Y), B = QᵀA = U_B S V_Bᵀ, U = Q·U_B (tall A; a wide A the
+    same on Aᵀ). The start and Q are rounded to bf16 and the products' results too, a relative
+    error of 2⁻⁹ per element: it moves the estimated subspaces by about that angle, a similarity
+    change under 1e-3, far inside the gate's BAND. Returns U [m, l], S [l], V [n, l] float32."""
+    bf16 = torch.bfloat16
+    start = start.to(bf16)  # [short side, l]
+    tall = A.shape[0] >= A.shape[1]
+    Y = (A @ start if tall else (start.T @ A).T).float()  # [long side, l]
+    if not bool(torch.isfinite(Y).all()):  # any NaN/Inf in A reaches Y (the rsvd op: S)
+        raise ValueError("loraport.gate: a weight contains NaN or Inf")
+    Q = torch.linalg.qr(Y).Q  # [long side, l]
+    if tall:
+        B = (Q.T.to(bf16) @ A).float()  # [l, n]
+        Ub, S, V = _small_svd(B)
+        return Q @ Ub, S, V
+    B = (A @ Q.to(bf16)).float()  # [m, l]
+    V, S, Ub = _small_svd(B.T)  # B = Ub S Vᵀ  =>  A ≈ Ub S (Q V)ᵀ
+    return Ub, S, Q @ V
+
+
+def _small_svd(B: torch.Tensor):
+    """SVD of a short, wide B [l, n] float32 from the eigenpairs of B·Bᵀ [l, l] in float64 (the
+    full SVD of B costs more than the products that made it): U_B [l, l], S [l], V = Bᵀ U_B / S
+    [n, l], descending. Directions with S ≈ 0 (rank-deficient B) get V = 0: the gate uses only
+    its top k < l."""
+    B64 = B.double()
+    evals, Ub = torch.linalg.eigh(B64 @ B64.T)  # ascending
+    evals, Ub = evals.flip(0).clamp_min(0), Ub.flip(1)
+    S = evals.sqrt()  # [l]
+    V = (B64.T @ Ub) / torch.where(S > S[0] * 1e-7, S, torch.inf)  # [n, l]
+    return Ub.float(), S.float(), V.float()
 
 
 def refine(A: torch.Tensor, sketch: Sketch) -> Sketch:
@@ -235,7 +279,7 @@ def gate_layers(
     weights: [M, m, *] as read; index: (layer, side) -> position in weights; found: (layer, side)
     -> Sketch from the cache; read(layer, side): a weight not in ``weights`` (a cached side that
     needs more steps); cache/keys: where each side's first two steps are stored (cache may be None);
-    upcast: the float32 buffer (None: a new one); decide=False: only the first steps, into the cache (returns [])."""
+    upcast: the float32 buffer (None: a new one; unused where `bf16_products`); decide=False: only the first steps, into the cache (returns [])."""
     width = min(cap + oversample, m, n)
     sides = ("source", "target")
     results = []
@@ -245,32 +289,27 @@ def gate_layers(
         ):
             results.append(GateResult(1.0, 1.0, cap, 0))
             continue
-        A = (upcast or Upcast()).take(m, n, device)  # both weights in float32, filled when needed
-        filled = [False, False]
+        native = bf16_products(weights.dtype, device)  # iterate on the weights as read
+        A = None if native else (upcast or Upcast()).take(m, n, device)  # else both in float32
+        mats: list = [None, None]
 
         def both(which=(0, 1)):
+            """The two weights [m, n] to iterate on (those in ``which`` fetched now)."""
             for i in which:
-                if not filled[i]:
+                if mats[i] is None:
                     job = (g, sides[i])
-                    A[i].copy_(
-                        (weights[index[job]] if job in index else read(*job)).flatten(1)
-                    )  # upcast
-                    filled[i] = True
-            return A
+                    w = (weights[index[job]] if job in index else read(*job)).flatten(1)
+                    mats[i] = w if native else A[i].copy_(w)  # upcast
+            return mats
 
         sketches = {side: found[g, side] for side in sides if (g, side) in found}
         missing = [i for i, side in enumerate(sides) if side not in sketches]
         if missing:
             both(missing)
-            batch = (
-                A if len(missing) == 2 else A[missing[0] : missing[0] + 1]
-            )  # [1 or 2, m, n], a view
-            for i, sketch in zip(missing, first_steps(batch, width, seed)):
+            for i, sketch in zip(missing, first_steps([mats[i] for i in missing], width, seed)):
                 sketches[sides[i]] = sketch
                 if cache is not None and (g, sides[i]) in keys:
-                    cache.put_tensors(
-                        keys[g, sides[i]], {"U": sketch.U, "S": sketch.S, "V": sketch.V}
-                    )
+                    cache.put_tensors(keys[g, sides[i]], {"U": sketch.U, "S": sketch.S, "V": sketch.V})
         if decide:
             results.append(_decide(sketches["source"], sketches["target"], cap, threshold, weights=both)[0])
     return results

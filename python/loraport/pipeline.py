@@ -309,11 +309,12 @@ def run_plans(
         read_into(out, bases[side], plan.component, plan.pieces(side), plan.gated_channels(side))
         return out
 
-    # the default gate's float32 copy of a layer's two weights, one buffer for the run
+    # the default gate's float32 copy of a layer's two weights, one buffer for the run (none where it iterates on bf16)
     upcast = gate.Upcast(
-        max((2 * math.prod(c.plans[0].tgt_shape) for c in chunks), default=0) if options.default_gate else 0,
+        max((2 * math.prod(c.plans[0].tgt_shape) for c in chunks
+             if not gate.bf16_products(c.dtype, options.device)), default=0) if options.default_gate else 0,
         options.device,
-    )
+    )  # fmt: skip
 
     cached_subspaces = 0  # for the progress bar
     with streaming.progress(len(work), "porting", quiet) as bar, stream:
