@@ -90,12 +90,12 @@ def main(argv=None) -> None:
         products = "bf16 GEMMs" if bf16_products(dtype, "cpu") else "float32 rsvd op"
         print(f"[{m}, {n}] {args.dtype}, threshold 0.5, {products}; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip
-        print("| pair | label | exact k | exact left / right / mean | exact margin | gate k | gate margin | steps | "
+        print("| pair | label | exact k | exact left / right / mean | exact margin | gate k | gate margin | products | "
               "same decision | gate seconds |\n|---|---|---:|---|---:|---:|---:|---:|---|---:|")  # fmt: skip
         for name, related, (left, right, k), res, sec in gate_suite(m, n, args.seed, dtype=dtype):
             exact, est = margin(left, right, 0.5), margin(res.left, res.right, 0.5)
             print(f"| {name} | {'related' if related else 'unrelated'} | {k} | {left:.3f} / {right:.3f} / "
-                  f"{(left + right) / 2:.3f} | {exact:+.3f} | {res.k} | {est:+.3f} | {res.steps} | "
+                  f"{(left + right) / 2:.3f} | {exact:+.3f} | {res.k} | {est:+.3f} | {res.products} | "
                   f"{'yes' if (exact >= 0) == (est >= 0) else 'NO'} | {sec:.2f} |", flush=True)  # fmt: skip
         return
     print(f"[{m}, {n}], k = {args.rank}, σ_j = j^-1/2; torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -253,7 +253,7 @@ def port_child(args_json: str) -> None:
                       "peak_vram": vram, "actions": s["actions"], "layers_from_cache": s["layers_from_cache"],
                       "similarity_median": s["similarity_median"], "borderline": len(s["borderline"]),
                       "margin_min": min((abs(r.margin) for r in rep.rows if r.margin is not None), default=None),
-                      "gate_steps": sorted({r.gate_steps for r in rep.rows if r.gate_steps is not None})}))  # fmt: skip
+                      "gate_products": sorted({r.gate_products for r in rep.rows if r.gate_products is not None})}))  # fmt: skip
 
 
 def run_port(folder: str, lora: int, args, *, drop: bool = True, cache: bool = True) -> dict:
@@ -359,7 +359,7 @@ def main(argv=None) -> None:
             f"| {label} | {r['wall']:.1f} | {gb(r['bytes_read'])} | {rate} | {split} | {r['peak_rss'] / 1e9:.2f} | "
             f"{vram} | {r['wall'] / floor['seconds']:.2f} | {acts}; {r['layers_from_cache']} layers from cache; "
             f"median similarity {r['similarity_median']:.3f}; {r['borderline']} borderline; smallest |margin| "
-            f"{r['margin_min']:.3f}; gate steps {r['gate_steps']}; {state(r['cold'])} |"
+            f"{r['margin_min']:.3f}; gate products {r['gate_products']}; {state(r['cold'])} |"
         )
     lines.append("")
     lines.append(f"- port LoRA 1 (empty cache, cold) / cold floor (adapted weights, before the port): "

@@ -45,7 +45,7 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype
         assert abs(gate.margin(res.left, res.right, 0.5) - exact) < 0.1, (
             name
         )  # it stops once far from 0
-        assert not res.unsure and res.steps >= 2, name
+        assert not res.unsure and res.products >= gate.FIRST_PRODUCTS, name
     # the shared input side alone would pass an unrelated layer on the two-sided mean
     shared = [
         (left + right) / 2
@@ -56,11 +56,12 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype
 
 
 @pytest.mark.parametrize("shape", [(384, 160), (160, 384)])
-def test_bf16_steps_find_the_float64_subspaces_and_match_the_rsvd_op(shape):
-    """`_step_bf16` on a bf16 weight with 6 dominant directions over a noise floor: after the
-    first two steps the top-6 subspaces on both sides match the float64 SVD of the same bf16
-    values (similarity >= 0.999), the spectrum within 1 %, and the two steps agree with the
-    float32 rsvd op's steps on the same weight to 1e-3."""
+def test_first_products_find_the_float64_subspaces_in_bf16_and_float32(shape, bf16_gemms):
+    """A weight with 6 dominant directions over a noise floor, tall and wide: after the first
+    products the top-6 subspaces on both sides match the float64 SVD of the same bf16 values
+    (similarity >= 0.999) and the spectrum is within 1 %, whether the weight is multiplied in
+    bf16 or as a float32 copy; the two agree with each other to 1e-3 at every estimate (the
+    same Gaussian start, products rounded to bf16 or not)."""
     m, n = shape
     gen = torch.Generator().manual_seed(4)
     top = 6
@@ -68,16 +69,26 @@ def test_bf16_steps_find_the_float64_subspaces_and_match_the_rsvd_op(shape):
     w = (dominant @ torch.linalg.qr(torch.randn(n, top, generator=gen, dtype=torch.float64))[0].T
          + torch.randn(m, n, generator=gen, dtype=torch.float64) / (m**0.5 + n**0.5)).bfloat16()  # fmt: skip
     U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)
-    (fast,) = gate.first_steps([w], 16, seed=0)
-    (op,) = gate.first_steps([w.float()], 16, seed=0)
+    (fast,) = gate.first_products([w], 16, seed=0)
+    (f32,) = gate.first_products([w.float()], 16, seed=0)
     sim = torch.ops.loraport.subspace_similarity
-    for est in (fast, op):
+    for est in (fast, f32):
+        assert est.products == gate.FIRST_PRODUCTS
         assert float(sim(est.U[1][:, :top].double(), U[:, :top])) >= 0.999
         assert float(sim(est.V[1][:, :top].double(), Vh[:top].T)) >= 0.999
         torch.testing.assert_close(est.S[1][:top].double(), S[:top], rtol=0.01, atol=0)
-    for step in (0, 1):  # the same Gaussian start, the same iteration: the same estimates
-        assert float(sim(fast.U[step][:, :top], op.U[step][:, :top])) >= 1 - 1e-3
-        assert float(sim(fast.V[step][:, :top], op.V[step][:, :top])) >= 1 - 1e-3
+        for i in (0, 1):  # orthonormal bases on both sides
+            for X in (est.U[i], est.V[i]):
+                torch.testing.assert_close(X.T @ X, torch.eye(16), atol=1e-5, rtol=0)
+    for i in (0, 1):
+        assert float(sim(fast.U[i][:, :top], f32.U[i][:, :top])) >= 1 - 1e-3
+        assert float(sim(fast.V[i][:, :top], f32.V[i][:, :top])) >= 1 - 1e-3
+    # one more product improves on the estimate it starts from (a contraction towards the exact subspaces)
+    more = gate.refine(w, fast)
+    assert more.products == gate.FIRST_PRODUCTS + 1
+    assert torch.equal(more.U[0], fast.U[1]) and torch.equal(more.V[0], fast.V[1])
+    err = lambda X, E: 1 - float(sim(X[:, :top].double(), E))  # noqa: E731
+    assert err(more.U[1], U[:, :top]) + err(more.V[1], Vh[:top].T) <= err(fast.U[1], U[:, :top]) + err(fast.V[1], Vh[:top].T) + 1e-6
 
 
 def test_bf16_gemms_only_for_bf16_weights_on_a_cpu_that_has_them():
@@ -93,7 +104,7 @@ def test_nan_in_a_bf16_weight_is_a_value_error_not_a_linalg_failure(bf16_gemms):
     w = torch.randn(64, 48).bfloat16()
     w[3, 7] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        gate.first_steps([w], 12, seed=0)
+        gate.first_products([w], 12, seed=0)
 
 
 def test_spectrum_rank_cuts_at_a_clear_drop_or_takes_the_cap():
@@ -140,10 +151,10 @@ def test_a_layer_near_the_threshold_iterates_and_is_marked_unsure_when_it_never_
             1, 96, 128, A, index, {}, None, None, {}, threshold=threshold, **args
         )
         est = gate.margin(res.left, res.right, threshold)
-        if abs(est) < 0.15:  # a close call: more than the first two steps
-            assert res.steps > 2
+        if abs(est) < 0.15:  # a close call: more than the first products
+            assert res.products > gate.FIRST_PRODUCTS
         assert res.unsure == (
-            res.steps >= gate.MAX_STEPS and abs(est) <= gate.BAND or res.unsure
+            res.products >= gate.MAX_PRODUCTS and abs(est) <= gate.BAND or res.unsure
         )
 
 
@@ -151,7 +162,7 @@ def test_identical_weights_pass_without_any_product():
     w = torch.randn(64, 48, dtype=torch.bfloat16)
     (res,) = gate.gate_layers(1, 64, 48, torch.stack([w, w.clone()]), {(0, "source"): 0, (0, "target"): 1}, {},
                               None, None, {}, cap=8, oversample=8, seed=0, threshold=0.5, device="cpu")  # fmt: skip
-    assert (res.left, res.right, res.steps) == (1.0, 1.0, 0)
+    assert (res.left, res.right, res.products) == (1.0, 1.0, 0)
     w2 = w.clone()
     w2[-1, -1] += 1
     assert not gate.identical(w, w2) and gate.identical(w, w.clone())
@@ -196,7 +207,7 @@ def test_report_rows_give_the_margin_and_the_summary_lists_borderline_layers(
             (r.similarity_left + r.similarity_right) / 2
         )
     same = rows["single_blocks.0.linear1"]
-    assert (same.similarity, same.gate_steps, same.note) == (
+    assert (same.similarity, same.gate_products, same.note) == (
         1.0,
         0,
         "identical in both bases",
@@ -215,7 +226,7 @@ def test_gate_sketches_are_cached_and_never_served_as_subspaces(tmp_path, models
     first = port(lora, source, target, out, cache_dir=cache, quiet=True)
     second = port(lora, source, target, out, cache_dir=cache, quiet=True)
     changed = [
-        r for r in second.rows if r.gate_steps != 0
+        r for r in second.rows if r.gate_products != 0
     ]  # the identical layer is compared, not cached
     assert changed and all(r.subspaces_from_cache == 2 for r in changed)
     assert [(r.similarity, r.margin, r.action) for r in first.rows] == [

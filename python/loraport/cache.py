@@ -2,14 +2,14 @@
 file per base weight in a cache folder, so that porting a second LoRA for the same model pair
 skips both the decomposition and the reading of that weight. Two kinds of entry, told apart by
 the key: "subspaces" (the truncated SVD U, S, V and ‖W‖_F², for projections and explicit ranks)
-and "gate-sketch" (the default gate's first two subspace-iteration estimates, loraport.gate.Sketch,
+and "gate-sketch" (the default gate's last two subspace-iteration estimates, loraport.gate.Sketch,
 which are not accurate subspaces and are never served for a "subspaces" request).
 
 An entry is identified by everything its value depends on: the base files' fingerprint
 (BaseModel.fingerprint: sizes, mtimes and a hash of each file's first MiB), the component, the
 weight's tensor names and row slices (fused/split layouts), the zero-padded input channels, the
 kind, the subspace rank and the settings the value depends on (subspaces: method, power_iters,
-oversample, seed; gate-sketch: oversample, seed and the number of steps). That key is hashed into
+oversample, seed; gate-sketch: oversample, seed and the number of products). That key is hashed into
 the file name and also stored in the file's header; a file whose stored key, shapes or values
 do not check out (truncated, corrupt, a hash collision) is ignored with a warning and recomputed.
 Files are written to a temporary name and renamed (outfiles.atomic_write), so a crash never leaves
@@ -54,7 +54,7 @@ class SubspaceCache:
         part of the key); svd: the rsvd settings (method, power_iters, oversample, seed, and the
         Krylov block_size where one is set); kept_channels: the input channels kept of a widened
         target weight (the rest zeroed), where that applies; kind "gate-sketch": the default gate's
-        sketch, keyed by oversample, seed and steps."""
+        sketch, keyed by oversample, seed and products."""
         doc = {
             "kind": kind,
             "version": FORMAT_VERSION,
@@ -70,7 +70,7 @@ class SubspaceCache:
         if kept_channels is not None:  # input channels beyond it zeroed (plans.Plan.gated_channels)
             doc["kept_channels"] = kept_channels
         if kind == "gate-sketch":
-            doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "steps")}
+            doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "products")}
         if svd.get("block_size") is not None:
             doc["svd"]["block_size"] = svd["block_size"]
         return json.dumps(doc, sort_keys=True)

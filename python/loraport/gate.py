@@ -20,11 +20,14 @@ layer towards chance (16 dominant directions: 0.527 at k = 64, 0.91 at k = 16).
 The default gate (variant copy, no subspace rank or energy given) caps k at ``GATE_RANK`` and
 estimates the subspaces by randomized subspace iteration from one shared Gaussian sketch of
 k + oversample columns (source and target get the same test matrix, so a related pair's
-estimation errors are alike), two products per step, and stops as soon as the estimate is far
-from the threshold compared with how much the last step moved it (`settled`): most layers stop
-after two steps (four products with a narrow sketch, a few times the cost of reading the
-weight on a CPU); a layer near the threshold iterates up to ``MAX_STEPS`` and is marked unsure if
-it still has not settled. A tensor bit-identical in both bases scores 1 without any product.
+estimation errors are alike), one product over the weight at a time, alternating sides: each
+product makes an orthonormal basis of one side from the other side's basis (Halko et al. 2011,
+Alg. 4.4, with an estimate of both sides after every product, `_half_step`). Every layer takes
+``FIRST_PRODUCTS`` products (two estimates to compare) and stops as soon as the estimate is far
+from the threshold compared with how much the last product moved it (`settled`); a layer near
+the threshold iterates up to ``MAX_PRODUCTS`` and is marked unsure if it still has not settled.
+bf16 weights on a CPU that multiplies bf16 in hardware are multiplied as read (`bf16_products`),
+others through a float32 copy. A tensor bit-identical in both bases scores 1 without any product.
 `loraport.reference.gate_exact` is the float64 oracle of the same rule."""
 
 from __future__ import annotations
@@ -33,11 +36,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import rsvd
-
-_rsvd = (
-    torch.ops.loraport.rsvd
-)  # (A, sketch [short side, l], k, power_iters, method) -> U, S, V
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> []
 
 DEFAULT_SUBSPACE_RANK = (
@@ -47,11 +45,9 @@ GATE_RANK = 16  # the default gate's cap on k (16 dominant directions: 0.91 at k
 MIN_RANK = 2  # the spectrum never picks fewer directions (a single direction is too easily shared)
 GAP = 2.0  # σ_j / σ_{j+1} that counts as the edge of the dominant directions
 BAND = 0.05  # never stop closer to the threshold than this
-SETTLE = (
-    4.0  # stop when |similarity − threshold| > SETTLE · (change over the last step)
-)
-FIRST_STEPS = 2  # steps every gated layer takes (and the subspace cache keeps): two estimates to compare
-MAX_STEPS = 12  # iteration steps (two products each) before a layer is reported unsure
+SETTLE = 8.0  # stop when |margin| > SETTLE · (change over the last product)
+FIRST_PRODUCTS = 3  # products every gated layer takes (and the subspace cache keeps the estimates of)
+MAX_PRODUCTS = 24  # products over a weight before a layer is reported unsure
 BORDERLINE = (
     0.1  # |similarity − threshold| under which the report lists a layer as borderline
 )
@@ -99,9 +95,10 @@ def side_similarities(Us, Vs, Ut, Vt, k: int) -> tuple[float, float]:
 
 
 def settled(previous: float, current: float) -> bool:
-    """The estimated margin's sign will not change with more steps: it is further from 0 than
-    BAND and than SETTLE times what the last step moved it (subspace iteration converges
-    geometrically; SETTLE = 4 covers a contraction of 0.8 per step)."""
+    """The estimated margin's sign will not change with more products: it is further from 0 than
+    BAND and than SETTLE times what the last product moved it (subspace iteration converges
+    geometrically, so what is left to move is at most c / (1 − c) times the last move for a
+    contraction c per product; SETTLE = 8 covers c = 0.89 per product, 0.79 per power step)."""
     return abs(current) > max(BAND, SETTLE * abs(current - previous))
 
 
@@ -115,109 +112,96 @@ class GateResult:
     left: float
     right: float
     k: int
-    steps: int  # subspace-iteration steps taken (0: identical tensors)
-    unsure: bool = False  # still not settled after MAX_STEPS
+    products: int  # products over each weight (0: identical tensors)
+    unsure: bool = False  # still not settled after MAX_PRODUCTS
 
 
 @dataclass
 class Sketch:
     """One base weight's last two subspace-iteration estimates (what the subspace cache keeps
-    for the gate): U [2, m, l], S [2, l], V [2, n, l], index 0 the earlier step."""
+    for the gate): U [2, m, l], S [2, l], V [2, n, l], index 0 the earlier; ``products``: the
+    products over the weight that made them (which tells the side the last one computed)."""
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
-    steps: int
+    products: int
 
 
 def bf16_products(dtype: torch.dtype, device) -> bool:
-    """Whether the gate iterates on bf16 weights as they are (`_step_bf16`) rather than on a
-    float32 copy with the rsvd op: bf16 weights on a CPU that multiplies bf16 in hardware
-    (AVX512-BF16 or AMX), where oneDNN's bf16 GEMMs outrun the op's float32 ones and no copy is made."""
+    """Whether the gate multiplies bf16 weights as they are rather than a float32 copy: on a
+    CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX), where oneDNN's bf16 GEMMs run
+    about twice as fast as float32 ones and no copy is made. Rounding the other factor and the
+    results to bf16 (float32 accumulation) moves the estimated subspaces by about 2⁻⁹, a
+    similarity change under 1e-3, far inside ``BAND``."""
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return False
     cpu = torch.cpu
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def first_steps(mats: list[torch.Tensor], width: int, seed: int) -> list[Sketch]:
-    """Two steps for every matrix [m, n] of ``mats`` (all one shape and dtype: float32 or float64
-    for the rsvd op, bf16 for `_step_bf16`): the first from the shared Gaussian sketch drawn from
-    ``seed`` (the same test matrix for every weight of this shape), the second started from the
-    first's short-side vectors."""
-    out = []
-    for A in mats:
-        if A.dtype == torch.bfloat16:
-            gen = torch.Generator().manual_seed(seed)
-            start = torch.randn(min(A.shape), min(width, *A.shape), generator=gen)  # [short side, l]
-            U0, S0, V0 = _step_bf16(A, start.to(A.device))
-        else:
-            U0, S0, V0 = (x[0] for x in rsvd(A[None], width, oversample=0, power_iters=0, seed=seed))
-        U1, S1, V1 = _step(A, U0, V0, U0.shape[-1])  # width clamped to the short side
-        out.append(Sketch(torch.stack([U0, U1]), torch.stack([S0, S1]), torch.stack([V0, V1]), 2))
+def _times(A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """A·basis [m, l] (basis [n, l]) or, with ``transpose``, Aᵀ·basis [n, l] (basis [m, l]), in
+    A's dtype (the basis rounded to it), float32. Checks the result for NaN/Inf: any in A
+    reaches it."""
+    b = basis.to(A.dtype)
+    out = ((b.T @ A).T if transpose else A @ b).float()
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("loraport.gate: a weight contains NaN or Inf")
     return out
 
 
-def _step(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, width: int):
-    """One more subspace-iteration step (two products over A [m, n]) from the previous
-    estimate: it sketches the tall orientation from its short side, so it starts from V
-    (m >= n) or U (m < n)."""
-    start = V if A.shape[0] >= A.shape[1] else U  # [short side, l]
-    if A.dtype == torch.bfloat16:
-        return _step_bf16(A, start)
-    return _rsvd(A, start.contiguous(), width, 0, "power")
+def _half_step(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, left_fresh: bool):
+    """One product over A [m, n] from the fresh basis (U [m, l] when ``left_fresh``, else
+    V [n, l]; orthonormal) to a basis of the other side, and both sides' estimate from the
+    small factor: V fresh: A·V = Q·R, A ≈ Q·R·Vᵀ, R = U_R S W_Rᵀ  =>  U = Q·U_R, V ← V·W_R;
+    U fresh: the same on Aᵀ. Returns U [m, l], S [l], V [n, l] float32, S descending."""
+    Q, R = torch.linalg.qr(_times(A, U if left_fresh else V, transpose=left_fresh))  # [other side, l], [l, l]
+    X, S, Wh = torch.linalg.svd(R.double())  # [l, l] each
+    X, S, W = X.float(), S.float(), Wh.mT.float()
+    return (U @ W, S, Q @ X) if left_fresh else (Q @ X, S, V @ W)
 
 
-def _step_bf16(A: torch.Tensor, start: torch.Tensor):
-    """The rsvd op's power step on bf16 A [m, n] with bf16 GEMMs (float32 accumulation, bf16
-    results): Y = A·start, Q = orth(Y), B = QᵀA = U_B S V_Bᵀ, U = Q·U_B (tall A; a wide A the
-    same on Aᵀ). The start and Q are rounded to bf16 and the products' results too, a relative
-    error of 2⁻⁹ per element: it moves the estimated subspaces by about that angle, a similarity
-    change under 1e-3, far inside the gate's BAND. Returns U [m, l], S [l], V [n, l] float32."""
-    bf16 = torch.bfloat16
-    start = start.to(bf16)  # [short side, l]
-    tall = A.shape[0] >= A.shape[1]
-    Y = (A @ start if tall else (start.T @ A).T).float()  # [long side, l]
-    if not bool(torch.isfinite(Y).all()):  # any NaN/Inf in A reaches Y (the rsvd op: S)
-        raise ValueError("loraport.gate: a weight contains NaN or Inf")
-    Q = torch.linalg.qr(Y).Q  # [long side, l]
-    if tall:
-        B = (Q.T.to(bf16) @ A).float()  # [l, n]
-        Ub, S, V = _small_svd(B)
-        return Q @ Ub, S, V
-    B = (A @ Q.to(bf16)).float()  # [m, l]
-    V, S, Ub = _small_svd(B.T)  # B = Ub S Vᵀ  =>  A ≈ Ub S (Q V)ᵀ
-    return Ub, S, Q @ V
+def _left_fresh(shape, products: int) -> bool:
+    """Whether the last of ``products`` products computed the left side: the first multiplies
+    the short side's Gaussian start (A·Ω for a tall A, a left basis) and the sides alternate."""
+    tall = shape[0] >= shape[1]
+    return tall == (products % 2 == 1)
 
 
-def _small_svd(B: torch.Tensor):
-    """SVD of a short, wide B [l, n] float32 from the eigenpairs of B·Bᵀ [l, l] in float64 (the
-    full SVD of B costs more than the products that made it): U_B [l, l], S [l], V = Bᵀ U_B / S
-    [n, l], descending. Directions with S ≈ 0 (rank-deficient B) get V = 0: the gate uses only
-    its top k < l."""
-    B64 = B.double()
-    evals, Ub = torch.linalg.eigh(B64 @ B64.T)  # ascending
-    evals, Ub = evals.flip(0).clamp_min(0), Ub.flip(1)
-    S = evals.sqrt()  # [l]
-    V = (B64.T @ Ub) / torch.where(S > S[0] * 1e-7, S, torch.inf)  # [n, l]
-    return Ub.float(), S.float(), V.float()
+def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sketch]:
+    """``FIRST_PRODUCTS`` products over every matrix [m, n] of ``mats`` (bf16 multiplied as
+    is, else float32), the first from the shared Gaussian start drawn from ``seed`` (the same
+    [short side, width] test matrix for every weight of this shape): the two estimates after
+    the last two products."""
+    out = []
+    for A in mats:
+        m, n = A.shape
+        tall = m >= n
+        gen = torch.Generator().manual_seed(seed)
+        start = torch.randn(min(m, n), min(width, m, n), generator=gen).to(A.device)  # [short side, l]
+        basis = torch.linalg.qr(_times(A, start, transpose=not tall)).Q  # [long side, l]
+        U, V = (basis, None) if tall else (None, basis)
+        estimates = []
+        for p in range(2, FIRST_PRODUCTS + 1):
+            U, S, V = _half_step(A, U, V, _left_fresh(A.shape, p - 1))
+            estimates.append((U, S, V))
+        (U0, S0, V0), (U1, S1, V1) = estimates[-2:]
+        out.append(Sketch(torch.stack([U0, U1]), torch.stack([S0, S1]), torch.stack([V0, V1]), FIRST_PRODUCTS))
+    return out
 
 
 def refine(A: torch.Tensor, sketch: Sketch) -> Sketch:
-    """``sketch`` advanced by one step over its weight A [m, n]."""
-    U, S, V = _step(A, sketch.U[1], sketch.V[1], sketch.U.shape[-1])
-    return Sketch(
-        torch.stack([sketch.U[1], U]),
-        torch.stack([sketch.S[1], S]),
-        torch.stack([sketch.V[1], V]),
-        sketch.steps + 1,
-    )
+    """``sketch`` advanced by one product over its weight A [m, n]."""
+    U, S, V = _half_step(A, sketch.U[1], sketch.V[1], _left_fresh(A.shape, sketch.products))
+    return Sketch(torch.stack([sketch.U[1], U]), torch.stack([sketch.S[1], S]), torch.stack([sketch.V[1], V]),
+                  sketch.products + 1)  # fmt: skip
 
 
 def _decide(
     source: Sketch, target: Sketch, cap: int, threshold: float, weights=None
 ) -> tuple[GateResult, bool]:
-    """The gate from the two sketches (same number of steps), iterating further while it has not
+    """The gate from the two sketches (same number of products), iterating further while it has not
     settled and ``weights`` (a callable returning (W_s, W_t) [m, n] float) can supply the
     weights; returns (result, settled). Without weights an unsettled result is returned as is."""
     A = None
@@ -231,14 +215,9 @@ def _decide(
             source.U[1], source.V[1], target.U[1], target.V[1], k
         )
         done = settled(before, margin(left, right, threshold))
-        if done or source.steps >= MAX_STEPS or weights is None:
-            return GateResult(
-                left,
-                right,
-                k,
-                source.steps,
-                unsure=not done and source.steps >= MAX_STEPS,
-            ), done
+        if done or source.products >= MAX_PRODUCTS or weights is None:
+            unsure = not done and source.products >= MAX_PRODUCTS
+            return GateResult(left, right, k, source.products, unsure), done
         if A is None:
             A = weights()
         source, target = refine(A[0], source), refine(A[1], target)
@@ -275,11 +254,11 @@ def gate_layers(
     upcast: Upcast | None = None, *, cap: int, oversample: int, seed: int, threshold: float, device, decide: bool = True,
 ) -> list[GateResult]:  # fmt: skip
     """The gate for ``layers`` layers of [m, n] weights (the pipeline's chunk): identical weights
-    score 1; otherwise two steps (or a sketch from the cache) and more while not settled.
+    score 1; otherwise ``FIRST_PRODUCTS`` products (or a sketch from the cache) and more while not settled.
     weights: [M, m, *] as read; index: (layer, side) -> position in weights; found: (layer, side)
     -> Sketch from the cache; read(layer, side): a weight not in ``weights`` (a cached side that
-    needs more steps); cache/keys: where each side's first two steps are stored (cache may be None);
-    upcast: the float32 buffer (None: a new one; unused where `bf16_products`); decide=False: only the first steps, into the cache (returns [])."""
+    needs more products); cache/keys: where each side's first estimates are stored (cache may be None);
+    upcast: the float32 buffer (None: a new one; unused where `bf16_products`); decide=False: only the first products, into the cache (returns [])."""
     width = min(cap + oversample, m, n)
     sides = ("source", "target")
     results = []
@@ -306,7 +285,7 @@ def gate_layers(
         missing = [i for i, side in enumerate(sides) if side not in sketches]
         if missing:
             both(missing)
-            for i, sketch in zip(missing, first_steps([mats[i] for i in missing], width, seed)):
+            for i, sketch in zip(missing, first_products([mats[i] for i in missing], width, seed)):
                 sketches[sides[i]] = sketch
                 if cache is not None and (g, sides[i]) in keys:
                     cache.put_tensors(keys[g, sides[i]], {"U": sketch.U, "S": sketch.S, "V": sketch.V})

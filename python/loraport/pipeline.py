@@ -285,7 +285,7 @@ def run_plans(
                         hit = None
                     elif fast:
                         hit = cache.get_tensors(keys[g, side], {"U": [2, m, width], "S": [2, width], "V": [2, n, width]})
-                        hit = None if hit is None else gate.Sketch(**hit, steps=gate.FIRST_STEPS)
+                        hit = None if hit is None else gate.Sketch(**hit, products=gate.FIRST_PRODUCTS)
                     else:
                         hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
@@ -409,11 +409,11 @@ def _gate_chunk(
         return
     for g, (plan, res) in enumerate(zip(chunk.plans, results)):
         row = plan.row
-        row.subspace_rank, row.gate_steps = [res.k, res.k], res.steps
-        if res.steps == 0:
+        row.subspace_rank, row.gate_products = [res.k, res.k], res.products
+        if res.products == 0:
             row.note = "identical in both bases"
         elif res.unsure:
-            row.note = f"gate unsure after {res.steps} steps"
+            row.note = f"gate unsure after {res.products} products"
         _carry(plan, res.left, res.right, None, loaded.norms.get(g), options)
     seconds["project"] += time.perf_counter() - t0
 

@@ -96,7 +96,7 @@ class LayerRow:
     similarity_left: float | None = None
     similarity_right: float | None = None
     margin: float | None = None  # the gate's margin, >= 0 passes: gate.margin
-    gate_steps: int | None = None  # the default gate's iteration steps (0: identical weights)
+    gate_products: int | None = None  # the default gate's products over each weight (0: identical weights)
     rel_change: float | None = None  # ‖ΔW_out − ΔW_in‖_F / ‖ΔW_in‖_F
     note: str = ""
     subspaces_from_cache: int = 0  # 0, 1 or 2 of [source, target] read from the subspace cache
