@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from .errors import InputError, brief
 from .openclip import OpenClipView, is_openclip
+from .positioned import read_range
 
 _STRIPPED_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Text encoders packed in a single-file SD checkpoint (LDM layout): SD 1.x's and SDXL's first one
@@ -61,9 +62,9 @@ class _Store:
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def read_into(self, name: str, rows: slice | None, out: torch.Tensor) -> bool:
-        """Read straight into ``out``'s memory; False where this store cannot (then the caller
-        reads and copies)."""
+    def read_into(self, name: str, rows: slice | None, out: torch.Tensor, direct: bool = False) -> bool:
+        """Read straight into ``out``'s memory (``direct``: large tensors with O_DIRECT); False
+        where this store cannot (then the caller reads and copies)."""
         return False
 
 
@@ -139,32 +140,24 @@ class _SafetensorsStore(_Store):
             self._layouts[path] = layout
         return self._layouts[path]
 
-    def read_into(self, name, rows, out):
+    def read_into(self, name, rows, out, direct=False):
         """One positioned read of the tensor's bytes (or its rows') into ``out``, when the
-        tensor is stored in ``out``'s dtype and ``out`` is contiguous. Through a memory map the
-        same bytes arrive page fault by page fault: reading the Hunyuan-shaped weights of a
-        5 GB pair (cold page cache, 2-core VM) ran at 0.23-0.28 GB/s that way and 0.39-0.52 GB/s
-        with read()s, the whole files sequentially at 0.91 GB/s."""
+        tensor is stored in ``out``'s dtype and ``out`` is contiguous (`positioned.read_range`;
+        ``direct``: large tensors with O_DIRECT). Through a memory map the same bytes arrive page fault by
+        page fault: reading the Hunyuan-shaped weights of a 5 GB pair (cold page cache, 2-core VM)
+        ran at 0.23-0.28 GB/s that way and 0.39-0.52 GB/s with read()s, the whole files
+        sequentially at 0.91 GB/s."""
         key = self._names[name]
         path = self._file_of[key]
         dtype, shape, begin, end = self._layout(path)[key]
-        if dtype != out.dtype or not out.is_contiguous() or not shape or not hasattr(os, "preadv"):
+        if dtype != out.dtype or not out.is_contiguous() or out.device.type != "cpu" or not shape or not hasattr(os, "preadv"):
             return False
         row_bytes = (end - begin) // shape[0]
         first, stop, step = (rows or slice(None)).indices(shape[0])
         if step != 1 or out.numel() * out.element_size() != (stop - first) * row_bytes:
             return False
-        buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            done, offset = 0, begin + first * row_bytes
-            while done < len(buffer):
-                n = os.preadv(fd, [buffer[done:]], offset + done)
-                if n <= 0:
-                    raise InputError(f"{path}: tensor '{key}' ends early (the file is truncated)")
-                done += n
-        finally:
-            os.close(fd)
+        if read_range(path, begin + first * row_bytes, out, direct) < out.numel() * out.element_size():
+            raise InputError(f"{path}: tensor '{key}' ends early (the file is truncated)")
         return True
 
     def read(self, name, rows=None):
@@ -238,6 +231,7 @@ class BaseModel:
     def __init__(self, src, label: str | None = None):
         self.label = label or (os.fspath(src) if not isinstance(src, Mapping) else "<state dict>")
         self.bytes_read = 0
+        self.direct_io = False  # read_into's large tensors with O_DIRECT (a port computing on the CPU sets it)
         self._stores: dict[str, _Store] = {}
         if isinstance(src, Mapping):
             self._stores["model"] = _DictStore(src, self.label)
@@ -312,8 +306,9 @@ class BaseModel:
         """Tensor ``name`` (rows ``rows``) copied into ``out`` (same shape, any dtype): read from
         the file straight into ``out`` where the store can (safetensors stored in ``out``'s
         dtype, contiguous ``out``), else read and copied. Unlike `read` it does not scan for NaN
-        and Inf: the caller checks ``out`` (the port does so in the pass that sums its squares)."""
-        if self._stores[component].read_into(name, rows, out):
+        and Inf: the caller checks ``out`` (the port does so in the pass that sums its squares).
+        Large tensors are read with O_DIRECT where ``direct_io`` is set (`positioned`)."""
+        if self._stores[component].read_into(name, rows, out, self.direct_io):
             self.bytes_read += out.numel() * out.element_size()
         else:
             out.copy_(self.read(component, name, rows))

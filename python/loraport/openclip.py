@@ -82,7 +82,7 @@ class OpenClipView:
             return t[rows] if rows is not None else t
         return self.inner.read(inner, self._rows(name, rows))
 
-    def read_into(self, name: str, rows: slice | None, out: torch.Tensor) -> bool:
+    def read_into(self, name: str, rows: slice | None, out: torch.Tensor, direct: bool = False) -> bool:
         if name in _TRANSPOSED:
             return False
-        return self.inner.read_into(self._names[name][0], self._rows(name, rows), out)
+        return self.inner.read_into(self._names[name][0], self._rows(name, rows), out, direct)

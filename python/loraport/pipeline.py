@@ -146,6 +146,8 @@ def port(
     t_start = time.perf_counter()
 
     src, tgt = BaseModel(source), BaseModel(target)
+    # a CPU port computes on the cores a page-cache read would copy with (loraport.positioned)
+    src.direct_io = tgt.direct_io = torch.device(options.device).type == "cpu"
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
     top = max(m.rank for m in lf.modules)
     if rank is not None and rank > top:

@@ -1,0 +1,109 @@
+"""Positioned reads (loraport.positioned): O_DIRECT through the bounce buffer returns exactly the
+file's bytes for any offset and length (unaligned, across several bounce-buffer reads, at the end
+of the file), a range past the end comes back short, and LORAPORT_DIRECT_IO=0 or a file system
+without O_DIRECT reads through the page cache."""
+
+import os
+
+import pytest
+import torch
+
+from loraport import positioned
+
+
+def _direct_supported(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = torch.randint(0, 256, (5 * 4096 + 1234,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = str(tmp_path / "data.bin")
+    data.numpy().tofile(path)
+    return path, data
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every range goes the direct way (DIRECT_MIN 1 byte), in 2-page bounce reads; counts them."""
+    monkeypatch.setattr(positioned, "DIRECT_MIN", 1)
+    monkeypatch.setattr(positioned, "_BOUNCE", 2 * 4096)
+    monkeypatch.setattr(positioned, "_local", positioned.threading.local())  # a bounce buffer of the new size
+    calls = []
+    real = positioned._read_direct
+    monkeypatch.setattr(positioned, "_read_direct", lambda *a: calls.append(a[1]) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "offset,length",
+    [(0, 4096), (1, 100), (4095, 2), (777, 3 * 4096 + 5), (4096, 2 * 4096), (5 * 4096, 1234), (3, 5 * 4096 + 1231)],
+)
+def test_direct_reads_return_the_files_bytes_at_any_offset(data_file, counted, offset, length):
+    path, data = data_file
+    out = torch.full((length,), 7, dtype=torch.uint8)
+    assert positioned.read_range(path, offset, out) == length
+    assert torch.equal(out, data[offset : offset + length])
+    assert counted == ([offset] if _direct_supported(path) else [])
+
+
+def test_a_range_past_the_end_comes_back_short_both_ways(data_file, counted, monkeypatch):
+    path, data = data_file
+    size = data.numel()
+    for direct in ("1", "0"):
+        monkeypatch.setenv("LORAPORT_DIRECT_IO", direct)
+        out = torch.zeros(600, dtype=torch.uint8)
+        assert positioned.read_range(path, size - 100, out) == 100
+        assert torch.equal(out[:100], data[-100:])
+        assert positioned.read_range(path, size + 10, out) == 0
+
+
+def test_direct_io_off_or_refused_reads_through_the_page_cache(data_file, counted, monkeypatch):
+    path, data = data_file
+    monkeypatch.setenv("LORAPORT_DIRECT_IO", "0")
+    out = torch.empty(3000, dtype=torch.uint8)
+    assert positioned.read_range(path, 10, out) == 3000 and torch.equal(out, data[10:3010])
+    assert counted == []
+    monkeypatch.delenv("LORAPORT_DIRECT_IO")
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: (_ for _ in ()).throw(OSError(22, "Invalid argument"))
+                        if flags & os.O_DIRECT else real_open(p, flags, *a))  # fmt: skip
+    assert positioned.read_range(path, 10, out) == 3000 and torch.equal(out, data[10:3010])
+    assert counted == []
+
+
+def test_a_base_weight_read_directly_equals_safetensors_own_read(tmp_path, counted):
+    from safetensors.torch import save_file
+
+    from loraport.basemodel import BaseModel
+
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(1)).bfloat16()
+    path = str(tmp_path / "base.safetensors")
+    save_file({"a.weight": torch.randn(3, 5), "b.weight": w}, path)  # b starts at an unaligned offset
+    base = BaseModel(path)
+    out = torch.empty(40, 200, dtype=torch.bfloat16)
+    base.read_into("model", "b.weight", out, slice(50, 90))
+    assert torch.equal(out, w[50:90]) and counted == []  # through the page cache unless asked
+    base.direct_io = True  # what a CPU port sets
+    out.zero_()
+    base.read_into("model", "b.weight", out, slice(50, 90))
+    assert torch.equal(out, w[50:90])
+    assert counted or not _direct_supported(path)
+
+
+def test_a_cpu_port_asks_for_direct_reads_of_its_bases(tmp_path, monkeypatch):
+    from loraport import pipeline
+    from loraport.testing import tiny
+
+    seen = []
+    real = pipeline.BaseModel
+    monkeypatch.setattr(pipeline, "BaseModel", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    source = tiny.base_model("flux", width=16, seed=0)
+    files = [tiny.save_base(sd, str(tmp_path / f"{n}.safetensors")) for n, sd in
+             (("lora", tiny.lora("flux", source, fmt="peft", rank=2, seed=1)), ("s", source), ("t", tiny.related(source, seed=2)))]  # fmt: skip
+    pipeline.port(*files, dry_run=True, quiet=True)
+    assert [b.direct_io for b in seen] == [True, True]
