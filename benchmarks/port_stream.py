@@ -19,7 +19,8 @@ Steps, each timed and reported:
      rate, not a disk rate): every byte of both bases once (sequential 64 MiB reads), and the
      bytes the port needs, the adapted weights of both bases, the same way (the cold floor the
      port is compared with: it never reads the modulations, embedders and norms). Measured again
-     after the cold port: the shared disk's rate drifts by 2-3x within minutes.
+     after the cold port: the shared disk's rate drifts by 2-3x within minutes (--repeat N adds
+     N - 1 more alternating cold-floor / cold-port pairs at the end and reports the median ratio).
   3. port LoRA 1 with an empty subspace cache, in a fresh process with THP_MEM_ALLOC_ENABLE=1
      as the loraport CLI has (peak RSS is VmHWM of that process, peak VRAM
      torch.cuda.max_memory_allocated), page cache dropped first;
@@ -286,6 +287,9 @@ def main(argv=None) -> None:
     p.add_argument("--variant", default="copy", help="port variant (default copy, loraport's; runs recorded before "
                    "2026-12-04 used target, the projection, at --subspace-rank 64)")  # fmt: skip
     p.add_argument("--no-warm", action="store_true", help="skip step 5 (the warm-page-cache ratio)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="N - 1 more (cold floor, cold port) pairs after step 5, alternating, for the median ratio "
+                        "(the shared disk's rate drifts between runs)")  # fmt: skip
     p.add_argument("--markdown", help="also append the table to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--read-and-sum", help=argparse.SUPPRESS)
@@ -316,6 +320,12 @@ def main(argv=None) -> None:
             warm = (sums, port_warm)
             print(f"warm: read-and-sum {sums[0]['seconds']:.1f} / {sums[1]['seconds']:.1f} s, port {port_warm['wall']:.1f} s",
                   flush=True)  # fmt: skip
+        pairs = [(floor, first)]
+        for _ in range(args.repeat - 1):
+            f = read_floor(folder, adapted_only=True)
+            r = run_port(folder, 1, args, cache=False)
+            pairs.append((f, r))
+            print(f"again: cold floor {f['seconds']:.1f} s, cold port {r['wall']:.1f} s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -366,10 +376,16 @@ def main(argv=None) -> None:
                  f"**{first['wall'] / floor['seconds']:.2f}x** (against the floor measured after it: "
                  f"{first['wall'] / floor_after['seconds']:.2f}x; against reading both whole bases: "
                  f"{first['wall'] / whole['seconds']:.2f}x)")  # fmt: skip
+    if len(pairs) > 1:
+        ratios = sorted(r["wall"] / f["seconds"] for f, r in pairs)
+        each = ", ".join(f"{r['wall']:.1f} / {f['seconds']:.1f} s" for f, r in pairs)
+        lines.append(f"- cold port / the cold floor just before it, {len(pairs)} alternating pairs ({each}): median "
+                     f"**{ratios[len(ratios) // 2]:.2f}x** (range {ratios[0]:.2f}-{ratios[-1]:.2f})")  # fmt: skip
     if warm is not None:
         sums, port_warm = warm
         mean = sum(r["seconds"] for r in sums) / len(sums)
-        lines.append(f"- warm page cache: port / read-and-sum (mean of the two) = **{port_warm['wall'] / mean:.2f}x**")
+        lines.append(f"- warm page cache: port / read-and-sum (mean of the two) = **{port_warm['wall'] / mean:.2f}x** "
+                     f"(against the faster one alone: {port_warm['wall'] / min(r['seconds'] for r in sums):.2f}x)")  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.markdown:
