@@ -29,8 +29,10 @@ def data_file(tmp_path):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Every range goes the direct way (DIRECT_MIN 1 byte), in 2-page bounce reads; counts them."""
+    """Every range goes the direct way (DIRECT_MIN 1 byte, none seen as cached), in 2-page
+    bounce reads; counts them."""
     monkeypatch.setattr(positioned, "DIRECT_MIN", 1)
+    monkeypatch.setattr(positioned, "_cached", lambda *a: False)
     monkeypatch.setattr(positioned, "_BOUNCE", 2 * 4096)
     monkeypatch.setattr(positioned, "_local", positioned.threading.local())  # a bounce buffer of the new size
     calls = []
@@ -107,3 +109,19 @@ def test_a_cpu_port_asks_for_direct_reads_of_its_bases(tmp_path, monkeypatch):
              (("lora", tiny.lora("flux", source, fmt="peft", rank=2, seed=1)), ("s", source), ("t", tiny.related(source, seed=2)))]  # fmt: skip
     pipeline.port(*files, dry_run=True, quiet=True)
     assert [b.direct_io for b in seen] == [True, True]
+
+
+def test_a_range_in_the_page_cache_is_seen_as_cached_and_one_on_disk_is_not(data_file):
+    path, data = data_file
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages can be dropped
+        os.read(fd, data.numel())  # now cached
+        assert positioned._cached(path, 100, data.numel() - 200)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # dropped
+        if positioned._cached(path, 100, data.numel() - 200):
+            pytest.skip("this file system keeps the pages (DONTNEED ignored)")
+    finally:
+        os.close(fd)

@@ -142,13 +142,9 @@ def bf16_products(dtype: torch.dtype, device) -> bool:
 
 def _times(A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
     """A·basis [m, l] (basis [n, l]) or, with ``transpose``, Aᵀ·basis [n, l] (basis [m, l]), in
-    A's dtype (the basis rounded to it), float32. Checks the result for NaN/Inf: any in A
-    reaches it."""
+    A's dtype (the basis rounded to it), float32."""
     b = basis.to(A.dtype)
-    out = ((b.T @ A).T if transpose else A @ b).float()
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError("loraport.gate: a weight contains NaN or Inf")
-    return out
+    return ((b.T @ A).T if transpose else A @ b).float()
 
 
 def _half_step(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, left_fresh: bool):
@@ -180,7 +176,10 @@ def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sket
         tall = m >= n
         gen = torch.Generator().manual_seed(seed)
         start = torch.randn(min(m, n), min(width, m, n), generator=gen).to(A.device)  # [short side, l]
-        basis = torch.linalg.qr(_times(A, start, transpose=not tall)).Q  # [long side, l]
+        Y = _times(A, start, transpose=not tall)  # [long side, l]
+        if not bool(torch.isfinite(Y).all()):  # any NaN/Inf in A reaches A·Ω (a Gaussian Ω has no zeros)
+            raise ValueError("loraport.gate: a weight contains NaN or Inf")
+        basis = torch.linalg.qr(Y).Q  # [long side, l]
         U, V = (basis, None) if tall else (None, basis)
         estimates = []
         for p in range(2, FIRST_PRODUCTS + 1):
