@@ -21,7 +21,7 @@ import threading
 import torch
 
 DIRECT_MIN = 4 << 20  # ranges from this size are read with O_DIRECT
-_BOUNCE = 16 << 20  # bytes per direct read
+_BOUNCE = 64 << 20  # bytes per direct read: the block layer splits one into 16 requests in flight at once
 _ALIGN = 4096  # file offset, length and memory alignment of a direct read (a multiple of any logical block size)
 _local = threading.local()  # each reading thread's bounce buffer
 
