@@ -325,7 +325,7 @@ def run_plans(
             seconds["cache"] += loaded.seconds_cache
             try:
                 port_chunk(chunk, loaded, cache, stream.staging, options, seconds, subspaces_only, read_weight, upcast)
-            except ValueError:  # NaN/Inf found by the default gate's rsvd: name the tensor
+            except ValueError:  # NaN/Inf found by the default gate's first product: name the tensor
                 for g, side in loaded.todo:
                     read_weight(chunk.plans[g], side, chunk.dtype)  # InputError for the broken one
                 raise

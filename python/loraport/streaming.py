@@ -74,7 +74,7 @@ def read_into(
     """Copy the module's weight into ``out`` ([out, channels, *kernel], stacking dtype), input
     channels beyond the stored ones (or beyond ``keep``) zero; returns ‖W‖_F² (float64 scalar,
     for energy ranks), checking for NaN/Inf in the same pass. ``sums=False`` (the default gate,
-    whose first rsvd finds any NaN/Inf through its singular values): neither, None."""
+    whose first product A·Ω finds any NaN/Inf): neither, None."""
     row, read = 0, []
     for name, rows, piece in pieces:
         shape = base.shape(component, name)  # [rows, in, *kernel]
