@@ -33,6 +33,7 @@ others through a float32 copy. A tensor bit-identical in both bases scores 1 wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -165,6 +166,14 @@ def _left_fresh(shape, products: int) -> bool:
     return tall == (products % 2 == 1)
 
 
+@lru_cache(maxsize=16)
+def _gaussian_start(short: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The shared Gaussian test matrix [short, width] float32 drawn from ``seed``, drawn once per
+    shape and device rather than once per weight."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(short, width, generator=gen).to(device)
+
+
 def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sketch]:
     """``FIRST_PRODUCTS`` products over every matrix [m, n] of ``mats`` (bf16 multiplied as
     is, else float32), the first from the shared Gaussian start drawn from ``seed`` (the same
@@ -174,8 +183,7 @@ def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sket
     for A in mats:
         m, n = A.shape
         tall = m >= n
-        gen = torch.Generator().manual_seed(seed)
-        start = torch.randn(min(m, n), min(width, m, n), generator=gen).to(A.device)  # [short side, l]
+        start = _gaussian_start(min(m, n), min(width, m, n), seed, A.device)  # [short side, l]
         Y = _times(A, start, transpose=not tall)  # [long side, l]
         if not bool(torch.isfinite(Y).all()):  # any NaN/Inf in A reaches A·Ω (a Gaussian Ω has no zeros)
             raise ValueError("loraport.gate: a weight contains NaN or Inf")
@@ -260,6 +268,7 @@ def gate_layers(
     upcast: the float32 buffer (None: a new one; unused where `bf16_products`); decide=False: only the first products, into the cache (returns [])."""
     width = min(cap + oversample, m, n)
     sides = ("source", "target")
+    native = bf16_products(weights.dtype, device)  # iterate on the weights as read
     results = []
     for g in range(layers):
         if all((g, side) in index for side in sides) and identical(
@@ -267,7 +276,6 @@ def gate_layers(
         ):
             results.append(GateResult(1.0, 1.0, cap, 0))
             continue
-        native = bf16_products(weights.dtype, device)  # iterate on the weights as read
         A = None if native else (upcast or Upcast()).take(m, n, device)  # else both in float32
         mats: list = [None, None]
 
