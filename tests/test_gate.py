@@ -3,6 +3,8 @@ real-like spectra with known related/unrelated labels, its pieces (spectrum rank
 identical weights), and what the pipeline does with it: margins and borderline layers in the
 report, the subspace cache's gate-sketch entries, capped energy ranks."""
 
+import os
+
 import pytest
 import torch
 
@@ -94,9 +96,10 @@ def test_first_products_find_the_float64_subspaces_in_bf16_and_float32(shape, bf
 def test_bf16_gemms_only_for_bf16_weights_on_a_cpu_that_has_them():
     assert not gate.bf16_products(torch.float32, "cpu")
     assert not gate.bf16_products(torch.float16, "cpu")
-    assert not gate.bf16_products(torch.bfloat16, "cuda")  # the CUDA rsvd op on a float32 copy
-    flags = open("/proc/cpuinfo").read().split() if __import__("os").path.exists("/proc/cpuinfo") else None
-    if flags is not None:
+    assert not gate.bf16_products(torch.bfloat16, "cuda")  # a GPU multiplies a float32 copy
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
         assert gate.bf16_products(torch.bfloat16, "cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
