@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         from loraport.gate import bf16_products, margin
 
         dtype = getattr(torch, args.dtype)
-        products = "bf16 GEMMs" if bf16_products(dtype, "cpu") else "float32 rsvd op"
+        products = "bf16 GEMMs" if bf16_products(dtype, "cpu") else "float32 GEMMs on a float32 copy"
         print(f"[{m}, {n}] {args.dtype}, threshold 0.5, {products}; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip
         print("| pair | label | exact k | exact left / right / mean | exact margin | gate k | gate margin | products | "

@@ -37,7 +37,7 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype
     by a new noise floor; unrelated, also with a shared (residual-stream-like) input side. The
     exact gate separates the labels with |margin| >= 0.1 (none borderline), and the default gate decides every
     pair as it does, its margin within 0.1 of the exact one (0.06 at most measured), from float32
-    weights through the rsvd op and from bf16 weights through bf16 GEMMs."""
+    weights through float32 GEMMs and from bf16 weights through bf16 GEMMs."""
     rows = list(gate_suite(160, 320, seed, dtype=dtype))
     assert len(rows) == 15
     for name, related, (left, right, k), res, _ in rows:
