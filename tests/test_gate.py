@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from loraport import gate
+from loraport import gate, reference
 from loraport.options import PortOptions
 from loraport.pipeline import port
 from loraport.testing import tiny
@@ -142,23 +142,21 @@ def test_margin_and_settling():
 def test_a_layer_near_the_threshold_iterates_and_is_marked_unsure_when_it_never_settles():
     gen = torch.Generator().manual_seed(3)
     ws = torch.randn(96, 128, generator=gen, dtype=torch.float64)
-    wt = ws + 1.2 * torch.randn(
-        96, 128, generator=gen, dtype=torch.float64
-    )  # flat spectrum, half related
+    wt = ws + 1.2 * torch.randn(96, 128, generator=gen, dtype=torch.float64)  # flat spectrum, half related
     cap = gate.gate_rank(96, 128)
+    left, right, _ = reference.gate_exact(ws, wt, cap)
+    on_the_edge = (left + right) / 2  # the exact similarity as the threshold: exact margin 0
     A = torch.stack([ws, wt]).float()
     index = {(0, "source"): 0, (0, "target"): 1}
     args = dict(cap=cap, oversample=8, seed=0, device="cpu")
-    for threshold in (0.05, 0.5, 0.95):
-        (res,) = gate.gate_layers(
-            1, 96, 128, A, index, {}, None, None, {}, threshold=threshold, **args
-        )
+    for threshold in (0.05, on_the_edge, 0.95):
+        (res,) = gate.gate_layers(1, 96, 128, A, index, {}, None, None, {}, threshold=threshold, **args)
         est = gate.margin(res.left, res.right, threshold)
-        if abs(est) < 0.15:  # a close call: more than the first products
-            assert res.products > gate.FIRST_PRODUCTS
-        assert res.unsure == (
-            res.products >= gate.MAX_PRODUCTS and abs(est) <= gate.BAND or res.unsure
-        )
+        if threshold == on_the_edge:  # never far enough from 0 to stop after the first products
+            assert res.products > gate.FIRST_PRODUCTS and abs(est) < 0.1
+        else:  # far from the threshold: the first products decide, correctly
+            assert res.products == gate.FIRST_PRODUCTS and (est >= 0) == (threshold < on_the_edge)
+        assert res.unsure <= (res.products == gate.MAX_PRODUCTS)
 
 
 def test_identical_weights_pass_without_any_product():

@@ -54,7 +54,7 @@ class SubspaceCache:
         part of the key); svd: the rsvd settings (method, power_iters, oversample, seed, and the
         Krylov block_size where one is set); kept_channels: the input channels kept of a widened
         target weight (the rest zeroed), where that applies; kind "gate-sketch": the default gate's
-        sketch, keyed by oversample, seed and products."""
+        sketch, keyed by oversample, seed, products and the first product."""
         doc = {
             "kind": kind,
             "version": FORMAT_VERSION,
@@ -70,7 +70,7 @@ class SubspaceCache:
         if kept_channels is not None:  # input channels beyond it zeroed (plans.Plan.gated_channels)
             doc["kept_channels"] = kept_channels
         if kind == "gate-sketch":
-            doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "products")}
+            doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "products", "start")}
         if svd.get("block_size") is not None:
             doc["svd"]["block_size"] = svd["block_size"]
         return json.dumps(doc, sort_keys=True)

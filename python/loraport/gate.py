@@ -48,6 +48,7 @@ GAP = 2.0  # σ_j / σ_{j+1} that counts as the edge of the dominant directions
 BAND = 0.05  # never stop closer to the threshold than this
 SETTLE = 8.0  # stop when |margin| > SETTLE · (change over the last product)
 FIRST_PRODUCTS = 3  # products every gated layer takes (and the subspace cache keeps the estimates of)
+START = "A·Ω"  # the first product (then the sides alternate): what a cached sketch's estimates came from
 MAX_PRODUCTS = 24  # products over a weight before a layer is reported unsure
 BORDERLINE = (
     0.1  # |similarity − threshold| under which the report lists a layer as borderline
@@ -143,55 +144,77 @@ def bf16_products(dtype: torch.dtype, device) -> bool:
 
 def _times(A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
     """A·basis [m, l] (basis [n, l]) or, with ``transpose``, Aᵀ·basis [n, l] (basis [m, l]), in
-    A's dtype (the basis rounded to it), float32."""
+    A's dtype (the basis rounded to it), float32. A·basis runs with l padded by zero columns to
+    a multiple of 16 (one AVX-512 register of float32 sums): oneDNN's bf16 kernel for an odd l
+    can take twice as long as for the padded one (benchmarks/RESULTS.md)."""
     b = basis.to(A.dtype)
-    return ((b.T @ A).T if transpose else A @ b).float()
+    if transpose:
+        return (b.T @ A).T.float()
+    l = b.shape[1]
+    if l % 16:
+        b = torch.nn.functional.pad(b, (0, 16 - l % 16))
+    return (A @ b)[:, :l].float()
+
+
+def _svd_tall(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P [N, l] float32 (N >= l) = U·diag(S)·Wᵀ: U [N, l] float32 orthonormal, S [l] descending,
+    W [l, l] float64, from the eigenvectors of the float64 Gram matrix PᵀP (cheaper than a QR of
+    P: one pass over P and an l x l eigenproblem). PᵀP squares P's condition number, so where it
+    passes 1e6 (eigenvalue ratio 1e-12: a rank-deficient sketch) the Householder QR of P and the
+    SVD of its R factor are used instead. Raises ValueError when P is not finite."""
+    P64 = P.double()
+    G = P64.T @ P64  # [l, l]
+    if not bool(torch.isfinite(G).all()):  # any NaN/Inf in A reaches A·Ω (a Gaussian Ω has no zeros)
+        raise ValueError("loraport.gate: a weight contains NaN or Inf")
+    lam, W = torch.linalg.eigh(G)  # ascending
+    lam, W = lam.flip(0), W.flip(1)
+    if float(lam[-1]) > 1e-12 * float(lam[0]):
+        S = lam.sqrt()
+        return (P64 @ (W / S)).float(), S.float(), W
+    Q, R = torch.linalg.qr(P)  # [N, l], [l, l]
+    X, S, Wh = torch.linalg.svd(R.double())
+    return Q @ X.float(), S.float(), Wh.mT
 
 
 def _half_step(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, left_fresh: bool):
     """One product over A [m, n] from the fresh basis (U [m, l] when ``left_fresh``, else
-    V [n, l]; orthonormal) to a basis of the other side, and both sides' estimate from the
-    small factor: V fresh: A·V = Q·R, A ≈ Q·R·Vᵀ, R = U_R S W_Rᵀ  =>  U = Q·U_R, V ← V·W_R;
-    U fresh: the same on Aᵀ. Returns U [m, l], S [l], V [n, l] float32, S descending."""
-    Q, R = torch.linalg.qr(_times(A, U if left_fresh else V, transpose=left_fresh))  # [other side, l], [l, l]
-    X, S, Wh = torch.linalg.svd(R.double())  # [l, l] each
-    X, S, W = X.float(), S.float(), Wh.mT.float()
-    return (U @ W, S, Q @ X) if left_fresh else (Q @ X, S, V @ W)
+    V [n, l]; orthonormal) to a basis of the other side, and both sides' estimate from its SVD:
+    V fresh: A·V = U_P S W_Pᵀ, A ≈ U_P S (V W_P)ᵀ  =>  U = U_P, V ← V·W_P; U fresh: the same on
+    Aᵀ. Returns U [m, l], S [l], V [n, l] float32, S descending."""
+    P_basis, S, W = _svd_tall(_times(A, U if left_fresh else V, transpose=left_fresh))  # [other side, l], [l], [l, l]
+    W = W.float()
+    return (U @ W, S, P_basis) if left_fresh else (P_basis, S, V @ W)
 
 
-def _left_fresh(shape, products: int) -> bool:
-    """Whether the last of ``products`` products computed the left side: the first multiplies
-    the short side's Gaussian start (A·Ω for a tall A, a left basis) and the sides alternate."""
-    tall = shape[0] >= shape[1]
-    return tall == (products % 2 == 1)
+def _left_fresh(products: int) -> bool:
+    """Whether the last of ``products`` products computed the left side: the first is A·Ω (a
+    left basis) and the sides alternate."""
+    return products % 2 == 1
 
 
 @lru_cache(maxsize=16)
-def _gaussian_start(short: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The shared Gaussian test matrix [short, width] float32 drawn from ``seed``, drawn once per
+def _gaussian_start(n: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The shared Gaussian test matrix [n, width] float32 drawn from ``seed``, drawn once per
     shape and device rather than once per weight."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(short, width, generator=gen).to(device)
+    return torch.randn(n, width, generator=gen).to(device)
 
 
 def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sketch]:
     """``FIRST_PRODUCTS`` products over every matrix [m, n] of ``mats`` (bf16 multiplied as
-    is, else float32), the first from the shared Gaussian start drawn from ``seed`` (the same
-    [short side, width] test matrix for every weight of this shape): the two estimates after
-    the last two products."""
+    is, else float32), the first A·Ω from the shared Gaussian start drawn from ``seed`` (the same
+    [n, width] test matrix for every weight of this shape; A·Ω rather than Aᵀ·Ω for a wide A too,
+    since `_times` runs A·B near the CPU's bf16 peak and Aᵀ·B well below it): the two estimates
+    after the last two products."""
     out = []
     for A in mats:
         m, n = A.shape
-        tall = m >= n
-        start = _gaussian_start(min(m, n), min(width, m, n), seed, A.device)  # [short side, l]
-        Y = _times(A, start, transpose=not tall)  # [long side, l]
-        if not bool(torch.isfinite(Y).all()):  # any NaN/Inf in A reaches A·Ω (a Gaussian Ω has no zeros)
-            raise ValueError("loraport.gate: a weight contains NaN or Inf")
-        basis = torch.linalg.qr(Y).Q  # [long side, l]
-        U, V = (basis, None) if tall else (None, basis)
+        start = _gaussian_start(n, min(width, m, n), seed, A.device)  # [n, l]
+        U, _, _ = _svd_tall(_times(A, start, transpose=False))  # [m, l]
+        V = None
         estimates = []
         for p in range(2, FIRST_PRODUCTS + 1):
-            U, S, V = _half_step(A, U, V, _left_fresh(A.shape, p - 1))
+            U, S, V = _half_step(A, U, V, _left_fresh(p - 1))
             estimates.append((U, S, V))
         (U0, S0, V0), (U1, S1, V1) = estimates[-2:]
         out.append(Sketch(torch.stack([U0, U1]), torch.stack([S0, S1]), torch.stack([V0, V1]), FIRST_PRODUCTS))
@@ -200,7 +223,7 @@ def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sket
 
 def refine(A: torch.Tensor, sketch: Sketch) -> Sketch:
     """``sketch`` advanced by one product over its weight A [m, n]."""
-    U, S, V = _half_step(A, sketch.U[1], sketch.V[1], _left_fresh(A.shape, sketch.products))
+    U, S, V = _half_step(A, sketch.U[1], sketch.V[1], _left_fresh(sketch.products))
     return Sketch(torch.stack([sketch.U[1], U]), torch.stack([sketch.S[1], S]), torch.stack([sketch.V[1], V]),
                   sketch.products + 1)  # fmt: skip
 
@@ -259,16 +282,17 @@ def identical(ws: torch.Tensor, wt: torch.Tensor) -> bool:
 def gate_layers(
     layers: int, m: int, n: int, weights: torch.Tensor, index: dict, found: dict, read, cache, keys: dict,
     upcast: Upcast | None = None, *, cap: int, oversample: int, seed: int, threshold: float, device, decide: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> list[GateResult]:  # fmt: skip
     """The gate for ``layers`` layers of [m, n] weights (the pipeline's chunk): identical weights
     score 1; otherwise ``FIRST_PRODUCTS`` products (or a sketch from the cache) and more while not settled.
-    weights: [M, m, *] as read; index: (layer, side) -> position in weights; found: (layer, side)
+    weights: [M, m, *] as read (or a list of M [m, *]; then ``dtype`` is theirs); index: (layer, side) -> position in weights; found: (layer, side)
     -> Sketch from the cache; read(layer, side): a weight not in ``weights`` (a cached side that
     needs more products); cache/keys: where each side's first estimates are stored (cache may be None);
     upcast: the float32 buffer (None: a new one; unused where `bf16_products`); decide=False: only the first products, into the cache (returns [])."""
     width = min(cap + oversample, m, n)
     sides = ("source", "target")
-    native = bf16_products(weights.dtype, device)  # iterate on the weights as read
+    native = bf16_products(dtype or weights.dtype, device)  # iterate on the weights as read
     results = []
     for g in range(layers):
         if all((g, side) in index for side in sides) and identical(
