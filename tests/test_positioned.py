@@ -125,3 +125,105 @@ def test_a_range_in_the_page_cache_is_seen_as_cached_and_one_on_disk_is_not(data
             pytest.skip("this file system keeps the pages (DONTNEED ignored)")
     finally:
         os.close(fd)
+
+
+def _aligned_like(offset: int, length: int) -> torch.Tensor:
+    """A [length] uint8 buffer whose address is congruent to ``offset`` modulo 4096, with 7s."""
+    room = torch.full((length + 2 * 4096,), 7, dtype=torch.uint8)
+    shift = (offset - room.data_ptr()) % 4096
+    return room[shift : shift + length]
+
+
+@pytest.mark.parametrize(
+    "offset,length",
+    [(0, 5 * 4096), (777, 3 * 4096 + 5), (4096, 2 * 4096), (3, 5 * 4096 + 1231), (4000, 4096 + 200), (100, 300)],
+)
+def test_a_destination_aligned_like_the_file_takes_whole_pages_without_the_bounce_buffer(
+    data_file, counted, monkeypatch, offset, length
+):
+    path, data = data_file
+    if not _direct_supported(path):
+        pytest.skip("the temporary directory's file system refuses O_DIRECT")
+    in_place, bounced = [], []
+    real_in_place, real_bounced = positioned._in_place, positioned._bounced
+    monkeypatch.setattr(positioned, "_in_place", lambda fd, a, b, addr: in_place.append((a, b)) or real_in_place(fd, a, b, addr))
+    monkeypatch.setattr(positioned, "_bounced", lambda fd, a, b, addr: bounced.append((a, b)) or real_bounced(fd, a, b, addr))
+    out = _aligned_like(offset, length)
+    assert positioned.read_range(path, offset, out) == length
+    assert torch.equal(out, data[offset : offset + length])
+    lo, hi = -(-offset // 4096) * 4096, (offset + length) // 4096 * 4096
+    if hi > lo:  # whole pages inside: those in place, only the partial ones bounced
+        assert in_place == [(lo, hi)]
+        assert bounced == [(a, b) for a, b in ((offset, lo), (hi, offset + length)) if a < b]
+    else:
+        assert in_place == [] and bounced == [(offset, offset + length)]
+
+
+def test_an_aligned_destination_past_the_end_comes_back_short(data_file, counted):
+    path, data = data_file
+    size = data.numel()  # 5 pages + 1234 bytes
+    out = _aligned_like(4096 + 10, 6 * 4096)
+    assert positioned.read_range(path, 4096 + 10, out) == size - 4096 - 10
+    assert torch.equal(out[: size - 4096 - 10], data[4096 + 10 :])
+
+
+def _mapping_of(address: int) -> str:
+    """The /proc/self/maps line of the mapping that holds ``address``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return line
+    return ""
+
+
+def test_a_cached_range_is_mapped_from_the_page_cache_not_copied(data_file, monkeypatch):
+    path, data = data_file
+    monkeypatch.setattr(positioned, "DIRECT_MIN", 1)
+    monkeypatch.setattr(positioned, "_cached", lambda *a: True)
+    got = positioned.mapped_if_cached(path, 777, 3 * 4096 + 5)
+    assert torch.equal(got, data[777 : 777 + 3 * 4096 + 5])
+    assert path in _mapping_of(got.data_ptr())  # a view of the file's pages, not a copy
+    monkeypatch.setattr(positioned, "_cached", lambda *a: False)
+    assert positioned.mapped_if_cached(path, 777, 100) is None  # not cached: read, not mapped
+    monkeypatch.setattr(positioned, "_cached", lambda *a: True)
+    monkeypatch.setenv("LORAPORT_DIRECT_IO", "0")
+    assert positioned.mapped_if_cached(path, 777, 100) is None  # plain reads asked for
+    monkeypatch.delenv("LORAPORT_DIRECT_IO")
+    assert positioned.mapped_if_cached(path, data.numel() - 10, 100) is None  # past the end
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_cpu_port_maps_cached_weights_reads_the_rest_in_place_and_writes_the_same(tmp_path, monkeypatch, cached):
+    """Every weight large enough (DIRECT_MIN lowered): mapped where cached, else read with
+    O_DIRECT straight into a slot placed for it (only partial pages bounced); the output equals
+    a port with plain reads."""
+    from safetensors.torch import load_file
+
+    from loraport import basemodel, pipeline
+    from loraport.testing import tiny
+
+    source = tiny.base_model("hunyuan-video", width=64, seed=0)
+    files = [tiny.save_base(sd, str(tmp_path / f"{n}.safetensors")) for n, sd in
+             (("lora", tiny.lora("hunyuan-video", source, fmt="kohya", rank=2, seed=1)), ("s", source),
+              ("t", tiny.related(source, seed=2)))]  # fmt: skip
+    monkeypatch.setenv("LORAPORT_DIRECT_IO", "0")
+    plain = pipeline.port(*files, str(tmp_path / "plain.safetensors"), quiet=True)
+    monkeypatch.delenv("LORAPORT_DIRECT_IO")
+    monkeypatch.setattr(positioned, "DIRECT_MIN", 1)
+    monkeypatch.setattr(positioned, "_cached", lambda *a: cached)
+    mapped, moved = [], {"in_place": 0, "bounced": 0}  # bytes each way
+    real_mapped = basemodel.mapped_if_cached
+    monkeypatch.setattr(basemodel, "mapped_if_cached", lambda *a: mapped.append(a[2]) or real_mapped(*a))
+    for name in ("_in_place", "_bounced"):
+        real = getattr(positioned, name)
+        monkeypatch.setattr(positioned, name, lambda fd, a, b, addr, real=real, key=name.strip("_"):
+                            moved.__setitem__(key, moved[key] + b - a) or real(fd, a, b, addr))  # fmt: skip
+    fast = pipeline.port(*files, str(tmp_path / "fast.safetensors"), quiet=True)
+    assert [r.similarity for r in fast.rows] == [r.similarity for r in plain.rows]
+    a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "fast.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if cached:  # every whole weight mapped, nothing read
+        assert len(mapped) > 0 and moved == {"in_place": 0, "bounced": 0}
+    elif _direct_supported(files[1]):
+        assert moved["in_place"] > 4 * moved["bounced"]

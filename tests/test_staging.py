@@ -111,3 +111,19 @@ def test_a_slot_is_reused_not_reallocated_and_refuses_more_than_it_holds():
         staging.take(1, (129,), torch.float64)
     staging.release()
     assert staging.total_bytes == 0
+
+
+def test_take_aligned_places_each_tensor_at_the_address_its_file_offset_asks_for():
+    from loraport.staging import ALIGN, aligned_bytes
+
+    staging = StagingBuffers(aligned_bytes(3, 50 * 100 * 2))
+    views = staging.take_aligned(0, (50, 100), torch.bfloat16, [100, None, ALIGN - 2])
+    assert views[0].data_ptr() % ALIGN == 100 and views[2].data_ptr() % ALIGN == ALIGN - 2
+    spans = sorted((v.data_ptr(), v.data_ptr() + v.numel() * 2) for v in views)
+    slot = staging.take(0, (staging.slot_bytes,), torch.uint8).data_ptr()
+    assert slot <= spans[0][0] and spans[-1][1] <= slot + staging.slot_bytes  # inside slot 0
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two overlap
+    odd = staging.take_aligned(1, (10,), torch.bfloat16, [3])[0]  # an odd residue cannot hold bf16
+    assert odd.data_ptr() % 2 == 0
+    with pytest.raises(AssertionError, match="overflow"):
+        staging.take_aligned(1, (50, 100), torch.bfloat16, [1, 2, 3, 4, 5])

@@ -86,3 +86,13 @@ class OpenClipView:
         if name in _TRANSPOSED:
             return False
         return self.inner.read_into(self._names[name][0], self._rows(name, rows), out, direct)
+
+    def mapped(self, name: str, out: torch.Tensor) -> torch.Tensor | None:
+        if name in _TRANSPOSED or self._rows(name, None) is not None:
+            return None
+        return self.inner.mapped(self._names[name][0], out)
+
+    def file_offset(self, name: str, rows: slice | None, out: torch.Tensor) -> int | None:
+        if name in _TRANSPOSED:
+            return None
+        return self.inner.file_offset(self._names[name][0], self._rows(name, rows), out)

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters, formats, gate, streaming
+from . import adapters, formats, gate, staging, streaming
 from .basemodel import BaseModel
 from .cache import SubspaceCache
 from .check import check
@@ -246,7 +247,7 @@ class _Loaded:
     found: dict  # (layer index, side) -> (U, S, V, ‖W‖_F²), or a gate.Sketch, from the cache
     todo: list  # [(layer index, side)] to decompose, in the order of ``weights``
     slot: int  # the staging slot ``weights`` lies in
-    weights: torch.Tensor  # [len(todo), out, channels, *kernel], a view of the staging slot
+    weights: torch.Tensor | list  # [len(todo), out, channels, *kernel] or as many [out, channels, *kernel] (`load`), views of the staging slot
     frob2: list  # ‖W‖_F² per weight in ``weights``
     keys: dict  # (layer index, side) -> cache key (bases with a fingerprint only)
     seconds_read: float = 0.0
@@ -267,7 +268,10 @@ def run_plans(
     chunks = plan_chunks(work, src, tgt, options)
     t_start = time.perf_counter()
     # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
-    slot_bytes = max((2 * len(c.plans) * math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize for c in chunks), default=0)
+    # the default gate on the CPU places each weight for a direct read without a bounce copy (`load`)
+    aligned = options.default_gate and torch.device(options.device).type == "cpu"
+    slot_bytes = max(((staging.aligned_bytes if aligned else operator.mul)(2 * len(c.plans), math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize)
+                      for c in chunks), default=0)  # fmt: skip
     stream = streaming.Stream(slot_bytes, options.device)
 
     def load(chunk: Chunk, slot: int) -> _Loaded:
@@ -295,11 +299,27 @@ def run_plans(
                         continue
                 todo.append((g, side))
         t1 = time.perf_counter()
-        weights = stream.staging.take(slot, (len(todo), *shape), chunk.dtype)
+        mapped = {}  # todo index -> the weight mapping the page cache (the default gate on the CPU: no copy)
+        if aligned:  # [m, *] each, at the address its file offset asks for (no bounce copy)
+            meta = torch.empty(shape, dtype=chunk.dtype, device="meta")
+            for i, (g, side) in enumerate(todo):
+                p = chunk.plans[g]
+                w = streaming.mapped_weight(meta, bases[side], p.component, p.pieces(side), p.gated_channels(side))
+                if w is not None:
+                    mapped[i] = w
+            residues = [streaming.file_residue(meta, bases[side], chunk.plans[g].component, chunk.plans[g].pieces(side))
+                        for i, (g, side) in enumerate(todo) if i not in mapped]  # fmt: skip
+            staged = iter(stream.staging.take_aligned(slot, shape, chunk.dtype, residues))
+            weights = [mapped[i] if i in mapped else next(staged) for i in range(len(todo))]
+        else:
+            weights = stream.staging.take(slot, (len(todo), *shape), chunk.dtype)  # [M, m, *]
         frob2, norms = [], {}
         for i, (g, side) in enumerate(todo):
             p = chunk.plans[g]
-            frob2.append(read_into(weights[i], bases[side], p.component, p.pieces(side), p.gated_channels(side), not fast))
+            if i in mapped:
+                frob2.append(None)  # the default gate: no sums
+            else:
+                frob2.append(read_into(weights[i], bases[side], p.component, p.pieces(side), p.gated_channels(side), not fast))
             if adapters.magnitude_axis(p.module):
                 norms.setdefault(g, {})[side] = adapters.axis_norms(weights[i], adapters.magnitude_axis(p.module))
         return _Loaded(found, todo, slot, weights, frob2, keys, time.perf_counter() - t1, t1 - t0, norms)
@@ -400,7 +420,7 @@ def _gate_chunk(
     results = gate.gate_layers(
         len(chunk.plans), shape[0], math.prod(shape[1:]), loaded.weights, index, loaded.found,
         lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys, upcast,
-        cap=chunk.rank, oversample=options.oversample, seed=options.seed,
+        cap=chunk.rank, oversample=options.oversample, seed=options.seed, dtype=chunk.dtype,
         threshold=options.min_similarity, device=options.device, decide=not subspaces_only,
     )  # fmt: skip
     seconds["svd"] += time.perf_counter() - t0

@@ -15,6 +15,13 @@ from __future__ import annotations
 
 import torch
 
+ALIGN = 4096  # the alignment `take_aligned` matches (positioned's O_DIRECT alignment)
+
+
+def aligned_bytes(count: int, nbytes: int) -> int:
+    """Slot bytes `StagingBuffers.take_aligned` needs for ``count`` tensors of ``nbytes`` each."""
+    return count * (nbytes + ALIGN)
+
 
 class StagingBuffers:
     """``slots`` reusable byte buffers of ``slot_bytes`` each (rounded up to 64); ``pin`` page-locks them so that
@@ -46,6 +53,24 @@ class StagingBuffers:
             self._copied[slot] = None
         start = slot * self.slot_bytes
         return self._memory[start : start + nbytes].view(dtype).view(shape)
+
+    def take_aligned(self, slot: int, shape, dtype: torch.dtype, residues: list) -> list[torch.Tensor]:
+        """Slot ``slot`` as one uninitialized tensor of ``shape`` and ``dtype`` per residue, each
+        placed where its address modulo ``ALIGN`` equals the residue (None: anywhere), so that a
+        direct read of a file range at an offset with that residue lands in it without a bounce
+        copy (`positioned`). Needs ``aligned_bytes`` of the slot. Same wait as `take`."""
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        memory = self.take(slot, (self.slot_bytes,), torch.uint8)
+        base, pos, out = memory.data_ptr(), 0, []
+        for residue in residues:
+            if residue is not None and residue % dtype.itemsize == 0:
+                pos += (residue - base - pos) % ALIGN
+            pos = -(-pos // dtype.itemsize) * dtype.itemsize
+            if pos + nbytes > self.slot_bytes:
+                raise AssertionError(f"staging: {len(residues)} aligned {nbytes}-byte tensors overflow a {self.slot_bytes}-byte slot")
+            out.append(memory[pos : pos + nbytes].view(dtype).view(shape))
+            pos += nbytes
+        return out
 
     def to_device(self, slot: int, tensor: torch.Tensor, device) -> torch.Tensor:
         """``tensor`` (a view of slot ``slot``) on ``device``: asynchronous from pinned memory, the

@@ -6,11 +6,12 @@ and the progress bar (`progress`)."""
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .staging import StagingBuffers
+from .staging import ALIGN, StagingBuffers, aligned_bytes
 
 
 def group(items, key) -> dict:
@@ -97,6 +98,40 @@ def read_into(
     return frob2
 
 
+def mapped_weight(out: torch.Tensor, base, component: str, pieces, keep: int | None = None) -> torch.Tensor | None:
+    """The module's weight as `read_into` would copy it into ``out`` (a meta stand-in of its
+    shape and dtype), but mapping the page cache without a copy (`BaseModel.mapped`): where it
+    is one whole base tensor in place, nothing zeroed, and cached. Else None."""
+    if len(pieces) != 1:
+        return None
+    name, rows, piece = pieces[0]
+    shape = base.shape(component, name)
+    whole = (rows or slice(None)).indices(shape[0])[:2] == (0, shape[0]) and not piece.swap_halves
+    if not whole or shape[0] != out.shape[0] or shape[1] != out.shape[1] or keep not in (None, shape[1]):
+        return None
+    return base.mapped(component, name, out)
+
+
+def file_residue(out: torch.Tensor, base, component: str, pieces) -> int | None:
+    """(file offset − offset in ``out``) modulo `staging.ALIGN` of the largest range `read_into`
+    reads straight from a file into ``out`` (a tensor or a meta stand-in of its shape and
+    dtype): the residue ``out``'s address needs for that range's direct read to skip the
+    bounce buffer (`positioned`); None where nothing is read straight in."""
+    row_bytes = math.prod(out.shape[1:]) * out.element_size()
+    row, best = 0, (0, None)
+    for name, rows, piece in pieces:
+        shape = base.shape(component, name)
+        first, stop, _ = (rows or slice(None)).indices(shape[0])
+        if shape[1] == out.shape[1]:  # else a column slice of out: not contiguous, read and copied
+            for offset, source in piece.placements(first, stop):
+                dest = out[row + offset : row + offset + source.stop - source.start]
+                where = base.file_offset(component, name, dest, source)
+                if where is not None and dest.numel() * dest.element_size() > best[0]:
+                    best = (dest.numel() * dest.element_size(), (where - (row + offset) * row_bytes) % ALIGN)
+        row += stop - first
+    return best[1]
+
+
 def stack_dtype(dtypes) -> torch.dtype:
     """bf16 (or fp16) weights stay in their dtype: rsvd upcasts them exactly, a chunk at a time,
     so the host holds half the bytes. Anything else (or a mix) is stacked as float32."""
@@ -114,7 +149,8 @@ def group_bytes(
     stacked element: 2 for float16/bfloat16, 4 for float32, 8 for float64) holds at once on
     ``device``:
 
-      weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n];
+      weights    2G·m·n·elem             G sources then G targets, stacked [2G, m, n] (the
+                                         default gate on the CPU: 4 KiB more each, `take_aligned`);
                                          on the CPU twice that plus one tensor being read
                                          (the next chunk is read meanwhile, into host memory)
       rsvd       the op's own bound       for one rsvd call on the 2G weights at subspace rank k
@@ -131,6 +167,8 @@ def group_bytes(
     matrices = 2 * layers
     weights = matrices * m * n * elem
     if not str(device).startswith("cuda"):
+        if gate:  # each weight placed for a direct read (`StagingBuffers.take_aligned`)
+            weights = aligned_bytes(matrices, m * n * elem)
         weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
     dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
     if gate:
