@@ -34,6 +34,7 @@ void set_upcast_chunk_bytes(EngineConfig& c, std::string_view v, const char*) {
 
 void set_gram_pass(EngineConfig& c, std::string_view v, const char*) { c.gram_pass = v != "0"; }
 void set_skinny_kernels(EngineConfig& c, std::string_view v, const char*) { c.skinny_kernels = v != "0"; }
+void set_bf16_kernels(EngineConfig& c, std::string_view v, const char*) { c.bf16_kernels = v != "0"; }
 
 void set_cusolver_eigh(EngineConfig& c, std::string_view v, const char* label) {
   using E = EngineConfig::CusolverEigh;
@@ -51,6 +52,7 @@ constexpr Knob kKnobs[] = {
     {"upcast_chunk_bytes", "LORAPORT_UPCAST_CHUNK_BYTES", &set_upcast_chunk_bytes},
     {"gram_pass", "LORAPORT_GRAM_PASS", &set_gram_pass},
     {"skinny_kernels", "LORAPORT_SKINNY_KERNELS", &set_skinny_kernels},
+    {"bf16_kernels", "LORAPORT_BF16_KERNELS", &set_bf16_kernels},
     {"cusolver_eigh", "LORAPORT_CUSOLVER_EIGH", &set_cusolver_eigh},
     {"cpu_policy", nullptr, &set_cpu_policy},
 };

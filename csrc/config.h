@@ -22,6 +22,9 @@ struct EngineConfig {
   // off (ATen's GEMMs instead).
   bool gram_pass = true;
   bool skinny_kernels = true;
+  // LORAPORT_BF16_KERNELS=0: the CPU's weight_times on bf16 weights through ATen (an exact float32
+  // copy and its GEMM) instead of the AVX512-BF16 kernels.
+  bool bf16_kernels = true;
   // LORAPORT_CUSOLVER_EIGH=0|1|require: cuSOLVER's batched eigensolver off, on (falling back to
   // at::linalg_eigh where it does not apply), or on with any fallback an error.
   enum class CusolverEigh { Off, On, Require };
@@ -35,7 +38,7 @@ struct EngineConfig {
 EngineConfig engine_config();
 
 // TEST HOOK. Sets knob `name` (a knob's name in docs/engine-knobs.md: "rayleigh_ritz",
-// "upcast_chunk_bytes", "gram_pass", "skinny_kernels", "cusolver_eigh", "cpu_policy") to `value`
+// "upcast_chunk_bytes", "gram_pass", "skinny_kernels", "bf16_kernels", "cusolver_eigh", "cpu_policy") to `value`
 // as its environment variable would ("" = unset: the default), for every later op call in the
 // process, and returns the value it had ("" = unset). Production code never calls it.
 std::string set_knob_for_testing(std::string_view name, std::string_view value);

@@ -98,4 +98,17 @@ std::tuple<at::Tensor, at::Tensor> project_lora_forward(
 
 at::Tensor subspace_similarity_forward(const at::Tensor& U1, const at::Tensor& U2);
 
+// weight_times on ATen's GEMMs (every device; the CPU op takes bf16 weights to
+// csrc/cpu/kernels_avx512bf16.h where it can): A basis [m, l] (basis [n, l]) or, with transpose,
+// Aᵀ basis [n, l] (basis [m, l]), basis rounded to A's dtype, summed and returned in float32
+// (A in float64: in float64, returned as float32).
+at::Tensor weight_times_forward(const at::Tensor& A, const at::Tensor& basis, bool transpose);
+
+// The checks weight_times makes on every device.
+void check_weight_times(const at::Tensor& A, const at::Tensor& basis, bool transpose);
+
+// Whether the CPU's weight_times runs bf16 weights on loraport's AVX512-BF16 kernels: compiled
+// in, this CPU has AVX512-BF16, and the knob LORAPORT_BF16_KERNELS is not 0 (the op bf16_kernels).
+bool bf16_kernels_in_use();
+
 }  // namespace loraport

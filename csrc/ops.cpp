@@ -50,6 +50,8 @@ TORCH_LIBRARY(loraport, m) {
   m.def("product_svd(Tensor up, Tensor down) -> (Tensor A, Tensor S, Tensor B)");
   // ||U1^T U2||_F^2 / min(k1, k2) in [0, 1]. U1: [..., m, k1], U2: [..., m, k2] -> [...].
   m.def("subspace_similarity(Tensor U1, Tensor U2) -> Tensor");
+  m.def("weight_times(Tensor A, Tensor basis, bool transpose) -> Tensor");
+  m.def("bf16_kernels() -> bool", &loraport::bf16_kernels_in_use);
   // Facts of rsvd that Python sizes its work with (csrc/linalg/rsvd.cpp), so they live in one
   // place: the Krylov space's block count for a matrix with short side min_dim, and the bytes one
   // rsvd call on batch x [m, n] of dtype allocates (its workspace, upcast chunk and outputs).

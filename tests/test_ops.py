@@ -517,6 +517,58 @@ def test_subspace_similarity_against_reference(device, generator):
     assert loraport.subspace_similarity(Q[:, :6], Q[:, 6:]).item() == pytest.approx(0.0, abs=1e-6)
 
 
+# ---------------------------------------------------------------- weight_times (the default gate's products)
+def _weight_times_error(out: torch.Tensor, A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> float:
+    """max |out − oracle| / (|A|·|basis| · summed terms · 2⁻²⁴): under a few units for float32 sums."""
+    exact = ref.weight_times(A.cpu(), basis.cpu(), transpose)
+    scale = ref.weight_times(A.cpu().abs(), basis.cpu().abs(), transpose) * A.shape[0 if transpose else 1] * 2.0**-24
+    return float(((out.cpu().double() - exact).abs() / scale.clamp_min(1e-300)).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("m, n, l", [(37, 29, 24), (96, 128, 24), (5, 3, 2), (64, 33, 8), (33, 70, 13), (100, 70, 32),
+                                     (50, 41, 40), (1031, 515, 24)])  # fmt: skip
+def test_weight_times_against_reference(device, generator, dtype, transpose, m, n, l):
+    A = torch.randn(m, n, generator=generator).to(dtype)
+    basis = torch.randn(m if transpose else n, l, generator=generator)
+    out = torch.ops.loraport.weight_times(A.to(device), basis.to(device), transpose)
+    assert out.shape == (n if transpose else m, l) and out.dtype == torch.float32 and out.is_contiguous()
+    assert _weight_times_error(out, A, basis, transpose) < 4
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_weight_times_bf16_kernels_against_aten_and_their_knob(engine_knob, generator, transpose):
+    """The AVX512-BF16 kernels where this CPU runs them, and with the knob off ATen's GEMMs on
+    a float32 copy: both within float32 summation error of the oracle, on shapes whose rows
+    and columns are not multiples of the kernels' blocks."""
+    A = torch.randn(1237, 3001, generator=generator).bfloat16()
+    basis = torch.randn(1237 if transpose else 3001, 24, generator=generator)
+    engine_knob(bf16_kernels="0")
+    assert not torch.ops.loraport.bf16_kernels()
+    aten = torch.ops.loraport.weight_times(A, basis, transpose)
+    engine_knob(bf16_kernels="1")
+    if not torch.ops.loraport.bf16_kernels():
+        pytest.skip("this CPU (or this build) has no AVX512-BF16 kernels")
+    ours = torch.ops.loraport.weight_times(A, basis, transpose)
+    assert _weight_times_error(ours, A, basis, transpose) < 4 and _weight_times_error(aten, A, basis, transpose) < 4
+    assert not torch.equal(ours, aten) or A.numel() == 0  # two implementations, not one path twice
+    A[7, 11] = float("nan")  # a NaN reaches the sums of its row or column, and only those
+    bad = torch.ops.loraport.weight_times(A, basis, transpose)
+    hit = bad[11] if transpose else bad[7]
+    assert bool(torch.isnan(hit).all()) and int(torch.isnan(bad).sum()) == hit.numel()
+
+
+def test_weight_times_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="basis must have A's columns as rows"):
+        torch.ops.loraport.weight_times(torch.randn(4, 5), torch.randn(4, 2), False)
+    with pytest.raises(ValueError, match="basis must have A's rows as rows"):
+        torch.ops.loraport.weight_times(torch.randn(4, 5).bfloat16(), torch.randn(5, 2), True)
+    with pytest.raises(ValueError, match="must be matrices"):
+        torch.ops.loraport.weight_times(torch.randn(2, 4, 5), torch.randn(5, 2), False)
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "call, message",
@@ -579,6 +631,8 @@ def _opcheck_cases(device):
         (torch.ops.loraport.project_lora.default, (*to(up, down, U, V), 3)),
         (torch.ops.loraport.product_svd.default, tuple(to(up, down))),
         (torch.ops.loraport.subspace_similarity.default, tuple(to(U, U[..., :3]))),
+        (torch.ops.loraport.weight_times.default, (*to(A[0].bfloat16(), V[0]), False)),
+        (torch.ops.loraport.weight_times.default, (*to(A[0], U[0]), True)),
     ]
 
 

@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "cpu/kernels_avx2.h"
+#include "cpu/kernels_avx512bf16.h"
 #include "linalg.h"
 
 namespace loraport {
@@ -20,7 +21,25 @@ bool avx2_kernels_available() {
 #endif
 }
 
+bool bf16_kernels_in_use() {
+#if defined(LORAPORT_WITH_AVX512BF16)
+  return engine_config().bf16_kernels && bf16_kernels_available();
+#else
+  return false;
+#endif
+}
+
 namespace {
+
+at::Tensor weight_times_cpu(const at::Tensor& A, const at::Tensor& basis, bool transpose) {
+#if defined(LORAPORT_WITH_AVX512BF16)
+  if (A.scalar_type() == at::kBFloat16 && bf16_kernels_in_use()) {
+    check_weight_times(A, basis, transpose);
+    return bf16_times_avx512(A.contiguous(), basis, transpose);
+  }
+#endif
+  return weight_times_forward(A, basis, transpose);
+}
 
 // The operands skinny_avx2.cpp takes: CPU float32, X (and Y) [b, m, l] with unit column stride.
 bool skinny_operand(const at::Tensor& X) {
@@ -72,6 +91,7 @@ TORCH_LIBRARY_IMPL(loraport, CPU, m) {
   m.impl("product_svd", &product_svd_forward);
   m.impl("project_lora", &project_lora_forward);
   m.impl("subspace_similarity", &subspace_similarity_forward);
+  m.impl("weight_times", &weight_times_cpu);
 }
 
 }  // namespace loraport

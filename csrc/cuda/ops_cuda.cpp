@@ -60,6 +60,11 @@ at::Tensor subspace_similarity_cuda(const at::Tensor& U1, const at::Tensor& U2) 
   return subspace_similarity_forward(U1, U2);
 }
 
+at::Tensor weight_times_cuda(const at::Tensor& A, const at::Tensor& basis, bool transpose) {
+  const c10::cuda::CUDAGuard guard(A.device());
+  return weight_times_forward(A, basis, transpose);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loraport, CUDA, m) {
@@ -67,6 +72,7 @@ TORCH_LIBRARY_IMPL(loraport, CUDA, m) {
   m.impl("product_svd", &product_svd_cuda);
   m.impl("project_lora", &project_lora_cuda);
   m.impl("subspace_similarity", &subspace_similarity_cuda);
+  m.impl("weight_times", &weight_times_cuda);
 }
 
 }  // namespace loraport

@@ -109,4 +109,23 @@ Tensor subspace_similarity_forward(const Tensor& U1, const Tensor& U2) {
   return overlap.square().sum({-2, -1}).div_(double(kmin)).clamp_(0.0, 1.0);
 }
 
+void check_weight_times(const Tensor& A, const Tensor& basis, bool transpose) {
+  TORCH_CHECK_VALUE(A.dim() == 2 && basis.dim() == 2, "loraport.weight_times: A [m, n] and basis [", transpose ? "m" : "n",
+                    ", l] must be matrices, got ", shape_str(A), " and ", shape_str(basis));
+  check_float("weight_times", "A", A);
+  check_float("weight_times", "basis", basis);
+  TORCH_CHECK_VALUE(basis.size(0) == A.size(transpose ? 0 : 1), "loraport.weight_times: basis must have ",
+                    transpose ? "A's rows" : "A's columns", " as rows, got A ", shape_str(A), " and basis ",
+                    shape_str(basis));
+}
+
+Tensor weight_times_forward(const Tensor& A, const Tensor& basis, bool transpose) {
+  check_weight_times(A, basis, transpose);
+  // float16/bfloat16 upcast (exactly) so that the sums are float32 on every device
+  const at::ScalarType work = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor b = basis.to(A.scalar_type()).to(work);
+  const Tensor a = A.to(work);
+  return (transpose ? at::matmul(a.mT(), b) : at::matmul(a, b)).to(at::kFloat).contiguous();
+}
+
 }  // namespace loraport

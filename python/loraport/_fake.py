@@ -43,3 +43,8 @@ def _project_lora_fake(up, down, U, V, rank):
 @torch.library.register_fake("loraport::subspace_similarity")
 def _subspace_similarity_fake(U1, U2):
     return U1.new_empty(U1.shape[:-2], dtype=_work_dtype(U1, U2))
+
+
+@torch.library.register_fake("loraport::weight_times")
+def _weight_times_fake(A, basis, transpose):
+    return A.new_empty((A.shape[1] if transpose else A.shape[0], basis.shape[1]), dtype=torch.float32)

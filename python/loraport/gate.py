@@ -26,8 +26,8 @@ Alg. 4.4, with an estimate of both sides after every product, `_half_step`). Eve
 ``FIRST_PRODUCTS`` products (two estimates to compare) and stops as soon as the estimate is far
 from the threshold compared with how much the last product moved it (`settled`); a layer near
 the threshold iterates up to ``MAX_PRODUCTS`` and is marked unsure if it still has not settled.
-bf16 weights on a CPU that multiplies bf16 in hardware are multiplied as read (`bf16_products`),
-others through a float32 copy. A tensor bit-identical in both bases scores 1 without any product.
+bf16 weights on a CPU with AVX512-BF16 are multiplied as read by loraport's kernels
+(`bf16_products`), others through a float32 copy. A tensor bit-identical in both bases scores 1 without any product.
 `loraport.reference.gate_exact` is the float64 oracle of the same rule."""
 
 from __future__ import annotations
@@ -132,28 +132,18 @@ class Sketch:
 
 def bf16_products(dtype: torch.dtype, device) -> bool:
     """Whether the gate multiplies bf16 weights as they are rather than a float32 copy: on a
-    CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX), where oneDNN's bf16 GEMMs run
-    about twice as fast as float32 ones and no copy is made. Rounding the other factor and the
-    results to bf16 (float32 accumulation) moves the estimated subspaces by about 2⁻⁹, a
-    similarity change under 1e-3, far inside ``BAND``."""
-    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
-        return False
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    CPU where loraport's AVX512-BF16 kernels run (``torch.ops.loraport.bf16_kernels()``:
+    compiled in, the CPU has AVX512-BF16, the knob ``LORAPORT_BF16_KERNELS`` not 0), which
+    sum in float32 and make no copy. Rounding the other factor to bf16 moves the estimated
+    subspaces by about 2⁻⁹, a similarity change under 1e-3, far inside ``BAND``."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.ops.loraport.bf16_kernels()
 
 
 def _times(A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """A·basis [m, l] (basis [n, l]) or, with ``transpose``, Aᵀ·basis [n, l] (basis [m, l]), in
-    A's dtype (the basis rounded to it), float32. A·basis runs with l padded by zero columns to
-    a multiple of 16 (one AVX-512 register of float32 sums): oneDNN's bf16 kernel for an odd l
-    can take twice as long as for the padded one (benchmarks/RESULTS.md)."""
-    b = basis.to(A.dtype)
-    if transpose:
-        return (b.T @ A).T.float()
-    l = b.shape[1]
-    if l % 16:
-        b = torch.nn.functional.pad(b, (0, 16 - l % 16))
-    return (A @ b)[:, :l].float()
+    """A·basis [m, l] (basis [n, l]) or, with ``transpose``, Aᵀ·basis [n, l] (basis [m, l]),
+    the basis rounded to A's dtype, summed in float32 (`loraport::weight_times`: bf16 on the
+    AVX512-BF16 kernels, anything else on ATen's GEMMs)."""
+    return torch.ops.loraport.weight_times(A, basis, transpose)
 
 
 def _svd_tall(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -65,6 +65,13 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
     return (U1.double().mT @ U2.double()).square().sum((-2, -1)) / k
 
 
+def weight_times(A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """The oracle of ``loraport::weight_times`` in float64: A·basis, or Aᵀ·basis with
+    ``transpose``, the basis rounded to A's dtype first as the op does."""
+    a = A.double().mT if transpose else A.double()
+    return a @ basis.to(A.dtype).double()
+
+
 def matrix_with_spectrum(
     m: int, n: int, singular_values: torch.Tensor, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
