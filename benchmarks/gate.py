@@ -15,7 +15,7 @@ at power_iters 0, 1, 2, with its time.
     python -m benchmarks.gate                    # 3072 x 3072, k = 64 (a few minutes on 2 cores)
     python -m benchmarks.gate --shape 768 768    # seconds
     python -m benchmarks.gate --suite --shape 1024 3072   # the default gate vs the exact gate on real-like spectra
-    python -m benchmarks.gate --suite --dtype bfloat16    # the same on bf16 weights (bf16 GEMMs where the CPU has them)
+    python -m benchmarks.gate --suite --dtype bfloat16    # the same on bf16 weights (our bf16 kernels where the CPU has them)
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         from loraport.gate import bf16_products, margin
 
         dtype = getattr(torch, args.dtype)
-        products = "bf16 GEMMs" if bf16_products(dtype, "cpu") else "float32 GEMMs on a float32 copy"
+        products = "bf16 products (loraport's AVX512-BF16 kernels)" if bf16_products(dtype, "cpu") else "float32 GEMMs on a float32 copy"
         print(f"[{m}, {n}] {args.dtype}, threshold 0.5, {products}; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip
         print("| pair | label | exact k | exact left / right / mean | exact margin | gate k | gate margin | products | "

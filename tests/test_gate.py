@@ -24,8 +24,8 @@ MODULES = [
 
 @pytest.fixture
 def bf16_gemms(monkeypatch):
-    """The gate iterates on bf16 weights with bf16 GEMMs whatever this CPU has (the path port
-    takes on CPUs with AVX512-BF16 or AMX; elsewhere it is only slower)."""
+    """The gate iterates on bf16 weights as read whatever this CPU has (the path port takes where
+    loraport's AVX512-BF16 kernels run; elsewhere weight_times upcasts inside the op)."""
     monkeypatch.setattr(gate, "bf16_products", lambda dtype, device: dtype == torch.bfloat16)
 
 
@@ -37,7 +37,7 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype
     by a new noise floor; unrelated, also with a shared (residual-stream-like) input side. The
     exact gate separates the labels with |margin| >= 0.1 (none borderline), and the default gate decides every
     pair as it does, its margin within 0.1 of the exact one (0.06 at most measured), from float32
-    weights through float32 GEMMs and from bf16 weights through bf16 GEMMs."""
+    weights and from bf16 weights multiplied as read."""
     rows = list(gate_suite(160, 320, seed, dtype=dtype))
     assert len(rows) == 15
     for name, related, (left, right, k), res, _ in rows:
@@ -63,7 +63,7 @@ def test_first_products_find_the_float64_subspaces_in_bf16_and_float32(shape, bf
     products the top-6 subspaces on both sides match the float64 SVD of the same bf16 values
     (similarity >= 0.999) and the spectrum is within 1 %, whether the weight is multiplied in
     bf16 or as a float32 copy; the two agree with each other to 1e-3 at every estimate (the
-    same Gaussian start, products rounded to bf16 or not)."""
+    same Gaussian start, the basis rounded to bf16 or not)."""
     m, n = shape
     gen = torch.Generator().manual_seed(4)
     top = 6
@@ -93,14 +93,17 @@ def test_first_products_find_the_float64_subspaces_in_bf16_and_float32(shape, bf
     assert err(more.U[1], U[:, :top]) + err(more.V[1], Vh[:top].T) <= err(fast.U[1], U[:, :top]) + err(fast.V[1], Vh[:top].T) + 1e-6
 
 
-def test_bf16_gemms_only_for_bf16_weights_on_a_cpu_that_has_them():
+def test_bf16_products_only_for_bf16_weights_where_our_kernels_run(engine_knob):
     assert not gate.bf16_products(torch.float32, "cpu")
     assert not gate.bf16_products(torch.float16, "cpu")
     assert not gate.bf16_products(torch.bfloat16, "cuda")  # a GPU multiplies a float32 copy
+    assert gate.bf16_products(torch.bfloat16, "cpu") == torch.ops.loraport.bf16_kernels()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             flags = f.read().split()
-        assert gate.bf16_products(torch.bfloat16, "cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+        assert torch.ops.loraport.bf16_kernels() <= ("avx512_bf16" in flags)  # never claimed without the CPU flag
+    engine_knob(bf16_kernels="0")
+    assert not gate.bf16_products(torch.bfloat16, "cpu")
 
 
 def test_nan_in_a_bf16_weight_is_a_value_error_not_a_linalg_failure(bf16_gemms):
