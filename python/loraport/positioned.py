@@ -29,7 +29,7 @@ import torch
 
 DIRECT_MIN = 4 << 20  # ranges from this size are read with O_DIRECT
 _BOUNCE = 64 << 20  # bytes per direct read: the block layer splits one into 16 requests in flight at once
-_ALIGN = 4096  # file offset, length and memory alignment of a direct read (a multiple of any logical block size)
+ALIGN = 4096  # file offset, length and memory alignment of a direct read (a multiple of any logical block size)
 _local = threading.local()  # each reading thread's bounce buffer
 
 
@@ -119,11 +119,11 @@ def _cached(path: str, offset: int, nbytes: int) -> bool:
 
 def _read_direct(fd: int, offset: int, dest: torch.Tensor) -> int:
     """The range [offset, offset + dest.numel()) with O_DIRECT: its whole pages straight into
-    ``dest`` where ``dest``'s address is congruent to ``offset`` modulo _ALIGN, the rest through
+    ``dest`` where ``dest``'s address is congruent to ``offset`` modulo ALIGN, the rest through
     the bounce buffer. Returns how many bytes arrived."""
     base, end = dest.data_ptr(), offset + dest.numel()
-    lo, hi = -(-offset // _ALIGN) * _ALIGN, end - end % _ALIGN  # the whole pages inside the range
-    if (base - offset) % _ALIGN or hi <= lo:
+    lo, hi = -(-offset // ALIGN) * ALIGN, end - end % ALIGN  # the whole pages inside the range
+    if (base - offset) % ALIGN or hi <= lo:
         return _bounced(fd, offset, end, base)
     for start, stop, read in ((offset, lo, _bounced), (lo, hi, _in_place), (hi, end, _bounced)):
         if start < stop:
@@ -152,9 +152,9 @@ def _bounced(fd: int, start: int, stop: int, address: int) -> int:
     """File bytes [start, stop) to ``address`` through the bounce buffer, in aligned reads;
     returns how many arrived."""
     view, bounce = _bounce()
-    pos = start - start % _ALIGN  # aligned start at or before the range
+    pos = start - start % ALIGN  # aligned start at or before the range
     while pos < stop:
-        want = min(_BOUNCE, -(-(stop - pos) // _ALIGN) * _ALIGN)
+        want = min(_BOUNCE, -(-(stop - pos) // ALIGN) * ALIGN)
         n = os.preadv(fd, [view[:want]], pos)
         lo, hi = max(start, pos), min(stop, pos + n)
         if hi <= lo:  # the file ends before the range does

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-ALIGN = 4096  # the alignment `take_aligned` matches (positioned's O_DIRECT alignment)
+from .positioned import ALIGN  # the alignment `take_aligned` matches: a direct read's
 
 
 def aligned_bytes(count: int, nbytes: int) -> int:
