@@ -38,6 +38,9 @@ from functools import lru_cache
 import torch
 
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> []
+# A·basis [m, l] (basis [n, l]) or, with transpose, Aᵀ·basis [n, l] (basis [m, l]), the basis
+# rounded to A's dtype, summed in float32: bf16 on the AVX512-BF16 kernels, else ATen's GEMMs
+_times = torch.ops.loraport.weight_times
 
 DEFAULT_SUBSPACE_RANK = (
     64  # the cap of explicit-rank and energy ranks: `default_subspace_rank`
@@ -137,13 +140,6 @@ def bf16_products(dtype: torch.dtype, device) -> bool:
     sum in float32 and make no copy. Rounding the other factor to bf16 moves the estimated
     subspaces by about 2⁻⁹, a similarity change under 1e-3, far inside ``BAND``."""
     return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and torch.ops.loraport.bf16_kernels()
-
-
-def _times(A: torch.Tensor, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """A·basis [m, l] (basis [n, l]) or, with ``transpose``, Aᵀ·basis [n, l] (basis [m, l]),
-    the basis rounded to A's dtype, summed in float32 (`loraport::weight_times`: bf16 on the
-    AVX512-BF16 kernels, anything else on ATen's GEMMs)."""
-    return torch.ops.loraport.weight_times(A, basis, transpose)
 
 
 def _svd_tall(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
