@@ -4,6 +4,7 @@ of the file), a range past the end comes back short, and LORAPORT_DIRECT_IO=0 or
 without O_DIRECT reads through the page cache."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -177,11 +178,30 @@ def _mapping_of(address: int) -> str:
     return ""
 
 
+def _resident_bytes(address: int) -> tuple[int, int]:
+    """(size, resident) in bytes of the mapping that holds ``address``, from /proc/self/smaps:
+    resident counts the pages its page tables already hold."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= address < hi:
+                rss = next(ln for ln in lines[i + 1 :] if ln.startswith("Rss:"))
+                return hi - lo, int(rss.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
 def test_a_cached_range_is_mapped_from_the_page_cache_not_copied(data_file, monkeypatch):
     path, data = data_file
     monkeypatch.setattr(positioned, "DIRECT_MIN", 1)
     monkeypatch.setattr(positioned, "_cached", lambda *a: True)
     got = positioned.mapped_if_cached(path, 777, 3 * 4096 + 5)
+    size, resident = _resident_bytes(got.data_ptr())
+    kernel = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    if positioned._madvise() is not None and kernel >= (5, 14):  # MADV_POPULATE_READ
+        assert resident == size  # filled in by the reading thread, before anything reads it
     assert torch.equal(got, data[777 : 777 + 3 * 4096 + 5])
     assert path in _mapping_of(got.data_ptr())  # a view of the file's pages, not a copy
     monkeypatch.setattr(positioned, "_cached", lambda *a: False)

@@ -14,12 +14,14 @@ without the copy), and a port reads while the gate computes on every core: the r
 then waits for a core, and the gate's threads wait for each other while it has one (the reads
 of a port's 18 GB took 14 s beside the gate with the bounce copy, 7 s alone). A range whose
 pages are already cached (three probe pages, `_cached`) is copied from the page cache instead,
-which is cheaper than the disk. A port on a GPU leaves the CPU free, so it reads through the
+which is cheaper than the disk, or mapped where the caller can take a read-only weight
+(`mapped_if_cached`). A port on a GPU leaves the CPU free, so it reads through the
 page cache. ``LORAPORT_DIRECT_IO=0`` turns O_DIRECT off."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import threading
@@ -79,22 +81,48 @@ def read_range(path: str, offset: int, out: torch.Tensor, direct: bool = True) -
 def mapped_if_cached(path: str, offset: int, nbytes: int) -> torch.Tensor | None:
     """The range [offset, offset + nbytes) of ``path`` as a uint8 tensor [nbytes] mapping the
     page cache, where it is cached (`_cached`), else None. No byte is copied: the mapping is
-    private (copy-on-write: nothing writes to it) and populated in one call, which costs the
-    reading thread a small part of what a copy out of the page cache would (see the module's
-    docstring: that thread's CPU comes out of the gate's share). It is unmapped when the tensor
-    goes."""
+    shared and read-only (a private one would copy every page it populates), and its page
+    tables are filled in one call (`_populate`), which costs the reading thread a small part of
+    what a copy out of the page cache would (see the module's docstring: that thread's CPU comes
+    out of the gate's share). It is unmapped when the tensor goes."""
     if nbytes < DIRECT_MIN or not direct_io_enabled() or not hasattr(mmap, "MAP_POPULATE") or not _cached(path, offset, nbytes):
         return None
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as f:
         try:
-            view = mmap.mmap(f.fileno(), offset + nbytes - start, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                             prot=mmap.PROT_READ, offset=start)  # fmt: skip
+            view = mmap.mmap(f.fileno(), offset + nbytes - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
         except (OSError, ValueError):  # a file shorter than the range, or one that cannot be mapped
             return None
     with warnings.catch_warnings():  # torch warns that the buffer is read-only: nothing writes to it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=offset - start)
+        out = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=offset - start)
+    _populate(out.data_ptr() - (offset - start), offset + nbytes - start)
+    return out
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14: fault in a range's pages for reading, as MAP_POPULATE does at mmap
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise through ctypes, which releases the GIL for the call; None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def _populate(address: int, length: int) -> None:
+    """Fill the page tables of the mapping [address, address + length) (address page-aligned)
+    from the page cache, on the calling thread and without the GIL. Not MAP_POPULATE: CPython's
+    mmap holds the GIL through the mmap call, so the gate's thread stalled for the whole of every
+    mapping the reading thread made. Where madvise refuses (a kernel before 5.14), the pages fault
+    in when the gate first reads them."""
+    madvise = _madvise()
+    if madvise is not None:
+        madvise(address, length, _MADV_POPULATE_READ)
 
 
 def _cached(path: str, offset: int, nbytes: int) -> bool:
