@@ -51,15 +51,19 @@ class Stream:
         finally:
             self.staging.release()
 
-    def each(self, chunks: list, load):
+    def each(self, chunks: list, load, release=None):
         """(chunk, load(chunk, slot)) for every chunk, in order, each loaded while the previous
-        one is being computed."""
+        one is being computed. ``release(loaded)``, where given, runs on the reading thread once
+        the caller has come back for the next chunk, so that freeing what ``load`` made (the
+        unmapping of mapped weights) costs that thread rather than the caller's."""
         pending = self._pool.submit(load, chunks[0], 0) if chunks else None
         for i, chunk in enumerate(chunks):
             loaded = pending.result()
             # The other slot: chunk i - 1's, whose computation has returned (a copy out of it to a GPU is waited for).
             pending = self._pool.submit(load, chunks[i + 1], (i + 1) % 2) if i + 1 < len(chunks) else None
             yield chunk, loaded
+            if release is not None:
+                self._pool.submit(release, loaded)
 
 
 def progress(total: int, desc: str, quiet: bool):
