@@ -21,9 +21,9 @@ Steps, each timed and reported:
      port is compared with: it never reads the modulations, embedders and norms). Measured again
      after the cold port: the shared disk's rate drifts by 2-3x within minutes (--repeat N adds
      N - 1 more alternating cold-floor / cold-port pairs at the end and reports the median ratio).
-  3. port LoRA 1 with an empty subspace cache, in a fresh process with THP_MEM_ALLOC_ENABLE=1
-     as the loraport CLI has (peak RSS is VmHWM of that process, peak VRAM
-     torch.cuda.max_memory_allocated), page cache dropped first;
+  3. port LoRA 1 with an empty subspace cache, in a fresh process with the environment the
+     loraport CLI sets for itself (loraport.startup.CLI_ENVIRONMENT; peak RSS is VmHWM of that
+     process, peak VRAM torch.cuda.max_memory_allocated), page cache dropped first;
   4. port LoRA 2 with the cache that run 3 filled (no base weight is read, no rSVD runs).
   5. warm page cache: a fresh process that imports loraport and reads and sums every adapted
      weight of both bases (safetensors, bf16 -> float32 sum), then port LoRA 1 with an empty
@@ -46,6 +46,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from loraport.startup import CLI_ENVIRONMENT
 from loraport.testing import tiny
 
 from .rsvd import machine_description
@@ -230,7 +231,7 @@ def read_and_sum_child(folder: str) -> None:
 
 
 def read_and_sum(folder: str) -> dict:
-    env = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    env = {**CLI_ENVIRONMENT, **os.environ}  # the port's peer runs as the port does
     res = subprocess.run([sys.executable, "-m", "benchmarks.port_stream", "--read-and-sum", folder],
                          stdout=subprocess.PIPE, text=True, check=True, env=env)  # fmt: skip
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -265,7 +266,7 @@ def run_port(folder: str, lora: int, args, *, drop: bool = True, cache: bool = T
         "cache": os.path.join(folder, "cache") if cache else "", "device": args.device, "max_vram": args.max_vram,
         "subspace_rank": args.subspace_rank, "variant": args.variant,
     }  # fmt: skip
-    env = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # as the loraport CLI sets for itself
+    env = {**CLI_ENVIRONMENT, **os.environ}  # as the loraport CLI sets for itself
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.port_stream", "--child", json.dumps(spec)],
         stdout=subprocess.PIPE, text=True, check=True, env=env,

@@ -96,12 +96,35 @@ def test_only_loraports_own_processes_turn_on_huge_pages_for_torch():
     assert not is_cli_process(["/usr/bin/python3", "-m", "pytest", "tests"])
     assert not is_cli_process(["/usr/bin/python3", "train.py", "--loraport"])
     assert not is_cli_process(["/usr/bin/python3"])
-    code = "import os, loraport; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
+    names = ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    show = f"print(*(os.environ.get(n) for n in {names!r}))"
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    res = subprocess.run([sys.executable, "-c", "import os, loraport; " + show], capture_output=True, text=True,
+                         env=env, check=True)  # fmt: skip
+    assert res.stdout.split() == ["None"] * 4
+    # the CLI's own process: all set before torch is imported (what libgomp and the allocator read)
+    code = "import sys; sys.orig_argv = [sys.executable, '-m', 'loraport']; import os, loraport, torch; " + show
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert res.stdout.strip() == "None None"
-    # the CLI's own process: both set before torch is imported (what libgomp and the allocator read)
-    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'loraport']; import os, loraport, torch; "
-            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), os.environ.get('OMP_WAIT_POLICY'))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert res.stdout.strip() == "1 PASSIVE"
+    assert res.stdout.split() == ["1", "PASSIVE", str(256 << 20), str(512 << 20)]
+
+
+def test_the_cli_sets_glibcs_malloc_thresholds_for_itself_unless_the_user_did(monkeypatch):
+    """glibc read MALLOC_*_ when the process started, so the CLI also calls mallopt (M_TRIM_THRESHOLD
+    -1, M_MMAP_THRESHOLD -3) for the values it puts in the environment, and leaves a variable the
+    user set alone."""
+    import signal
+
+    from loraport import startup
+
+    calls = []
+    monkeypatch.setattr(startup, "_mallopt", lambda param, value: calls.append((param, value)))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's SIGINT handler
+    for name in startup.CLI_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    startup.prepare_cli_process(["python", "-m", "loraport", "port"])
+    assert calls == [(-3, 256 << 20)]
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "1000" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    calls.clear()
+    startup.prepare_cli_process(["python", "train.py"])
+    assert calls == []

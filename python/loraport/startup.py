@@ -2,9 +2,20 @@
 is imported: allocator and OpenMP settings, and a Ctrl-C handler for the import itself. A
 program that merely imports loraport keeps its own settings. No torch import here."""
 
+import ctypes
 import os
 import signal
 import sys
+
+# The environment of loraport's own processes (see `prepare_cli_process` for why each); the
+# benchmarks give their child processes the same.
+CLI_ENVIRONMENT = {
+    "THP_MEM_ALLOC_ENABLE": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
+}
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 
 
 def is_cli_process(argv: list[str]) -> bool:
@@ -22,21 +33,36 @@ def interrupted_early(signum, frame):
     os._exit(130)
 
 
+def _mallopt(param: int, value: int) -> None:
+    """glibc's mallopt for this process; nothing where the C library has none."""
+    try:
+        ctypes.CDLL(None).mallopt(param, value)
+    except (OSError, AttributeError):
+        pass
+
+
 def prepare_cli_process(argv: list[str]) -> None:
     """The settings of `is_cli_process` processes; nothing for any other."""
     if not is_cli_process(argv):
         return
-    # torch's CPU allocator then backs tensors of 2 MB and more with transparent huge pages
-    # (read once, at torch's first allocation, so before `import torch`). The port allocates a
-    # fresh float copy of every stacked base-weight chunk; measured on a quarter-size
-    # Hunyuan-shaped port (benchmarks/RESULTS.md): 13.6M -> 0.61M page faults, 53-55 -> 29-35 s
-    # kernel time, 102 -> 82-95 s wall. Library users can set it themselves (README).
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    # OpenMP's worker threads then sleep between parallel regions instead of spinning (libgomp
-    # reads it when torch loads it): the port's reader thread copies the next chunk out of the
-    # page cache on the same cores while the gate computes, and spinning workers took 22% of
-    # both cores' samples in a profile of the default port (benchmarks/RESULTS.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # THP_MEM_ALLOC_ENABLE: torch's CPU allocator backs tensors of 2 MB and more with
+    # transparent huge pages (read at torch's first allocation, so before `import torch`): far
+    # fewer page faults for the fresh float copies of stacked base weights.
+    # OMP_WAIT_POLICY: OpenMP's worker threads sleep between parallel regions instead of
+    # spinning (read when torch loads libgomp): the port's reader thread works on the same cores
+    # while the gate computes.
+    # MALLOC_*: glibc keeps freed blocks below 256 MiB for the next allocation and returns free
+    # memory to the kernel only past 512 MiB: each of the gate's products allocates a few MB of
+    # bases and float64 workspace, and otherwise faulted in and zeroed fresh pages every time.
+    # glibc read its variables when this process started, so they are also set with mallopt;
+    # the environment passes them on to child processes (a catalog's workers).
+    # The measurements: benchmarks/RESULTS.md. Library users can set all four themselves (docs/guide.md).
+    for name, value in CLI_ENVIRONMENT.items():
+        if name in os.environ:
+            continue
+        os.environ[name] = value
+        if name in _MALLOPT:
+            _mallopt(_MALLOPT[name], int(value))
     # Ctrl-C while torch is being imported: the CLI's one line and status 130, not a traceback
     # (cli.main puts Python's own handler back, and catches the KeyboardInterrupt it raises).
     signal.signal(signal.SIGINT, interrupted_early)
