@@ -36,18 +36,25 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype
     """Few dominant directions over a noise floor (16, 4, 2), a slow decay; related by drift or
     by a new noise floor; unrelated, also with a shared (residual-stream-like) input side. The
     exact gate separates the labels with |margin| >= 0.1 (none borderline), and the default gate decides every
-    pair as it does, its margin within 0.1 of the exact one (0.06 at most measured), from float32
-    weights and from bf16 weights multiplied as read."""
+    pair as it does, from float32 weights and from bf16 weights multiplied as read. A layer that
+    took more than the first products has the exact k and a margin within 0.1 of the exact one
+    (0.06 at most measured); one that passed on its first estimate has a margin of at least
+    EARLY_PASS that does not overestimate the exact one (its errors run towards failing)."""
     rows = list(gate_suite(160, 320, seed, dtype=dtype))
     assert len(rows) == 15
+    early = 0
     for name, related, (left, right, k), res, _ in rows:
         exact = gate.margin(left, right, 0.5)
+        estimate = gate.margin(res.left, res.right, 0.5)
         assert (exact >= 0) == related and abs(exact) >= gate.BORDERLINE, (name, exact)
-        assert res.k == k, name
-        assert abs(gate.margin(res.left, res.right, 0.5) - exact) < 0.1, (
-            name
-        )  # it stops once far from 0
+        assert (estimate >= 0) == related, name
         assert not res.unsure and res.products >= gate.FIRST_PRODUCTS, name
+        if res.products == gate.FIRST_PRODUCTS:
+            early += 1
+            assert related and gate.EARLY_PASS <= estimate <= exact + 0.01, (name, estimate, exact)
+        else:
+            assert res.k == k and abs(estimate - exact) < 0.1, (name, estimate, exact)  # it stops once far from 0
+    assert early >= 3  # the clearly related pairs stop early
     # the shared input side alone would pass an unrelated layer on the two-sided mean
     shared = [
         (left + right) / 2
@@ -59,11 +66,11 @@ def test_default_gate_decides_as_the_exact_gate_on_real_like_spectra(seed, dtype
 
 @pytest.mark.parametrize("shape", [(384, 160), (160, 384)])
 def test_first_products_find_the_float64_subspaces_in_bf16_and_float32(shape, bf16_gemms):
-    """A weight with 6 dominant directions over a noise floor, tall and wide: after the first
-    products the top-6 subspaces on both sides match the float64 SVD of the same bf16 values
-    (similarity >= 0.999) and the spectrum is within 1 %, whether the weight is multiplied in
-    bf16 or as a float32 copy; the two agree with each other to 1e-3 at every estimate (the
-    same Gaussian start, the basis rounded to bf16 or not)."""
+    """A weight with 6 dominant directions over a noise floor, tall and wide: the first products
+    find the top-6 subspaces on both sides of the float64 SVD of the same bf16 values to
+    similarity >= 0.97, one more product to >= 0.999 with the spectrum within 1 %, whether the
+    weight is multiplied in bf16 or as a float32 copy; the two agree with each other to 1e-3 at
+    every estimate (the same Gaussian start, the basis rounded to bf16 or not)."""
     m, n = shape
     gen = torch.Generator().manual_seed(4)
     top = 6
@@ -76,15 +83,17 @@ def test_first_products_find_the_float64_subspaces_in_bf16_and_float32(shape, bf
     sim = torch.ops.loraport.subspace_similarity
     for est in (fast, f32):
         assert est.products == gate.FIRST_PRODUCTS
-        assert float(sim(est.U[1][:, :top].double(), U[:, :top])) >= 0.999
-        assert float(sim(est.V[1][:, :top].double(), Vh[:top].T)) >= 0.999
-        torch.testing.assert_close(est.S[1][:top].double(), S[:top], rtol=0.01, atol=0)
-        for i in (0, 1):  # orthonormal bases on both sides
-            for X in (est.U[i], est.V[i]):
-                torch.testing.assert_close(X.T @ X, torch.eye(16), atol=1e-5, rtol=0)
-    for i in (0, 1):
-        assert float(sim(fast.U[i][:, :top], f32.U[i][:, :top])) >= 1 - 1e-3
-        assert float(sim(fast.V[i][:, :top], f32.V[i][:, :top])) >= 1 - 1e-3
+        assert torch.equal(est.U[0], est.U[1]) and torch.equal(est.V[0], est.V[1])  # the one estimate yet
+        assert float(sim(est.U[1][:, :top].double(), U[:, :top])) >= 0.97
+        assert float(sim(est.V[1][:, :top].double(), Vh[:top].T)) >= 0.97
+        third = gate.refine(w if est is fast else w.float(), est)
+        assert float(sim(third.U[1][:, :top].double(), U[:, :top])) >= 0.999
+        assert float(sim(third.V[1][:, :top].double(), Vh[:top].T)) >= 0.999
+        torch.testing.assert_close(third.S[1][:top].double(), S[:top], rtol=0.01, atol=0)
+        for X in (est.U[1], est.V[1], third.U[1], third.V[1]):  # orthonormal bases on both sides
+            torch.testing.assert_close(X.T @ X, torch.eye(16), atol=1e-5, rtol=0)
+    assert float(sim(fast.U[1][:, :top], f32.U[1][:, :top])) >= 1 - 1e-3
+    assert float(sim(fast.V[1][:, :top], f32.V[1][:, :top])) >= 1 - 1e-3
     # one more product improves on the estimate it starts from (a contraction towards the exact subspaces)
     more = gate.refine(w, fast)
     assert more.products == gate.FIRST_PRODUCTS + 1
@@ -156,9 +165,11 @@ def test_a_layer_near_the_threshold_iterates_and_is_marked_unsure_when_it_never_
         (res,) = gate.gate_layers(1, 96, 128, A, index, {}, None, None, {}, threshold=threshold, **args)
         est = gate.margin(res.left, res.right, threshold)
         if threshold == on_the_edge:  # never far enough from 0 to stop after the first products
-            assert res.products > gate.FIRST_PRODUCTS and abs(est) < 0.1
-        else:  # far from the threshold: the first products decide, correctly
-            assert res.products == gate.FIRST_PRODUCTS and (est >= 0) == (threshold < on_the_edge)
+            assert res.products > gate.FIRST_PRODUCTS + 1 and abs(est) < 0.1
+        elif threshold < on_the_edge:  # a clear pass: the first estimate decides
+            assert res.products == gate.FIRST_PRODUCTS and est >= gate.EARLY_PASS
+        else:  # a clear fail: one more product, for a second estimate to compare with
+            assert res.products == gate.FIRST_PRODUCTS + 1 and est < 0
         assert res.unsure <= (res.products == gate.MAX_PRODUCTS)
 
 
