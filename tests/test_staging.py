@@ -127,3 +127,37 @@ def test_take_aligned_places_each_tensor_at_the_address_its_file_offset_asks_for
     assert odd.data_ptr() % 2 == 0
     with pytest.raises(AssertionError, match="overflow"):
         staging.take_aligned(1, (50, 100), torch.bfloat16, [1, 2, 3, 4, 5])
+
+
+def test_stream_loads_one_chunk_ahead_and_releases_each_on_the_reading_thread():
+    """Stream.each: chunk i + 1 is loaded while the caller holds chunk i, into the other slot;
+    release(loaded) of chunk i runs on the reading thread, only after the caller came back for
+    the next chunk, and for every chunk."""
+    import threading
+
+    events = []  # (what, chunk, thread) in the order they happened
+    lock = threading.Lock()
+
+    def log(what, chunk):
+        with lock:
+            events.append((what, chunk, threading.get_ident()))
+
+    def load(chunk, slot):
+        log("load", chunk)
+        return {"chunk": chunk, "slot": slot}
+
+    def release(loaded):
+        log("release", loaded["chunk"])
+
+    with streaming.Stream() as stream:
+        for chunk, loaded in stream.each(["a", "b", "c"], load, release=release):
+            assert loaded == {"chunk": chunk, "slot": "abc".index(chunk) % 2}
+            log("compute", chunk)
+    main = threading.get_ident()
+    order = [(what, chunk) for what, chunk, _ in events]
+    for i, chunk in enumerate("abc"):
+        assert order.index(("release", chunk)) > order.index(("compute", chunk))
+        if i + 1 < 3:  # one thread, in order: the next chunk's load was queued first
+            assert order.index(("release", chunk)) > order.index(("load", "abc"[i + 1]))
+    assert {t for what, _, t in events if what in ("load", "release")}.isdisjoint({main})
+    assert sorted(c for what, c, _ in events if what == "release") == ["a", "b", "c"]

@@ -22,16 +22,16 @@ estimates the subspaces by randomized subspace iteration from one shared Gaussia
 k + oversample columns (source and target get the same test matrix, so a related pair's
 estimation errors are alike), one product over the weight at a time, alternating sides: each
 product makes an orthonormal basis of one side from the other side's basis (Halko et al. 2011,
-Alg. 4.4, with an estimate of both sides after every product, `_half_step`). Every layer takes
-``FIRST_PRODUCTS`` = 2 products, which give the first estimate of both sides; a layer whose first
-estimate passes by ``EARLY_PASS`` or more stops there. That estimate errs towards failing: the
-Gaussian start's noise-floor directions, which differ between releases, are not yet damped, and
-a spectrum's edge is not yet sharp, so k comes out too large (on the real-like suite it never
-overestimated a margin, and scored related layers with a new noise floor far too low:
-benchmarks/RESULTS.md); a layer is therefore never failed on one estimate. Every other layer takes a third product and
-stops as soon as the estimate is far from the threshold compared with how much the last product
-moved it (`settled`); a layer near the threshold iterates up to ``MAX_PRODUCTS`` and is marked
-unsure if it still has not settled.
+Alg. 4.4, with an estimate of both sides after every product from the second on, `_half_step`).
+Every layer takes ``FIRST_PRODUCTS`` = 2 products, which give the first estimate of both sides;
+a layer whose first estimate passes by ``EARLY_PASS`` or more stops there. That estimate errs
+towards failing: the Gaussian start's noise-floor directions, which differ between releases, are
+not yet damped, and a spectrum's edge is not yet sharp, so k comes out too large (on the
+real-like suite it never overestimated a margin, and scored related layers with a new noise
+floor far too low: benchmarks/RESULTS.md); a layer is therefore never failed on one estimate.
+Every other layer takes a third product and stops as soon as the estimate is far from the
+threshold compared with how much the last product moved it (`settled`); a layer near the
+threshold iterates up to ``MAX_PRODUCTS`` and is marked unsure if it still has not settled.
 bf16 weights on a CPU with AVX512-BF16 are multiplied as read by loraport's kernels
 (`bf16_products`), others through a float32 copy. A tensor bit-identical in both bases scores 1 without any product.
 `loraport.reference.gate_exact` is the float64 oracle of the same rule."""

@@ -256,7 +256,7 @@ class _Loaded:
 
     def release(self) -> None:
         """Drop the weights: `streaming.Stream.each` calls it on the reading thread, which then
-        pays for unmapping the mapped ones (a third of a second over a half-size port)."""
+        pays for unmapping the mapped ones instead of the gate's thread."""
         self.weights = None
 
 
