@@ -2,6 +2,7 @@
 bad input (exit status 2, one line naming the file and tensor, no output left behind)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -128,3 +129,14 @@ def test_the_cli_sets_glibcs_malloc_thresholds_for_itself_unless_the_user_did(mo
     calls.clear()
     startup.prepare_cli_process(["python", "train.py"])
     assert calls == []
+
+
+def test_a_cli_started_with_sigint_ignored_keeps_it_ignored():
+    """`nohup loraport ... &` from a script starts it with SIGINT ignored; the import-time Ctrl-C
+    handler must not turn it back on (with Python's own handler it is installed, as before)."""
+    code = ("import sys; sys.orig_argv = [sys.executable, '-m', 'loraport']; import signal, loraport; "
+            "h = signal.getsignal(signal.SIGINT); print('ignored' if h == signal.SIG_IGN else h.__name__)")
+    for disposition, shown in ((signal.SIG_IGN, "ignored"), (signal.SIG_DFL, "interrupted_early")):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             preexec_fn=lambda d=disposition: signal.signal(signal.SIGINT, d))  # fmt: skip
+        assert res.stdout.strip() == shown, (disposition, res.stdout)

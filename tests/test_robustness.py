@@ -65,9 +65,15 @@ def _jobs(ex, out, cache):
     }
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT back to its default, so that Python installs its own
+    handler there even when this suite runs with SIGINT ignored (a background job of a script)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(mode, argv, env=ENV):
     return subprocess.Popen([sys.executable, "-c", DRIVER, mode, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_sigint_default)  # fmt: skip
 
 
 def _wait_for_line(proc, word):
@@ -161,7 +167,7 @@ def test_sigint_prints_one_line_and_exits_130(example, tmp_path):
         assert not os.path.exists(out) and _temps(str(tmp_path)) == [] and _temps(str(tmp_path / mode)) == []
     # while torch is still being imported (python -m loraport): the same line, not a traceback
     proc = subprocess.Popen([sys.executable, "-m", "loraport", "--version"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_sigint_default)  # fmt: skip
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=TIMEOUT)

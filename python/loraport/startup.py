@@ -65,4 +65,6 @@ def prepare_cli_process(argv: list[str]) -> None:
             _mallopt(_MALLOPT[name], int(value))
     # Ctrl-C while torch is being imported: the CLI's one line and status 130, not a traceback
     # (cli.main puts Python's own handler back, and catches the KeyboardInterrupt it raises).
-    signal.signal(signal.SIGINT, interrupted_early)
+    # A process started with SIGINT ignored (`nohup loraport ... &` from a script) keeps it so.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupted_early)
