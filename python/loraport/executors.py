@@ -84,7 +84,7 @@ class ProcessPool:
         any more never exits: the test that kills a worker hung there about once in 20 runs."""
         if self._pool is not None:
             if kill:
-                for process in list((getattr(self._pool, "_processes", None) or {}).copy().values()):
+                for process in list((getattr(self._pool, "_processes", None) or {}).values()):
                     process.kill()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

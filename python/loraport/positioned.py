@@ -85,7 +85,7 @@ def mapped_if_cached(path: str, offset: int, nbytes: int) -> torch.Tensor | None
     tables are filled in one call (`_populate`), which costs the reading thread a small part of
     what a copy out of the page cache would (see the module's docstring: that thread's CPU comes
     out of the gate's share). It is unmapped when the tensor goes."""
-    if nbytes < DIRECT_MIN or not direct_io_enabled() or not hasattr(mmap, "MAP_POPULATE") or not _cached(path, offset, nbytes):
+    if nbytes < DIRECT_MIN or not direct_io_enabled() or not _cached(path, offset, nbytes):
         return None
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with open(path, "rb") as f:
