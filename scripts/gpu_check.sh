@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks for a machine with a CUDA GPU, nvcc and torch already installed
-# (the lent H100/H200 of the workplace's device tool, 16 cores), sized for a 15-minute lease:
+# The GPU checks for a machine with a CUDA GPU, nvcc and torch already installed (the lent H200 of
+# the workplace's device tool: 16 cores, one call of at most 600 s, 15 minutes of device time in
+# all, the machine's start included), so everything runs in one call that ends by DEADLINE_S
+# (default 560 s; a stage that would overrun it is cut short or skipped, and says so):
 #   1. four builds at once, each in build/gpu-<name> with its own copy of the package:
 #        default   the default architectures (every one of torch's + sm_89, PTX for the newest)
 #        ptx       sm_80 SASS + compute_80 PTX only: a newer GPU runs our kernels from the PTX
@@ -9,24 +11,22 @@
 #        no-nvcc   LORAPORT_NVCC=OFF: the ops through ATen, no kernels of ours (needs the CUDA
 #                  runtime headers torch's wheels lack: installed from .devbuild/wheels, which
 #                  --prebuild fills, when the machine has none)
+#      then, in the background, the half-size model pair of benchmarks.port_stream is generated
+#      into /tmp/port_stream (kept: a rerun on a warm machine reuses it, and the builds too);
 #   2. the default build: every CUDA test with LORAPORT_CUSOLVER_EIGH=require (cuSOLVER's
-#      batched eigensolver must serve every Rayleigh-Ritz step it takes), the profile of one
-#      rsvd call, the rsvd benchmark, and the quarter-size streaming port (peak VRAM, peak host
-#      RSS under --max-vram 2GB);
-#   3. the CUDA tests of the build, op and port files for ptx, fallback and no-nvcc, also with
-#      LORAPORT_CUSOLVER_EIGH=require (run before the profile, in the "tests" part).
+#      batched eigensolver must serve every Rayleigh-Ritz step it takes);
+#   3. the CUDA tests of the build, op and port files for ptx, fallback and no-nvcc, at once;
+#   4. the half-size streaming port (10 double + 20 single blocks, the default variant,
+#      --max-vram 2GB): cold floor, cold port, warm port against a read-and-sum;
+#   5. with the time left: the rsvd benchmark, then the profile of one rsvd call.
 # Logs go to $OUT (default ./gpu-out; at most 8 files come back from the device tool):
-# build.log, tests.log, profile.log, bench.log, rsvd_cuda.md, port_stream.log.
-# Stage budgets (seconds): TESTS_S (default build), VARIANT_TESTS_S (each other build),
-# PROFILE_S, BENCH_S, PORT_S (PORT_S=0 skips the port).
-#
-# The device tool's runs last at most 600 s each, so the lease takes two calls (the builds stay
-# in build/ between calls on a warm machine; "perf" rebuilds the default one if it is gone):
-#   bash scripts/gpu_check.sh tests     # 1: the four builds and their CUDA tests (~7 min)
-#   bash scripts/gpu_check.sh perf      # 2: profile, benchmark, quarter-size port (~7 min)
-#   bash scripts/gpu_check.sh           # both, on a machine without that limit
-#   bash scripts/gpu_check.sh --prebuild PYTHON     # here, first: fetch the CUDA header wheels
-#                                                   # into .devbuild/wheels (untracked: it travels)
+# build.log, tests.log, generate.log, port_stream.log, port_stream.md, bench.log, rsvd_cuda.md,
+# profile.log. STAGES (default "tests variants port bench profile") picks the stages after the
+# builds; TESTS_S, VARIANT_TESTS_S, PORT_S, BENCH_S, PROFILE_S cap each one (seconds).
+#   bash scripts/gpu_check.sh                       # on the GPU machine
+#   bash scripts/gpu_check.sh --prebuild PYTHON     # here, first, if the GPU machine may lack the
+#                                                   # CUDA headers: fetch their wheels into
+#                                                   # .devbuild/wheels (untracked: it travels)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prebuild" ]; then
@@ -49,11 +49,19 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 py=$(command -v python3)
 start=$SECONDS
+deadline=${DEADLINE_S:-560}
+stages=${STAGES:-tests variants port bench profile}
 stage() { echo "== [$((SECONDS - start)) s] $*"; }
+wanted() { [[ " $stages " == *" $1 "* ]]; }
+budget() {  # budget CAP: CAP seconds, or what is left before the deadline if that is less (0: skip)
+  local left=$((deadline - (SECONDS - start)))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
 
 stage "machine"
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv
 $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+nproc; free -g | head -2; df -h /tmp | tail -1
 gpu_arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 other_arch=80
 [ "${gpu_arch:0:1}" = 8 ] && other_arch=90  # SASS of another major version never runs here
@@ -69,63 +77,84 @@ build() {  # build NAME CMAKE-ARGS...: build/gpu-NAME/pkg/loraport with its own 
       cmake --build "$dir" -j4; } >"$dir.log" 2>&1 || { echo "BUILD FAILED: $name"; return 1; }
   rm -rf "$dir/pkg" && mkdir -p "$dir/pkg" && cp -r python/loraport "$dir/pkg/" && cp "$dir/_C.so" "$dir/pkg/loraport/_C.so"
 }
-mkdir -p build
-part=${1:-all}
-if [ "$part" != perf ]; then
-  stage "four builds at once (logs: build.log); this GPU is sm_$gpu_arch, the fallback build holds sm_$other_arch only"
-  t0=$SECONDS
-  LORAPORT_CUDA_ARCHS= build default -DCMAKE_CUDA_FLAGS=--threads=0 & pids=($!)
-  LORAPORT_CUDA_ARCHS=80 build ptx & pids+=($!)
-  LORAPORT_CUDA_ARCHS=$other_arch-real build fallback & pids+=($!)
-  build no-nvcc -DLORAPORT_NVCC=OFF & pids+=($!)
-  names=(default ptx fallback no-nvcc)
-  for i in 0 1 2 3; do wait "${pids[$i]}"; echo "${names[$i]} build: exit code $?, done by $((SECONDS - t0)) s"; done
-  cat build/gpu-*.log >"$OUT/build.log" 2>/dev/null
-  grep "loraport:" "$OUT/build.log"
-elif [ ! -f build/gpu-default/pkg/loraport/_C.so ]; then
-  stage "default build (none from an earlier call)"
-  LORAPORT_CUDA_ARCHS= build default -DCMAKE_CUDA_FLAGS=--threads=0
-fi
-
 with() {  # with NAME COMMAND...: run COMMAND against build NAME
-  PYTHONPATH=$PWD/build/gpu-$1/pkg LORAPORT_CUSOLVER_EIGH=require "${@:2}"
-}
-cuda_tests() {  # cuda_tests NAME SECONDS [FILES...]
-  local name=$1 seconds=$2
-  shift 2
-  [ -f "build/gpu-$name/pkg/loraport/_C.so" ] || { echo "---- $name: no build"; return; }
-  echo "---- $name: $(with "$name" $py -c 'import loraport; print(loraport.BUILD_INFO)' 2>&1 | tail -1)"
-  with "$name" timeout "$seconds" $py -m pytest -q -m cuda -p no:cacheprovider "${@:-tests}" >"$OUT/tests-now.log" 2>&1
-  echo "pytest exit code $? (124: ran out of its $seconds s)"
-  grep -E "passed|failed|error|^(FAILED|ERROR)|loraport: this build" "$OUT/tests-now.log" | head -20
-  cat "$OUT/tests-now.log" >>"$OUT/tests.log" && rm "$OUT/tests-now.log"
+  PYTHONPATH=$PWD/build/gpu-$1/pkg:$PWD LORAPORT_CUSOLVER_EIGH=require "${@:2}"
 }
 
-if [ "$part" != perf ]; then
-  stage "default build: CUDA tests, LORAPORT_CUSOLVER_EIGH=require"
-  cuda_tests default "${TESTS_S:-150}"
-  for name in ptx fallback no-nvcc; do
-    stage "$name build: CUDA tests of the build, op and port files"
-    cuda_tests "$name" "${VARIANT_TESTS_S:-60}" tests/test_build.py tests/test_ops.py tests/test_port.py
-  done
+mkdir -p build
+stage "four builds at once (logs: build.log); this GPU is sm_$gpu_arch, the fallback build holds sm_$other_arch only"
+names=(default ptx fallback no-nvcc)
+LORAPORT_CUDA_ARCHS= build default -DCMAKE_CUDA_FLAGS=--threads=0 & pids=($!)
+LORAPORT_CUDA_ARCHS=80 build ptx & pids+=($!)
+LORAPORT_CUDA_ARCHS=$other_arch-real build fallback & pids+=($!)
+build no-nvcc -DLORAPORT_NVCC=OFF & pids+=($!)
+wait "${pids[0]}"; echo "default build: exit code $?, done by $((SECONDS - start)) s"
+generating=
+if wanted port && [ -f build/gpu-default/pkg/loraport/_C.so ]; then
+  stage "generating the half-size pair in the background (generate.log)"
+  with default $py -c "from benchmarks.port_stream import generate; print(generate('/tmp/port_stream', 10, 20))" \
+      >"$OUT/generate.log" 2>&1 &
+  generating=$!
 fi
-[ "$part" = tests ] && { stage "done"; exit; }
+for i in 1 2 3; do wait "${pids[$i]}"; echo "${names[$i]} build: exit code $?, done by $((SECONDS - start)) s"; done
+cat build/gpu-*.log >"$OUT/build.log" 2>/dev/null
+grep "loraport:" "$OUT/build.log"
 
-stage "default build: host syncs and profile of one rsvd call"
-with default timeout "${PROFILE_S:-90}" $py benchmarks/gpu_profile.py >"$OUT/profile.log" 2>&1
-echo "exit code $?"; tail -45 "$OUT/profile.log"
+cuda_tests() {  # cuda_tests NAME SECONDS LOG [FILES...]
+  local name=$1 seconds=$2 log=$3
+  shift 3
+  [ -f "build/gpu-$name/pkg/loraport/_C.so" ] || { echo "---- $name: no build" | tee "$log"; return; }
+  [ "$seconds" -gt 0 ] || { echo "---- $name: no time left" | tee "$log"; return; }
+  {
+    echo "---- $name: $(with "$name" $py -c 'import loraport; print(loraport.BUILD_INFO)' 2>&1 | tail -1)"
+    with "$name" timeout "$seconds" $py -m pytest -q -m cuda -p no:cacheprovider "${@:-tests}" 2>&1
+    echo "---- $name: pytest exit code $? (124: ran out of its $seconds s)"
+  } >"$log"
+}
+summary() { grep -E "^---- |passed|failed|error|^(FAILED|ERROR)|loraport: this build" "$1" | head -20; cat "$1" >>"$OUT/tests.log"; rm "$1"; }
 
-stage "default build: rsvd benchmark"
-with default timeout "${BENCH_S:-150}" $py -m benchmarks.rsvd --device cuda ${BENCH_ARGS:---ranks 64 --batch 4 --repeats 10} \
-    --markdown "$OUT/rsvd_cuda.md" >"$OUT/bench.log" 2>&1
-echo "exit code $?"
-grep -E "^(## |ceilings|### )|^\| loraport (power|krylov) \||^\| torch" "$OUT/bench.log" | cut -c1-200
-tail -3 "$OUT/bench.log"
+if wanted tests; then
+  stage "default build: CUDA tests, LORAPORT_CUSOLVER_EIGH=require"
+  cuda_tests default "$(budget "${TESTS_S:-150}")" "$OUT/t-default.log"
+  summary "$OUT/t-default.log"
+fi
+if wanted variants; then
+  stage "ptx, fallback, no-nvcc builds at once: CUDA tests of the build, op and port files"
+  seconds=$(budget "${VARIANT_TESTS_S:-75}")
+  for name in ptx fallback no-nvcc; do
+    cuda_tests "$name" "$seconds" "$OUT/t-$name.log" tests/test_build.py tests/test_ops.py tests/test_port.py &
+  done
+  wait
+  for name in ptx fallback no-nvcc; do summary "$OUT/t-$name.log"; done
+fi
 
-if [ "${PORT_S:-150}" != 0 ]; then
-  stage "default build: quarter-size streaming port (5 double + 10 single blocks), --max-vram 2GB"
-  with default timeout "${PORT_S:-150}" $py -m benchmarks.port_stream --blocks-double 5 --blocks-single 10 \
-      --dir /tmp/port_stream --device cuda --max-vram 2GB >"$OUT/port_stream.log" 2>&1
-  echo "exit code $?"; grep -E "^\|" "$OUT/port_stream.log" | cut -c1-220
+if [ -n "$generating" ]; then
+  stage "waiting for the half-size pair"
+  wait "$generating"; echo "generate: exit code $?"; tail -2 "$OUT/generate.log"
+  seconds=$(budget "${PORT_S:-200}")
+  stage "default build: half-size streaming port (10 double + 20 single blocks), --max-vram 2GB, $seconds s"
+  if [ "$seconds" -gt 0 ]; then
+    with default timeout "$seconds" $py -m benchmarks.port_stream --blocks-double 10 --blocks-single 20 \
+        --dir /tmp/port_stream --keep --device cuda --max-vram 2GB --markdown "$OUT/port_stream.md" \
+        >"$OUT/port_stream.log" 2>&1
+    echo "exit code $?"; grep -vE "^\|" "$OUT/port_stream.log" | tail -12; grep -E "^\|" "$OUT/port_stream.log" | cut -c1-240
+  fi
+fi
+
+if wanted bench && [ "$(budget "${BENCH_S:-120}")" -gt 0 ]; then
+  seconds=$(budget "${BENCH_S:-120}")
+  stage "default build: rsvd benchmark, $seconds s"
+  with default timeout "$seconds" $py -m benchmarks.rsvd --device cuda ${BENCH_ARGS:---ranks 64 --batch 4 --repeats 10} \
+      --markdown "$OUT/rsvd_cuda.md" >"$OUT/bench.log" 2>&1
+  echo "exit code $?"
+  grep -E "^(## |ceilings|### )|^\| loraport (power|krylov) \||^\| torch" "$OUT/bench.log" | cut -c1-200
+  tail -3 "$OUT/bench.log"
+fi
+
+if wanted profile && [ "$(budget "${PROFILE_S:-90}")" -gt 0 ]; then
+  seconds=$(budget "${PROFILE_S:-90}")
+  stage "default build: host syncs and profile of one rsvd call, $seconds s"
+  with default timeout "$seconds" $py benchmarks/gpu_profile.py >"$OUT/profile.log" 2>&1
+  echo "exit code $?"; tail -45 "$OUT/profile.log"
 fi
 stage "done"
