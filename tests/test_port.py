@@ -294,6 +294,34 @@ def test_port_on_cuda_matches_the_dense_reference_like_the_cpu(tmp_path, models,
         assert rel_err(delta(m), want) < 1e-3, m.name
         assert rel_err(delta(m), cpu[m.name]) < 2e-3, m.name
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("target", ["target", "unrelated"])
+def test_default_gate_on_cuda_decides_as_the_exact_gate(tmp_path, models, lora_sd, target):
+    """The default gate on the GPU (each chunk copied to the device in its own dtype, the products
+    there): every layer's k and decision those of the exact float64 gate, as on the CPU; then
+    again from the sketch cache, where a layer that does not settle on the cached estimate
+    refines it from a weight read on the host now. The unrelated release iterates past the
+    first estimate and fails every layer."""
+    p = files(tmp_path, models, lora_sd, target=target)
+    cache = str(tmp_path / "cache")
+    runs = []
+    for i in range(2):  # empty cache, then every sketch from it
+        report = str(tmp_path / f"report{i}.json")
+        try:
+            port(p["lora"], p["source"], p["target"], p["out"], device="cuda", cache_dir=cache, report=report, power_iters=4, quiet=True)
+        except InputError:  # nothing passed, nothing written: the report says why
+            assert target == "unrelated"
+        runs.append(json.load(open(report))["layers"])
+    for rows in runs:
+        for r in rows:
+            ws, wt = (models[side][r["module"] + ".weight"].double() for side in ("source", target))
+            left, right, k = reference.gate_exact(ws, wt, gate_rank(wt.shape[0], wt[0].numel()))
+            assert r["subspace_rank"] == [k, k], r["module"]
+            assert abs(r["similarity"] - (left + right) / 2) < 1e-2, r["module"]
+            assert r["action"] == ("ported" if target == "target" else "skipped"), r["module"]
+    assert all(r["subspaces_from_cache"] == 2 for r in runs[1])
+
+
 def test_dry_run_and_report(tmp_path, models, lora_sd):
     p = files(tmp_path, models, lora_sd)
     rep = port(p["lora"], p["source"], p["target"], dry_run=True, report=str(tmp_path / "r.json"), quiet=True)

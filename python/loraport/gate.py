@@ -140,6 +140,10 @@ class Sketch:
     V: torch.Tensor
     products: int
 
+    def to(self, device) -> Sketch:
+        """The same sketch on ``device``."""
+        return Sketch(self.U.to(device), self.S.to(device), self.V.to(device), self.products)
+
 
 def bf16_products(dtype: torch.dtype, device) -> bool:
     """Whether the gate multiplies bf16 weights as they are rather than a float32 copy: on a
@@ -297,10 +301,12 @@ def gate_layers(
                 if mats[i] is None:
                     job = (g, sides[i])
                     w = (weights[index[job]] if job in index else read(*job)).flatten(1)
-                    mats[i] = w if native else A[i].copy_(w)  # upcast
+                    # upcast; a weight read now is on the host: moved in its dtype first, as torch
+                    # would convert a host-to-GPU copy on the host
+                    mats[i] = w if native else A[i].copy_(w.to(A.device))
             return mats
 
-        sketches = {side: found[g, side] for side in sides if (g, side) in found}
+        sketches = {side: found[g, side].to(device) for side in sides if (g, side) in found}  # cache entries load on the host
         missing = [i for i, side in enumerate(sides) if side not in sketches]
         if missing:
             both(missing)

@@ -147,8 +147,9 @@ def port(
     t_start = time.perf_counter()
 
     src, tgt = BaseModel(source), BaseModel(target)
-    # a CPU port computes on the cores a page-cache read would copy with (loraport.positioned)
-    src.direct_io = tgt.direct_io = torch.device(options.device).type == "cpu"
+    # a CPU port computes on the cores a page-cache read would copy with; the default gate places
+    # each weight for a direct read on any device (loraport.positioned, `run_plans`' load)
+    src.direct_io = tgt.direct_io = torch.device(options.device).type == "cpu" or options.default_gate
     lf = formats.read_lora(lora, arch=arch, base_names=src.module_names())
     top = max(m.rank for m in lf.modules)
     if rank is not None and rank > top:
@@ -228,7 +229,7 @@ def plan_chunks(work: list[Plan], src: BaseModel, tgt: BaseModel, options: PortO
                 layers, m, n, k=k, oversample=options.oversample, power_iters=options.power_iters,
                 method=options.method, elem=dtype.itemsize, lora_rank=max(p.row.rank_in for p in group),
                 device=options.device, block_size=block, gate=options.default_gate,
-            ), staging_bytes(layers, m, n, elem=dtype.itemsize))  # fmt: skip
+            ), staging_bytes(layers, m, n, elem=dtype.itemsize, aligned=options.default_gate))  # fmt: skip
 
         if need(1) > budget:
             raise InputError(
@@ -273,8 +274,10 @@ def run_plans(
     chunks = plan_chunks(work, src, tgt, options)
     t_start = time.perf_counter()
     # One chunk's weights at most per slot; staging_bytes kept two of them within max_memory.
-    # the default gate on the CPU places each weight for a direct read without a bounce copy (`load`)
-    aligned = options.default_gate and torch.device(options.device).type == "cpu"
+    # The default gate places each weight for a direct read without a bounce copy (`load`), and
+    # on the CPU takes a weight already in the page cache as a read-only mapping instead.
+    aligned = options.default_gate
+    mappable = aligned and torch.device(options.device).type == "cpu"
     slot_bytes = max(((staging.aligned_bytes if aligned else operator.mul)(2 * len(c.plans), math.prod(c.plans[0].tgt_shape) * c.dtype.itemsize)
                       for c in chunks), default=0)  # fmt: skip
     stream = streaming.Stream(slot_bytes, options.device)
@@ -307,7 +310,7 @@ def run_plans(
         mapped = {}  # todo index -> the weight mapping the page cache (the default gate on the CPU: no copy)
         if aligned:  # [m, *] each, at the address its file offset asks for (no bounce copy)
             meta = torch.empty(shape, dtype=chunk.dtype, device="meta")
-            for i, (g, side) in enumerate(todo):
+            for i, (g, side) in enumerate(todo if mappable else ()):
                 p = chunk.plans[g]
                 w = streaming.mapped_weight(meta, bases[side], p.component, p.pieces(side), p.gated_channels(side))
                 if w is not None:
@@ -370,7 +373,7 @@ def port_chunk(
     rsvd over the weights not in the cache), then, unless ``subspaces_only``, copy or projection
     per layer (sets each plan's row and result)."""
     if options.default_gate:
-        _gate_chunk(chunk, loaded, cache, options, seconds, subspaces_only, read_weight, upcast)
+        _gate_chunk(chunk, loaded, cache, staging, options, seconds, subspaces_only, read_weight, upcast)
         return
     device = options.device
     t0 = time.perf_counter()
@@ -416,14 +419,21 @@ def port_chunk(
 
 
 def _gate_chunk(
-    chunk: Chunk, loaded: _Loaded, cache, options: PortOptions, seconds: dict, subspaces_only: bool, read_weight, upcast,
+    chunk: Chunk, loaded: _Loaded, cache, staging: StagingBuffers, options: PortOptions, seconds: dict,
+    subspaces_only: bool, read_weight, upcast,
 ):  # fmt: skip
     """`port_chunk` for the default gate (`gate.gate_layers`): no subspaces, only the decision."""
     t0 = time.perf_counter()
     shape = chunk.plans[0].tgt_shape
     index = {job: i for i, job in enumerate(loaded.todo)}  # (layer index, side) -> weight in loaded.weights
+    weights = loaded.weights  # [m, *] each, in the staging slot (or mapped, on the CPU)
+    if torch.device(options.device).type != "cpu":
+        # Asynchronous copies from the pinned slot, in the weights' own dtype: a copy_ into the
+        # gate's float32 buffer would convert on the host first (torch converts a host-to-GPU
+        # copy between dtypes on the source side) and send twice the bytes, synchronously.
+        weights = [staging.to_device(loaded.slot, w, options.device) for w in weights]
     results = gate.gate_layers(
-        len(chunk.plans), shape[0], math.prod(shape[1:]), loaded.weights, index, loaded.found,
+        len(chunk.plans), shape[0], math.prod(shape[1:]), weights, index, loaded.found,
         lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys, upcast,
         cap=chunk.rank, oversample=options.oversample, seed=options.seed, dtype=chunk.dtype,
         threshold=options.min_similarity, device=options.device, decide=not subspaces_only,

@@ -15,8 +15,10 @@ then waits for a core, and the gate's threads wait for each other while it has o
 of a port's 18 GB took 14 s beside the gate with the bounce copy, 7 s alone). A range whose
 pages are already cached (three probe pages, `_cached`) is copied from the page cache instead,
 which is cheaper than the disk, or mapped where the caller can take a read-only weight
-(`mapped_if_cached`). A port on a GPU leaves the CPU free, so it reads through the
-page cache. ``LORAPORT_DIRECT_IO=0`` turns O_DIRECT off."""
+(`mapped_if_cached`). The default gate on a GPU reads the same way into its page-locked
+slots (the disk's transfer lands where the copy to the GPU starts); a GPU port's projection
+variants stack each chunk into one tensor, which would pass mostly through the bounce buffer,
+so they read through the page cache. ``LORAPORT_DIRECT_IO=0`` turns O_DIRECT off."""
 
 from __future__ import annotations
 

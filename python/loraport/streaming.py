@@ -183,9 +183,10 @@ def group_bytes(
     return weights + rsvd_bytes + factors
 
 
-def staging_bytes(layers: int, m: int, n: int, *, elem: int) -> int:
+def staging_bytes(layers: int, m: int, n: int, *, elem: int, aligned: bool = False) -> int:
     """Host bytes of the reader's two staging slots (`loraport.staging`) for chunks of ``layers``
-    [m, n] layers: the chunk being computed and the next one being read, 2G weights each. On
-    the CPU `group_bytes` counts them already; on a GPU they are host memory (page-locked), and
-    the chunks are cut to keep them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
-    return 2 * 2 * layers * m * n * elem
+    [m, n] layers: the chunk being computed and the next one being read, 2G weights each
+    (``aligned``: each placed for a direct read, `StagingBuffers.take_aligned`). On the CPU
+    `group_bytes` counts them already; on a GPU they are host memory (page-locked), and the
+    chunks are cut to keep them within ``max_memory`` too, so that ``--max-vram`` bounds both sides."""
+    return 2 * (aligned_bytes(2 * layers, m * n * elem) if aligned else 2 * layers * m * n * elem)
