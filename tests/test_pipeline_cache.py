@@ -206,3 +206,42 @@ def test_chunks_follow_the_budget_and_give_the_same_result(paths, tmp_path):
     a, b = tensors(out_big), tensors(out_small)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_cache_writes_behind_a_port_and_every_entry_is_stored_when_the_block_ends(tmp_path, monkeypatch):
+    """Inside `writing_behind` a put returns before its entry is written (the writer thread syncs
+    it; a port's gate no longer waits for the disk); at most WRITE_BEHIND entries wait; all are
+    stored, in order, when the block ends; an internal error of the writer is raised there."""
+    import threading
+
+    from loraport import cache as cache_module
+
+    cache = cache_module.SubspaceCache(tmp_path / "c")
+    real, gate, written = cache_module.atomic_write, threading.Event(), []
+
+    def held(path, write, **kwargs):
+        gate.wait(30)
+        real(path, write, **kwargs)
+        written.append(path)
+
+    monkeypatch.setattr(cache_module, "atomic_write", held)
+    monkeypatch.setattr(cache_module, "WRITE_BEHIND", 2)
+    entries = {f"key{i}": {"U": torch.full((3, 2), float(i))} for i in range(3)}
+    third = threading.Thread(target=lambda: cache.put_tensors("key2", entries["key2"]))
+    with cache.writing_behind():
+        cache.put_tensors("key0", entries["key0"])
+        cache.put_tensors("key1", entries["key1"])
+        assert written == [] and not os.path.exists(cache.path("key0"))  # both returned, nothing written yet
+        third.start()
+        third.join(0.5)
+        assert third.is_alive()  # a third waits for room in the queue
+        gate.set()
+        third.join(30)
+    assert written == [cache.path(k) for k in entries]
+    for key, tensors in entries.items():
+        torch.testing.assert_close(cache.get_tensors(key, {"U": [3, 2]})["U"], tensors["U"])
+
+    monkeypatch.setattr(cache_module, "atomic_write", lambda path, write, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        with cache.writing_behind():
+            cache.put_tensors("key3", entries["key0"])

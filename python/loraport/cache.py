@@ -16,14 +16,22 @@ Files are written to a temporary name and renamed (outfiles.atomic_write), so a 
 a half entry under an entry's name, and two processes filling one folder at once each rename a
 complete file (the same bytes for the same key); temporary files of killed processes are removed
 when the folder is next opened. An entry that cannot be stored (a full disk) is reported with a
-warning and the port goes on without it."""
+warning and the port goes on without it.
+
+Inside `writing_behind` (a port's stream of chunks), entries are written by a background thread
+in the order they were put, at most `WRITE_BEHIND` waiting, and every one is on disk when the
+block ends. Why: each entry is synced before its rename, and while a port reads the bases at
+the disk's full rate a sync waits behind those reads (240 entries held a GPU port's gate for
+about 9 of its 14 s; benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from safetensors import safe_open
@@ -32,6 +40,7 @@ from .errors import InputError, brief
 from .outfiles import atomic_write, remove_stale_temps, save_safetensors
 
 FORMAT_VERSION = 2  # bump when the meaning of an entry changes (2: entries say their kind)
+WRITE_BEHIND = 16  # entries queued for the background writer at most (a few MB each)
 _KEY = "loraport.subspace_key"
 
 
@@ -45,6 +54,22 @@ class SubspaceCache:
         except OSError as e:
             raise InputError(f"{self.folder}: cannot use it as the subspace cache folder ({e.strerror or e})") from None
         remove_stale_temps(self.folder)
+        self._writer: ThreadPoolExecutor | None = None  # set inside `writing_behind`
+        self._queued: list[Future] = []
+
+    @contextlib.contextmanager
+    def writing_behind(self):
+        """Within the block, `put` and `put_tensors` queue the entry for a background thread and
+        return; the block ends once every queued entry is written."""
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="loraport-cache")
+        try:
+            yield self
+        finally:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        queued, self._queued = self._queued, []
+        for future in queued:  # an internal error of the writer shows here
+            future.result()
 
     @staticmethod
     def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict,
@@ -116,6 +141,14 @@ class SubspaceCache:
 
     def put_tensors(self, key: str, tensors: dict) -> None:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        if self._writer is None:
+            self._store(key, tensors)
+            return
+        while len(self._queued) >= WRITE_BEHIND:
+            self._queued.pop(0).result()
+        self._queued.append(self._writer.submit(self._store, key, tensors))
+
+    def _store(self, key: str, tensors: dict) -> None:
         try:
             atomic_write(self.path(key), lambda tmp: save_safetensors(tensors, tmp, {_KEY: key}))
         except InputError as e:  # the cache only saves time: a port goes on without the entry

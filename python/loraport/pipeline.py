@@ -43,6 +43,7 @@ options.PortOptions, and the result is a reports.PortReport."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import operator
@@ -347,7 +348,8 @@ def run_plans(
     )  # fmt: skip
 
     cached_subspaces = 0  # for the progress bar
-    with streaming.progress(len(work), "porting", quiet) as bar, stream:
+    writing = cache.writing_behind() if cache is not None else contextlib.nullcontext()
+    with streaming.progress(len(work), "porting", quiet) as bar, stream, writing:
         for chunk, loaded in stream.each(chunks, load, release=_Loaded.release):
             seconds["read"] += loaded.seconds_read
             seconds["cache"] += loaded.seconds_cache
