@@ -21,8 +21,8 @@ warning and the port goes on without it.
 Inside `writing_behind` (a port's stream of chunks), entries are written by a background thread
 in the order they were put, at most `WRITE_BEHIND` waiting, and every one is on disk when the
 block ends. Why: each entry is synced before its rename, and while a port reads the bases at
-the disk's full rate a sync waits behind those reads (240 entries held a GPU port's gate for
-about 9 of its 14 s; benchmarks/RESULTS.md)."""
+the disk's full rate a sync waits behind those reads: on a GPU, where the gate is quick, those
+waits were most of a cold port (benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
