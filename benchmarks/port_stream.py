@@ -25,10 +25,10 @@ Steps, each timed and reported:
      loraport CLI sets for itself (loraport.startup.CLI_ENVIRONMENT; peak RSS is VmHWM of that
      process, peak VRAM torch.cuda.max_memory_allocated), page cache dropped first;
   4. port LoRA 2 with the cache that run 3 filled (no base weight is read, no rSVD runs).
-  5. warm page cache: a fresh process that imports loraport and reads and sums every adapted
-     weight of both bases (safetensors, bf16 -> float32 sum), then port LoRA 1 with an empty
-     subspace cache, then the read-and-sum again, page cache not dropped; ratio = port / mean of
-     the two read-and-sums. (Whether the pages were still cached shows in the read-and-sum's
+  5. warm page cache: the adapted weights read once (run 4 dropped the cache), then a fresh
+     process that imports loraport and reads and sums every adapted weight of both bases
+     (safetensors, bf16 -> float32 sum), then port LoRA 1 with an empty subspace cache, then the
+     read-and-sum again, page cache not dropped; ratio = port / mean of the two read-and-sums. (Whether the pages were still cached shows in the read-and-sum's
      GB/s: the pair may not fit in this machine's page cache.)
 The generated files are deleted at the end unless --keep."""
 
@@ -315,6 +315,7 @@ def main(argv=None) -> None:
         second = run_port(folder, 2, args)
         warm = None
         if not args.no_warm:
+            read_floor(folder, adapted_only=True, drop=False)  # into the page cache, which port LoRA 2 dropped
             sums = [read_and_sum(folder)]
             port_warm = run_port(folder, 1, args, drop=False, cache=False)
             sums.append(read_and_sum(folder))
