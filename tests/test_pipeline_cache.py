@@ -209,39 +209,50 @@ def test_chunks_follow_the_budget_and_give_the_same_result(paths, tmp_path):
 
 
 def test_cache_writes_behind_a_port_and_every_entry_is_stored_when_the_block_ends(tmp_path, monkeypatch):
-    """Inside `writing_behind` a put returns before its entry is written (the writer thread syncs
-    it; a port's gate no longer waits for the disk); at most WRITE_BEHIND entries wait; all are
-    stored, in order, when the block ends; an internal error of the writer is raised there."""
+    """Inside `writing_behind` a put writes its entry under a temporary name and returns; the
+    writer thread syncs and renames (a port's gate never waits for a sync); at most WRITE_BEHIND
+    wait; all are in place, in order, when the block ends; an internal error of the writer is
+    raised there. Left by Ctrl-C the block does not wait, and no temporary file stays."""
     import threading
 
     from loraport import cache as cache_module
 
     cache = cache_module.SubspaceCache(tmp_path / "c")
-    real, gate, written = cache_module.atomic_write, threading.Event(), []
+    real, hold, committed = cache_module.commit_temp, threading.Event(), []
 
-    def held(path, write, **kwargs):
-        gate.wait(30)
-        real(path, write, **kwargs)
-        written.append(path)
+    def held(tmp, path):
+        hold.wait(30)
+        real(tmp, path)
+        committed.append(path)
 
-    monkeypatch.setattr(cache_module, "atomic_write", held)
+    monkeypatch.setattr(cache_module, "commit_temp", held)
     monkeypatch.setattr(cache_module, "WRITE_BEHIND", 2)
     entries = {f"key{i}": {"U": torch.full((3, 2), float(i))} for i in range(3)}
+    temps = lambda: [n for n in os.listdir(cache.folder) if n.endswith(".tmp")]  # noqa: E731
     third = threading.Thread(target=lambda: cache.put_tensors("key2", entries["key2"]))
     with cache.writing_behind():
         cache.put_tensors("key0", entries["key0"])
         cache.put_tensors("key1", entries["key1"])
-        assert written == [] and not os.path.exists(cache.path("key0"))  # both returned, nothing written yet
+        assert committed == [] and len(temps()) == 2  # both returned, written, neither renamed yet
         third.start()
         third.join(0.5)
-        assert third.is_alive()  # a third waits for room in the queue
-        gate.set()
+        assert third.is_alive()  # a third waits for room
+        hold.set()
         third.join(30)
-    assert written == [cache.path(k) for k in entries]
+    assert committed == [cache.path(k) for k in entries] and temps() == []
     for key, tensors in entries.items():
         torch.testing.assert_close(cache.get_tensors(key, {"U": [3, 2]})["U"], tensors["U"])
 
-    monkeypatch.setattr(cache_module, "atomic_write", lambda path, write, **kwargs: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    hold.clear()  # Ctrl-C with entries written and not renamed: out at once, their files removed
+    with pytest.raises(KeyboardInterrupt):
         with cache.writing_behind():
             cache.put_tensors("key3", entries["key0"])
+            cache.put_tensors("key4", entries["key0"])
+            raise KeyboardInterrupt
+    assert temps() == [] and not os.path.exists(cache.path("key4"))
+    hold.set()
+
+    monkeypatch.setattr(cache_module, "commit_temp", lambda tmp, path: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        with cache.writing_behind():
+            cache.put_tensors("key5", entries["key0"])

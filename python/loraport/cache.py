@@ -18,11 +18,12 @@ complete file (the same bytes for the same key); temporary files of killed proce
 when the folder is next opened. An entry that cannot be stored (a full disk) is reported with a
 warning and the port goes on without it.
 
-Inside `writing_behind` (a port's stream of chunks), entries are written by a background thread
-in the order they were put, at most `WRITE_BEHIND` waiting, and every one is on disk when the
-block ends. Why: each entry is synced before its rename, and while a port reads the bases at
-the disk's full rate a sync waits behind those reads: on a GPU, where the gate is quick, those
-waits were most of a cold port (benchmarks/RESULTS.md)."""
+Inside `writing_behind` (a port's stream of chunks), a put writes the entry under its temporary
+name and returns; a background thread syncs and renames the entries, in order, at most
+`WRITE_BEHIND` waiting, and every one is in place when the block ends. Why: while a port reads the
+bases at the disk's full rate a sync waits behind those reads: on a GPU, where the gate is quick,
+those waits were most of a cold port (benchmarks/RESULTS.md). A block left by an exception (Ctrl-C)
+does not wait for them: the entries not yet renamed are removed."""
 
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError, brief
-from .outfiles import atomic_write, remove_stale_temps, save_safetensors
+from .outfiles import atomic_write, commit_temp, remove_stale_temps, save_safetensors, write_temp
 
 FORMAT_VERSION = 2  # bump when the meaning of an entry changes (2: entries say their kind)
-WRITE_BEHIND = 16  # entries queued for the background writer at most (a few MB each)
+WRITE_BEHIND = 64  # entries written but not yet synced and renamed, at most
 _KEY = "loraport.subspace_key"
 
 
@@ -54,22 +55,22 @@ class SubspaceCache:
         except OSError as e:
             raise InputError(f"{self.folder}: cannot use it as the subspace cache folder ({e.strerror or e})") from None
         remove_stale_temps(self.folder)
-        self._writer: ThreadPoolExecutor | None = None  # set inside `writing_behind`
-        self._queued: list[Future] = []
+        self._behind: _WriteBehind | None = None  # inside `writing_behind`
 
     @contextlib.contextmanager
     def writing_behind(self):
-        """Within the block, `put` and `put_tensors` queue the entry for a background thread and
-        return; the block ends once every queued entry is written."""
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="loraport-cache")
+        """Within the block, `put` and `put_tensors` write the entry under a temporary name and
+        return; a background thread syncs and renames it. The block ends once every entry is in
+        place, or, left by an exception, at once, removing those not yet renamed."""
+        behind = self._behind = _WriteBehind()
         try:
             yield self
-        finally:
-            self._writer.shutdown(wait=True)
-            self._writer = None
-        queued, self._queued = self._queued, []
-        for future in queued:  # an internal error of the writer shows here
-            future.result()
+        except BaseException:
+            self._behind = None
+            behind.abandon()
+            raise
+        self._behind = None
+        behind.finish()
 
     @staticmethod
     def key(fingerprint: str, component: str, pieces, channels: int, rank: int, svd: dict,
@@ -141,15 +142,53 @@ class SubspaceCache:
 
     def put_tensors(self, key: str, tensors: dict) -> None:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        if self._writer is None:
-            self._store(key, tensors)
-            return
-        while len(self._queued) >= WRITE_BEHIND:
-            self._queued.pop(0).result()
-        self._queued.append(self._writer.submit(self._store, key, tensors))
-
-    def _store(self, key: str, tensors: dict) -> None:
+        path = self.path(key)
+        write = lambda tmp: save_safetensors(tensors, tmp, {_KEY: key})  # noqa: E731
         try:
-            atomic_write(self.path(key), lambda tmp: save_safetensors(tensors, tmp, {_KEY: key}))
+            if self._behind is None:
+                atomic_write(path, write)
+                return
+            tmp = write_temp(path, write)
         except InputError as e:  # the cache only saves time: a port goes on without the entry
             warnings.warn(f"loraport: subspace cache entry not stored: {e}")
+            return
+        self._behind.queue(tmp, path)
+
+
+class _WriteBehind:
+    """The writer thread of one `SubspaceCache.writing_behind` block and the entries it has yet to
+    sync and rename, in order."""
+
+    def __init__(self):
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="loraport-cache")
+        self.queued: list[tuple[Future, str]] = []  # (its sync and rename, the temporary file)
+        self.abandoned = False
+
+    def queue(self, tmp: str, path: str) -> None:
+        while len(self.queued) >= WRITE_BEHIND:
+            self.queued.pop(0)[0].result()
+        self.queued.append((self.writer.submit(self._commit, tmp, path), tmp))
+
+    def _commit(self, tmp: str, path: str) -> None:
+        try:
+            commit_temp(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            if not self.abandoned:  # abandoned: `abandon` removed it, and the caller is on its way out
+                warnings.warn(f"loraport: subspace cache entry not stored: {path}: cannot write it ({e.strerror or e})")
+
+    def finish(self) -> None:
+        """Wait until every entry is in place; an internal error of the writer is raised here."""
+        self.writer.shutdown(wait=True)
+        for future, _ in self.queued:
+            future.result()
+
+    def abandon(self) -> None:
+        """Stop without waiting: the entries not yet renamed are removed (the one rename under
+        way may still land, a whole entry)."""
+        self.abandoned = True
+        self.writer.shutdown(wait=False, cancel_futures=True)
+        for _, tmp in self.queued:
+            with contextlib.suppress(FileNotFoundError):  # renamed meanwhile
+                os.remove(tmp)

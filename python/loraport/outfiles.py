@@ -125,6 +125,21 @@ def atomic_write(path, write, *, protect=()) -> None:
     mode and rename it to ``path``. Refuses a ``path`` that is one of the ``protect`` files (the
     inputs); removes the temporary file on any error or interrupt; turns an OSError of the
     write (ENOSPC, EACCES, EROFS...) into a one-line InputError."""
+    tmp = write_temp(path, write, protect=protect)
+    try:
+        commit_temp(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise InputError(f"{os.path.abspath(os.fspath(path))}: cannot write the output ({e.strerror or e}); nothing written") from e
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_temp(path, write, *, protect=()) -> str:
+    """The first half of `atomic_write`: ``write(tmp_path)`` on a new temporary file beside
+    ``path`` (the umask's mode), not yet synced or renamed; returns its path. The same checks,
+    and the same cleanup and InputError on failure."""
     check_not_input(path, protect)
     path = os.path.abspath(os.fspath(path))
     folder, base = os.path.split(path)
@@ -141,15 +156,21 @@ def atomic_write(path, write, *, protect=()) -> None:
         finally:
             os.close(fd)
         write(tmp)
-        with open(tmp, "rb+") as f:  # the bytes on disk before the name points at them
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return tmp
     except OSError as e:
         _remove(tmp)
         raise InputError(f"{path}: cannot write the output ({e.strerror or e}); nothing written") from e
     except BaseException:
         _remove(tmp)
         raise
+
+
+def commit_temp(tmp: str, path) -> None:
+    """The second half of `atomic_write`: sync the temporary file ``tmp`` (its bytes on disk
+    before the name points at them) and rename it to ``path``. OSError as it comes."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.abspath(os.fspath(path)))
 
 
 def _remove(tmp: str | None) -> None:
