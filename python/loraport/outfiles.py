@@ -1,5 +1,6 @@
 """Writing output files safely: every file loraport writes (LoRAs, reports, adapter configs,
-subspace cache entries) goes through `atomic_write`, and safetensors files through
+subspace cache entries) goes through `atomic_write` (or its two halves, `write_temp` and
+`commit_temp`, which the cache runs on two threads during a port), and safetensors files through
 `save_safetensors`.
 
 - A file is written under a temporary name in its own folder (``.NAME.PID.XXXXXXXX.tmp``), synced
