@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from loraport import gate, reference
 from loraport.options import PortOptions
@@ -244,6 +245,12 @@ def test_gate_sketches_are_cached_and_never_served_as_subspaces(tmp_path, models
         r for r in second.rows if r.gate_products != 0
     ]  # the identical layer is compared, not cached
     assert changed and all(r.subspaces_from_cache == 2 for r in changed)
+    entries = [f for f in os.listdir(cache) if f.endswith(".safetensors")]
+    assert len(entries) == 2 * len(changed)
+    for name in entries:  # each holds its first estimate once: U [m, l], S [l], V [n, l]
+        with safe_open(os.path.join(cache, name), framework="pt") as f:
+            U, S, V = (f.get_tensor(k) for k in "USV")
+            assert U.dim() == V.dim() == 2 and S.dim() == 1 and U.shape[1] == V.shape[1] == S.shape[0]
     assert [(r.similarity, r.margin, r.action) for r in first.rows] == [
         (r.similarity, r.margin, r.action) for r in second.rows
     ]

@@ -2,8 +2,9 @@
 file per base weight in a cache folder, so that porting a second LoRA for the same model pair
 skips both the decomposition and the reading of that weight. Two kinds of entry, told apart by
 the key: "subspaces" (the truncated SVD U, S, V and ‖W‖_F², for projections and explicit ranks)
-and "gate-sketch" (the default gate's last two subspace-iteration estimates, loraport.gate.Sketch,
-which are not accurate subspaces and are never served for a "subspaces" request).
+and "gate-sketch" (the default gate's first estimate of both sides, U, S, V after its first products,
+from which loraport.gate.Sketch.first rebuilds the sketch; not accurate subspaces, and never served
+for a "subspaces" request).
 
 An entry is identified by everything its value depends on: the base files' fingerprint
 (BaseModel.fingerprint: sizes, mtimes and a hash of each file's first MiB), the component, the
@@ -40,7 +41,7 @@ from safetensors import safe_open
 from .errors import InputError, brief
 from .outfiles import atomic_write, commit_temp, remove_stale_temps, save_safetensors, write_temp
 
-FORMAT_VERSION = 2  # bump when the meaning of an entry changes (2: entries say their kind)
+FORMAT_VERSION = 3  # bump when the meaning of an entry changes (2: entries say their kind; 3: a sketch's one estimate once)
 WRITE_BEHIND = 64  # entries written but not yet synced and renamed, at most
 _KEY = "loraport.subspace_key"
 

@@ -130,15 +130,21 @@ class GateResult:
 
 @dataclass
 class Sketch:
-    """One base weight's last two subspace-iteration estimates (what the subspace cache keeps
-    for the gate): U [2, m, l], S [2, l], V [2, n, l], index 0 the earlier (after
-    ``FIRST_PRODUCTS`` products, the only estimate yet: both indices hold it); ``products``: the
-    products over the weight that made them (which tells the side the last one computed)."""
+    """One base weight's last two subspace-iteration estimates: U [2, m, l], S [2, l],
+    V [2, n, l], index 0 the earlier (after ``FIRST_PRODUCTS`` products, the only estimate yet:
+    both indices hold it, and the subspace cache keeps it once); ``products``: the products over
+    the weight that made them (which tells the side the last one computed)."""
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
     products: int
+
+    @staticmethod
+    def first(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> Sketch:
+        """The sketch after ``FIRST_PRODUCTS`` products from its one estimate U [m, l], S [l],
+        V [n, l] (what the cache stores of it)."""
+        return Sketch(torch.stack([U, U]), torch.stack([S, S]), torch.stack([V, V]), FIRST_PRODUCTS)
 
     def to(self, device) -> Sketch:
         """The same sketch on ``device``."""
@@ -210,7 +216,7 @@ def first_products(mats: list[torch.Tensor], width: int, seed: int) -> list[Sket
         start = _gaussian_start(n, min(width, m, n), seed, A.device)  # [n, l]
         U, _, _ = _svd_tall(_times(A, start, transpose=False))  # [m, l]
         U, S, V = _half_step(A, U, None, left_fresh=True)  # [m, l], [l], [n, l]
-        out.append(Sketch(torch.stack([U, U]), torch.stack([S, S]), torch.stack([V, V]), FIRST_PRODUCTS))
+        out.append(Sketch.first(U, S, V))
     return out
 
 
@@ -313,7 +319,7 @@ def gate_layers(
             for i, sketch in zip(missing, first_products([mats[i] for i in missing], width, seed)):
                 sketches[sides[i]] = sketch
                 if cache is not None and (g, sides[i]) in keys:
-                    cache.put_tensors(keys[g, sides[i]], {"U": sketch.U, "S": sketch.S, "V": sketch.V})
+                    cache.put_tensors(keys[g, sides[i]], {"U": sketch.U[1], "S": sketch.S[1], "V": sketch.V[1]})
         if decide:
             results.append(_decide(sketches["source"], sketches["target"], cap, threshold, weights=both)[0])
     return results

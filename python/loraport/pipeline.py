@@ -299,8 +299,8 @@ def run_plans(
                     if norms_needed:
                         hit = None
                     elif fast:
-                        hit = cache.get_tensors(keys[g, side], {"U": [2, m, width], "S": [2, width], "V": [2, n, width]})
-                        hit = None if hit is None else gate.Sketch(**hit, products=gate.FIRST_PRODUCTS)
+                        hit = cache.get_tensors(keys[g, side], {"U": [m, width], "S": [width], "V": [n, width]})
+                        hit = None if hit is None else gate.Sketch.first(**hit)
                     else:
                         hit = cache.get(keys[g, side], m, n, chunk.rank)
                     if hit is not None:
