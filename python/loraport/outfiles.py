@@ -18,6 +18,7 @@ subspace cache entries) goes through `atomic_write` (or its two halves, `write_t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -127,14 +128,9 @@ def atomic_write(path, write, *, protect=()) -> None:
     inputs); removes the temporary file on any error or interrupt; turns an OSError of the
     write (ENOSPC, EACCES, EROFS...) into a one-line InputError."""
     tmp = write_temp(path, write, protect=protect)
-    try:
+    with _removed_on_failure(os.path.abspath(os.fspath(path))) as made:
+        made.append(tmp)
         commit_temp(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise InputError(f"{os.path.abspath(os.fspath(path))}: cannot write the output ({e.strerror or e}); nothing written") from e
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def write_temp(path, write, *, protect=()) -> str:
@@ -149,21 +145,15 @@ def write_temp(path, write, *, protect=()) -> str:
     if not os.path.isdir(folder):
         raise InputError(f"{path}: output folder {folder} does not exist")
     remove_stale_temps(folder, base)
-    tmp = None
-    try:
+    with _removed_on_failure(path) as made:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.{os.getpid()}.", suffix=".tmp")
+        made.append(tmp)
         try:
             os.fchmod(fd, _file_mode())
         finally:
             os.close(fd)
         write(tmp)
-        return tmp
-    except OSError as e:
-        _remove(tmp)
-        raise InputError(f"{path}: cannot write the output ({e.strerror or e}); nothing written") from e
-    except BaseException:
-        _remove(tmp)
-        raise
+    return tmp
 
 
 def commit_temp(tmp: str, path) -> None:
@@ -172,6 +162,21 @@ def commit_temp(tmp: str, path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, os.path.abspath(os.fspath(path)))
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: str):
+    """The block's temporary file (appended to the yielded list once made) removed if the block
+    fails; an OSError there becomes the one-line InputError naming ``path``."""
+    made: list[str] = []
+    try:
+        yield made
+    except BaseException as e:
+        for tmp in made:
+            _remove(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"{path}: cannot write the output ({e.strerror or e}); nothing written") from e
+        raise
 
 
 def _remove(tmp: str | None) -> None:
