@@ -169,8 +169,9 @@ if [ -n "$generating" ]; then
     stage "default build: where the warm half-size port's time goes (cProfile, port_profile.txt)"
     spec='{"lora": "/tmp/port_stream/lora1.safetensors", "source": "/tmp/port_stream/source", "target": "/tmp/port_stream/target",
       "out": "/tmp/port_stream/profiled.safetensors", "cache": "", "device": "cuda", "max_vram": "2GB", "subspace_rank": null, "variant": "copy"}'
-    with default env THP_MEM_ALLOC_ENABLE=1 OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912 \
-        timeout "$(budget 60)" $py -m cProfile -o /tmp/port.prof -m benchmarks.port_stream --child "$spec" >/dev/null 2>&1
+    # the environment the loraport CLI sets for itself, as the benchmark gives its port processes
+    cli_env=$(with default $py -c "from loraport.startup import CLI_ENVIRONMENT as e; print(' '.join(f'{k}={v}' for k, v in e.items()))")
+    with default env $cli_env timeout "$(budget 60)" $py -m cProfile -o /tmp/port.prof -m benchmarks.port_stream --child "$spec" >/dev/null 2>&1
     echo "exit code $?"
     $py -c "import pstats; s = pstats.Stats('/tmp/port.prof'); s.sort_stats('tottime').print_stats(35); s.sort_stats('cumtime').print_stats(35)" \
         >"$OUT/port_profile.txt" 2>&1
