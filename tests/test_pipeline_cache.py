@@ -256,3 +256,20 @@ def test_cache_writes_behind_a_port_and_every_entry_is_stored_when_the_block_end
     with pytest.raises(ZeroDivisionError):
         with cache.writing_behind():
             cache.put_tensors("key5", entries["key0"])
+
+
+def test_cache_puts_do_not_list_the_folder_again(tmp_path, monkeypatch):
+    """The cache sweeps dead processes' temporary files once, when it opens its folder; a put does
+    not list the folder again (a listing per entry, in a folder of thousands of entries)."""
+    from loraport import cache as cache_module
+    from loraport import outfiles
+
+    swept = []
+    monkeypatch.setattr(outfiles, "remove_stale_temps", lambda *a, **k: swept.append(a) or [])
+    monkeypatch.setattr(cache_module, "remove_stale_temps", outfiles.remove_stale_temps)
+    cache = cache_module.SubspaceCache(tmp_path / "c")
+    assert len(swept) == 1
+    cache.put_tensors("a", {"U": torch.ones(2, 2)})
+    with cache.writing_behind():
+        cache.put_tensors("b", {"U": torch.ones(2, 2)})
+    assert len(swept) == 1 and cache.get_tensors("b", {"U": [2, 2]}) is not None

@@ -147,9 +147,9 @@ class SubspaceCache:
         write = lambda tmp: save_safetensors(tensors, tmp, {_KEY: key})  # noqa: E731
         try:
             if self._behind is None:
-                atomic_write(path, write)
+                atomic_write(path, write, sweep=False)  # the folder was swept when opened
                 return
-            tmp = write_temp(path, write)
+            tmp = write_temp(path, write, sweep=False)
         except InputError as e:  # the cache only saves time: a port goes on without the entry
             warnings.warn(f"loraport: subspace cache entry not stored: {e}")
             return

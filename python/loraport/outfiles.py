@@ -122,18 +122,20 @@ def check_output(out, inputs=()) -> str:
     return out
 
 
-def atomic_write(path, write, *, protect=()) -> None:
+def atomic_write(path, write, *, protect=(), sweep: bool = True) -> None:
     """Run ``write(tmp_path)`` on a temporary file beside ``path``, sync it, give it the umask's
     mode and rename it to ``path``. Refuses a ``path`` that is one of the ``protect`` files (the
     inputs); removes the temporary file on any error or interrupt; turns an OSError of the
-    write (ENOSPC, EACCES, EROFS...) into a one-line InputError."""
-    tmp = write_temp(path, write, protect=protect)
+    write (ENOSPC, EACCES, EROFS...) into a one-line InputError. ``sweep``: first remove the
+    temporary files of ``path`` that dead processes left (`remove_stale_temps`: a listing of the
+    folder; the subspace cache, which sweeps its whole folder when it opens it, skips it)."""
+    tmp = write_temp(path, write, protect=protect, sweep=sweep)
     with _removed_on_failure(os.path.abspath(os.fspath(path))) as made:
         made.append(tmp)
         commit_temp(tmp, path)
 
 
-def write_temp(path, write, *, protect=()) -> str:
+def write_temp(path, write, *, protect=(), sweep: bool = True) -> str:
     """The first half of `atomic_write`: ``write(tmp_path)`` on a new temporary file beside
     ``path`` (the umask's mode), not yet synced or renamed; returns its path. The same checks,
     and the same cleanup and InputError on failure."""
@@ -144,7 +146,8 @@ def write_temp(path, write, *, protect=()) -> str:
         raise InputError(f"{path}: is a folder; give the output file's path")
     if not os.path.isdir(folder):
         raise InputError(f"{path}: output folder {folder} does not exist")
-    remove_stale_temps(folder, base)
+    if sweep:
+        remove_stale_temps(folder, base)
     with _removed_on_failure(path) as made:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.{os.getpid()}.", suffix=".tmp")
         made.append(tmp)
