@@ -113,8 +113,6 @@ def test_the_cli_sets_glibcs_malloc_thresholds_for_itself_unless_the_user_did(mo
     """glibc read MALLOC_*_ when the process started, so the CLI also calls mallopt (M_TRIM_THRESHOLD
     -1, M_MMAP_THRESHOLD -3) for the values it puts in the environment, and leaves a variable the
     user set alone."""
-    import signal
-
     from loraport import startup
 
     calls = []
