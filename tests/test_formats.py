@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from loraport import formats
 from loraport.errors import InputError
+from loraport.finite import all_finite
 from loraport.testing import tiny
 
 
@@ -165,6 +166,26 @@ def test_diffusers_alpha_from_header_metadata_and_rslora(tmp_path):
     back = formats.read_lora(out)
     for name, d in deltas(lf).items():
         torch.testing.assert_close(deltas(back)[name], d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_anywhere(dtype, bad):
+    """The one NaN/Inf check every reader uses (loraport.finite): any position, any float dtype,
+    strided views, and no false alarm on large finite values."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    t = (torch.randn(257, 129, generator=g) * 100).to(dtype)
+    t[0, 0] = torch.finfo(dtype).max  # large but finite
+    t[1, 1] = torch.finfo(dtype).min
+    assert all_finite(t) and all_finite(t.T) and all_finite(t[::3, 1::2])
+    i, j = (int(x) for x in torch.randint(0, 129, (2,), generator=g))
+    t[i, j] = bad
+    assert not all_finite(t) and not all_finite(t.T) and not all_finite(t[i : i + 1])
+    assert not all_finite(torch.tensor(bad, dtype=dtype))  # 0-dim
+
+
+def test_all_finite_of_empty_and_integer_tensors_is_true():
+    assert all_finite(torch.empty(0, 5)) and all_finite(torch.arange(10)) and all_finite(torch.tensor(True))
 
 
 def test_bad_files_raise_one_clear_error(tmp_path, hunyuan):

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError, brief
+from .finite import all_finite
 from .openclip import OpenClipView, is_openclip
 from .positioned import mapped_if_cached, read_range
 
@@ -354,7 +355,7 @@ class BaseModel:
 
     def check_finite(self, component: str, name: str, t: torch.Tensor) -> None:
         """InputError naming the file and tensor when ``t`` (read from ``name``) holds NaN or Inf."""
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InputError(f"{self._stores[component].label}: tensor '{name}' contains NaN or Inf")
 
     def files(self) -> list[str]:

@@ -39,6 +39,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError, brief
+from .finite import all_finite
 from .outfiles import atomic_write, commit_temp, remove_stale_temps, save_safetensors, write_temp
 
 FORMAT_VERSION = 3  # bump when the meaning of an entry changes (2: entries say their kind; 3: a sketch's one estimate once)
@@ -125,7 +126,7 @@ class SubspaceCache:
             found = {name: list(t.shape) for name, t in got.items()}
             if found != {name: list(s) for name, s in shapes.items()}:
                 raise ValueError(f"shapes {found}, expected {shapes}")
-            if not all(bool(torch.isfinite(t).all()) for t in got.values()):
+            if not all(all_finite(t) for t in got.values()):
                 raise ValueError("it holds NaN or Inf")
         except Exception as e:  # any unreadable entry is recomputed, never trusted
             warnings.warn(f"loraport: ignoring the broken subspace cache entry {path} ({brief(e)})")

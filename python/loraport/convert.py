@@ -34,6 +34,7 @@ import torch
 from . import adapters, formats, streaming
 from .basemodel import BaseModel
 from .errors import InputError
+from .finite import all_finite
 from .ops import rsvd
 from .options import DEFAULT_EXTRACT_MAX_RANK, DEFAULT_MAX_MEMORY, ToolOptions
 from .plans import locate
@@ -174,7 +175,7 @@ def _dense_layers(jobs: list[_Dense], results, select, k_cap: int, energy, devic
             stack = torch.empty(len(chunk), m_rows, n_cols)  # [G, m, n] float32
             for g, job in enumerate(chunk):
                 stack[g] = job.make()
-                if not bool(torch.isfinite(stack[g]).all()):  # finite factors, but a huge alpha or magnitude
+                if not all_finite(stack[g]):  # finite factors, but a huge alpha or magnitude
                     raise InputError(f"{label}: module '{job.module.key}': its update overflows float32")
             totals = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in stack]
             t1 = time.perf_counter()

@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from . import adapters, archs
 from .errors import InputError, brief
+from .finite import all_finite
 from .outfiles import atomic_write, check_not_input, check_output, save_safetensors  # noqa: F401  (formats.* API)
 
 FORMATS = ("kohya", "tencent", "diffusers", "peft", "comfy")
@@ -232,7 +233,7 @@ def read_lora(src, *, arch="auto", base_names=()) -> LoraFile:
         suffix = next((s for s in factors if key.endswith(s)), None)
         if suffix is None:
             raise InputError(f"{label}: tensor '{key}' is not a LoRA factor ({', '.join(factors)})")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InputError(f"{label}: tensor '{key}' contains NaN or Inf")
         group = groups.setdefault(key[: -len(suffix)], {})
         if factors[suffix] in group:  # e.g. both .lora_A and .lora_down: which one is meant?

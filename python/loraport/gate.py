@@ -43,6 +43,8 @@ from functools import lru_cache
 
 import torch
 
+from .finite import all_finite
+
 _similarity = torch.ops.loraport.subspace_similarity  # [m, k1], [m, k2] -> []
 # A·basis [m, l] (basis [n, l]) or, with transpose, Aᵀ·basis [n, l] (basis [m, l]), the basis
 # rounded to A's dtype, summed in float32: bf16 on the AVX512-BF16 kernels, else ATen's GEMMs
@@ -168,7 +170,7 @@ def _svd_tall(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     SVD of its R factor are used instead. Raises ValueError when P is not finite."""
     P64 = P.double()
     G = P64.T @ P64  # [l, l]
-    if not bool(torch.isfinite(G).all()):  # any NaN/Inf in A reaches A·Ω (a Gaussian Ω has no zeros)
+    if not all_finite(G):  # any NaN/Inf in A reaches A·Ω (a Gaussian Ω has no zeros)
         raise ValueError("loraport.gate: a weight contains NaN or Inf")
     lam, W = torch.linalg.eigh(G)  # ascending
     lam, W = lam.flip(0), W.flip(1)

@@ -11,6 +11,7 @@ from . import (
     _ext,  # noqa: F401  (loads the op library)
     _fake,  # noqa: F401  (registers the fake kernels)
 )
+from .finite import all_finite
 
 METHODS = ("power", "krylov")
 
@@ -35,7 +36,7 @@ def _check_tensor(op: str, name: str, t: object, *, finite: bool = True) -> torc
         raise ValueError(
             f"loraport.{op}: {name} must be [..., rows, cols] with rows, cols >= 1, got {list(t.shape)}"
         )
-    if finite and not bool(torch.isfinite(t).all()):
+    if finite and not all_finite(t):
         raise ValueError(f"loraport.{op}: {name} contains NaN or Inf")
     return t
 
@@ -119,7 +120,7 @@ def rsvd(
         result = SVDResult(*torch.ops.loraport.rsvd(A, sketch, k, power_iters, method))
     except torch.linalg.LinAlgError as error:  # the CPU's small SVD refuses non-finite input
         raise ValueError(not_finite) from error
-    if not bool(torch.isfinite(result.S).all()):
+    if not all_finite(result.S):
         raise ValueError(not_finite)
     return result
 

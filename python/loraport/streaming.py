@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .finite import all_finite
 from .staging import ALIGN, StagingBuffers, aligned_bytes
 
 
@@ -96,7 +97,7 @@ def read_into(
     frob2 = torch.zeros((), dtype=torch.float64)
     for i in range(0, out.shape[0], 1024):  # row blocks: no full-size float copy
         frob2 += out[i : i + 1024].float().square().sum(dtype=torch.float64)
-    if not torch.isfinite(frob2):  # read_into leaves the NaN/Inf scan to this pass
+    if not all_finite(frob2):  # read_into leaves the NaN/Inf scan to this pass
         for name, dest in read:
             base.check_finite(component, name, dest)
     return frob2
@@ -173,7 +174,7 @@ def group_bytes(
     if not str(device).startswith("cuda"):
         if gate:  # each weight placed for a direct read (`StagingBuffers.take_aligned`)
             weights = aligned_bytes(matrices, m * n * elem)
-        weights = 2 * weights + m * n * (elem + 1)  # + the tensor being read and its isfinite mask
+        weights = 2 * weights + m * n * elem  # + the tensor being read
     dtype = {8: torch.float64, 4: torch.float32}.get(elem, torch.bfloat16)  # 2 bytes: upcast like bf16
     if gate:
         rsvd_bytes = 2 * m * n * 4 + torch.ops.loraport.rsvd_workspace_bytes(2, m, n, torch.float32, k, width, 0, "power")
