@@ -146,7 +146,8 @@ class Sketch:
     def first(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> Sketch:
         """The sketch after ``FIRST_PRODUCTS`` products from its one estimate U [m, l], S [l],
         V [n, l] (what the cache stores of it)."""
-        return Sketch(torch.stack([U, U]), torch.stack([S, S]), torch.stack([V, V]), FIRST_PRODUCTS)
+        both = [t.expand(2, *t.shape) for t in (U, S, V)]  # index 0 and 1 one view of each, no copy
+        return Sketch(*both, FIRST_PRODUCTS)
 
     def to(self, device) -> Sketch:
         """The same sketch on ``device``."""
