@@ -10,11 +10,11 @@
 // ran A B at 265-300 GFLOP/s and Aᵀ C at 170-260 on 2 Zen 4 cores, whose bf16 peak is about
 // 390 (its square GEMMs reach 386), and rounds the result to bf16. Here the l columns of one row
 // of Y are one zmm and one ymm (16 + 8 lanes, no padding to 32), and Aᵀ C reads A once, row
-// pairs interleaved in registers, with its l sums for 16 columns of A held in registers for all
-// of A's rows. Measured numbers: benchmarks/RESULTS.md.
+// pairs interleaved in registers, with the sums of 32 columns of A for 12 of the l columns of C
+// held in registers through a block of 32 rows. Measured numbers: benchmarks/RESULTS.md.
 //
 // Threads: torch's OpenMP pool (at::parallel_for), over blocks of rows of A for the left product
-// and over 16-column stripes of A for the right one (each thread writes its own part of the
+// and over 32-column lines of A for the right one (each thread writes its own part of the
 // output).
 #include "cpu/kernels_avx512bf16.h"
 
@@ -125,38 +125,29 @@ void left_product(const uint16_t* A, int64_t m, int64_t n, const uint32_t* Bp, f
 
 constexpr int64_t kBlockRows = 32;  // rows of A per block of the right product (read once into cache, used by every stripe)
 
-// Zt[j0 + j, cols] += the sums over rows [row0, row1) of A[r, col] C[r, j0 + j] for J values of
-// j and the (at most 32) columns of A from col0 (one cache line of a row), rows in pairs (Cp
-// [ceil(m / 2), width] pairs of C; row0 even): two 16-column stripes, so that each broadcast pair
-// of C feeds two vdpbf16ps. ``first``: Zt starts at zero. Prefetches the next block's rows of
-// these columns.
+// Zt[j0 + j, col0 + q] += the sums over rows [row0, row1) of A[r, c] C[r, j0 + j] for J values of
+// j and the 32 columns c of A from col0 (one cache line of a row; past n read as zero), rows in
+// pairs (Cp [ceil(m / 2), width] pairs of C; row0 even), q = line_position(c - col0): the pairs
+// of two rows are made by vpunpck{l,h}wd (one cycle each, where a word permute across the
+// register costs several), which interleave within 128-bit lanes, so each of the two registers
+// holds 16 of the 32 columns, in runs of 4. Each broadcast pair of C feeds two vdpbf16ps.
+// ``first``: Zt starts at zero. Prefetches the next block's rows of these columns.
 template <int J>
 void right_stripes(const uint16_t* A, int64_t m, int64_t n, int64_t row0, int64_t row1, int64_t col0,
-                   const uint32_t* Cp, int64_t width, int64_t j0, float* Zt, bool first) {
-  auto mask_of = [&](int64_t c0) {
-    const int64_t cols = std::clamp<int64_t>(n - c0, 0, 16);
-    return cols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  };
-  const __mmask16 mask[2] = {mask_of(col0), mask_of(col0 + 16)};
-  // lanes 2i, 2i + 1 of the result: element i of the first row, element i of the second
-  alignas(64) int16_t order[32];
-  for (int i = 0; i < 16; ++i) order[2 * i] = int16_t(i), order[2 * i + 1] = int16_t(32 + i);
-  const __m512i interleave = _mm512_load_si512(order);
+                   const uint32_t* Cp, int64_t width, int64_t j0, float* Zt, int64_t ldz, bool first) {
+  const int64_t cols = std::min<int64_t>(32, n - col0);
+  const __mmask32 mask = cols == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cols) - 1);
   __m512 acc[J][2];
 #pragma GCC unroll 24
   for (int j = 0; j < J; ++j)
-    for (int h = 0; h < 2; ++h)
-      acc[j][h] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[h], Zt + (j0 + j) * n + col0 + 16 * h);
+    for (int h = 0; h < 2; ++h) acc[j][h] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(Zt + (j0 + j) * ldz + col0 + 16 * h);
   if (j0 == 0)  // the next block's line of these columns, one per row
     for (int64_t r = row1; r < std::min(m, row1 + kBlockRows); ++r)
       _mm_prefetch(reinterpret_cast<const char*>(A + r * n + col0), _MM_HINT_T1);
   auto rows = [&](const uint16_t* r0, const uint16_t* r1, const uint32_t* c) {  // r1 null: a zero row
-    __m512bh both[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i a0 = _mm256_maskz_loadu_epi16(mask[h], r0 + 16 * h);
-      const __m256i a1 = r1 ? _mm256_maskz_loadu_epi16(mask[h], r1 + 16 * h) : _mm256_setzero_si256();
-      both[h] = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(a0), interleave, _mm512_castsi256_si512(a1));
-    }
+    const __m512i a0 = _mm512_maskz_loadu_epi16(mask, r0);
+    const __m512i a1 = r1 ? _mm512_maskz_loadu_epi16(mask, r1) : _mm512_setzero_si512();
+    const __m512bh both[2] = {(__m512bh)_mm512_unpacklo_epi16(a0, a1), (__m512bh)_mm512_unpackhi_epi16(a0, a1)};
 #pragma GCC unroll 24  // the 2J sums stay in registers
     for (int j = 0; j < J; ++j) {
       const __m512bh cj = (__m512bh)_mm512_set1_epi32(int(c[j]));
@@ -170,8 +161,12 @@ void right_stripes(const uint16_t* A, int64_t m, int64_t n, int64_t row0, int64_
     rows(A + (m - 1) * n + col0, nullptr, Cp + (m / 2) * width + j0);
 #pragma GCC unroll 24
   for (int j = 0; j < J; ++j)
-    for (int h = 0; h < 2; ++h) _mm512_mask_storeu_ps(Zt + (j0 + j) * n + col0 + 16 * h, mask[h], acc[j][h]);
+    for (int h = 0; h < 2; ++h) _mm512_storeu_ps(Zt + (j0 + j) * ldz + col0 + 16 * h, acc[j][h]);
 }
+
+// Where right_stripes leaves column c of a 32-column line: vpunpcklwd takes elements 0-3 of each
+// 128-bit lane (columns 0-3, 8-11, 16-19, 24-27), vpunpckhwd elements 4-7.
+constexpr int64_t line_position(int64_t c) { return (c / 4) % 2 * 16 + c / 8 * 4 + c % 4; }
 
 }  // namespace
 
@@ -205,9 +200,12 @@ at::Tensor bf16_times_avx512(const at::Tensor& A, const at::Tensor& basis, bool 
   }
   const int64_t width = (l + 3) / 4 * 4;
   const std::vector<uint32_t> Cp = pack_row_pairs(b.data_ptr<float>(), m, l, width);
-  at::Tensor Zt = at::empty({width, n}, A.options().dtype(at::kFloat));  // [width, n]: Zᵀ, padded rows
-  float* zt = Zt.data_ptr<float>();
   const int64_t lines = (n + 31) / 32;  // 32-column parts of A's rows: one cache line each
+  // Zᵀ [width, ldz] by line positions; rows padded off a multiple of 4 KB (else, for the usual
+  // widths, the 2J rows of Zt a block updates would all share one L1 set)
+  const int64_t ldz = 32 * lines + 16;
+  at::Tensor Zt = at::empty({width, ldz}, A.options().dtype(at::kFloat));
+  float* zt = Zt.data_ptr<float>();
   // each thread its own columns, all rows, a block of rows at a time
   at::parallel_for(0, lines, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t row0 = 0; row0 < m; row0 += kBlockRows) {
@@ -215,14 +213,22 @@ at::Tensor bf16_times_avx512(const at::Tensor& A, const at::Tensor& basis, bool 
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t j0 = 0; j0 < width; j0 += 12) {
           switch (std::min<int64_t>(12, width - j0)) {
-            case 4: right_stripes<4>(a, m, n, row0, row1, 32 * t, Cp.data(), width, j0, zt, row0 == 0); break;
-            case 8: right_stripes<8>(a, m, n, row0, row1, 32 * t, Cp.data(), width, j0, zt, row0 == 0); break;
-            default: right_stripes<12>(a, m, n, row0, row1, 32 * t, Cp.data(), width, j0, zt, row0 == 0); break;
+            case 4: right_stripes<4>(a, m, n, row0, row1, 32 * t, Cp.data(), width, j0, zt, ldz, row0 == 0); break;
+            case 8: right_stripes<8>(a, m, n, row0, row1, 32 * t, Cp.data(), width, j0, zt, ldz, row0 == 0); break;
+            default: right_stripes<12>(a, m, n, row0, row1, 32 * t, Cp.data(), width, j0, zt, ldz, row0 == 0); break;
           }
         }
     }
   });
-  return Zt.narrow(0, 0, l).t().contiguous();  // [n, l]
+  at::Tensor Z = at::empty({n, l}, A.options().dtype(at::kFloat));  // Zt's first l rows, in column order
+  float* z = Z.data_ptr<float>();
+  at::parallel_for(0, n, 1024, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t q = c / 32 * 32 + line_position(c % 32);
+      for (int64_t j = 0; j < l; ++j) z[c * l + j] = zt[j * ldz + q];
+    }
+  });
+  return Z;
 }
 
 }  // namespace loraport
