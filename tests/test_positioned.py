@@ -4,7 +4,6 @@ of the file), a range past the end comes back short, and LORAPORT_DIRECT_IO=0 or
 without O_DIRECT reads through the page cache."""
 
 import os
-import re
 
 import pytest
 import torch
@@ -199,9 +198,7 @@ def test_a_cached_range_is_mapped_from_the_page_cache_not_copied(data_file, monk
     monkeypatch.setattr(positioned, "_cached", lambda *a: True)
     got = positioned.mapped_if_cached(path, 777, 3 * 4096 + 5)
     size, resident = _resident_bytes(got.data_ptr())
-    kernel = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
-    if positioned._madvise() is not None and kernel >= (5, 14):  # MADV_POPULATE_READ
-        assert resident == size  # filled in by the reading thread, before anything reads it
+    assert resident == size  # filled in by the reading thread, before anything reads it
     assert torch.equal(got, data[777 : 777 + 3 * 4096 + 5])
     assert path in _mapping_of(got.data_ptr())  # a view of the file's pages, not a copy
     monkeypatch.setattr(positioned, "_cached", lambda *a: False)
@@ -211,6 +208,25 @@ def test_a_cached_range_is_mapped_from_the_page_cache_not_copied(data_file, monk
     assert positioned.mapped_if_cached(path, 777, 100) is None  # plain reads asked for
     monkeypatch.delenv("LORAPORT_DIRECT_IO")
     assert positioned.mapped_if_cached(path, data.numel() - 10, 100) is None  # past the end
+
+
+def test_a_mapped_range_of_many_fault_windows_is_filled_to_its_last_page(tmp_path, monkeypatch):
+    """`_populate` reads once per 64 KB (the kernel maps the cached pages around each fault) and
+    the last byte: a range that starts and ends off the windows' edges is resident to its end."""
+    size = 5 * (64 << 10) + 3 * 4096 + 17
+    data = torch.randint(0, 256, (size + (64 << 10),), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "windows.bin")
+    data.numpy().tofile(path)
+    with open(path, "rb") as f:  # cached for certain
+        f.read()
+    monkeypatch.setattr(positioned, "DIRECT_MIN", 1)
+    monkeypatch.setattr(positioned, "_cached", lambda *a: True)
+    for offset in (0, 61 << 10, 8191):
+        got = positioned.mapped_if_cached(path, offset, size)
+        mapping, resident = _resident_bytes(got.data_ptr())
+        assert resident == mapping  # every page of the mapping, before anything reads it
+        assert torch.equal(got, data[offset : offset + size])
+        del got
 
 
 @pytest.mark.parametrize("cached", [True, False])

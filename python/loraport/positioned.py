@@ -23,7 +23,6 @@ so they read through the page cache. ``LORAPORT_DIRECT_IO=0`` turns O_DIRECT off
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import os
 import threading
@@ -84,7 +83,7 @@ def mapped_if_cached(path: str, offset: int, nbytes: int) -> torch.Tensor | None
     """The range [offset, offset + nbytes) of ``path`` as a uint8 tensor [nbytes] mapping the
     page cache, where it is cached (`_cached`), else None. No byte is copied: the mapping is
     shared and read-only (a private one would copy every page it populates), and its page
-    tables are filled in one call (`_populate`), which costs the reading thread a small part of
+    tables are filled here (`_populate`), which costs the reading thread a small part of
     what a copy out of the page cache would (see the module's docstring: that thread's CPU comes
     out of the gate's share). It is unmapped when the tensor goes."""
     if nbytes < DIRECT_MIN or not direct_io_enabled() or not _cached(path, offset, nbytes):
@@ -98,33 +97,24 @@ def mapped_if_cached(path: str, offset: int, nbytes: int) -> torch.Tensor | None
     with warnings.catch_warnings():  # torch warns that the buffer is read-only: nothing writes to it
         warnings.simplefilter("ignore", UserWarning)
         out = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=offset - start)
-    _populate(out.data_ptr() - (offset - start), offset + nbytes - start)
+    _populate(out)
     return out
 
 
-_MADV_POPULATE_READ = 22  # Linux 5.14: fault in a range's pages for reading, as MAP_POPULATE does at mmap
+_FAULT_AROUND = 64 << 10  # Linux's default fault_around_bytes: a read fault maps the cached pages of its 64 KB window
 
 
-@functools.cache
-def _madvise():
-    """libc's madvise through ctypes, which releases the GIL for the call; None where there is none."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-def _populate(address: int, length: int) -> None:
-    """Fill the page tables of the mapping [address, address + length) (address page-aligned)
-    from the page cache, on the calling thread and without the GIL. Not MAP_POPULATE: CPython's
-    mmap holds the GIL through the mmap call, so the gate's thread stalled for the whole of every
-    mapping the reading thread made. Where madvise refuses (a kernel before 5.14), the pages fault
-    in when the gate first reads them."""
-    madvise = _madvise()
-    if madvise is not None:
-        madvise(address, length, _MADV_POPULATE_READ)
+def _populate(mapped: torch.Tensor) -> None:
+    """Fill the page tables of ``mapped`` (uint8, a mapping of the page cache) on the calling
+    thread, without the GIL: one read in every 64 KB, each fault mapping the cached pages of its
+    window (the kernel's fault-around), and the last byte. A torch reduction of fewer than 32768
+    elements (a 2 GB range) runs on the calling thread alone and releases the GIL. Cheaper than
+    MADV_POPULATE_READ, which walks the range a page at a time (benchmarks/RESULTS.md); not
+    MAP_POPULATE, since CPython's mmap holds the GIL through the mmap call and the gate's thread
+    stalled for the whole of every mapping. Pages a kernel leaves unmapped (a smaller
+    fault_around_bytes) fault in when the gate first reads them."""
+    mapped[::_FAULT_AROUND].amax()
+    mapped[-1:].amax()
 
 
 def _cached(path: str, offset: int, nbytes: int) -> bool:
