@@ -131,7 +131,8 @@ constexpr int64_t kBlockRows = 32;  // rows of A per block of the right product 
 // of two rows are made by vpunpck{l,h}wd (one cycle each, where a word permute across the
 // register costs several), which interleave within 128-bit lanes, so each of the two registers
 // holds 16 of the 32 columns, in runs of 4. Each broadcast pair of C feeds two vdpbf16ps.
-// ``first``: Zt starts at zero. Prefetches the next block's rows of these columns.
+// ``first``: Zt starts at zero. Prefetches the next block's rows of these columns and the line
+// two on of this block's rows.
 template <int J>
 void right_stripes(const uint16_t* A, int64_t m, int64_t n, int64_t row0, int64_t row1, int64_t col0,
                    const uint32_t* Cp, int64_t width, int64_t j0, float* Zt, int64_t ldz, bool first) {
@@ -141,9 +142,12 @@ void right_stripes(const uint16_t* A, int64_t m, int64_t n, int64_t row0, int64_
 #pragma GCC unroll 24
   for (int j = 0; j < J; ++j)
     for (int h = 0; h < 2; ++h) acc[j][h] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(Zt + (j0 + j) * ldz + col0 + 16 * h);
-  if (j0 == 0)  // the next block's line of these columns, one per row
+  if (j0 == 0) {  // the next block's line of these columns, and this block's line two lines on
     for (int64_t r = row1; r < std::min(m, row1 + kBlockRows); ++r)
       _mm_prefetch(reinterpret_cast<const char*>(A + r * n + col0), _MM_HINT_T1);
+    if (col0 + 64 < n)  // the 32 rows' lines are 32 streams, more than the hardware prefetcher follows
+      for (int64_t r = row0; r < row1; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + r * n + col0 + 64), _MM_HINT_T0);
+  }
   auto rows = [&](const uint16_t* r0, const uint16_t* r1, const uint32_t* c) {  // r1 null: a zero row
     const __m512i a0 = _mm512_maskz_loadu_epi16(mask, r0);
     const __m512i a1 = r1 ? _mm512_maskz_loadu_epi16(mask, r1) : _mm512_setzero_si512();
