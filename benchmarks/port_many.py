@@ -30,7 +30,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from loraport.startup import CLI_ENVIRONMENT
+from loraport.startup import cli_child_environment
 from loraport.testing import tiny
 
 from .port_stream import generate, lora_modules, model_shapes
@@ -77,7 +77,7 @@ def run_config(folder: str, runner: str, workers: int, args) -> dict:
     spec = {"loras": os.path.join(folder, f"catalog-{args.loras}"), "source": os.path.join(folder, "source"),
             "target": os.path.join(folder, "target"), "out": out, "cache": cache, "workers": workers,
             "runner": runner, "subspace_rank": args.subspace_rank}  # fmt: skip
-    env = {**CLI_ENVIRONMENT, **os.environ}  # as the loraport CLI sets for itself
+    env = cli_child_environment()
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "benchmarks.port_many", "--child", json.dumps(spec)],
                          stdout=subprocess.PIPE, text=True, check=True, env=env)  # fmt: skip

@@ -46,7 +46,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from loraport.startup import CLI_ENVIRONMENT
+from loraport.startup import cli_child_environment
 from loraport.testing import tiny
 
 from .rsvd import machine_description
@@ -231,7 +231,7 @@ def read_and_sum_child(folder: str) -> None:
 
 
 def read_and_sum(folder: str) -> dict:
-    env = {**CLI_ENVIRONMENT, **os.environ}  # the port's peer runs as the port does
+    env = cli_child_environment()  # the port's peer runs as the port does
     res = subprocess.run([sys.executable, "-m", "benchmarks.port_stream", "--read-and-sum", folder],
                          stdout=subprocess.PIPE, text=True, check=True, env=env)  # fmt: skip
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -266,7 +266,7 @@ def run_port(folder: str, lora: int, args, *, drop: bool = True, cache: bool = T
         "cache": os.path.join(folder, "cache") if cache else "", "device": args.device, "max_vram": args.max_vram,
         "subspace_rank": args.subspace_rank, "variant": args.variant,
     }  # fmt: skip
-    env = {**CLI_ENVIRONMENT, **os.environ}  # as the loraport CLI sets for itself
+    env = cli_child_environment()
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks.port_stream", "--child", json.dumps(spec)],
         stdout=subprocess.PIPE, text=True, check=True, env=env,

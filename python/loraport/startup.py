@@ -15,6 +15,12 @@ CLI_ENVIRONMENT = {
     "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
 }
+def cli_child_environment() -> dict[str, str]:
+    """This process's environment with CLI_ENVIRONMENT's settings where it has none of its own:
+    for a child process that should run as the loraport command does (the benchmarks' peers)."""
+    return {**CLI_ENVIRONMENT, **os.environ}
+
+
 _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 
 
