@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -40,7 +41,7 @@ from safetensors import safe_open
 
 from .errors import InputError, brief
 from .finite import all_finite
-from .outfiles import atomic_write, commit_temp, remove_stale_temps, save_safetensors, write_temp
+from .outfiles import atomic_write, commit_temp, remove_stale_temps, remove_temp, save_safetensors, write_temp
 
 FORMAT_VERSION = 3  # bump when the meaning of an entry changes (2: entries say their kind; 3: a sketch's one estimate once)
 WRITE_BEHIND = 64  # entries written but not yet synced and renamed, at most
@@ -163,20 +164,19 @@ class _WriteBehind:
 
     def __init__(self):
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="loraport-cache")
-        self.queued: list[tuple[Future, str]] = []  # (its sync and rename, the temporary file)
+        self.queued: deque[tuple[Future, str]] = deque()  # (its sync and rename, the temporary file)
         self.abandoned = False
 
     def queue(self, tmp: str, path: str) -> None:
         while len(self.queued) >= WRITE_BEHIND:
-            self.queued.pop(0)[0].result()
+            self.queued.popleft()[0].result()
         self.queued.append((self.writer.submit(self._commit, tmp, path), tmp))
 
     def _commit(self, tmp: str, path: str) -> None:
         try:
             commit_temp(tmp, path)
         except OSError as e:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+            remove_temp(tmp)
             if not self.abandoned:  # abandoned: `abandon` removed it, and the caller is on its way out
                 warnings.warn(f"loraport: subspace cache entry not stored: {path}: cannot write it ({e.strerror or e})")
 
@@ -192,5 +192,4 @@ class _WriteBehind:
         self.abandoned = True
         self.writer.shutdown(wait=False, cancel_futures=True)
         for _, tmp in self.queued:
-            with contextlib.suppress(FileNotFoundError):  # renamed meanwhile
-                os.remove(tmp)
+            remove_temp(tmp)  # unless renamed meanwhile

@@ -176,14 +176,15 @@ def _removed_on_failure(path: str):
         yield made
     except BaseException as e:
         for tmp in made:
-            _remove(tmp)
+            remove_temp(tmp)
         if isinstance(e, OSError):
             raise InputError(f"{path}: cannot write the output ({e.strerror or e}); nothing written") from e
         raise
 
 
-def _remove(tmp: str | None) -> None:
-    if tmp is not None and os.path.exists(tmp):
+def remove_temp(tmp: str) -> None:
+    """Remove the temporary file ``tmp``; nothing if it is gone (renamed or removed meanwhile)."""
+    with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)
 
 
