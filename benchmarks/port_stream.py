@@ -28,8 +28,9 @@ Steps, each timed and reported:
   5. warm page cache: the adapted weights read once (run 4 dropped the cache), then a fresh
      process that imports loraport and reads and sums every adapted weight of both bases
      (safetensors, bf16 -> float32 sum), then port LoRA 1 with an empty subspace cache, then the
-     read-and-sum again, page cache not dropped; ratio = port / mean of the two read-and-sums. (Whether the pages were still cached shows in the read-and-sum's
-     GB/s: the pair may not fit in this machine's page cache.)
+     read-and-sum again, page cache not dropped; ratio = port / mean of the two read-and-sums.
+     (Whether the pages were still cached shows in the read-and-sum's GB/s: the pair may not
+     fit in this machine's page cache.)
 The generated files are deleted at the end unless --keep."""
 
 from __future__ import annotations

@@ -294,6 +294,7 @@ def test_port_on_cuda_matches_the_dense_reference_like_the_cpu(tmp_path, models,
         assert rel_err(delta(m), want) < 1e-3, m.name
         assert rel_err(delta(m), cpu[m.name]) < 2e-3, m.name
 
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("target", ["target", "unrelated"])
 def test_default_gate_on_cuda_decides_as_the_exact_gate(tmp_path, models, lora_sd, target):

@@ -15,6 +15,8 @@ CLI_ENVIRONMENT = {
     "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
 }
+
+
 def cli_child_environment() -> dict[str, str]:
     """This process's environment with CLI_ENVIRONMENT's settings where it has none of its own:
     for a child process that should run as the loraport command does (the benchmarks' peers)."""
