@@ -140,6 +140,24 @@ def test_spectrum_rank_cuts_at_a_clear_drop_or_takes_the_cap():
     )  # a cap at or under MIN_RANK is taken as is
 
 
+def test_spectrum_rank_looks_for_a_drop_only_where_the_sketch_estimates_the_spectrum():
+    """A 16-column sketch's last two Ritz values underestimate the spectrum, so the default gate
+    and its oracle look at the first 14 (all of them where the sketch spans the short side)."""
+    assert gate.seen_values(3072, 1024) == gate.seen_values(64, 64) == 14
+    assert gate.seen_values(16, 16) == 16 and gate.seen_values(12, 40) == 12
+    fifteen = torch.cat([torch.linspace(9.0, 8.0, 15), torch.full((2,), 1.0)])  # a drop after σ_15
+    assert gate.spectrum_rank(fifteen, fifteen, 16) == 15
+    assert gate.spectrum_rank(fifteen, fifteen, 16, seen=14) == 16  # not seen: the cap
+    thirteen = torch.cat([torch.linspace(9.0, 8.0, 13), torch.full((4,), 1.0)])  # after σ_13: seen
+    assert gate.spectrum_rank(thirteen, thirteen, 16, seen=14) == 13
+    # the oracle looks where the default gate does
+    gen = torch.Generator().manual_seed(2)
+    q = lambda rows: torch.linalg.qr(torch.randn(rows, 15, generator=gen, dtype=torch.float64))[0]  # noqa: E731
+    w = q(256) * torch.linspace(30, 20, 15, dtype=torch.float64) @ q(192).T
+    w += torch.randn(256, 192, generator=gen, dtype=torch.float64) / 30
+    assert reference.gate_exact(w, w, 16)[2] == 16
+
+
 def test_margin_and_settling():
     assert gate.margin(0.9, 0.8, 0.5) == pytest.approx(0.35)
     assert gate.margin(1.0, 0.1, 0.5) == pytest.approx(
@@ -161,7 +179,7 @@ def test_a_layer_near_the_threshold_iterates_and_is_marked_unsure_when_it_never_
     on_the_edge = (left + right) / 2  # the exact similarity as the threshold: exact margin 0
     A = torch.stack([ws, wt]).float()
     index = {(0, "source"): 0, (0, "target"): 1}
-    args = dict(cap=cap, oversample=8, seed=0, device="cpu")
+    args = dict(cap=cap, seed=0, device="cpu")
     for threshold in (0.05, on_the_edge, 0.95):
         (res,) = gate.gate_layers(1, 96, 128, A, index, {}, None, None, {}, threshold=threshold, **args)
         est = gate.margin(res.left, res.right, threshold)
@@ -177,7 +195,7 @@ def test_a_layer_near_the_threshold_iterates_and_is_marked_unsure_when_it_never_
 def test_identical_weights_pass_without_any_product():
     w = torch.randn(64, 48, dtype=torch.bfloat16)
     (res,) = gate.gate_layers(1, 64, 48, torch.stack([w, w.clone()]), {(0, "source"): 0, (0, "target"): 1}, {},
-                              None, None, {}, cap=8, oversample=8, seed=0, threshold=0.5, device="cpu")  # fmt: skip
+                              None, None, {}, cap=8, seed=0, threshold=0.5, device="cpu")  # fmt: skip
     assert (res.left, res.right, res.products) == (1.0, 1.0, 0)
     w2 = w.clone()
     w2[-1, -1] += 1
@@ -251,9 +269,13 @@ def test_gate_sketches_are_cached_and_never_served_as_subspaces(tmp_path, models
         with safe_open(os.path.join(cache, name), framework="pt") as f:
             U, S, V = (f.get_tensor(k) for k in "USV")
             assert U.dim() == V.dim() == 2 and S.dim() == 1 and U.shape[1] == V.shape[1] == S.shape[0]
+            assert S.shape[0] == gate.sketch_width(U.shape[0], V.shape[0])
     assert [(r.similarity, r.margin, r.action) for r in first.rows] == [
         (r.similarity, r.margin, r.action) for r in second.rows
     ]
+    # the sketch has the gate's own width: the rsvd's oversample does not apply, the entries serve
+    again = port(lora, source, target, out, cache_dir=cache, quiet=True, oversample=4)
+    assert all(r.subspaces_from_cache == 2 for r in again.rows if r.gate_products != 0)
     # a projection needs real subspaces: the gate's sketches in the same folder are not used for it
     projected = port(
         lora, source, target, out, cache_dir=cache, quiet=True, variant="target"

@@ -10,7 +10,7 @@ An entry is identified by everything its value depends on: the base files' finge
 (BaseModel.fingerprint: sizes, mtimes and a hash of each file's first MiB), the component, the
 weight's tensor names and row slices (fused/split layouts), the zero-padded input channels, the
 kind, the subspace rank and the settings the value depends on (subspaces: method, power_iters,
-oversample, seed; gate-sketch: oversample, seed and the number of products). That key is hashed into
+oversample, seed; gate-sketch: the sketch width, seed, the number of products and the first product). That key is hashed into
 the file name and also stored in the file's header; a file whose stored key, shapes or values
 do not check out (truncated, corrupt, a hash collision) is ignored with a warning and recomputed.
 Files are written to a temporary name and renamed (outfiles.atomic_write), so a crash never leaves
@@ -83,7 +83,7 @@ class SubspaceCache:
         part of the key); svd: the rsvd settings (method, power_iters, oversample, seed, and the
         Krylov block_size where one is set); kept_channels: the input channels kept of a widened
         target weight (the rest zeroed), where that applies; kind "gate-sketch": the default gate's
-        sketch, keyed by oversample, seed, products and the first product."""
+        sketch, keyed by its width (gate.SKETCH_WIDTH), seed, products and the first product."""
         doc = {
             "kind": kind,
             "version": FORMAT_VERSION,
@@ -99,7 +99,7 @@ class SubspaceCache:
         if kept_channels is not None:  # input channels beyond it zeroed (plans.Plan.gated_channels)
             doc["kept_channels"] = kept_channels
         if kind == "gate-sketch":
-            doc["svd"] = {k: svd[k] for k in ("oversample", "seed", "products", "start")}
+            doc["svd"] = {k: svd[k] for k in ("width", "seed", "products", "start")}
         if svd.get("block_size") is not None:
             doc["svd"]["block_size"] = svd["block_size"]
         return json.dumps(doc, sort_keys=True)

@@ -6,8 +6,9 @@ Per adapted layer, with W_s, W_t the source and target base weights (conv weight
   * the similarity gate (loraport.gate): left/right overlaps of the top-k singular subspaces of
     W_s and W_t, similarity = their mean, pass when it is >= ``min_similarity`` and both sides
     are >= half of it; each row gets its margin. Default (variant copy, no ``subspace_rank`` or
-    ``energy``): `gate.gate_layers`, k from the spectrum up to min(16, min(m, n) // 4), a narrow
-    sketch iterated until the decision settles. Otherwise U, V come from loraport.rsvd (layers
+    ``energy``): `gate.gate_layers`, k from the spectrum up to min(16, min(m, n) // 4), a sketch
+    of 16 columns iterated until the decision settles (``power_iters``, ``oversample`` and
+    ``method`` are the rsvd's settings and do not apply to it). Otherwise U, V come from loraport.rsvd (layers
     of one shape stacked into one batched call, one group at a time, the next group read on a
     background thread meanwhile) at k = ``subspace_rank``, or with ``energy`` the smallest k
     whose singular values keep that fraction of ‖W‖_F² (searched up to ``subspace_rank``,
@@ -289,7 +290,7 @@ def run_plans(
         m, n = shape[0], math.prod(shape[1:])
         found, keys, todo = {}, {}, []
         fast = options.default_gate
-        width = min(chunk.rank + options.oversample, m, n)  # the default gate's sketch width
+        width = gate.sketch_width(m, n)
         for g, p in enumerate(chunk.plans):
             # rescaling a DoRA magnitude needs the weights' norms, so those weights are read
             norms_needed = options.dora_magnitude == "rescale" and adapters.magnitude_axis(p.module)
@@ -437,7 +438,7 @@ def _gate_chunk(
     results = gate.gate_layers(
         len(chunk.plans), shape[0], math.prod(shape[1:]), weights, index, loaded.found,
         lambda g, side: read_weight(chunk.plans[g], side, chunk.dtype), cache, loaded.keys, upcast,
-        cap=chunk.rank, oversample=options.oversample, seed=options.seed, dtype=chunk.dtype,
+        cap=chunk.rank, seed=options.seed, dtype=chunk.dtype,
         threshold=options.min_similarity, device=options.device, decide=not subspaces_only,
     )  # fmt: skip
     seconds["svd"] += time.perf_counter() - t0

@@ -48,7 +48,8 @@ class Plan:
         shape = self.tgt_shape
         m, n = shape[0], math.prod(shape[1:])
         k = options.subspace_rank_for(m, n)
-        svd = {**options.svd(), "block_size": options.krylov_block(k, m, n), "products": gate.FIRST_PRODUCTS, "start": gate.START}
+        svd = {**options.svd(), "block_size": options.krylov_block(k, m, n), "products": gate.FIRST_PRODUCTS,
+               "start": gate.START, "width": gate.SKETCH_WIDTH}  # fmt: skip
         return SubspaceCache.key(
             fingerprint, self.component, self.pieces(side), shape[1], k, svd, kept_channels=self.gated_channels(side),
             kind="gate-sketch" if options.default_gate else "subspaces",

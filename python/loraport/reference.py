@@ -127,10 +127,11 @@ def dora_weight(W: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, a
 
 def gate_exact(ws: torch.Tensor, wt: torch.Tensor, cap: int) -> tuple[float, float, int]:
     """The similarity gate from exact float64 SVDs (the oracle of loraport.gate): (left, right, k)
-    with k = gate.spectrum_rank of the exact spectra at ``cap`` (decide with gate.margin)."""
-    from .gate import spectrum_rank
+    with k = gate.spectrum_rank of the exact spectra at ``cap``, looking at as many values as the
+    default gate does (gate.seen_values; decide with gate.margin)."""
+    from .gate import seen_values, spectrum_rank
 
     Us, Ss, Vs = svd_truncated(ws.flatten(1), cap + 1)
     Ut, St, Vt = svd_truncated(wt.flatten(1), cap + 1)
-    k = spectrum_rank(Ss, St, cap)
+    k = spectrum_rank(Ss, St, cap, seen_values(ws.shape[0], ws[0].numel()))
     return float(subspace_similarity(Us[:, :k], Ut[:, :k])), float(subspace_similarity(Vs[:, :k], Vt[:, :k])), k

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import gate as gate_module
 from .finite import all_finite
 from .staging import ALIGN, StagingBuffers, aligned_bytes
 
@@ -166,9 +167,9 @@ def group_bytes(
       factors    4·2·(m + n)·r           one layer's LoRA factors in and out, float32
 
     The default gate (``gate``: loraport.gate) instead copies one layer's two weights at a time
-    to float32 (2·m·n·4, any dtype) and runs rsvd on those two at width l, one power step at a
-    time. The budget is an estimate, not an allocator cap."""
-    width = min(k + oversample if block_size is None else block_size, m, n)
+    to float32 (2·m·n·4, any dtype) and runs rsvd on those two at its sketch width
+    (gate.sketch_width), one power step at a time. The budget is an estimate, not an allocator cap."""
+    width = gate_module.sketch_width(m, n) if gate else min(k + oversample if block_size is None else block_size, m, n)
     matrices = 2 * layers
     weights = matrices * m * n * elem
     if not str(device).startswith("cuda"):

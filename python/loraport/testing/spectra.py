@@ -63,7 +63,7 @@ def real_like_pairs(m: int, n: int, gen: torch.Generator) -> list[tuple[str, tor
 def gate_suite(m: int, n: int, seed: int = 0, threshold: float = 0.5, dtype=torch.float32):
     """Yields (name, related, exact (left, right, k), gate.GateResult, seconds) for every pair of
     `real_like_pairs`: the exact float64 gate (reference.gate_exact) and the default gate
-    (loraport.gate, as `port` runs it: both weights in ``dtype``, oversample 8, seed 0; bf16 weights
+    (loraport.gate, as `port` runs it: both weights in ``dtype``, seed 0; bf16 weights
     iterate in bf16 where `gate.bf16_products` says so). With bf16 the exact gate sees the same
     bf16-rounded weights."""
     cap = gate.gate_rank(m, n)
@@ -72,5 +72,5 @@ def gate_suite(m: int, n: int, seed: int = 0, threshold: float = 0.5, dtype=torc
         exact = reference.gate_exact(weights[0].double(), weights[1].double(), cap)
         t0 = time.perf_counter()
         (result,) = gate.gate_layers(1, m, n, weights, {(0, "source"): 0, (0, "target"): 1}, {},
-                                     None, None, {}, cap=cap, oversample=8, seed=0, threshold=threshold, device="cpu")  # fmt: skip
+                                     None, None, {}, cap=cap, seed=0, threshold=threshold, device="cpu")  # fmt: skip
         yield name, related, exact, result, time.perf_counter() - t0
