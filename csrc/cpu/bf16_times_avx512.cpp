@@ -6,12 +6,13 @@
 // B and C are rounded to bf16 (nearest even) and packed in pairs along the summed dimension,
 // the layout vdpbf16ps reads; the sums are float32.
 //
-// Why not oneDNN's bf16 GEMM (torch.mm): for these shapes (l = 24, the gate's sketch width) it
-// ran A B at 265-300 GFLOP/s and Aᵀ C at 170-260 on 2 Zen 4 cores, whose bf16 peak is about
-// 390 (its square GEMMs reach 386), and rounds the result to bf16. Here the l columns of one row
-// of Y are one zmm and one ymm (16 + 8 lanes, no padding to 32), and Aᵀ C reads A once, row
-// pairs interleaved in registers, with the sums of 32 columns of A for 12 of the l columns of C
-// held in registers through a block of 32 rows. Measured numbers: benchmarks/RESULTS.md.
+// Why not oneDNN's bf16 GEMM (torch.mm): for these shapes (measured at l = 24; the default
+// gate's sketch is 16 columns) it ran A B at 265-300 GFLOP/s and Aᵀ C at 170-260 on 2 Zen 4
+// cores, whose bf16 peak is about 390 (its square GEMMs reach 386), and rounds the result to
+// bf16. Here one row of Y is held in the fewest zmm and ymm registers that fit l (16: one zmm;
+// 24: a zmm and a ymm; no padding to 32), and Aᵀ C reads A once, row pairs interleaved in
+// registers, with the sums of 32 columns of A for 12 of the l columns of C held in registers
+// through a block of 32 rows. Measured numbers: benchmarks/RESULTS.md.
 //
 // Threads: torch's OpenMP pool (at::parallel_for), over blocks of rows of A for the left product
 // and over 32-column lines of A for the right one (each thread writes its own part of the
