@@ -6,9 +6,9 @@
 // B and C are rounded to bf16 (nearest even) and packed in pairs along the summed dimension,
 // the layout vdpbf16ps reads; the sums are float32.
 //
-// Why not oneDNN's bf16 GEMM (torch.mm): for these shapes (measured at l = 24; the default
-// gate's sketch is 16 columns) it ran A B at 265-300 GFLOP/s and Aᵀ C at 170-260 on 2 Zen 4
-// cores, whose bf16 peak is about 390 (its square GEMMs reach 386), and rounds the result to
+// Why not oneDNN's bf16 GEMM (torch.mm): for these shapes at l = 16 (the default gate's sketch)
+// it runs Aᵀ C at about half our speed, and A B at about ours (faster on a square A, slower on a
+// wide one), on 2 Zen 4 cores whose bf16 peak is about 390 GFLOP/s; and it rounds the result to
 // bf16. Here one row of Y is held in the fewest zmm and ymm registers that fit l (16: one zmm;
 // 24: a zmm and a ymm; no padding to 32), and Aᵀ C reads A once, row pairs interleaved in
 // registers, with the sums of 32 columns of A for 12 of the l columns of C held in registers
