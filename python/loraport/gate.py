@@ -14,13 +14,13 @@ input channels outnumber the old (a widened img_in) keeps a lower but not chance
 
 k follows the spectrum (`spectrum_rank`): where the singular values drop by ``GAP`` or more
 between index j and j + 1 (``MIN_RANK`` <= j < cap, and j + 1 <= `seen_values`), k = j, else the
-cap. The sketch is only as wide as the cap and its last Ritz values underestimate the spectrum
-(spurious drops), so the default gate, and its oracle, look for the drop among the first
-``SKETCH_WIDTH`` − ``UNSEEN_TAIL`` = 14 values: a drop after σ_14 or σ_15 counts as none (k = 16,
-one or two noise-floor directions more, which lowers a related layer's margin by about 0.06–0.12
-on the real-like spectra). Directions in a layer's
-noise floor differ between releases of one lineage, so counting them in k dilutes a related
-layer towards chance (16 dominant directions: 0.527 at k = 64, 0.91 at k = 16).
+cap. Directions in a layer's noise floor differ between releases of one lineage, so counting them
+in k dilutes a related layer towards chance (16 dominant directions: 0.527 at k = 64, 0.91 at
+k = 16). The default gate's sketch is only as wide as the cap and its last Ritz values
+underestimate the spectrum (spurious drops), so it, and its oracle, look for the drop among the
+first ``SKETCH_WIDTH`` − ``UNSEEN_TAIL`` = 14 values: a drop after σ_14 or σ_15 counts as none
+(k = 16, one or two noise-floor directions more, which lowers a related layer's margin by about
+0.06–0.12 on the real-like spectra).
 
 The default gate (variant copy, no subspace rank or energy given) caps k at ``GATE_RANK`` and
 estimates the subspaces by randomized subspace iteration from one shared Gaussian sketch of
@@ -59,7 +59,7 @@ DEFAULT_SUBSPACE_RANK = (
     64  # the cap of explicit-rank and energy ranks: `default_subspace_rank`
 )
 GATE_RANK = 16  # the default gate's cap on k (16 dominant directions: 0.91 at k = 16, 0.527 at 64)
-SKETCH_WIDTH = 16  # the default gate's sketch columns: GATE_RANK, no oversampling (24 columns cost 30 % more products)
+SKETCH_WIDTH = 16  # the default gate's sketch columns: GATE_RANK, no oversampling (at 24 each product takes a third longer)
 UNSEEN_TAIL = 2  # a sketch's last Ritz values where no spectrum drop is looked for
 MIN_RANK = 2  # the spectrum never picks fewer directions (a single direction is too easily shared)
 GAP = 2.0  # σ_j / σ_{j+1} that counts as the edge of the dominant directions
@@ -97,7 +97,7 @@ def seen_values(m: int, n: int) -> int:
     all of a sketch as wide as the short side (then it is exact), else all but the last
     ``UNSEEN_TAIL``, which subspace iteration underestimates (on the real-like suite at 3 or more
     products, a 16-column sketch cut at the exact gate's k wherever it looked at 14 values; at 15
-    or 16 it found drops the exact spectra do not have)."""
+    or 16 it found drops the exact spectra do not have: benchmarks/RESULTS.md)."""
     width = sketch_width(m, n)
     return width if width == min(m, n) else width - UNSEEN_TAIL
 
@@ -260,8 +260,9 @@ def _decide(
     settled and ``weights`` (a callable returning (W_s, W_t) [m, n] float) can supply the
     weights; returns (result, settled). Without weights an unsettled result is returned as is."""
     A = None
+    seen = seen_values(source.U.shape[1], source.V.shape[1])  # U [2, m, l], V [2, n, l]
     while True:
-        k = spectrum_rank(source.S[1], target.S[1], cap, seen_values(source.U.shape[1], source.V.shape[1]))
+        k = spectrum_rank(source.S[1], target.S[1], cap, seen)
         left, right = side_similarities(source.U[1], source.V[1], target.U[1], target.V[1], k)
         now = margin(left, right, threshold)
         if source.products == FIRST_PRODUCTS:  # one estimate: it may only pass, and clearly (module docstring)
